@@ -1,0 +1,179 @@
+"""Postfix-style configuration files: table .cf files and policyd.cf.
+
+Reads files the way Postfix's readlline() and split_nameval() do: blank and
+whitespace-only lines and lines whose first non-blank character is '#' are
+ignored, a line that starts with white space continues the logical line
+before it, and each logical line is ``name = value``.  Values are strings;
+the typed helpers below turn them into numbers, times and booleans with
+errors that name the file and line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from memtable.errors import ConfigError
+from memtable.limits import CF_INT_MAX, CF_MAX_FILE_BYTES, CF_MAX_LOGICAL_LINE_BYTES
+
+log = logging.getLogger("memtable.cf")
+
+
+@dataclass(frozen=True)
+class CfEntry:
+    """One ``name = value`` setting and where it was read."""
+
+    name: str
+    value: str
+    path: str
+    line: int
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.name} = {self.value}: {message}", self.path, self.line)
+
+
+def parse_cf_text(text: str, path: str) -> dict[str, CfEntry]:
+    """Parse the text of a .cf file; a later setting of a name wins."""
+    entries: dict[str, CfEntry] = {}
+    logical: list[str] = []
+    first_line = 0
+
+    def flush() -> None:
+        if not logical:
+            return
+        entry = _split_nameval(" ".join(logical), path, first_line)
+        if entry.name in entries:
+            log.warning("%s, line %d: %s is set again; the later value wins",
+                        path, first_line, entry.name)
+        entries[entry.name] = entry
+        logical.clear()
+
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if raw[0] in " \t":
+            if not logical:
+                log.warning("%s, line %d: continuation line without preceding text; ignored",
+                            path, lineno)
+                continue
+            logical.append(stripped)
+        else:
+            flush()
+            logical.append(stripped)
+            first_line = lineno
+        if sum(len(p) for p in logical) > CF_MAX_LOGICAL_LINE_BYTES:
+            raise ConfigError(f"logical line longer than {CF_MAX_LOGICAL_LINE_BYTES} bytes",
+                              path, first_line)
+    flush()
+    return entries
+
+
+def read_cf(path: str) -> dict[str, CfEntry]:
+    """Read and parse a .cf file; unreadable or oversized files are ConfigErrors."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(CF_MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", path) from None
+    if len(data) > CF_MAX_FILE_BYTES:
+        raise ConfigError(f"file larger than {CF_MAX_FILE_BYTES} bytes", path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte offset {exc.start})", path) from None
+    return parse_cf_text(text, path)
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def _split_nameval(text: str, path: str, line: int) -> CfEntry:
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep:
+        raise ConfigError(f'missing \'=\' after attribute name: "{text}"', path, line)
+    if not name:
+        raise ConfigError(f'missing attribute name: "{text}"', path, line)
+    if not _NAME_RE.fullmatch(name):
+        raise ConfigError(f'bad attribute name "{name}"', path, line)
+    return CfEntry(name, value.strip(), path, line)
+
+
+def warn_unknown(entries: dict[str, CfEntry], known: set[str] | frozenset[str]) -> None:
+    """Log a warning per unknown parameter (Postfix ignores them silently)."""
+    for entry in entries.values():
+        if entry.name not in known:
+            log.warning("%s, line %d: unknown parameter %s ignored",
+                        entry.path, entry.line, entry.name)
+
+
+def reject_unknown(entries: dict[str, CfEntry], known: set[str] | frozenset[str]) -> None:
+    """Raise ConfigError for the first unknown parameter name."""
+    for entry in entries.values():
+        if entry.name not in known:
+            raise ConfigError(f"unknown parameter {entry.name}", entry.path, entry.line)
+
+
+def parse_int(entry: CfEntry, minimum: int = 0, maximum: int = CF_INT_MAX) -> int:
+    """A decimal integer within [minimum, maximum] (Postfix's cfg_get_int, stricter:
+    negative numbers are refused where Postfix has no lower bound)."""
+    value = entry.value
+    if not re.fullmatch(r"[+-]?[0-9]+", value):
+        raise entry.error("bad numerical configuration")
+    number = int(value)
+    if number < minimum:
+        raise entry.error(f"invalid value {number} < {minimum}")
+    if number > maximum:
+        raise entry.error(f"invalid value {number} > {maximum}")
+    return number
+
+
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(entry: CfEntry, default_unit: str = "s", minimum: int = 0,
+               maximum: int = CF_INT_MAX) -> int:
+    """A Postfix time value in seconds: ``300``, ``300s``, ``5m``, ``2h``, ``2d``, ``1w``."""
+    match = re.fullmatch(r"([0-9]+)([smhdw]?)", entry.value.strip().lower())
+    if not match:
+        raise entry.error("bad time value (use a number with an optional unit s, m, h, d or w)")
+    seconds = int(match.group(1)) * _TIME_UNITS[match.group(2) or default_unit]
+    if seconds < minimum:
+        raise entry.error(f"invalid time {seconds}s < {minimum}s")
+    if seconds > maximum:
+        raise entry.error(f"invalid time {seconds}s > {maximum}s")
+    return seconds
+
+
+def parse_bool(entry: CfEntry) -> bool:
+    """``yes``/``no`` (also true/false, on/off, 1/0), as Postfix's booleans."""
+    value = entry.value.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise entry.error("bad boolean configuration (use yes or no)")
+
+
+def split_list(value: str) -> list[str]:
+    """Split a Postfix list: items separated by commas and/or white space,
+    where ``{...}`` (as in ``inline:{a=1, b=2}``) is kept whole."""
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for char in value:
+        if char == "{":
+            depth += 1
+        elif char == "}" and depth:
+            depth -= 1
+        if depth == 0 and (char == "," or char.isspace()):
+            if current:
+                items.append("".join(current))
+                current = []
+            continue
+        current.append(char)
+    if current:
+        items.append("".join(current))
+    return items

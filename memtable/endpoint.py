@@ -1,0 +1,84 @@
+"""Server and listener specs, parsed in one place.
+
+``inet:host:port``, ``inet:[v6addr]:port`` and ``unix:/path`` name memcached
+servers (the ``memcache`` table parameter) and policyd listeners (``listen``,
+``metrics_listen``) alike.  A bare ``host:port`` means inet and a bare
+``/path`` means unix, as Postfix accepts.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+from memtable.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to connect or listen."""
+
+    kind: Literal["inet", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"inet:{host}:{self.port}"
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        if self.kind == "unix":
+            return socket.AF_UNIX
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+
+def parse_endpoint(spec: str) -> Endpoint:
+    """Parse ``inet:host:port``, ``inet:[v6]:port``, ``unix:/path``.
+
+    Raises ConfigError (without file/line: callers add them) on bad specs.
+    """
+    spec = spec.strip()
+    if spec.startswith("unix:") or spec.startswith("/"):
+        path = spec[5:] if spec.startswith("unix:") else spec
+        if not path:
+            raise ConfigError(f'"{spec}": empty UNIX socket path')
+        return Endpoint("unix", path=path)
+    if spec.startswith("inet:"):
+        rest = spec[5:]
+    elif spec.count(":") == 1 or spec.startswith("["):
+        rest = spec  # bare host:port or [v6]:port
+    else:
+        kind = spec.split(":", 1)[0]
+        raise ConfigError(f'"{spec}": unsupported endpoint type "{kind}:" '
+                          "(use inet:host:port, inet:[v6addr]:port or unix:/path)")
+    if rest.startswith("["):
+        host, sep, port_text = rest[1:].partition("]")
+        if not sep or not port_text.startswith(":"):
+            raise ConfigError(f'"{spec}": expected inet:[address]:port')
+        port_text = port_text[1:]
+    else:
+        host, sep, port_text = rest.rpartition(":")
+        if not sep:
+            raise ConfigError(f'"{spec}": expected inet:host:port or unix:/path')
+        if ":" in host:
+            raise ConfigError(f'"{spec}": put an IPv6 address in brackets: inet:[addr]:port')
+    if not host:
+        raise ConfigError(f'"{spec}": empty host name')
+    return Endpoint("inet", host=host, port=_parse_port(port_text, spec))
+
+
+def _parse_port(text: str, spec: str) -> int:
+    if text.isdigit():
+        port = int(text)
+        if 0 <= port <= 65535:
+            return port
+        raise ConfigError(f'"{spec}": port {port} out of range')
+    try:
+        return socket.getservbyname(text, "tcp")
+    except OSError:
+        raise ConfigError(f'"{spec}": unknown port name "{text}"') from None

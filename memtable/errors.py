@@ -1,0 +1,81 @@
+"""The single exception hierarchy of memtable (and the stores policyd builds on it).
+
+Every exception that memtable raises derives from MemtableError.  The split
+that matters to callers is Postfix's: a *temporary* failure (DICT_ERR_RETRY:
+try again later) is never confused with "not found" (a plain None result).
+"""
+
+from __future__ import annotations
+
+
+class MemtableError(Exception):
+    """Root of every error raised by memtable."""
+
+
+class ConfigError(MemtableError):
+    """Raised when a table configuration is invalid (fatal in Postfix).
+
+    ``path`` and ``line`` name the offending place when it is known, and
+    ``str(err)`` reads ``FILE, line N: message`` like Postfix's diagnostics.
+    """
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None):
+        self.message = message
+        self.path = path
+        self.line = line
+        where = ""
+        if path is not None:
+            where = f"{path}, line {line}: " if line is not None else f"{path}: "
+        super().__init__(where + message)
+
+
+class UnsupportedTableError(ConfigError):
+    """Raised when a ``type:name`` table names a type memtable cannot open."""
+
+
+class AccessError(MemtableError):
+    """Raised when an operation is not allowed on a table.
+
+    Examples: update/delete on a table opened read-only, or opening a
+    memcache table for security-sensitive data (Postfix's DICT_FLAG_NO_UNAUTH).
+    """
+
+
+class SequenceUnsupportedError(MemtableError):
+    """Raised by sequence() on a memcache table without a backup table."""
+
+
+class KeySkippedError(MemtableError):
+    """Raised by update() when the key is skipped (Postfix warns and fails).
+
+    Lookups of such keys silently return None and deletes return False; only
+    updates lose information, so only updates raise.  ``reason`` is Postfix's
+    wording ("empty lookup key", "domain mismatch", ...).
+    """
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        self.reason = reason
+        super().__init__(f'skipping update for name "{key}": {reason}')
+
+
+class TemporaryError(MemtableError):
+    """Raised when a table cannot answer now (Postfix's DICT_ERR_RETRY).
+
+    The caller should try again later; nothing is known about the key.
+    """
+
+
+class ServerUnavailableError(TemporaryError):
+    """Raised when memcached refused the connection, timed out or went away
+    on every one of max_try attempts."""
+
+
+class ProtocolError(TemporaryError):
+    """Raised when memcached's reply broke the protocol or a limit
+    (line_size_limit, data_size_limit, garbage, trailing data) on every
+    attempt.  The connection is always dropped first."""
+
+
+class BackupError(TemporaryError):
+    """Raised when the backup table (lmdb file, ...) fails an operation."""

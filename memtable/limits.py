@@ -1,0 +1,42 @@
+"""Every bound memtable enforces, named in one place.
+
+Postfix's own table parameters (data_size_limit, line_size_limit, ...) have
+their defaults and lower bounds in memtable.config; the numbers here are the
+bounds memtable adds so that no input, file or server can make it allocate,
+wait or loop without limit.
+"""
+
+from __future__ import annotations
+
+# memcached refuses keys longer than this (KEY_MAX_LENGTH in memcached.h).
+MEMCACHED_MAX_KEY_BYTES = 250
+
+# memcached reads an expiration above 30 days as an absolute UNIX time.
+MEMCACHED_RELATIVE_TTL_MAX = 30 * 24 * 3600  # 2592000 s
+
+# Postfix stores int parameters in a C int.
+CF_INT_MAX = 2**31 - 1
+
+# A .cf file (table or policyd configuration) is read whole; refuse monsters.
+CF_MAX_FILE_BYTES = 1024 * 1024
+CF_MAX_LOGICAL_LINE_BYTES = 64 * 1024
+
+# Bytes asked of the socket per recv() while reading a memcache reply.
+RECV_CHUNK_BYTES = 4096
+
+# Pattern files named in `domain = /file/name` and texthash: tables.
+LOOKUP_FILE_MAX_BYTES = 16 * 1024 * 1024
+
+# lmdb: Postfix's default lmdb_map_size, and how far memtable lets a file grow.
+LMDB_INITIAL_MAP_BYTES = 16 * 1024 * 1024
+LMDB_MAX_MAP_BYTES = 64 * 1024 * 1024 * 1024
+# Longest wait for Postfix's fcntl/flock lock on an lmdb file before giving up
+# with a temporary error (Postfix itself waits forever).
+LMDB_LOCK_WAIT_SECONDS = 10.0
+LMDB_LOCK_POLL_SECONDS = 0.005
+
+# `memtable -q -` and `memtable -i`: longest input line accepted.
+CLI_MAX_INPUT_LINE_BYTES = 64 * 1024
+
+# Nesting of tables (a backup naming a table naming a table ...).
+MAX_TABLE_NESTING = 4

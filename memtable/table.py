@@ -1,0 +1,64 @@
+"""The Table interface every memtable table type implements.
+
+It mirrors Postfix's DICT operations: lookup, update, delete and sequence
+(first/next as an iterator).  ``None`` from lookup() means "not found";
+failures that mean "try again later" raise TemporaryError subclasses, so the
+two are never confused.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from types import TracebackType
+
+
+class Table(abc.ABC):
+    """A Postfix lookup table opened by memtable."""
+
+    #: The ``type:name`` this table was opened from.
+    spec: str
+    #: True when opened for update/delete (Postfix's O_RDWR).
+    read_write: bool
+    #: Fold keys to lower case before use (Postfix's DICT_FLAG_FOLD_FIX,
+    #: which postmap sets unless run with -f).
+    fold: bool
+
+    @abc.abstractmethod
+    def lookup(self, key: str) -> str | None:
+        """The value for key, or None when not found."""
+
+    def update(self, key: str, value: str, ttl: int | None = None) -> None:
+        """Store key = value.  ``ttl`` (seconds) only means something to
+        tables that expire entries; others ignore it."""
+        from memtable.errors import AccessError
+
+        raise AccessError(f"{self.spec}: table does not support update")
+
+    def delete(self, key: str) -> bool:
+        """Remove key; True when it was there."""
+        from memtable.errors import AccessError
+
+        raise AccessError(f"{self.spec}: table does not support delete")
+
+    def sequence(self) -> Iterator[tuple[str, str]]:
+        """Every (key, value) pair, in the table's order."""
+        from memtable.errors import SequenceUnsupportedError
+
+        raise SequenceUnsupportedError(f"{self.spec}: table does not support sequence")
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release files and connections."""
+
+    def __enter__(self) -> Table:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _check_writable(self) -> None:
+        from memtable.errors import AccessError
+
+        if not self.read_write:
+            raise AccessError(f"{self.spec}: table is opened read-only")

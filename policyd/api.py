@@ -1,0 +1,44 @@
+"""The contract between policyd's server and its policies.
+
+The server (policyd.server) speaks the SMTPD policy protocol and knows
+nothing of greylisting; a policy (policyd.greylist) is a plain object that
+turns one request into a Decision.  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to answer one policy request, and why (for the log line).
+
+    ``action`` is an access(5) action such as ``DUNNO``,
+    ``DEFER_IF_PERMIT Greylisted ...`` or ``PREPEND X-Greylist: ...``.
+    When ``disconnect`` is true the server sends no reply and closes the
+    connection (Postfix then retries later).
+    """
+
+    action: str
+    reason: str
+    delay: float | None = None  # seconds the mail was delayed, on pass
+    disconnect: bool = False
+
+
+class Policy(Protocol):
+    """A policy the server can run."""
+
+    async def decide(self, request: Mapping[str, str]) -> Decision:
+        """Decide one request (attribute name -> value, already validated)."""
+        ...
+
+    def reload(self) -> None:
+        """Re-read whitelist files (SIGHUP); keep the old ones on error."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release stores and threads at shutdown."""
+        ...
