@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from memtable.errors import ConfigError
@@ -33,23 +34,16 @@ class CfEntry:
         return ConfigError(f"{self.name} = {self.value}: {message}", self.path, self.line)
 
 
-def parse_cf_text(text: str, path: str) -> dict[str, CfEntry]:
-    """Parse the text of a .cf file; a later setting of a name wins."""
-    entries: dict[str, CfEntry] = {}
+def logical_lines(lines: Iterable[str], path: str) -> Iterator[tuple[int, str]]:
+    """Postfix's readlline(): yield (first line number, logical line).
+
+    Blank lines and lines whose first non-blank character is '#' are
+    skipped; a line starting with white space continues the logical line.
+    """
     logical: list[str] = []
+    size = 0
     first_line = 0
-
-    def flush() -> None:
-        if not logical:
-            return
-        entry = _split_nameval(" ".join(logical), path, first_line)
-        if entry.name in entries:
-            log.warning("%s, line %d: %s is set again; the later value wins",
-                        path, first_line, entry.name)
-        entries[entry.name] = entry
-        logical.clear()
-
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    for lineno, raw in enumerate(lines, start=1):
         stripped = raw.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -58,15 +52,28 @@ def parse_cf_text(text: str, path: str) -> dict[str, CfEntry]:
                 log.warning("%s, line %d: continuation line without preceding text; ignored",
                             path, lineno)
                 continue
-            logical.append(stripped)
         else:
-            flush()
-            logical.append(stripped)
-            first_line = lineno
-        if sum(len(p) for p in logical) > CF_MAX_LOGICAL_LINE_BYTES:
+            if logical:
+                yield first_line, " ".join(logical)
+            logical, size, first_line = [], 0, lineno
+        logical.append(stripped)
+        size += len(stripped) + 1
+        if size > CF_MAX_LOGICAL_LINE_BYTES:
             raise ConfigError(f"logical line longer than {CF_MAX_LOGICAL_LINE_BYTES} bytes",
                               path, first_line)
-    flush()
+    if logical:
+        yield first_line, " ".join(logical)
+
+
+def parse_cf_text(text: str, path: str) -> dict[str, CfEntry]:
+    """Parse the text of a .cf file; a later setting of a name wins."""
+    entries: dict[str, CfEntry] = {}
+    for lineno, line in logical_lines(text.splitlines(), path):
+        entry = _split_nameval(line, path, lineno)
+        if entry.name in entries:
+            log.warning("%s, line %d: %s is set again; the later value wins",
+                        path, lineno, entry.name)
+        entries[entry.name] = entry
     return entries
 
 

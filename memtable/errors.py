@@ -59,6 +59,11 @@ class KeySkippedError(MemtableError):
         super().__init__(f'skipping update for name "{key}": {reason}')
 
 
+class ValueTooLongError(MemtableError):
+    """Raised by update() when the value exceeds data_size_limit and there is
+    no backup table to keep it (Postfix warns and does not store it)."""
+
+
 class TemporaryError(MemtableError):
     """Raised when a table cannot answer now (Postfix's DICT_ERR_RETRY).
 

@@ -1,0 +1,245 @@
+"""The ``memtable`` command: postmap -q/-d/-s for memcache tables, plus -i.
+
+Output and exit status follow postmap: 0 when the requested information was
+found, 1 when not (and on configuration or usage errors, as postmap's fatal
+errors).  Where postmap also exits 1 on a temporary failure, memtable exits
+75 (EX_TEMPFAIL) with the reason on standard error, so scripts can tell
+"not found" from "try again".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from typing import IO, NoReturn
+
+from memtable.cf import logical_lines
+from memtable.errors import (
+    AccessError,
+    ConfigError,
+    KeySkippedError,
+    MemtableError,
+    SequenceUnsupportedError,
+    TemporaryError,
+    ValueTooLongError,
+)
+from memtable.limits import CLI_MAX_INPUT_LINE_BYTES
+from memtable.registry import open_table
+from memtable.table import Table
+
+EX_OK = 0
+EX_NOTFOUND = 1
+EX_TEMPFAIL = 75
+
+PROG = "memtable"
+
+
+class _Fatal(Exception):
+    """A postmap-style fatal error: message to stderr, exit status."""
+
+    def __init__(self, message: str, status: int = EX_NOTFOUND):
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise _Fatal(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Query and update Postfix memcache: tables (and their backups) "
+                    "exactly as Postfix does.",
+        epilog="Exit status: 0 found, 1 not found or error, 75 temporary failure. "
+               "'memtable ttl TABLE' explains a table's ttl.")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("-q", metavar="KEY", dest="query",
+                      help='look KEY up; "-" reads keys from standard input')
+    mode.add_argument("-d", metavar="KEY", dest="delete",
+                      help='delete KEY; "-" reads keys from standard input')
+    mode.add_argument("-s", action="store_true", dest="sequence",
+                      help="print every key and value (memcache: needs a backup table)")
+    mode.add_argument("-i", action="store_true", dest="insert",
+                      help='read "key value" lines from standard input and store them')
+    p.add_argument("-f", action="store_true", dest="no_fold",
+                   help="do not fold keys to lower case")
+    p.add_argument("-j", action="store_true", dest="json", help="JSON output, as postmap -j")
+    p.add_argument("-v", action="count", default=0, help="verbose logging")
+    p.add_argument("-c", metavar="DIR", dest="config_dir",
+                   help="accepted for postmap compatibility; unused")
+    p.add_argument("tables", nargs="+", metavar="TABLE",
+                   help="type:name, e.g. memcache:/etc/postfix/cache.cf or lmdb:/path")
+    return p
+
+
+def _setup_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PostfixFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+class _PostfixFormatter(logging.Formatter):
+    """``memtable: warning: ...`` like Postfix's msg_warn on stderr."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname.lower()
+        prefix = f"{PROG}: " if level == "info" or level == "debug" else f"{PROG}: {level}: "
+        return prefix + record.getMessage()
+
+
+def _read_lines(stream: IO[str]) -> Iterator[str]:
+    """Lines without their newline, each bounded in length."""
+    while True:
+        line = stream.readline(CLI_MAX_INPUT_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > CLI_MAX_INPUT_LINE_BYTES and not line.endswith("\n"):
+            raise _Fatal(f"input line longer than {CLI_MAX_INPUT_LINE_BYTES} bytes")
+        yield line[:-1] if line.endswith("\n") else line
+
+
+def _emit(out: IO[str], key: str, value: str, as_json: bool) -> None:
+    if as_json:
+        out.write(json.dumps({key: value}, ensure_ascii=False) + "\n")
+    else:
+        out.write(f"{key}\t{value}\n")
+
+
+class _Tables:
+    """Opens tables lazily, as postmap does, and closes them at the end."""
+
+    def __init__(self, specs: list[str], read_write: bool, fold: bool):
+        self.specs = specs
+        self.read_write = read_write
+        self.fold = fold
+        self.opened: dict[str, Table] = {}
+
+    def get(self, spec: str) -> Table:
+        if spec not in self.opened:
+            self.opened[spec] = open_table(spec, read_write=self.read_write, fold=self.fold)
+        return self.opened[spec]
+
+    def close(self) -> None:
+        for table in self.opened.values():
+            table.close()
+
+
+def _query(tables: _Tables, key: str) -> str | None:
+    for spec in tables.specs:
+        value = tables.get(spec).lookup(key)
+        if value is not None:
+            if value == "":
+                logging.warning("table %s: key %s: empty string result is not allowed",
+                                spec, key)
+            return value
+    return None
+
+
+def _run(args: argparse.Namespace, out: IO[str], inp: IO[str]) -> int:
+    fold = not args.no_fold
+    if args.query is not None:
+        tables = _Tables(args.tables, read_write=False, fold=fold)
+        try:
+            if args.query == "-":
+                found = False
+                for key in _read_lines(inp):
+                    value = _query(tables, key)
+                    if value is not None:
+                        _emit(out, key, value, args.json)
+                        found = True
+                return EX_OK if found else EX_NOTFOUND
+            value = _query(tables, args.query)
+            if value is None:
+                return EX_NOTFOUND
+            out.write(json.dumps({args.query: value}, ensure_ascii=False) + "\n"
+                      if args.json else value + "\n")
+            return EX_OK
+        finally:
+            tables.close()
+    if args.delete is not None:
+        tables = _Tables(args.tables, read_write=True, fold=fold)
+        try:
+            keys = _read_lines(inp) if args.delete == "-" else iter([args.delete])
+            found = False
+            for key in keys:
+                for spec in args.tables:
+                    found |= tables.get(spec).delete(key)
+            return EX_OK if found else EX_NOTFOUND
+        finally:
+            tables.close()
+    if args.sequence:
+        spec = args.tables[0]
+        table = open_table(spec, read_write=False, fold=fold)
+        try:
+            for key, value in table.sequence():
+                _emit(out, key, value, args.json)
+        except SequenceUnsupportedError:
+            pass  # warned already; postmap prints nothing and exits 0
+        finally:
+            table.close()
+        return EX_OK
+    return _insert(args, inp, fold)
+
+
+def _split_key_value(line: str) -> tuple[str, str, str]:
+    """postmap's input format: key, white space, value (the rest, trimmed)."""
+    parts = line.split(None, 1)
+    return parts[0], " ", parts[1].strip() if len(parts) > 1 else ""
+
+
+def _insert(args: argparse.Namespace, inp: IO[str], fold: bool) -> int:
+    tables = _Tables(args.tables, read_write=True, fold=fold)
+    status = EX_OK
+    try:
+        for lineno, line in logical_lines(_read_lines(inp), "stdin"):
+            key, _, value = _split_key_value(line)
+            if not value:
+                logging.warning("stdin, line %d: expected format: key whitespace value", lineno)
+                status = EX_NOTFOUND
+                continue
+            for spec in args.tables:
+                try:
+                    tables.get(spec).update(key, value)
+                except (KeySkippedError, ValueTooLongError) as exc:
+                    logging.warning("stdin, line %d: %s", lineno, exc)
+                    status = EX_NOTFOUND
+        return status
+    finally:
+        tables.close()
+
+
+def main(argv: list[str] | None = None, out: IO[str] | None = None,
+         inp: IO[str] | None = None) -> int:
+    out = out or sys.stdout
+    inp = inp or sys.stdin
+    try:
+        args = _parser().parse_args(argv)
+        _setup_logging(args.v)
+        status = _run(args, out, inp)
+        out.flush()
+        return status
+    except _Fatal as exc:
+        print(f"{PROG}: fatal: {exc}", file=sys.stderr)
+        return exc.status
+    except TemporaryError as exc:
+        print(f"{PROG}: temporary failure: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except (ConfigError, AccessError, MemtableError) as exc:
+        print(f"{PROG}: fatal: {exc}", file=sys.stderr)
+        return EX_NOTFOUND
+    except BrokenPipeError:
+        return EX_NOTFOUND
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Open any table memtable supports from a Postfix ``type:name`` string.
+
+``memcache:/path/file.cf`` is memtable's own; lmdb:, inline:, static: and
+texthash: come from memtable.backends.  Postfix's rules on how a table may
+be opened live here: read-only versus read-write, and the refusal to serve
+security-sensitive data from memcache (anyone who can reach memcached can
+write it).
+"""
+
+from __future__ import annotations
+
+from memtable.config import MemcacheConfig
+from memtable.errors import AccessError, ConfigError, UnsupportedTableError
+from memtable.limits import MAX_TABLE_NESTING
+from memtable.table import Table
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``type:name`` -> (type, name); a bare name is an error (no default type)."""
+    type_, sep, name = spec.strip().partition(":")
+    if not sep or not type_ or not name:
+        raise UnsupportedTableError(
+            f'"{spec}": expected type:name, e.g. memcache:/etc/postfix/cache.cf or lmdb:/path')
+    return type_.lower(), name
+
+
+def open_table(spec: str, *, read_write: bool = False, fold: bool = True,
+               security_sensitive: bool = False, _depth: int = 0) -> Table:
+    """Open ``spec`` (``memcache:/path.cf``, ``lmdb:/path``, ...).
+
+    ``read_write`` is Postfix's O_RDWR (needed for update and delete);
+    ``fold`` is DICT_FLAG_FOLD_FIX (keys to lower case, postmap's default);
+    ``security_sensitive`` is DICT_FLAG_NO_UNAUTH (alias_maps,
+    virtual_*_maps ...), which memcache tables refuse.
+    """
+    if _depth > MAX_TABLE_NESTING:
+        raise ConfigError(f'"{spec}": tables nested more than {MAX_TABLE_NESTING} deep')
+    type_, name = split_spec(spec)
+    if type_ == "memcache":
+        if security_sensitive:
+            raise AccessError(f"memcache:{name} map is not allowed for security-sensitive data")
+        return _open_memcache(name, read_write=read_write, fold=fold, depth=_depth)
+    from memtable.backends import open_backend
+
+    return open_backend(type_, name, read_write=read_write, fold=fold)
+
+
+def _open_memcache(path: str, *, read_write: bool, fold: bool, depth: int) -> Table:
+    from memtable.domainlist import DomainFilter
+    from memtable.keys import KeyFormat, KeyPipeline
+    from memtable.memcache_table import MemcacheTable
+
+    config = MemcacheConfig.from_file(path)
+
+    def open_lookup(inner: str) -> Table:
+        return open_table(inner, read_write=False, fold=True, _depth=depth + 1)
+
+    domain = DomainFilter.build(config.domain, open_lookup)
+    pipeline = KeyPipeline(KeyFormat.compile(config.key_format), config.key_digest, domain)
+    backup = None
+    if config.backup:
+        try:
+            backup = open_table(config.backup, read_write=read_write, fold=fold,
+                                _depth=depth + 1)
+        except ConfigError as exc:
+            raise ConfigError(f"backup = {config.backup}: {exc}", path) from None
+    return MemcacheTable(config, read_write=read_write, fold=fold,
+                         pipeline=pipeline, backup=backup)

@@ -1,0 +1,223 @@
+"""policyd.cf: every policyd parameter, its default and its bounds.
+
+Postfix-style file (``name = value``, ``#`` comments, continuation lines,
+time units s m h d w).  Unknown names and bad values are errors naming the
+file and line: a policy server must not start with a setting it ignores.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from memtable import cf
+from memtable.endpoint import Endpoint, parse_endpoint
+from memtable.errors import ConfigError
+from memtable.limits import CF_INT_MAX
+from policyd import limits
+
+DEFAULT_CONFIG_PATH = "/etc/policyd/policyd.cf"
+
+CLIENT_KEYS = ("subnet", "host", "smart")
+STORE_FAILURE_ACTIONS = ("DUNNO", "disconnect")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class PolicydConfig:
+    """The effective configuration; defaults are the documented ones."""
+
+    path: str = "(defaults)"
+    # --- server -----------------------------------------------------------
+    listen: tuple[Endpoint, ...] = (Endpoint("inet", host="127.0.0.1", port=10023),)
+    unix_socket_mode: int = 0o660
+    max_connections: int = 2000
+    idle_timeout: int = 600
+    read_timeout: int = 60
+    decision_timeout: int = 20
+    shutdown_grace: int = 10
+    syslog: bool = False
+    syslog_socket: str = "/dev/log"
+    syslog_facility: str = "mail"
+    log_level: str = "info"
+    metrics_listen: Endpoint | None = None
+    # --- stores -----------------------------------------------------------
+    triplet_table: str = "memcache:/etc/policyd/triplets.cf"
+    client_table: str = "memcache:/etc/policyd/clients.cf"
+    store_failure_action: str = "DUNNO"
+    # --- greylisting ------------------------------------------------------
+    greylist_delay: int = 300
+    retry_window: int = 2 * 86400
+    max_age: int = 35 * 86400
+    greylist_action: str = "DEFER_IF_PERMIT"
+    greylist_text: str = "Greylisted, please try again in %s seconds"
+    greylist_header: bool = True
+    greylist_header_text: str = "X-Greylist: delayed %t seconds by policyd at %h; %d"
+    hostname: str = ""
+    client_key: str = "subnet"
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+    privacy: bool = False
+    privacy_salt: str = ""
+    whitelist_clients: tuple[str, ...] = ()
+    whitelist_recipients: tuple[str, ...] = ()
+    auto_whitelist_clients: int = 5
+    postscreen_cache: str = ""
+    postscreen_skip: bool = True
+
+    @property
+    def effective_hostname(self) -> str:
+        return self.hostname or socket.getfqdn()
+
+    @classmethod
+    def from_file(cls, path: str) -> PolicydConfig:
+        return cls.from_entries(path, cf.read_cf(path))
+
+    @classmethod
+    def from_entries(cls, path: str, entries: dict[str, cf.CfEntry]) -> PolicydConfig:
+        cf.reject_unknown(entries, frozenset(_PARSERS))
+        values: dict[str, Any] = {"path": path}
+        for name, entry in entries.items():
+            values[name] = _PARSERS[name](entry)
+        config = cls(**values)
+        config._check_together(entries)
+        return config
+
+    def _check_together(self, entries: dict[str, cf.CfEntry]) -> None:
+        """Rules that involve more than one parameter."""
+        def fail(name: str, message: str) -> ConfigError:
+            entry = entries.get(name)
+            return entry.error(message) if entry else ConfigError(message, self.path)
+
+        if self.privacy and not self.privacy_salt:
+            raise fail("privacy", "privacy = yes needs privacy_salt (the same on every host)")
+        if self.retry_window <= self.greylist_delay:
+            raise fail("retry_window", "retry_window must be longer than greylist_delay")
+        if not self.listen:
+            raise fail("listen", "no listener")
+
+    def render(self) -> str:
+        """The effective configuration as policyd.cf text (--check-config)."""
+        lines = [f"# effective configuration from {self.path}"]
+        for f in fields(self):
+            if f.name == "path":
+                continue
+            lines.append(f"{f.name} = {_render_value(f.name, getattr(self, f.name))}")
+        return "\n".join(lines) + "\n"
+
+
+def _render_value(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) and name == "unix_socket_mode":
+        return f"{value:04o}"
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _endpoints(entry: cf.CfEntry) -> tuple[Endpoint, ...]:
+    items = cf.split_list(entry.value)
+    if len(items) > limits.MAX_LISTENERS:
+        raise entry.error(f"more than {limits.MAX_LISTENERS} listeners")
+    try:
+        return tuple(parse_endpoint(item) for item in items)
+    except ConfigError as exc:
+        raise entry.error(exc.message) from None
+
+
+def _optional_endpoint(entry: cf.CfEntry) -> Endpoint | None:
+    if not entry.value:
+        return None
+    try:
+        return parse_endpoint(entry.value)
+    except ConfigError as exc:
+        raise entry.error(exc.message) from None
+
+
+def _mode(entry: cf.CfEntry) -> int:
+    try:
+        mode = int(entry.value, 8)
+    except ValueError:
+        raise entry.error("bad octal file mode") from None
+    if not 0 <= mode <= 0o777:
+        raise entry.error("file mode out of range")
+    return mode
+
+
+def _choice(options: tuple[str, ...], fold: bool = True) -> Callable[[cf.CfEntry], str]:
+    def parse(entry: cf.CfEntry) -> str:
+        for option in options:
+            if entry.value == option or (fold and entry.value.lower() == option.lower()):
+                return option
+        raise entry.error(f"expected one of: {', '.join(options)}")
+    return parse
+
+
+def _time(minimum: int = 0, maximum: int = CF_INT_MAX) -> Callable[[cf.CfEntry], int]:
+    return lambda entry: cf.parse_time(entry, minimum=minimum, maximum=maximum)
+
+
+def _int(minimum: int, maximum: int) -> Callable[[cf.CfEntry], int]:
+    return lambda entry: cf.parse_int(entry, minimum, maximum)
+
+
+def _text(entry: cf.CfEntry) -> str:
+    if any(ch in entry.value for ch in "\r\n\0"):
+        raise entry.error("control characters are not allowed")
+    return entry.value
+
+
+def _action(entry: cf.CfEntry) -> str:
+    value = _text(entry)
+    if not value:
+        raise entry.error("empty action")
+    return value
+
+
+def _files(entry: cf.CfEntry) -> tuple[str, ...]:
+    return tuple(cf.split_list(entry.value))
+
+
+_PARSERS: dict[str, Callable[[cf.CfEntry], Any]] = {
+    "listen": _endpoints,
+    "unix_socket_mode": _mode,
+    "max_connections": _int(1, limits.MAX_CONNECTIONS_CEILING),
+    "idle_timeout": _time(1, limits.MAX_TIMEOUT_SECONDS),
+    "read_timeout": _time(1, limits.MAX_TIMEOUT_SECONDS),
+    "decision_timeout": _time(1, limits.MAX_TIMEOUT_SECONDS),
+    "shutdown_grace": _time(0, limits.MAX_TIMEOUT_SECONDS),
+    "syslog": cf.parse_bool,
+    "syslog_socket": _text,
+    "syslog_facility": _choice(("mail", "daemon", "user", "local0", "local1", "local2",
+                                "local3", "local4", "local5", "local6", "local7")),
+    "log_level": _choice(LOG_LEVELS),
+    "metrics_listen": _optional_endpoint,
+    "triplet_table": _text,
+    "client_table": _text,
+    "store_failure_action": _choice(STORE_FAILURE_ACTIONS),
+    "greylist_delay": _time(0),
+    "retry_window": _time(1),
+    "max_age": _time(1),
+    "greylist_action": _action,
+    "greylist_text": _text,
+    "greylist_header": cf.parse_bool,
+    "greylist_header_text": _text,
+    "hostname": _text,
+    "client_key": _choice(CLIENT_KEYS),
+    "ipv4_prefix": _int(0, 32),
+    "ipv6_prefix": _int(0, 128),
+    "privacy": cf.parse_bool,
+    "privacy_salt": _text,
+    "whitelist_clients": _files,
+    "whitelist_recipients": _files,
+    "auto_whitelist_clients": _int(0, 1_000_000),
+    "postscreen_cache": _text,
+    "postscreen_skip": cf.parse_bool,
+}
+
+assert set(_PARSERS) == {f.name for f in fields(PolicydConfig)} - {"path"}

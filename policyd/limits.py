@@ -1,0 +1,48 @@
+"""Every bound policyd enforces, named in one place."""
+
+from __future__ import annotations
+
+# --- SMTPD policy protocol (policyd.protocol) ------------------------------
+# Postfix's attribute values are short (addresses, names, a few numbers); the
+# largest legitimate request is a few KB.  Anything beyond is hostile.
+MAX_LINE_BYTES = 4096
+MAX_ATTRIBUTES = 100
+MAX_REQUEST_BYTES = 32 * 1024
+
+# --- server (policyd.server) -----------------------------------------------
+MAX_LISTENERS = 16
+MAX_CONNECTIONS_CEILING = 100_000
+MAX_TIMEOUT_SECONDS = 24 * 3600
+READ_CHUNK_BYTES = 64 * 1024
+
+# --- whitelists (policyd.whitelist) ----------------------------------------
+WHITELIST_FILE_MAX_BYTES = 4 * 1024 * 1024
+WHITELIST_MAX_ENTRIES = 100_000
+
+# --- greylisting keys and records (policyd.triplet, policyd.reputation) ----
+# memcached refuses keys over 250 bytes; a table's key_format may add a
+# prefix, so triplet and client keys longer than this are replaced by their
+# sha256 (64 hex characters).
+STORE_KEY_MAX_BYTES = 200
+# A stored record (triplet or client) is a few numbers; longer is garbage.
+RECORD_MAX_CHARS = 200
+# postscreen cache values: five numbers of at most 20 digits and separators.
+POSTSCREEN_VALUE_MAX_CHARS = 200
+# Passes of a client are counted at most once per this many seconds, and a
+# passed triplet's or client's last_seen is rewritten at most this often
+# (postgrey counts auto-whitelist passes once per hour).
+PASS_COUNT_INTERVAL = 3600
+RECORD_REFRESH_INTERVAL = 3600
+# Message instances remembered so that one message with several recipients
+# gets one X-Greylist header (postgrey remembers 20).
+HEADER_INSTANCE_MEMORY = 1024
+
+# --- stores (policyd.store) -------------------------------------------------
+# Operations waiting for a store's worker thread; beyond this, callers get a
+# StoreError at once instead of an unbounded queue behind a slow memcached.
+STORE_MAX_PENDING = 10_000
+# Operations the worker takes from its queue in one go (gets among them are
+# coalesced into one lookup_many call when the table offers it).
+STORE_MAX_BATCH = 256
+# Whitelist regular expressions (one line each) are bounded in length.
+WHITELIST_MAX_LINE_CHARS = 1000
