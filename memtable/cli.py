@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None, out: IO[str] | None = None,
          inp: IO[str] | None = None) -> int:
     out = out or sys.stdout
     inp = inp or sys.stdin
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ttl"]:
+        from memtable import ttlreport
+
+        return ttlreport.main(argv[1:])
     try:
         args = _parser().parse_args(argv)
         _setup_logging(args.v)

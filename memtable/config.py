@@ -8,7 +8,6 @@ file and line (Postfix ignores it silently).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from memtable import cf
@@ -61,7 +60,7 @@ class MemcacheConfig:
     def from_entries(cls, path: str, entries: dict[str, cf.CfEntry]) -> MemcacheConfig:
         # Imported here: keys depends on nothing in this module, and this
         # keeps the configuration importable on its own.
-        from memtable.keys import KeyFormat
+        from memtable.keys import KeyFormat, resolve_digest
 
         cf.warn_unknown(entries, KNOWN_PARAMS)
         ints = {name: (cf.parse_int(entries[name], minimum)
@@ -79,13 +78,11 @@ class MemcacheConfig:
         except ValueError as exc:
             raise _at(entries, "key_format", path, str(exc)) from None
         digest = strs["key_digest"].strip().lower()
-        if digest and digest not in hashlib.algorithms_available:
-            raise _at(entries, "key_digest", path,
-                      f'unknown digest "{digest}" (available: '
-                      f'{", ".join(sorted(hashlib.algorithms_guaranteed))})')
-        if digest.startswith("shake_"):
-            raise _at(entries, "key_digest", path,
-                      "variable-length shake digests are not supported")
+        if digest:
+            try:
+                resolve_digest(digest)
+            except ValueError as exc:
+                raise _at(entries, "key_digest", path, str(exc)) from None
         return cls(
             path=path,
             memcache=endpoint,

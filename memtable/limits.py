@@ -40,3 +40,36 @@ CLI_MAX_INPUT_LINE_BYTES = 64 * 1024
 
 # Nesting of tables (a backup naming a table naming a table ...).
 MAX_TABLE_NESTING = 4
+
+# `domain = /file/name` lists: how deep pattern files may name other pattern
+# files, and how many bytes all files of one list may hold together (each
+# file is also bounded by LOOKUP_FILE_MAX_BYTES).
+DOMAIN_LIST_MAX_FILE_DEPTH = 8
+DOMAIN_LIST_MAX_TOTAL_BYTES = 64 * 1024 * 1024
+
+# memcache wire (memtable.wire).
+# Longest `get k1 k2 ...` line get_many sends; longer key lists become
+# several commands (memcached accepts long multigets, proxies may not).
+MEMCACHE_GET_LINE_MAX_BYTES = 2048
+# Most `set` commands set_many pipelines in one write: their replies
+# (STORED\r\n each) then fit in any socket buffer, so the write never
+# deadlocks against unread replies.
+MEMCACHE_PIPELINE_MAX_COMMANDS = 256
+# timeout = 0 means "no time limit" to Postfix; memtable still bounds each
+# attempt (connect + command + reply) at this many seconds.
+MEMCACHE_UNLIMITED_TIMEOUT_SECONDS = 60.0
+
+# lmdb: recoveries (map grown by another process, map full -> double) per
+# operation before giving up with BackupError (Postfix's dict_lmdb allows 1).
+LMDB_RETRY_LIMIT = 8
+# lmdb: sequence() reads this many entries (or bytes) per shared lock, then
+# lets go so that writers are never starved by a long walk.
+LMDB_SEQUENCE_CHUNK_ITEMS = 1000
+LMDB_SEQUENCE_CHUNK_BYTES = 1024 * 1024
+# texthash: a file changed this recently is re-read (Postfix's "hot file"
+# check); at most this many times, pausing between reads.
+TEXTHASH_HOT_RETRIES = 10
+TEXTHASH_HOT_PAUSE_SECONDS = 0.3
+
+# `memtable ttl`: how long to wait for postconf.
+POSTCONF_TIMEOUT_SECONDS = 10.0

@@ -192,6 +192,8 @@ class MemcacheTable(Table):
 
     def close(self) -> None:
         self.wire.close()
+        if self.pipeline.domain is not None:
+            self.pipeline.domain.close()
         if self.backup is not None:
             self.backup.close()
 

@@ -63,6 +63,7 @@ def _open_memcache(path: str, *, read_write: bool, fold: bool, depth: int) -> Ta
             backup = open_table(config.backup, read_write=read_write, fold=fold,
                                 _depth=depth + 1)
         except ConfigError as exc:
-            raise ConfigError(f"backup = {config.backup}: {exc}", path) from None
+            # Keep the class (UnsupportedTableError stays one) and name this file.
+            raise type(exc)(f"backup = {config.backup}: {exc}", path) from None
     return MemcacheTable(config, read_write=read_write, fold=fold,
                          pipeline=pipeline, backup=backup)

@@ -46,3 +46,18 @@ STORE_MAX_PENDING = 10_000
 STORE_MAX_BATCH = 256
 # Whitelist regular expressions (one line each) are bounded in length.
 WHITELIST_MAX_LINE_CHARS = 1000
+
+# --- server, continued (policyd.server, policyd.listeners) -------------------
+# listen(2) backlog of every listening socket (the kernel caps it at somaxconn).
+LISTEN_BACKLOG = 1024
+# Replies are ~50 bytes; a peer that lets this much pile up unread is not
+# Postfix (which waits for each reply) and is disconnected.
+MAX_WRITE_BUFFER_BYTES = 256 * 1024
+# "too many connections" is logged at most once per this many seconds.
+REFUSAL_LOG_INTERVAL_SECONDS = 10.0
+# systemd socket activation: LISTEN_FDS above this is refused as nonsense.
+MAX_INHERITED_FDS = MAX_LISTENERS
+# Probe of an existing UNIX socket file (is another server still there?).
+UNIX_PROBE_TIMEOUT_SECONDS = 1.0
+# After shutdown_grace, how long cancelled connections get to finish.
+SHUTDOWN_CANCEL_WAIT_SECONDS = 2.0

@@ -1,0 +1,216 @@
+"""Private server processes for the benchmarks, all on loopback.
+
+memcached (own port, own memory), postgrey (the Debian package's
+/usr/sbin/postgrey, run in the foreground with its own database directory,
+never the system instance or its files), policyd (the example config from
+deploy/policyd/ with ports and paths moved into the run's directory) and
+the do-nothing server.  Each is started, waited for until it answers a
+real request, and stopped by its own process id.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy" / "policyd"
+POSTGREY = "/usr/sbin/postgrey"
+STARTUP_SECONDS = 30.0
+STOP_SECONDS = 10.0
+# Same greylisting delay for both servers: the default of both.
+GREYLIST_DELAY = 300
+
+PROBE = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n"
+         b"client_address=192.0.2.1\nclient_name=probe.example\n"
+         b"reverse_client_name=probe.example\nhelo_name=probe.example\n"
+         b"sender=probe@example.org\nrecipient=probe@example.com\nrecipient_count=0\n"
+         b"instance=0.0.0.0\nsize=0\n\n")
+
+
+class ServerError(Exception):
+    """A server would not start or answer."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (VmRSS), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def policy_answers(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(PROBE)
+            buf = b""
+            while not buf.endswith(b"\n\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    return False
+                buf += chunk
+            return buf.startswith(b"action=")
+    except OSError:
+        return False
+
+
+def memcached_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1) as s:
+            s.sendall(b"version\r\n")
+            return s.recv(64).startswith(b"VERSION")
+    except OSError:
+        return False
+
+
+@dataclass
+class Server:
+    """A started server process."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_SECONDS)
+
+
+def _spawn(name: str, argv: list[str], log: Path, host: str, port: int,
+           ready: str = "policy") -> Server:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    server = Server(name, proc, host, port, log)
+    check = memcached_answers if ready == "memcached" else policy_answers
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while not check(host, port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise ServerError(f"{name} did not start ({' '.join(argv)}):\n{server.log_tail()}")
+        time.sleep(0.05)
+    return server
+
+
+def start_memcached(workdir: Path, memory_mb: int = 256) -> Server:
+    binary = shutil.which("memcached") or "/usr/bin/memcached"
+    port = free_port()
+    user = ["-u", "root"] if os.geteuid() == 0 else []
+    return _spawn("memcached", [binary, *user, "-l", "127.0.0.1", "-p", str(port), "-U", "0",
+                                "-m", str(memory_mb), "-c", "4096"],
+                  workdir / "memcached.log", "127.0.0.1", port, ready="memcached")
+
+
+def start_null(workdir: Path) -> Server:
+    port = free_port()
+    return _spawn("null", [sys.executable, "-m", "bench.nullserver", "--port", str(port)],
+                  workdir / "null.log", "127.0.0.1", port)
+
+
+def start_postgrey(workdir: Path) -> Server:
+    """postgrey with its own database and empty whitelists (as policyd's
+    default config has none), logging to a file instead of syslog."""
+    if not os.access(POSTGREY, os.X_OK):
+        raise ServerError(f"{POSTGREY} not found (Debian package postgrey)")
+    port = free_port()
+    home = workdir / "postgrey"
+    dbdir = home / "db"
+    dbdir.mkdir(parents=True, exist_ok=True)
+    empty = home / "empty-whitelist"
+    empty.write_text("")
+    argv = [POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={dbdir}",
+            f"--delay={GREYLIST_DELAY}", f"--whitelist-clients={empty}",
+            f"--whitelist-recipients={empty}", "--listen-queue-size=999"]
+    if os.geteuid() == 0:
+        # postgrey drops root to its own user; that user must reach dbdir.
+        user = "postgrey"
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            user, pw = "nobody", pwd.getpwnam("nobody")
+        for d in (workdir, home):
+            d.chmod(0o755)
+        os.chown(dbdir, pw.pw_uid, pw.pw_gid)
+        argv += [f"--user={user}", f"--group={pw.pw_gid}"]
+    return _spawn("postgrey", argv, workdir / "postgrey.log", "127.0.0.1", port)
+
+
+def write_policyd_config(workdir: Path, memcached: Server, port: int) -> Path:
+    """deploy/policyd/*.cf, with /etc/policyd and /var/lib/policyd moved to
+    workdir, memcached's port and policyd's listen port replaced."""
+    conf = workdir / "policyd"
+    conf.mkdir(parents=True, exist_ok=True)
+    for name in ("policyd.cf", "triplets.cf", "clients.cf"):
+        text = (DEPLOY / name).read_text()
+        text = text.replace("/etc/policyd", str(conf)).replace("/var/lib/policyd", str(conf))
+        text = text.replace("inet:127.0.0.1:11211", f"inet:127.0.0.1:{memcached.port}")
+        text = text.replace("inet:127.0.0.1:10023", f"inet:127.0.0.1:{port}")
+        (conf / name).write_text(text)
+    return conf / "policyd.cf"
+
+
+def policyd_command() -> list[str]:
+    script = Path(sys.executable).parent / "policyd"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "policyd"]
+
+
+def policyd_config_ok(cf: Path) -> tuple[bool, str]:
+    """Whether ``policyd --check-config`` accepts cf (and exists at all)."""
+    try:
+        done = subprocess.run([*policyd_command(), "--check-config", "-c", str(cf)],
+                              capture_output=True, timeout=30, cwd=ROOT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)
+    text = (done.stdout + done.stderr).decode(errors="replace").strip()
+    return done.returncode == 0, text
+
+
+def start_policyd(workdir: Path, memcached: Server) -> Server:
+    port = free_port()
+    cf = write_policyd_config(workdir, memcached, port)
+    ok, text = policyd_config_ok(cf)
+    if not ok:
+        raise ServerError(f"policyd --check-config failed:\n{text[-2000:]}")
+    return _spawn("policyd", [*policyd_command(), "-c", str(cf)], workdir / "policyd.log",
+                  "127.0.0.1", port)

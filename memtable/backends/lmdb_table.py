@@ -1,0 +1,415 @@
+"""The lmdb: table type, byte-compatible and lock-compatible with Postfix.
+
+``lmdb:/path/NAME`` is the single file ``/path/NAME.lmdb`` that Postfix's
+dict_lmdb/slmdb and ``postmap lmdb:`` read and write:
+
+- LMDB opened with MDB_NOSUBDIR | MDB_NOLOCK (no ``-lock`` file), mode 0644,
+  the main (unnamed) database, 16 MiB initial map like lmdb_map_size.
+- Keys and values stored with one trailing NUL byte (DICT_FLAG_TRY1NULL);
+  lookups and deletes try ``key\\0`` and then ``key`` (TRY0NULL) and, like
+  Postfix, stick to the form that matched first.  Keys are case-folded when
+  ``fold`` is true (DICT_FLAG_FOLD_FIX).  update() replaces
+  (DICT_FLAG_DUP_REPLACE).
+- Because of MDB_NOLOCK, every operation is serialised with a whole-file
+  fcntl() (POSIX record) lock on the .lmdb file, exactly as dict_lmdb does
+  (it hard-codes MYFLOCK_STYLE_FCNTL): shared around each read, exclusive
+  around each write, held only for that operation, with a new LMDB
+  transaction inside the lock so other processes' writes are seen.
+  Waiting for the lock is bounded (LMDB_LOCK_WAIT_SECONDS) -> BackupError.
+- MDB_MAP_FULL: the map size doubles and the transaction is retried;
+  MDB_MAP_RESIZED (another process grew the file): the new size is adopted
+  and the operation retried (slmdb's recovery).
+
+fcntl locks belong to a process, not to a file descriptor, and closing any
+descriptor of the file drops them; py-lmdb also refuses to open one file
+twice in a process.  So tables on the same file in one process share one
+environment, one lock descriptor and one thread mutex (``_Shared``).  An
+environment must not be used across fork(): open tables after forking.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import TypeVar
+
+import lmdb
+
+from memtable import clock, limits
+from memtable.domainlist import fold_case
+from memtable.errors import BackupError
+from memtable.table import Table
+
+T = TypeVar("T")
+
+# slmdb_open(): room for the initial "drop" transaction and metadata.
+_SLMDB_FUDGE = 10240
+
+
+class _Shared:
+    """One .lmdb file as opened by this process (see the module docstring)."""
+
+    def __init__(self, key: tuple[int, int], fd: int, env: lmdb.Environment, writable: bool):
+        self.key = key
+        self.fd = fd
+        self.env = env
+        self.writable = writable
+        self.mutex = threading.Lock()
+        self.refs = 1
+
+
+_registry_lock = threading.Lock()
+_registry: dict[tuple[int, int], _Shared] = {}
+
+
+def _encode(text: str) -> bytes | None:
+    """Key or value bytes, or None when Postfix could not hold it (a NUL
+    byte ends a C string; lone surrogates have no bytes)."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
+    return None if b"\0" in data else data
+
+
+def _decode(data: bytes) -> str:
+    # Postfix copies up to the first NUL (its SCOPY macro).
+    return data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+class LmdbTable(Table):
+    """``lmdb:/path/NAME`` (the file NAME.lmdb), Postfix's format and locks."""
+
+    def __init__(self, path: str, *, read_write: bool, fold: bool) -> None:
+        self.spec = f"lmdb:{path}"
+        self.path = path
+        self.db_path = path + ".lmdb"
+        self.read_write = read_write
+        self.fold = fold
+        # DICT_FLAG_TRY1NULL | DICT_FLAG_TRY0NULL until one form is seen.
+        self._try1null = True
+        self._try0null = True
+        self._shared: _Shared | None = None
+        self._shared = self._attach()
+
+    # -- opening and closing ----------------------------------------------
+
+    def _attach(self) -> _Shared:
+        # Like Postfix, a read-write open creates a missing file (mode 0644
+        # minus umask); a read-only open of a missing file is an error.
+        flags = (os.O_RDWR | os.O_CREAT) if self.read_write else os.O_RDONLY
+        try:
+            fd = os.open(self.db_path, flags | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise BackupError(f"{self.spec}: open database {self.db_path}: "
+                              f"{exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+        except OSError as exc:
+            os.close(fd)
+            raise BackupError(f"{self.spec}: stat {self.db_path}: {exc.strerror}") from None
+        deadline = self._deadline()
+        with _registry_lock:
+            shared = _registry.get(key)
+            if shared is None:
+                try:
+                    env = self._open_env(fd, st.st_size, deadline)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                shared = _registry[key] = _Shared(key, fd, env, self.read_write)
+                return shared
+            self._acquire_mutex(shared, deadline)
+            try:
+                # Closing our extra descriptor is safe only while no other
+                # table of this process holds the fcntl lock: we hold the mutex.
+                if self.read_write and not shared.writable:
+                    # Reopen the shared environment read-write.
+                    shared.env.close()
+                    os.close(shared.fd)
+                    shared.fd = fd
+                    shared.writable = True
+                    shared.env = self._open_env(fd, os.fstat(fd).st_size, deadline)
+                else:
+                    os.close(fd)
+                shared.refs += 1
+            except OSError as exc:
+                raise BackupError(f"{self.spec}: reopen {self.db_path}: {exc.strerror}") from None
+            finally:
+                shared.mutex.release()
+            return shared
+
+    def _open_env(self, fd: int, size: int, deadline: float) -> lmdb.Environment:
+        # slmdb_open(): start at lmdb_map_size, or the file size plus room.
+        map_size = limits.LMDB_INITIAL_MAP_BYTES
+        if size > map_size - _SLMDB_FUDGE:
+            map_size = min(size + _SLMDB_FUDGE, max(size, limits.LMDB_MAX_MAP_BYTES))
+        # Locked while LMDB reads (or, for a new file, writes) the meta pages.
+        self._lock_fd(fd, self.read_write, deadline)
+        try:
+            return lmdb.open(self.db_path, map_size=map_size, subdir=False,
+                             readonly=not self.read_write, lock=False, max_dbs=0,
+                             mode=0o644, create=self.read_write)
+        except lmdb.Error as exc:
+            raise BackupError(f"{self.spec}: open database {self.db_path}: {exc}") from None
+        finally:
+            self._unlock_fd(fd)
+
+    def close(self) -> None:
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        with _registry_lock:
+            shared.refs -= 1
+            if shared.refs > 0:
+                return
+            del _registry[shared.key]
+            # Wait for an operation of another thread to finish; give up
+            # waiting (but still close) after the usual bound.
+            got = shared.mutex.acquire(timeout=limits.LMDB_LOCK_WAIT_SECONDS)
+            try:
+                shared.env.close()
+                os.close(shared.fd)
+            finally:
+                if got:
+                    shared.mutex.release()
+
+    # -- locking -------------------------------------------------------------
+
+    @staticmethod
+    def _deadline() -> float:
+        return clock.monotonic() + limits.LMDB_LOCK_WAIT_SECONDS
+
+    def _acquire_mutex(self, shared: _Shared, deadline: float) -> None:
+        if not shared.mutex.acquire(timeout=max(0.0, deadline - clock.monotonic())):
+            raise BackupError(f"{self.spec}: {self.db_path} is busy in this process for "
+                              f"more than {limits.LMDB_LOCK_WAIT_SECONDS:g} s")
+
+    def _lock_fd(self, fd: int, exclusive: bool, deadline: float) -> None:
+        # Postfix waits forever (F_SETLKW); memtable polls with F_SETLK.  The
+        # poll count bounds the wait even when the clock is frozen in tests.
+        kind = "exclusive" if exclusive else "shared"
+        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        wait, poll = limits.LMDB_LOCK_WAIT_SECONDS, limits.LMDB_LOCK_POLL_SECONDS
+        polls = math.ceil(wait / poll) if poll > 0 else 0
+        for attempt in range(polls + 1):
+            try:
+                fcntl.lockf(fd, op)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise BackupError(f"{self.spec}: {kind} lock on {self.db_path}: "
+                                      f"{exc.strerror}") from None
+            if attempt == polls or clock.monotonic() >= deadline:
+                break
+            clock.sleep(poll)
+        raise BackupError(f"{self.spec}: no {kind} lock on {self.db_path} within {wait:g} s "
+                          "(another process holds it)")
+
+    def _unlock_fd(self, fd: int) -> None:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+        except OSError as exc:
+            raise BackupError(f"{self.spec}: unlock {self.db_path}: {exc.strerror}") from None
+
+    @contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[_Shared]:
+        shared = self._shared
+        if shared is None:
+            raise BackupError(f"{self.spec}: table is closed")
+        deadline = self._deadline()
+        self._acquire_mutex(shared, deadline)
+        try:
+            self._lock_fd(shared.fd, exclusive, deadline)
+            try:
+                yield shared
+            finally:
+                self._unlock_fd(shared.fd)
+        finally:
+            shared.mutex.release()
+
+    # -- transactions with slmdb's recovery ------------------------------------
+
+    def _run(self, shared: _Shared, write: bool, what: str,
+             body: Callable[[lmdb.Transaction], T]) -> T:
+        """Run body in a new transaction (committed when writing), recovering
+        from MDB_MAP_RESIZED and MDB_MAP_FULL like slmdb does."""
+        for _ in range(limits.LMDB_RETRY_LIMIT + 1):
+            env = shared.env
+            try:
+                txn = env.begin(write=write)
+            except lmdb.MapResizedError:
+                self._adopt_size(env, what)
+                continue
+            except lmdb.Error as exc:
+                raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
+            try:
+                result = body(txn)
+                if write:
+                    txn.commit()
+                else:
+                    txn.abort()
+                return result
+            except lmdb.MapResizedError:
+                self._abort(txn)
+                self._adopt_size(env, what)
+            except lmdb.MapFullError:
+                self._abort(txn)
+                self._grow(env, what)
+            except lmdb.Error as exc:
+                self._abort(txn)
+                raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
+            except BaseException:
+                self._abort(txn)
+                raise
+        raise BackupError(f"{self.spec}: {what} {self.db_path}: gave up after "
+                          f"{limits.LMDB_RETRY_LIMIT} map size recoveries")
+
+    @staticmethod
+    def _abort(txn: lmdb.Transaction) -> None:
+        # A failed commit has already finished the transaction.
+        with suppress(lmdb.Error):
+            txn.abort()
+
+    def _adopt_size(self, env: lmdb.Environment, what: str) -> None:
+        # Another process grew the map: take the size from the file's meta page.
+        try:
+            env.set_mapsize(0)
+        except lmdb.Error as exc:
+            raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
+
+    def _grow(self, env: lmdb.Environment, what: str) -> None:
+        current = int(env.info()["map_size"])
+        if current >= limits.LMDB_MAX_MAP_BYTES:
+            raise BackupError(f"{self.spec}: {what} {self.db_path}: database is full "
+                              f"({current} bytes, the most memtable maps)")
+        try:
+            env.set_mapsize(min(current * 2, limits.LMDB_MAX_MAP_BYTES))
+        except lmdb.Error as exc:
+            raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
+
+    # -- the Table operations ------------------------------------------------
+
+    def _name(self, key: str) -> bytes | None:
+        """The key's bytes (folded when asked), or None if no record can
+        have it (NUL byte, over LMDB's key size limit with the NUL)."""
+        name = _encode(fold_case(key) if self.fold else key)
+        shared = self._shared
+        if name is None or shared is None:
+            return name
+        if len(name) + 1 > shared.env.max_key_size():
+            return None
+        return name
+
+    def lookup(self, key: str) -> str | None:
+        name = self._name(key)
+        if name is None:
+            if self._shared is None:
+                raise BackupError(f"{self.spec}: table is closed")
+            return None
+
+        def get(txn: lmdb.Transaction) -> bytes | None:
+            if self._try1null:
+                value = txn.get(name + b"\0")
+                if value is not None:
+                    self._try0null = False
+                    return bytes(value)
+            if self._try0null and name:
+                value = txn.get(name)
+                if value is not None:
+                    self._try1null = False
+                    return bytes(value)
+            return None
+
+        with self._locked(exclusive=False) as shared:
+            value = self._run(shared, False, "read", get)
+        return None if value is None else _decode(value)
+
+    def update(self, key: str, value: str, ttl: int | None = None) -> None:
+        """Store key = value (replacing); ttl means nothing to lmdb."""
+        self._check_writable()
+        name = self._name(key)
+        data = _encode(value)
+        if name is None or data is None:
+            raise BackupError(f'{self.spec}: cannot store "{key}": a key or value with a '
+                              "NUL byte, or a key longer than LMDB allows")
+        # Undecided: Linux Postfix appends the NUL (no LMDB_NO_TRAILING_NULL).
+        if self._try1null and self._try0null:
+            self._try0null = False
+        if self._try1null:
+            name += b"\0"
+            data += b"\0"
+
+        def put(txn: lmdb.Transaction) -> None:
+            txn.put(name, data, overwrite=True)
+
+        with self._locked(exclusive=True) as shared:
+            self._run(shared, True, "update", put)
+
+    def delete(self, key: str) -> bool:
+        self._check_writable()
+        name = self._name(key)
+        if name is None:
+            if self._shared is None:
+                raise BackupError(f"{self.spec}: table is closed")
+            return False
+
+        def remove(txn: lmdb.Transaction) -> bool:
+            if self._try1null and txn.delete(name + b"\0"):
+                self._try0null = False
+                return True
+            if self._try0null and name and txn.delete(name):
+                self._try1null = False
+                return True
+            return False
+
+        with self._locked(exclusive=True) as shared:
+            return self._run(shared, True, "delete", remove)
+
+    def sequence(self) -> Iterator[tuple[str, str]]:
+        """Every (key, value), in key order, NULs stripped.
+
+        Read in chunks (LMDB_SEQUENCE_CHUNK_ITEMS / _BYTES), each under its
+        own shared lock and transaction, and never holding the lock while the
+        caller works: memory stays bounded and writers are not starved.  Like
+        Postfix's first/next, the walk is not one snapshot; it resumes after
+        the last key seen, so entries added or removed meanwhile may or may
+        not appear, but no key appears twice.
+        """
+        after: bytes | None = None
+        while True:
+            with self._locked(exclusive=False) as shared:
+                chunk, more = self._run(shared, False, "read",
+                                        functools.partial(self._chunk, after=after))
+            for raw_key, raw_value in chunk:
+                yield _decode(raw_key), _decode(raw_value)
+            if not more or not chunk:
+                return
+            after = chunk[-1][0]
+
+    @staticmethod
+    def _chunk(txn: lmdb.Transaction, *, after: bytes | None
+               ) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """Up to a chunk of entries after key ``after``; True when cut short."""
+        out: list[tuple[bytes, bytes]] = []
+        size = 0
+        with txn.cursor() as cursor:
+            found = cursor.first() if after is None else cursor.set_range(after)
+            if found and after is not None and cursor.key() == after:
+                found = cursor.next()
+            while found:
+                key, value = bytes(cursor.key()), bytes(cursor.value())
+                out.append((key, value))
+                size += len(key) + len(value)
+                if (len(out) >= limits.LMDB_SEQUENCE_CHUNK_ITEMS
+                        or size >= limits.LMDB_SEQUENCE_CHUNK_BYTES):
+                    return out, True
+                found = cursor.next()
+        return out, False

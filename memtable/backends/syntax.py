@@ -1,0 +1,171 @@
+"""Postfix's small text parsers, as the inline:, static: and texthash: tables
+use them (util/balpar.c, extpar.c, mystrtok.c, split_qnameval.c,
+readlline.c).
+
+Pure functions on strings and bytes: no files, no tables.  They reproduce
+Postfix's quirks on purpose (quotes kept in keys, a backslash escaping the
+next character only while scanning, continuation lines joined without a
+separator), because a table must mean the same to memtable as to postmap.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger("memtable.backends")
+
+#: Postfix's ISSPACE(): ASCII white space only.
+SPACE = " \t\n\v\f\r"
+SPACE_BYTES = SPACE.encode("ascii")
+#: CHARS_COMMA_SP: the separators of inline: lists.
+COMMA_SP = ", \t\r\n"
+BRACES = "{}"
+
+
+def balpar(text: str, parens: str = BRACES) -> int:
+    """Length of the balanced ``{...}`` group that text starts with, else 0."""
+    if not text or text[0] != parens[0]:
+        return 0
+    level = 1
+    for i in range(1, len(text)):
+        ch = text[i]
+        if ch == parens[1]:
+            level -= 1
+            if level == 0:
+                return i + 1
+        elif ch == parens[0]:
+            level += 1
+    return 0
+
+
+def extpar(text: str, parens: str = BRACES) -> tuple[str, str | None]:
+    """Postfix's extpar(EXTPAR_FLAG_STRIP): the text inside ``{...}`` with
+    surrounding white space removed, and an error message or None."""
+    if not text or text[0] != parens[0]:
+        return text, f"no '{parens[0]}' at start of text in \"{text}\""
+    length = balpar(text, parens)
+    if length == 0:
+        return text[1:].strip(SPACE), f"missing '{parens[1:]}' in \"{text}\""
+    inner = text[1:length - 1].strip(SPACE)
+    if length != len(text):
+        return inner, f"syntax error after '{parens[1:]}' in \"{text}\""
+    return inner, None
+
+
+def strtokq(text: str, separators: str = COMMA_SP, parens: str = BRACES) -> list[str]:
+    """Postfix's mystrtokq(): split on runs of separators, except inside
+    (possibly nested) braces.  Never returns empty tokens."""
+    tokens: list[str] = []
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i] in separators:
+            i += 1
+        if i >= n:
+            return tokens
+        start, level = i, 0
+        while i < n:
+            ch = text[i]
+            if ch == parens[0]:
+                level += 1
+            elif level > 0 and ch == parens[1]:
+                level -= 1
+            elif level == 0 and ch in separators:
+                break
+            i += 1
+        tokens.append(text[start:i])
+
+
+def split_qnameval(text: str) -> tuple[str, str]:
+    """Postfix's split_qnameval(): ``key = value`` where the key may hold
+    quoted white space or '='; the quotes stay in the key.  ValueError with
+    Postfix's wording when there is no key, no '=' or an open quote."""
+    i, n = 0, len(text)
+    while i < n and text[i] in SPACE:
+        i += 1
+    if i == n:
+        raise ValueError("no key found; expected format: key = value")
+    key_start, in_quotes = i, False
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 1
+            if i == n:
+                break
+        elif ch in SPACE or ch == "=":
+            if not in_quotes:
+                break
+        elif ch == '"':
+            in_quotes = not in_quotes
+        i += 1
+    if in_quotes:
+        raise ValueError("unbalanced '\"'")
+    key = text[key_start:i]
+    while i < n and text[i] in SPACE:
+        i += 1
+    if i == n or text[i] != "=":
+        raise ValueError("missing '=' after attribute name")
+    return key, text[i + 1:].strip(SPACE)
+
+
+@dataclass(frozen=True)
+class LogicalLine:
+    """One logical line of a Postfix text file, as bytes (NUL-truncated)."""
+
+    text: bytes
+    first: int  # line number where it starts
+    last: int  # line number where it ends
+
+
+def readllines(data: bytes, path: str) -> Iterator[LogicalLine]:
+    """Postfix's readllines(): yield logical lines of a text file.
+
+    Empty, all-blank and comment lines (first non-blank is '#') are skipped;
+    a line that starts with white space continues the logical line before
+    it and is appended as is (no separator: "a b" + "  c" is "a b  c").  A
+    logical line that itself starts with white space is dropped with a
+    warning, and text after a NUL byte is dropped with a warning.
+    """
+    lines = data.split(b"\n")
+    # A final newline does not start another (empty) line.
+    ends_with_newline = data.endswith(b"\n")
+    total = len(lines) - 1 if ends_with_newline else len(lines)
+    idx = 0
+    lineno = 0
+    while idx < total:
+        buf = b""
+        first = lineno + 1
+        while idx < total:
+            raw = lines[idx]
+            idx += 1
+            lineno += 1
+            stripped = raw.lstrip(SPACE_BYTES)
+            if not buf:
+                first = lineno
+            if stripped and not stripped.startswith(b"#"):
+                buf += raw
+            if buf and idx < total:
+                # Postfix peeks at the next character: '#', white space or
+                # the newline of an empty line keep the logical line open.
+                nxt = lines[idx][:1]
+                if nxt == b"" or nxt == b"#" or nxt in _SPACE_SINGLE:
+                    continue
+                break
+        if not buf:
+            continue
+        if b"\0" in buf:
+            where = f"line {first}" if first == lineno else f"line {first}-{lineno}"
+            log.warning("%s, %s: text after null byte may be ignored", path, where)
+            buf = buf.split(b"\0", 1)[0]
+            if not buf:
+                continue
+        if buf[:1] in _SPACE_SINGLE:
+            shown = buf[:30].decode("utf-8", "replace")
+            log.warning('%s: logical line must not start with whitespace: "%s%s"',
+                        path, shown, "..." if len(buf) > 30 else "")
+            continue
+        yield LogicalLine(buf, first, lineno)
+
+
+_SPACE_SINGLE = frozenset(bytes([c]) for c in SPACE_BYTES)

@@ -1,0 +1,141 @@
+"""``memtable ttl TABLE``: explain a memcache table's effective ttl.
+
+Says what memtable and Postfix send for the table's ttl (the 30-day rule),
+and, when Postfix's configuration uses the table as postscreen_cache_map or
+address_verify_map, warns where the table would drop entries before the
+postscreen or verify ttls they carry (the manual's ttl NOTE 1).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from memtable import ttl as ttl_rule
+from memtable.config import MemcacheConfig
+from memtable.errors import ConfigError
+from memtable.limits import MEMCACHED_RELATIVE_TTL_MAX, POSTCONF_TIMEOUT_SECONDS
+
+# Postfix parameters that matter, with the unit Postfix assumes when none is given.
+POSTSCREEN_TTLS = ("postscreen_greet_ttl", "postscreen_dnsbl_max_ttl",
+                   "postscreen_pipelining_ttl", "postscreen_non_smtp_command_ttl",
+                   "postscreen_bare_newline_ttl")
+VERIFY_TTLS = ("address_verify_positive_expire_time", "address_verify_negative_expire_time")
+CLEANUP = {"postscreen": "postscreen_cache_cleanup_interval",
+           "verify": "address_verify_cache_cleanup_interval"}
+MAPS = {"postscreen": "postscreen_cache_map", "verify": "address_verify_map"}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclass(frozen=True)
+class TtlReport:
+    lines: list[str]
+    warnings: list[str]
+
+    def render(self) -> str:
+        out = list(self.lines)
+        out += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(out) + "\n"
+
+
+def postfix_seconds(value: str, default_unit: str = "s") -> int | None:
+    """A Postfix time value such as ``30d`` or ``3600`` in seconds."""
+    match = re.fullmatch(r"\s*([0-9]+)([smhdw]?)\s*", value)
+    if not match:
+        return None
+    return int(match.group(1)) * _UNITS[match.group(2) or default_unit]
+
+
+def read_postconf(config_dir: str | None, names: Sequence[str]) -> dict[str, str]:
+    """Parameter values from ``postconf`` (empty when Postfix is not installed)."""
+    postconf = shutil.which("postconf") or ("/usr/sbin/postconf"
+                                            if os.path.exists("/usr/sbin/postconf") else None)
+    if postconf is None:
+        return {}
+    cmd = [postconf] + (["-c", config_dir] if config_dir else []) + list(names)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=POSTCONF_TIMEOUT_SECONDS, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    values = {}
+    for line in proc.stdout.splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            values[name.strip()] = value.strip()
+    return values
+
+
+def report(path: str, postfix: dict[str, str]) -> TtlReport:
+    config = MemcacheConfig.from_file(path)
+    lines = [f"table: memcache:{path}",
+             f"ttl = {config.ttl}: {ttl_rule.describe(config.ttl)}"]
+    warnings: list[str] = []
+    if config.ttl > MEMCACHED_RELATIVE_TTL_MAX:
+        warnings.append(
+            f"ttl {config.ttl} is over 30 days: entries that Postfix itself writes expire at "
+            f"once; use ttl <= {MEMCACHED_RELATIVE_TTL_MAX} if Postfix writes this table")
+    used_by = [role for role, param in MAPS.items()
+               if _names_table(postfix.get(param, ""), path)]
+    if not postfix:
+        lines.append("postfix: postconf not available; postscreen/verify ttls not checked")
+    elif not used_by:
+        lines.append("postfix: not used as postscreen_cache_map or address_verify_map")
+    for role in used_by:
+        params = POSTSCREEN_TTLS if role == "postscreen" else VERIFY_TTLS
+        ttls = {p: postfix_seconds(postfix.get(p, "")) for p in params}
+        known = {p: s for p, s in ttls.items() if s is not None}
+        lines.append(f"postfix: {MAPS[role]} uses this table; "
+                     + ", ".join(f"{p} = {postfix.get(p)}" for p in known))
+        if known:
+            longest_param, longest = max(known.items(), key=lambda kv: kv[1])
+            if config.ttl != 0 and config.ttl < longest:
+                warnings.append(
+                    f"ttl {config.ttl}s is shorter than {longest_param} ({longest}s): "
+                    f"{role} entries vanish before they expire, so clients are tested again; "
+                    f"set ttl = {min(longest, MEMCACHED_RELATIVE_TTL_MAX)}")
+            if longest > MEMCACHED_RELATIVE_TTL_MAX:
+                warnings.append(
+                    f"{longest_param} is over 30 days: the table ttl cannot cover it with "
+                    "Postfix writing; lower it to 30d")
+        cleanup = postfix_seconds(postfix.get(CLEANUP[role], "0"))
+        if cleanup:
+            warnings.append(f"{CLEANUP[role]} should be 0 with a memcache table "
+                            "(except on the one host responsible for cleanup)")
+    return TtlReport(lines, warnings)
+
+
+def _names_table(value: str, path: str) -> bool:
+    """True when a map parameter names memcache:PATH (possibly inside proxy:)."""
+    for item in re.split(r"[\s,]+", value):
+        if item.startswith("proxy:"):
+            item = item[len("proxy:"):]
+        if item.startswith("memcache:") and os.path.realpath(item[9:]) == os.path.realpath(path):
+            return True
+    return False
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="memtable ttl", description=__doc__)
+    parser.add_argument("-c", dest="config_dir", help="Postfix configuration directory")
+    parser.add_argument("table", help="memcache:/path/file.cf")
+    args = parser.parse_args(argv)
+    type_, _, path = args.table.partition(":")
+    if type_ != "memcache" or not path:
+        print("memtable: fatal: ttl needs a memcache:/path/file.cf table", file=sys.stderr)
+        return 1
+    names = [*MAPS.values(), *POSTSCREEN_TTLS, *VERIFY_TTLS, *CLEANUP.values()]
+    try:
+        result = report(path, read_postconf(args.config_dir, names))
+    except ConfigError as exc:
+        print(f"memtable: fatal: {exc}", file=sys.stderr)
+        return 1
+    print(result.render(), end="")
+    return 0

@@ -1,0 +1,419 @@
+"""The memcache connection of a memcache: table, strict and bounded.
+
+pymemcache frames the text protocol; MemcacheWire drives it with what
+Postfix's dict_memcache adds (read from dict_memcache.c / auto_clnt.c):
+
+- up to max_try attempts per command, retry_pause seconds apart, with the
+  connection dropped and reopened after any failure;
+- no further attempt once connecting fails (refused, no such socket, ...):
+  Postfix's auto_clnt_access() returns no stream and the loop stops;
+- a ``set`` counts only when the server says STORED;
+- line_size_limit / data_size_limit on every reply (memtable.replyparse).
+
+pymemcache reads through a guarded socket whose recv() feeds every chunk to
+a ReplyGuard before pymemcache sees it, and which holds each attempt
+(connect + command + reply) to one deadline of ``timeout`` seconds, so a
+server dripping a byte at a time cannot stretch it.  pymemcache's noreply
+mode is never used.
+
+Differences from Postfix, all stricter: trailing bytes after a reply, a bare
+LF line end or a VALUE for a key not asked for are protocol errors (Postfix
+would keep the value); ``timeout = 0`` (no limit to Postfix) is bounded by
+limits.MEMCACHE_UNLIMITED_TIMEOUT_SECONDS.  Like Postfix's event loop
+(auto_clnt_event), an idle connection that the server closed or wrote to
+is dropped before reuse, without costing an attempt.
+
+Keys must already be valid memcache keys (1..250 bytes, no white space or
+control characters: the table's key checks come first); anything else is a
+ValueError, a caller bug, raised before any I/O.
+
+A MemcacheWire is NOT thread-safe: use one per thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import select
+import socket
+from collections.abc import Callable, Collection, Sequence
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+from pymemcache.client.base import Client
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheError,
+    MemcacheServerError,
+    MemcacheUnexpectedCloseError,
+    MemcacheUnknownCommandError,
+)
+
+from memtable import clock
+from memtable.endpoint import Endpoint
+from memtable.errors import ProtocolError, ServerUnavailableError
+from memtable.limits import (
+    MEMCACHE_GET_LINE_MAX_BYTES,
+    MEMCACHE_PIPELINE_MAX_COMMANDS,
+    MEMCACHE_UNLIMITED_TIMEOUT_SECONDS,
+    MEMCACHED_MAX_KEY_BYTES,
+    RECV_CHUNK_BYTES,
+)
+from memtable.replyparse import Kind, ReplyGuard
+
+log = logging.getLogger("memtable.wire")
+
+T = TypeVar("T")
+
+# memcached splits commands on white space and ends them at LF.
+_BAD_KEY_BYTE: Final = re.compile(rb"[\x00-\x20\x7f]")
+_FLAGS_MAX: Final = 2**32 - 1
+
+
+class _AttemptFailed(Exception):
+    """A reply that is valid but not success (NOT_STORED, SERVER_ERROR ...)."""
+
+    def __init__(self, reason: str, protocol: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.protocol = protocol
+
+
+class _ValueSerde:
+    """Values stay bytes; a hit is (flags, value) so callers see the flags."""
+
+    @staticmethod
+    def serialize(key: bytes, value: bytes) -> tuple[bytes, int]:
+        return value, 0
+
+    @staticmethod
+    def deserialize(key: bytes, value: bytes, flags: int) -> tuple[int, bytes]:
+        return flags, value
+
+
+class _Client(Client):  # type: ignore[misc]  # pymemcache has no type hints
+    """pymemcache's Client with our socket and the caller's exact keys."""
+
+    def check_key(self, key: Any, key_prefix: bytes) -> Any:
+        # Keys were checked by MemcacheWire._check_key (and the table before).
+        return key
+
+    def _connect(self) -> None:
+        # MemcacheWire installs the socket before every command.
+        raise ConnectionError("memtable.wire: no connection installed")
+
+
+class _GuardedSocket:
+    """The socket pymemcache talks through: guard + per-attempt deadline."""
+
+    __slots__ = ("deadline", "guard", "poller", "sock")
+
+    def __init__(self, sock: socket.socket, guard: ReplyGuard) -> None:
+        self.sock = sock
+        self.guard = guard
+        self.deadline = 0.0
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN)
+
+    def _left(self) -> float:
+        left = self.deadline - clock.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        return left
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.settimeout(self._left())
+        self.sock.sendall(data)
+
+    def recv(self, size: int) -> bytes:
+        self.sock.settimeout(self._left())
+        data = self.sock.recv(RECV_CHUNK_BYTES)
+        if data:
+            self.guard.feed(data)  # before pymemcache buffers anything
+        return data
+
+    def idle_readable(self) -> bool:
+        """True when the server closed or wrote to the idle connection."""
+        return bool(self.poller.poll(0))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class MemcacheWire:
+    """One persistent connection to one memcached, with Postfix's retries.
+
+    Every method raises ServerUnavailableError (connect, timeout, EOF, I/O,
+    server-side failure) or ProtocolError (the last attempt's reply broke
+    the protocol or a limit) when all attempts fail.  Not thread-safe.
+    """
+
+    def __init__(self, endpoint: Endpoint, *, timeout: float, max_try: int,
+                 retry_pause: float, line_size_limit: int, data_size_limit: int,
+                 name: str = "") -> None:
+        if max_try < 1:
+            raise ValueError(f"max_try must be at least 1, not {max_try}")
+        if retry_pause < 0 or timeout < 0:
+            raise ValueError("timeout and retry_pause must not be negative")
+        self.endpoint = endpoint
+        self.name = name or str(endpoint)
+        self.timeout = float(timeout) if timeout > 0 else MEMCACHE_UNLIMITED_TIMEOUT_SECONDS
+        self.max_try = max_try
+        self.retry_pause = float(retry_pause)
+        self.line_size_limit = line_size_limit
+        self.data_size_limit = data_size_limit
+        self._guard = ReplyGuard(line_size_limit, data_size_limit)
+        server: Any = (endpoint.path if endpoint.kind == "unix"
+                       else (endpoint.host, endpoint.port))
+        self._client = _Client(server, serde=_ValueSerde(), default_noreply=False)
+        self._conn: _GuardedSocket | None = None
+
+    # -- public API --------------------------------------------------------
+
+    def get(self, key: bytes) -> tuple[int, bytes] | None:
+        """(flags, value) for key, or None when memcached has no such item."""
+        self._check_key(key)
+        hit: tuple[int, bytes] | None = self._run(
+            "get", lambda: self._client.get(key), keys=(key,))
+        return hit
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, tuple[int, bytes]]:
+        """The hits among keys, as {key: (flags, value)}.
+
+        One ``get k1 k2 ...`` per MEMCACHE_GET_LINE_MAX_BYTES of keys; each
+        such command has its own attempts.
+        """
+        unique = list(dict.fromkeys(keys))
+        for key in unique:
+            self._check_key(key)
+        hits: dict[bytes, tuple[int, bytes]] = {}
+        for chunk in _chunks(unique):
+
+            def attempt(chunk: list[bytes] = chunk) -> dict[bytes, tuple[int, bytes]]:
+                got: dict[bytes, tuple[int, bytes]] = self._client.get_many(chunk)
+                return got
+
+            hits.update(self._run("get", attempt, keys=frozenset(chunk)))
+        return hits
+
+    def set(self, key: bytes, value: bytes, *, flags: int, exptime: int) -> None:
+        """Store key = value; only a STORED reply counts as success."""
+        self._check_key(key)
+        self._check_item(value, flags, exptime)
+
+        def attempt() -> None:
+            if self._client.set(key, value, exptime, noreply=False, flags=flags) is not True:
+                raise _AttemptFailed("update failed: NOT_STORED", protocol=False)
+
+        self._run("storage", attempt)
+
+    def set_many(self, items: Sequence[tuple[bytes, bytes, int, int]]) -> None:
+        """Store (key, value, flags, exptime) items, pipelined: all ``set``s
+        in one write, then all replies, each of which must be STORED.
+
+        Batches of MEMCACHE_PIPELINE_MAX_COMMANDS; a failed batch is retried
+        whole (a set is idempotent).
+        """
+        commands = []
+        for key, value, flags, exptime in items:
+            self._check_key(key)
+            self._check_item(value, flags, exptime)
+            commands.append(b"set %b %d %d %d\r\n%b\r\n"
+                            % (key, flags, exptime, len(value), value))
+        for start in range(0, len(commands), MEMCACHE_PIPELINE_MAX_COMMANDS):
+            batch = commands[start:start + MEMCACHE_PIPELINE_MAX_COMMANDS]
+
+            def attempt(batch: list[bytes] = batch) -> None:
+                # pymemcache's own set_many takes one flags/expire for all
+                # items; _misc_cmd sends prepared commands and reads one
+                # reply line per command.
+                lines: list[bytes] = self._client._misc_cmd(batch, b"set", False)
+                for line in lines:
+                    if line != b"STORED":
+                        raise _AttemptFailed(f"update failed: {line[:100]!r}",
+                                             protocol=False)
+
+            self._run("storage", attempt, replies=len(batch))
+
+    def delete(self, key: bytes) -> bool:
+        """Remove key: True when memcached said DELETED, False for NOT_FOUND."""
+        self._check_key(key)
+        deleted: bool = self._run("delete", lambda: self._client.delete(key, noreply=False))
+        return deleted
+
+    def close(self) -> None:
+        """Drop the connection (the next command opens a new one)."""
+        self._drop()
+
+    def __enter__(self) -> MemcacheWire:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- checks --------------------------------------------------------------
+
+    @staticmethod
+    def _check_key(key: bytes) -> None:
+        if (not key or len(key) > MEMCACHED_MAX_KEY_BYTES
+                or _BAD_KEY_BYTE.search(key) is not None):
+            raise ValueError(f"not a valid memcache key: {key[:60]!r}")
+
+    def _check_item(self, value: bytes, flags: int, exptime: int) -> None:
+        if len(value) > self.data_size_limit:
+            # Never store what our own get would refuse to read back.
+            raise ValueError(f"value of {len(value)} bytes over "
+                             f"data_size_limit={self.data_size_limit}")
+        if not 0 <= flags <= _FLAGS_MAX:
+            raise ValueError(f"flags {flags} out of range 0..{_FLAGS_MAX}")
+        if not 0 <= exptime <= _FLAGS_MAX:
+            raise ValueError(f"exptime {exptime} out of range 0..{_FLAGS_MAX}")
+
+    # -- attempts ------------------------------------------------------------
+
+    def _run(self, kind: Kind, op: Callable[[], T], *, replies: int = 1,
+             keys: Collection[bytes] | None = None) -> T:
+        reason = "no attempt made"
+        protocol = False
+        attempts = 0
+        for count in range(self.max_try):
+            if count > 0:
+                clock.sleep(self.retry_pause)
+            attempts += 1
+            deadline = clock.monotonic() + self.timeout
+            try:
+                conn = self._connection(deadline)
+            except OSError as exc:
+                # Postfix: no stream from auto_clnt_access() ends the loop.
+                reason, protocol = f"connect: {_oserror(exc)}", False
+                log.warning("connect to %s: %s", self.endpoint, _oserror(exc))
+                break
+            conn.deadline = deadline
+            conn.guard.start(kind, replies=replies, keys=keys)
+            try:
+                result = op()
+                if conn.guard.done:
+                    return result
+                reason, protocol = "reply not read to its end", True
+            except ProtocolError as exc:
+                reason, protocol = str(exc), True
+            except _AttemptFailed as exc:
+                reason, protocol = exc.reason, exc.protocol
+            except MemcacheUnexpectedCloseError:
+                reason, protocol = "connection closed by server", False
+            except TimeoutError:
+                reason, protocol = f"timeout after {self.timeout:g} s", False
+            except MemcacheServerError as exc:
+                reason, protocol = f"SERVER_ERROR {_text(exc)}", False
+            except MemcacheUnknownCommandError:
+                reason, protocol = f"server replied ERROR to {kind}", True
+            except MemcacheClientError as exc:
+                reason, protocol = f"CLIENT_ERROR {_text(exc)}", True
+            except MemcacheError as exc:
+                reason, protocol = f"unexpected reply: {_text(exc)}", True
+            except OSError as exc:
+                reason, protocol = f"I/O error: {_oserror(exc)}", False
+            except BaseException:
+                self._drop()  # state unknown (KeyboardInterrupt, bug): start afresh
+                raise
+            self._drop()
+            if count > 0:
+                log.warning("database %s: %s (server %s, attempt %d of %d)",
+                            self.name, reason, self.endpoint, count + 1, self.max_try)
+        what = ProtocolError if protocol else ServerUnavailableError
+        raise what(f"memcache server {self.endpoint} ({self.name}): {reason} "
+                   f"(after {attempts} attempt{'s' if attempts != 1 else ''})")
+
+    def _connection(self, deadline: float) -> _GuardedSocket:
+        conn = self._conn
+        if conn is not None:
+            if not conn.idle_readable():
+                return conn
+            self._drop_idle(conn)
+        sock = self._connect(deadline)
+        conn = _GuardedSocket(sock, self._guard)
+        self._conn = conn
+        self._client.sock = conn
+        return conn
+
+    def _drop_idle(self, conn: _GuardedSocket) -> None:
+        try:
+            early = conn.sock.recv(RECV_CHUNK_BYTES, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+        except OSError:
+            early = b""
+        if early:
+            log.warning("database %s: unexpected data from %s on an idle connection: %r "
+                        "-- connection dropped", self.name, self.endpoint, early[:40])
+        else:
+            log.debug("database %s: %s closed the idle connection", self.name, self.endpoint)
+        self._drop()
+
+    def _connect(self, deadline: float) -> socket.socket:
+        ep = self.endpoint
+        if ep.kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(max(deadline - clock.monotonic(), 0.001))
+                sock.connect(ep.path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        last: OSError = OSError(f"no address for {ep.host}")
+        for family, type_, proto, _, addr in socket.getaddrinfo(
+                ep.host, ep.port, socket.AF_UNSPEC, socket.SOCK_STREAM):
+            left = deadline - clock.monotonic()
+            if left <= 0:
+                raise TimeoutError("connect timed out")
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.settimeout(left)
+                sock.connect(addr)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:
+                sock.close()
+                last = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        raise last
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        self._client.sock = None
+        if conn is not None:
+            conn.close()
+
+
+def _chunks(keys: list[bytes]) -> list[list[bytes]]:
+    """Split keys so that each ``get k1 k2 ...\\r\\n`` stays under the bound."""
+    chunks: list[list[bytes]] = []
+    current: list[bytes] = []
+    size = 5  # "get" + CRLF
+    for key in keys:
+        if current and size + 1 + len(key) > MEMCACHE_GET_LINE_MAX_BYTES:
+            chunks.append(current)
+            current, size = [], 5
+        current.append(key)
+        size += 1 + len(key)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _oserror(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"host lookup failed: {exc.strerror or exc}"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _text(exc: Exception) -> str:
+    arg = exc.args[0] if exc.args else ""
+    if isinstance(arg, bytes):
+        return arg.decode("ascii", "backslashreplace")[:100]
+    return str(arg)[:100]

@@ -1,0 +1,102 @@
+"""The ``policyd`` command.
+
+    policyd [-c FILE] [--uvloop] [run]      run the server (the default)
+    policyd [-c FILE] --check-config        print the effective configuration
+
+Subcommands live in ``_COMMANDS`` (``report`` will join ``run``).  Errors
+are one line on stderr and exit status 1, never a traceback; argparse usage
+errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+
+from memtable.errors import ConfigError
+from policyd.config import DEFAULT_CONFIG_PATH, PolicydConfig
+from policyd.errors import PolicydError
+
+log = logging.getLogger("policyd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policyd", description="Postfix SMTPD policy server (greylisting).")
+    parser.add_argument("-c", "--config", metavar="FILE", default=DEFAULT_CONFIG_PATH,
+                        help=f"policyd.cf to read (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check FILE, print the effective configuration and exit")
+    parser.add_argument("--uvloop", action="store_true",
+                        help="use uvloop's event loop when it is installed")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="run the policy server (the default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = PolicydConfig.from_file(args.config)
+    except ConfigError as exc:
+        print(f"policyd: {exc}", file=sys.stderr)
+        return 1
+    if args.check_config:
+        sys.stdout.write(config.render())
+        return 0
+    command: Callable[[PolicydConfig, argparse.Namespace], int] = _COMMANDS[
+        args.command or "run"]
+    return command(config, args)
+
+
+def _run(config: PolicydConfig, args: argparse.Namespace) -> int:
+    from policyd.logsetup import setup_logging
+
+    setup_logging(config)
+    loop_factory = _uvloop_factory() if args.uvloop else None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_serve(config))
+    except (ConfigError, PolicydError, OSError, ImportError) as exc:
+        log.critical("%s", exc)
+        return 1
+    except KeyboardInterrupt:  # SIGINT before the handlers were installed
+        return 1
+    return 0
+
+
+async def _serve(config: PolicydConfig) -> None:
+    # Imported here: the policy factory is optional for --check-config and
+    # the server module pulls in the whole asyncio stack.
+    from policyd.greylist import build_policy
+    from policyd.server import PolicyServer
+
+    policy = build_policy(config)
+    try:
+        server = PolicyServer(config, policy)
+        await server.start()
+        server.install_signal_handlers()
+        log.info("policyd started (%s)", config.path)
+        try:
+            await server.serve_forever()
+        finally:
+            await server.shutdown()
+            server.remove_signal_handlers()
+    finally:
+        await policy.aclose()
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("--uvloop: uvloop is not installed; using asyncio's event loop")
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+_COMMANDS: dict[str, Callable[[PolicydConfig, argparse.Namespace], int]] = {"run": _run}

@@ -1,0 +1,276 @@
+"""The greylisting policy: one RCPT request in, one Decision out.
+
+A triplet (client key, normalised sender, normalised recipient) seen for the
+first time is deferred; a retry after ``greylist_delay`` and within
+``retry_window`` passes, and the passed triplet is then let through for
+``max_age`` after it was last seen.  Clients that passed often enough
+(``auto_whitelist_clients``), that postscreen verified, or that the
+whitelists name skip greylisting.  The stores are reached through
+policyd.store, so nothing here blocks the event loop.
+
+Triplet record, stored as ``first_seen,last_seen,passed`` (passed 0/1):
+new ones with ttl retry_window, passed ones with ttl max_age.  A passed
+triplet's last_seen (and ttl) is rewritten at most once per
+RECORD_REFRESH_INTERVAL to save writes, so it stays good for at least
+max_age - RECORD_REFRESH_INTERVAL after it was last seen.  Times are also
+checked on read, because a backup table (lmdb) never expires entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from memtable import clock
+from memtable.table import Table
+from policyd import limits
+from policyd.api import Decision
+from policyd.config import PolicydConfig
+from policyd.reputation import ClientRecord, load_client_record, postscreen_verified
+from policyd.store import Store, StoreError
+from policyd.triplet import (
+    KeyMaker,
+    client_key,
+    normalise_recipient,
+    normalise_sender,
+    parse_client_address,
+    recipient_domain,
+)
+from policyd.whitelist import Whitelists
+
+log = logging.getLogger(__name__)
+
+DUNNO = "DUNNO"
+T = TypeVar("T")
+_PERCENT = re.compile(r"%[a-z]")
+
+
+@dataclass(frozen=True)
+class TripletRecord:
+    first_seen: int
+    last_seen: int
+    passed: bool = False
+
+    def serialise(self) -> str:
+        return f"{self.first_seen},{self.last_seen},{int(self.passed)}"
+
+    @classmethod
+    def parse(cls, value: str) -> TripletRecord:
+        """ValueError unless value is ``first,last,0|1``."""
+        fields = value.split(",")
+        if (len(value) > limits.RECORD_MAX_CHARS or len(fields) != 3
+                or not all(f.isascii() and f.isdigit() for f in fields)
+                or fields[2] not in ("0", "1")):
+            raise ValueError(f"malformed triplet record {value[:80]!r}")
+        return cls(int(fields[0]), int(fields[1]), fields[2] == "1")
+
+
+def expand(template: str, values: Mapping[str, str]) -> str:
+    """Replace %x for each x in values, in one pass (a replacement is never
+    expanded again); unknown %x are left as they are."""
+    return _PERCENT.sub(lambda m: values.get(m[0][1], m[0]), template)
+
+
+class GreylistPolicy:
+    """policyd.api.Policy implementation for greylisting."""
+
+    def __init__(self, config: PolicydConfig, triplets: Store, clients: Store,
+                 postscreen: Store | None, whitelist: Whitelists) -> None:
+        self.config = config
+        self.triplets = triplets
+        self.clients = clients
+        self.postscreen = postscreen
+        self.whitelist = whitelist
+        self.keys = KeyMaker.from_config(config)
+        # socket.getfqdn() may wait on DNS: once, here, not per request.
+        self.hostname = config.effective_hostname
+        self._instances: OrderedDict[str, None] = OrderedDict()
+
+    # --- Policy -----------------------------------------------------------
+
+    async def decide(self, request: Mapping[str, str]) -> Decision:
+        if request.get("protocol_state", "").upper() != "RCPT":
+            return Decision(DUNNO, "not-rcpt")
+        if request.get("sasl_username", ""):
+            return Decision(DUNNO, "authenticated")
+        address = request.get("client_address", "")
+        client_name = request.get("client_name", "") or "unknown"
+        recipient = request.get("recipient", "")
+        try:
+            ip = parse_client_address(address)
+        except ValueError:
+            log.warning("no usable client_address in request: %r", address[:100])
+            return Decision(DUNNO, "bad-request")
+        if not recipient:
+            log.warning("no recipient in RCPT request")
+            return Decision(DUNNO, "bad-request")
+        if (self.whitelist.clients.matches(ip, client_name)
+                or self.whitelist.recipient_whitelisted(recipient)):
+            return Decision(DUNNO, "whitelisted")
+        client = client_key(self.config, ip, client_name)
+        try:
+            return await self._greylist(request, address, client, recipient)
+        except StoreError as exc:
+            return self._store_failure(exc)
+
+    def reload(self) -> None:
+        self.whitelist.reload()
+
+    async def aclose(self) -> None:
+        stores = [self.triplets, self.clients]
+        if self.postscreen is not None:
+            stores.append(self.postscreen)
+        await asyncio.gather(*(s.close() for s in stores))
+
+    # --- greylisting --------------------------------------------------------
+
+    async def _greylist(self, request: Mapping[str, str], address: str, client: str,
+                        recipient: str) -> Decision:
+        config = self.config
+        now = int(clock.now())
+        tkey = self.keys.triplet_key(client, normalise_sender(request.get("sender", "")),
+                                     normalise_recipient(recipient))
+        ckey = self.keys.client_record_key(client)
+        # All lookups at once: each store has its own worker thread.
+        got = await asyncio.gather(
+            self.triplets.get(tkey), self.clients.get(ckey),
+            self._postscreen_verified(address, now), return_exceptions=True)
+        # Every result is in before the first error is raised: none is lost.
+        triplet_value, client_value, verified = _ok(got[0]), _ok(got[1]), _ok(got[2])
+        record = load_client_record(client_value, now, config.max_age) or ClientRecord.new(now)
+
+        if record.auto_whitelisted(config.auto_whitelist_clients):
+            if record.needs_refresh(now):
+                await self.clients.put(ckey, record.seen(now).serialise(), config.max_age)
+            return Decision(DUNNO, "auto-whitelisted")
+        if verified:
+            return Decision(DUNNO, "postscreen")
+
+        triplet = self._load_triplet(triplet_value, now)
+        if triplet is not None and triplet.passed:
+            # Known good triplet: refresh its lifetime now and then.
+            writes: list[Awaitable[None]] = []
+            if not 0 <= now - triplet.last_seen < limits.RECORD_REFRESH_INTERVAL:
+                writes.append(self.triplets.put(
+                    tkey, TripletRecord(triplet.first_seen, now, True).serialise(),
+                    config.max_age))
+            if record.needs_refresh(now):
+                writes.append(self.clients.put(ckey, record.seen(now).serialise(),
+                                               config.max_age))
+            await _gather(*writes)
+            return Decision(DUNNO, "passed")
+
+        first = now if triplet is None else triplet.first_seen
+        wait = config.greylist_delay - (now - first)
+        if wait > 0:
+            writes = [self.clients.put(ckey, record.defer(now).serialise(), config.max_age)]
+            if triplet is None:
+                writes.append(self.triplets.put(tkey, TripletRecord(now, now).serialise(),
+                                                config.retry_window))
+            await _gather(*writes)
+            text = expand(config.greylist_text,
+                          {"s": str(wait), "r": recipient_domain(recipient)})
+            return Decision(f"{config.greylist_action} {text}",
+                            "new" if triplet is None else "early-retry")
+
+        # The delay is over: this retry ends greylisting for the triplet.
+        delay = now - first
+        await _gather(
+            self.triplets.put(tkey, TripletRecord(first, now, True).serialise(),
+                              config.max_age),
+            self.clients.put(ckey, record.count_pass(now).serialise(), config.max_age))
+        action = DUNNO
+        if config.greylist_header and self._first_for_message(request.get("instance")):
+            header = expand(config.greylist_header_text, {
+                "t": str(delay), "h": self.hostname,
+                "d": email.utils.formatdate(now, localtime=True)})
+            action = f"PREPEND {header}"
+        return Decision(action, "passed", delay=float(delay))
+
+    def _load_triplet(self, value: str | None, now: int) -> TripletRecord | None:
+        """The stored triplet, or None when it must count as new: absent,
+        malformed, retry window missed, or passed but unseen for max_age."""
+        if value is None:
+            return None
+        try:
+            triplet = TripletRecord.parse(value)
+        except ValueError as exc:
+            log.warning("ignoring triplet record: %s", exc)
+            return None
+        if triplet.passed:
+            return None if now - triplet.last_seen > self.config.max_age else triplet
+        if triplet.first_seen > now:
+            # Written by a host whose clock is ahead: start again from now
+            # (postgrey corrects it the same way), rather than wait forever.
+            return None
+        return None if now - triplet.first_seen > self.config.retry_window else triplet
+
+    async def _postscreen_verified(self, address: str, now: int) -> bool:
+        """postscreen's cache is advice: a failing cache only means "not
+        verified", never a store failure of the request."""
+        if self.postscreen is None or not self.config.postscreen_skip:
+            return False
+        try:
+            value = await self.postscreen.get(address)
+        except StoreError as exc:
+            log.warning("postscreen cache lookup failed: %s", exc)
+            return False
+        return postscreen_verified(value, now, address)
+
+    def _first_for_message(self, instance: str | None) -> bool:
+        """One X-Greylist header per message, not one per recipient."""
+        if not instance:
+            return True
+        if instance in self._instances:
+            return False
+        self._instances[instance] = None
+        if len(self._instances) > limits.HEADER_INSTANCE_MEMORY:
+            self._instances.popitem(last=False)
+        return True
+
+    def _store_failure(self, exc: StoreError) -> Decision:
+        if self.config.store_failure_action == "disconnect":
+            log.warning("store failure, closing the policy connection: %s", exc)
+            return Decision("", "store-failure", disconnect=True)
+        log.warning("store failure, answering DUNNO: %s", exc)
+        return Decision(DUNNO, "store-failure")
+
+
+async def _gather(*writes: Awaitable[None]) -> None:
+    """Run writes together; wait for all before raising the first error."""
+    for result in await asyncio.gather(*writes, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
+
+
+def _ok(result: T | BaseException) -> T:
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def build_policy(config: PolicydConfig) -> GreylistPolicy:
+    """Read the whitelists and open the stores of ``config`` (blocking: call
+    at start-up).  ConfigError (and memtable's open errors) propagate."""
+    from memtable.registry import open_table
+
+    whitelist = Whitelists.load(config.whitelist_clients, config.whitelist_recipients)
+    tables: list[Table] = []
+    try:
+        tables.append(open_table(config.triplet_table, read_write=True))
+        tables.append(open_table(config.client_table, read_write=True))
+        if config.postscreen_cache:
+            tables.append(open_table(config.postscreen_cache, read_write=False))
+    except BaseException:
+        for table in tables:
+            table.close()
+        raise
+    stores = [Store(table) for table in tables]
+    postscreen = stores[2] if len(stores) > 2 else None
+    return GreylistPolicy(config, stores[0], stores[1], postscreen, whitelist)

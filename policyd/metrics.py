@@ -1,0 +1,263 @@
+"""Prometheus metrics of policyd (``metrics_listen = inet:127.0.0.1:9323``).
+
+The server and the policy report events through one small interface:
+``Metrics`` (backed by prometheus_client, served over HTTP from a thread of
+its own) or ``NullMetrics`` (every method a no-op) when metrics_listen is
+empty.  Label values come from fixed sets (anything else counts as
+"other"), so no request can grow the number of time series.
+
+Each Metrics has a private CollectorRegistry: several can live in one
+process (tests) and nothing leaks into prometheus_client's global one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Protocol
+
+from memtable.endpoint import Endpoint
+from policyd.api import Decision
+from policyd.errors import PolicydError
+
+log = logging.getLogger("policyd.metrics")
+
+NAMESPACE = "policyd"
+
+# First word of an access(5) action; numeric replies count by class.
+ACTIONS = frozenset({
+    "OK", "DUNNO", "REJECT", "DEFER", "DEFER_IF_PERMIT", "DEFER_IF_REJECT",
+    "PREPEND", "WARN", "INFO", "HOLD", "DISCARD", "FILTER", "REDIRECT", "BCC",
+    "4XX", "5XX", "disconnect",
+})
+# Decision.reason values of policyd.greylist and policyd.server.
+REASONS = frozenset({
+    "new", "early-retry", "passed", "whitelisted", "auto-whitelisted", "postscreen",
+    "authenticated", "not-rcpt", "bad-request", "store-failure", "policy-failure",
+})
+# Store names: the role of each table in policyd.
+STORES = frozenset({"triplets", "clients", "postscreen"})
+STORE_OPS = frozenset({"get", "put"})
+OTHER = "other"
+
+# Store round trips: memcached on loopback answers in ~0.1 ms, over a LAN or
+# twemproxy in ~1 ms; memtable's timeout (2 s) and retry_pause (1 s) show up
+# in the top buckets.
+STORE_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                         0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Policy requests are a few hundred bytes; limits.MAX_REQUEST_BYTES is 32 KiB.
+REQUEST_SIZE_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# How long greylisting delayed the mail that finally passed.
+DELAY_BUCKETS = (60, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800)
+
+
+def action_label(action: str) -> str:
+    """The bounded label for an access(5) action text."""
+    word = action.split(None, 1)[0] if action.strip() else ""
+    upper = word.upper()
+    if upper in ACTIONS:
+        return upper
+    if len(word) == 3 and word.isdigit() and word[0] in "45":
+        return f"{word[0]}XX"
+    return OTHER
+
+
+def reason_label(reason: str) -> str:
+    """The bounded label for a Decision.reason (``policy failure: ...`` ->
+    ``policy-failure``)."""
+    head = reason.split(":", 1)[0].strip().lower().replace(" ", "-")
+    return head if head in REASONS else OTHER
+
+
+def _bounded(value: str, allowed: frozenset[str]) -> str:
+    return value if value in allowed else OTHER
+
+
+class MetricsSink(Protocol):
+    """What the server and the policy may call (Metrics or NullMetrics)."""
+
+    def decision(self, action_word: str, reason: str, delay: float | None = None) -> None: ...
+    def observe_decision(self, decision: Decision) -> None: ...
+    def store_latency(self, store: str, op: str, seconds: float) -> None: ...
+    def store_error(self, store: str) -> None: ...
+    def connection_opened(self) -> None: ...
+    def connection_closed(self) -> None: ...
+    def connection_refused(self) -> None: ...
+    def request_size(self, nbytes: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class NullMetrics:
+    """Metrics switched off: every call is a no-op."""
+
+    address: tuple[str, int] | None = None
+
+    def decision(self, action_word: str, reason: str, delay: float | None = None) -> None:
+        pass
+
+    def observe_decision(self, decision: Decision) -> None:
+        pass
+
+    def store_latency(self, store: str, op: str, seconds: float) -> None:
+        pass
+
+    def store_error(self, store: str) -> None:
+        pass
+
+    def connection_opened(self) -> None:
+        pass
+
+    def connection_closed(self) -> None:
+        pass
+
+    def connection_refused(self) -> None:
+        pass
+
+    def request_size(self, nbytes: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Metrics:
+    """policyd's metrics in a private registry (thread-safe: stores report
+    from their worker threads, the server from the event loop)."""
+
+    def __init__(self) -> None:
+        try:
+            import prometheus_client as prom
+        except ImportError:
+            raise PolicydError(
+                "metrics_listen is set but prometheus-client is not installed "
+                "(pip install 'memtable-policyd[metrics]')") from None
+        self._prom: Any = prom
+        self.registry: Any = prom.CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        # process_* (memory, CPU, open fds) and python_* of this process.
+        prom.ProcessCollector(registry=reg)
+        prom.PlatformCollector(registry=reg)
+        prom.GCCollector(registry=reg)
+        self._decisions = prom.Counter(
+            "decisions", "Policy decisions by action word and reason",
+            ["action", "reason"], namespace=NAMESPACE, registry=reg)
+        self._delay = prom.Histogram(
+            "greylist_delay_seconds", "How long greylisting delayed mail that passed",
+            namespace=NAMESPACE, registry=reg, buckets=DELAY_BUCKETS)
+        self._store_latency = prom.Histogram(
+            "store_latency_seconds", "Time of one store operation (memcache, backup)",
+            ["store", "op"], namespace=NAMESPACE, registry=reg,
+            buckets=STORE_LATENCY_BUCKETS)
+        self._store_errors = prom.Counter(
+            "store_errors", "Store operations that failed (memcached and backup down, "
+            "timeouts, full queue)", ["store"], namespace=NAMESPACE, registry=reg)
+        self._open = prom.Gauge(
+            "connections_open", "Policy connections open now (Postfix smtpd processes)",
+            namespace=NAMESPACE, registry=reg)
+        self._accepted = prom.Counter(
+            "connections", "Policy connections accepted", namespace=NAMESPACE, registry=reg)
+        self._refused = prom.Counter(
+            "connections_refused", "Connections closed at once: max_connections reached",
+            namespace=NAMESPACE, registry=reg)
+        self._request_bytes = prom.Histogram(
+            "request_bytes", "Size of policy requests in bytes", namespace=NAMESPACE,
+            registry=reg, buckets=REQUEST_SIZE_BUCKETS)
+        # Every label combination exists from the start at 0: rate() and
+        # alerts work before the first event of a kind.
+        for store in sorted(STORES):
+            self._store_errors.labels(store)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.address: tuple[str, int] | None = None
+
+    # --- events -------------------------------------------------------------
+
+    def decision(self, action_word: str, reason: str, delay: float | None = None) -> None:
+        """One answered request; ``action_word`` as action_label() returns it
+        (other text is reduced the same way), ``delay`` for mail that passed."""
+        word = action_word if action_word in ACTIONS else action_label(action_word)
+        self._decisions.labels(word, reason_label(reason)).inc()
+        if delay is not None and delay >= 0:
+            self._delay.observe(delay)
+
+    def observe_decision(self, decision: Decision) -> None:
+        """decision() for a policyd.api.Decision (disconnect counts as such)."""
+        word = "disconnect" if decision.disconnect else action_label(decision.action)
+        self.decision(word, decision.reason, decision.delay)
+
+    def store_latency(self, store: str, op: str, seconds: float) -> None:
+        self._store_latency.labels(_bounded(store, STORES), _bounded(op, STORE_OPS)) \
+            .observe(max(seconds, 0.0))
+
+    def store_error(self, store: str) -> None:
+        self._store_errors.labels(_bounded(store, STORES)).inc()
+
+    def connection_opened(self) -> None:
+        self._accepted.inc()
+        self._open.inc()
+
+    def connection_closed(self) -> None:
+        self._open.dec()
+
+    def connection_refused(self) -> None:
+        self._refused.inc()
+
+    def request_size(self, nbytes: int) -> None:
+        self._request_bytes.observe(max(nbytes, 0))
+
+    # --- exposition -----------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The text exposition format (what a scrape returns)."""
+        data: bytes = self._prom.generate_latest(self.registry)
+        return data
+
+    def serve(self, endpoint: Endpoint) -> None:
+        """Serve /metrics on an inet endpoint from a daemon thread."""
+        if endpoint.kind != "inet":
+            raise PolicydError(f"metrics_listen = {endpoint}: only inet:host:port is "
+                               "supported (Prometheus scrapes over TCP)")
+        try:
+            server, thread = self._prom.start_http_server(
+                endpoint.port, addr=endpoint.host, registry=self.registry)
+        except OSError as exc:
+            raise PolicydError(f"metrics_listen = {endpoint}: cannot listen: "
+                               f"{exc.strerror or exc}") from None
+        self._server, self._thread = server, thread
+        host, port = server.server_address[:2]
+        self.address = (str(host), int(port))
+        log.info("metrics on http://%s/metrics", _url_host(self.address))
+
+    def close(self) -> None:
+        """Stop serving (idempotent)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def _url_host(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def start_metrics(endpoint: Endpoint) -> Metrics:
+    """Metrics served on ``endpoint`` (port 0: any free port, see .address).
+
+    Raises PolicydError when prometheus-client is missing, the endpoint is
+    not inet or it cannot be bound.
+    """
+    metrics = Metrics()
+    metrics.serve(endpoint)
+    return metrics
+
+
+def metrics_for(endpoint: Endpoint | None) -> Metrics | NullMetrics:
+    """What the server uses for ``config.metrics_listen``: NullMetrics when
+    it is empty, else started Metrics (errors as start_metrics)."""
+    if endpoint is None:
+        return NullMetrics()
+    return start_metrics(endpoint)

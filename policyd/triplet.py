@@ -1,0 +1,197 @@
+"""Greylisting triplets: address normalisation, client keys and store keys.
+
+Pure functions, no I/O.  The sender rules follow postgrey (lower case, BATV
+tag removed, ``+extension`` cut, numbers that are whole words folded to
+``#``) so that VERP and BATV senders of mailing lists do not make a new
+triplet per message; SRS rewriting (which postgrey leaves alone) is folded
+too.  The client part is a subnet, a host or (``smart``) the registrable
+domain of a verified client name, so one provider's pool of outbound servers
+counts as one client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from policyd import limits
+from policyd.config import PolicydConfig
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NULL_SENDER = "<>"
+
+# A BATV tag value: key number, day and hash (postgrey's test, RFC draft
+# "prvs=tag-val=loc-core" with a 10 character tag).
+_BATV_TAG = re.compile(r"[0-9a-z]{10}")
+# postgrey: $user =~ s/\b\d+\b/#/g  (numbers that are whole words only).
+_NUMBER_WORD = re.compile(r"\b\d+\b", re.ASCII)
+# SRS0=HHH=TT=domain=local and SRS1=HHH=forwarder==HHH=TT=domain=local
+# (the hash and time stamp change every day; the rest identifies the sender).
+_SRS0 = re.compile(r"srs0[=+-][^=]*=[^=]*=([^=]+)=(.+)")
+_SRS1 = re.compile(r"srs1[=+-][^=]*=([^=]+)==[^=]*=[^=]*=([^=]+)=(.+)")
+
+
+def parse_client_address(address: str) -> IPAddress:
+    """The client IP; IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes IPv4.
+
+    Raises ValueError when ``address`` is not an IP address.
+    """
+    ip = ipaddress.ip_address(address.strip())
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def split_address(address: str) -> tuple[str, str | None]:
+    """(local, domain) at the last ``@``; domain None when there is none."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address, None
+    return local, domain
+
+
+def _strip_batv(user: str) -> str:
+    """postgrey's BATV rule: prvs=TAG=user, sometimes prvs=user=TAG."""
+    if not user.startswith("prvs="):
+        return user
+    parts = user.split("=")
+    if len(parts) != 3:
+        return user
+    first_is_tag = _BATV_TAG.match(parts[1]) is not None
+    second_is_tag = _BATV_TAG.match(parts[2]) is not None
+    if second_is_tag and not first_is_tag:
+        return parts[1]
+    return parts[2]  # the standard order, also when unsure (as postgrey)
+
+
+def _strip_srs(user: str) -> str:
+    match = _SRS1.fullmatch(user)
+    if match:
+        return f"srs1={match[1]}={match[2]}={match[3]}"
+    match = _SRS0.fullmatch(user)
+    if match:
+        return f"srs0={match[1]}={match[2]}"
+    return user
+
+
+def normalise_sender(sender: str) -> str:
+    """The sender as it goes into the triplet; ``<>`` for the null sender."""
+    sender = sender.strip().lower()
+    if sender in ("", "<>"):
+        return NULL_SENDER
+    user, domain = split_address(sender)
+    if domain is None:
+        return sender  # postgrey leaves addresses without a domain alone
+    user = _strip_srs(_strip_batv(user))
+    user = user.split("+", 1)[0]  # VERP of mailing lists: user+extension
+    user = _NUMBER_WORD.sub("#", user)
+    return f"{user}@{domain}"
+
+
+def normalise_recipient(recipient: str) -> str:
+    """The recipient in the triplet: lower case, ``+extension`` cut.
+
+    postgrey only lower-cases the recipient; cutting the extension as well
+    means user+a@ and user+b@ share one greylisting delay, as postgrey's
+    recipient whitelist already treats them as one user.
+    """
+    recipient = recipient.strip().lower()
+    user, domain = split_address(recipient)
+    if domain is None or "+" not in user:
+        return recipient
+    return f"{user.split('+', 1)[0]}@{domain}"
+
+
+def recipient_domain(recipient: str) -> str:
+    """The text after the last ``@`` (postgrey's %r), or the whole value."""
+    return split_address(recipient)[1] or recipient
+
+
+@lru_cache(maxsize=1)
+def _psl() -> object:
+    # Loading the bundled list takes a few tens of milliseconds: once.
+    from publicsuffixlist import PublicSuffixList
+
+    return PublicSuffixList()
+
+
+def registrable_domain(name: str) -> str | None:
+    """The registrable domain of a host name (mail1.example.co.uk ->
+    example.co.uk), or None when the name is itself a public suffix."""
+    name = name.strip().lower().rstrip(".")
+    if not name or "." not in name:
+        return None
+    result = _psl().privatesuffix(name)  # type: ignore[attr-defined]
+    return result if isinstance(result, str) else None
+
+
+def subnet_key(ip: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """The network address of ip's subnet (postgrey --lookup-by-subnet)."""
+    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
+
+
+def client_key(config: PolicydConfig, ip: IPAddress, client_name: str) -> str:
+    """The client part of a triplet, by ``config.client_key``."""
+    if config.client_key == "host":
+        return str(ip)
+    if config.client_key == "smart":
+        name = client_name.strip().lower()
+        # Postfix sends "unknown" unless the name resolved back to the address.
+        if name and name != "unknown":
+            domain = registrable_domain(name)
+            if domain is not None:
+                return domain
+    return subnet_key(ip, config.ipv4_prefix, config.ipv6_prefix)
+
+
+def sanitise_key(raw: str) -> str:
+    """A memcache-safe key: bytes outside printable ASCII (white space,
+    control characters, non-ASCII) and ``%`` percent-encoded in lower case
+    (so a folding table leaves the key unchanged), and the sha256 hex
+    digest instead when the result is over STORE_KEY_MAX_BYTES."""
+    data = raw.encode("utf-8", "backslashreplace")
+    out = []
+    for byte in data:
+        if 0x21 <= byte <= 0x7E and byte != 0x25:
+            out.append(chr(byte))
+        else:
+            out.append(f"%{byte:02x}")
+    key = "".join(out)
+    if len(key) > limits.STORE_KEY_MAX_BYTES:
+        return hashlib.sha256(data).hexdigest()
+    return key
+
+
+@dataclass(frozen=True)
+class KeyMaker:
+    """Store keys for triplets and client records.
+
+    With ``privacy`` only an HMAC-SHA256 (keyed with privacy_salt, the same
+    on every host sharing the store) is stored, never an address.
+    """
+
+    privacy: bool = False
+    salt: str = ""
+
+    @classmethod
+    def from_config(cls, config: PolicydConfig) -> KeyMaker:
+        return cls(privacy=config.privacy, salt=config.privacy_salt)
+
+    def _key(self, raw: str) -> str:
+        if self.privacy:
+            data = raw.encode("utf-8", "backslashreplace")
+            return hmac.new(self.salt.encode("utf-8"), data, hashlib.sha256).hexdigest()
+        return sanitise_key(raw)
+
+    def triplet_key(self, client: str, sender: str, recipient: str) -> str:
+        """Key of an already normalised triplet: ``client/sender/recipient``."""
+        return self._key(f"{client}/{sender}/{recipient}")
+
+    def client_record_key(self, client: str) -> str:
+        return self._key(client)

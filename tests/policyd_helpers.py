@@ -1,0 +1,152 @@
+"""Shared by the policyd server and CLI tests: a scripted Policy (our own
+interface, implemented for tests), a server running in a thread with its
+own event loop, and a blocking policy-protocol client with timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
+
+from policyd.api import Decision
+from policyd.config import PolicydConfig
+from policyd.server import PolicyServer
+
+T = TypeVar("T")
+WAIT = 5.0  # bound on every wait in these tests
+
+
+class ScriptedPolicy:
+    """A Policy steered by request attributes the real policy ignores:
+    test_action=ACTION, test_sleep=SECONDS, test_raise=MESSAGE,
+    test_disconnect=1."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+        self.reloads = 0
+        self.closed = False
+        self.started = threading.Event()  # a decision has begun
+
+    async def decide(self, request: Mapping[str, str]) -> Decision:
+        self.seen.append(dict(request))
+        self.started.set()
+        if "test_sleep" in request:
+            await asyncio.sleep(float(request["test_sleep"]))
+        if "test_raise" in request:
+            raise RuntimeError(request["test_raise"])
+        if request.get("test_disconnect"):
+            return Decision("DUNNO", "test", disconnect=True)
+        return Decision(request.get("test_action", "DUNNO"), "test")
+
+    def reload(self) -> None:
+        self.reloads += 1
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def build_policy(config: PolicydConfig) -> ScriptedPolicy:
+    """Stand-in for policyd.greylist.build_policy in CLI subprocess tests."""
+    return ScriptedPolicy()
+
+
+def request(**attrs: str) -> bytes:
+    lines = ["request=smtpd_access_policy", "protocol_state=RCPT",
+             "client_address=192.0.2.1", "sender=a@example.org",
+             "recipient=b@example.com"]
+    lines += [f"{name}={value}" for name, value in attrs.items()]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+class ServerThread:
+    """A PolicyServer on its own event loop in a daemon thread."""
+
+    def __init__(self, config: PolicydConfig, policy: ScriptedPolicy) -> None:
+        self.policy = policy
+        self.loop = asyncio.new_event_loop()
+        self.server = PolicyServer(config, policy)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.server.start())
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = WAIT) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def connections(self) -> int:
+        async def count() -> int:
+            return self.server.active_connections
+        return self.call(count())
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.call(self.server.shutdown(), timeout=WAIT + 5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(WAIT)
+        self.loop.close()
+
+    @property
+    def inet(self) -> tuple[str, int]:
+        return next(a for a in self.server.addresses if isinstance(a, tuple))[:2]
+
+    @property
+    def unix(self) -> str:
+        return next(a for a in self.server.addresses if isinstance(a, str))
+
+
+def connect(address: tuple[str, int] | str) -> socket.socket:
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(WAIT)
+        sock.connect(address)
+    else:
+        sock = socket.create_connection(address, timeout=WAIT)
+    return sock
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """One reply (up to the empty line), or what came before EOF."""
+    buf = b""
+    while b"\n\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf
+
+
+def read_replies(sock: socket.socket, count: int) -> list[bytes]:
+    buf = b""
+    while buf.count(b"\n\n") < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return [part + b"\n\n" for part in buf.split(b"\n\n")[:-1]]
+
+
+def ask(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    return read_reply(sock)
+
+
+def is_closed(sock: socket.socket) -> bool:
+    """True when the server closed (EOF or reset) with nothing more to read."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def wait_until(predicate: Any, timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())

@@ -1,0 +1,191 @@
+"""The policyd command: --check-config in-process, and real `policyd`
+processes (systemd socket activation, signals, startup errors) run through
+a small wrapper that swaps in the scripted test policy."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from policyd.cli import main
+from policyd.config import DEFAULT_CONFIG_PATH
+from tests.policyd_helpers import WAIT, ask, is_closed, request
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Runs policyd.cli.main with tests.policyd_helpers.build_policy standing in
+# for policyd.greylist.build_policy.  With TEST_LISTEN_FD set it does what
+# systemd does before exec: the listening socket becomes fd 3, LISTEN_FDS=1
+# and LISTEN_PID = this very process.
+WRAPPER = f"""
+import os, sys, types
+sys.path.insert(0, {str(REPO)!r})
+from tests import policyd_helpers
+shim = types.ModuleType("policyd.greylist")
+shim.build_policy = policyd_helpers.build_policy
+sys.modules["policyd.greylist"] = shim
+fd = os.environ.pop("TEST_LISTEN_FD", None)
+if fd is not None:
+    if int(fd) != 3:
+        os.dup2(int(fd), 3)
+        os.close(int(fd))
+    os.environ["LISTEN_FDS"] = "1"
+    os.environ["LISTEN_PID"] = str(os.getpid())
+from policyd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def wrapper(tmp_path: Path) -> Path:
+    path = tmp_path / "run_policyd.py"
+    path.write_text(WRAPPER)
+    return path
+
+
+def write_cf(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policyd.cf"
+    path.write_text(text)
+    return path
+
+
+# --- --check-config ---------------------------------------------------------
+
+def test_check_config_good(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cf = write_cf(tmp_path, "listen = inet:127.0.0.1:10025, unix:/run/p.sock\n"
+                            "max_connections = 10\n")
+    assert main(["--check-config", "-c", str(cf)]) == 0
+    out = capsys.readouterr().out
+    assert "listen = inet:127.0.0.1:10025, unix:/run/p.sock\n" in out
+    assert "max_connections = 10\n" in out
+    assert "idle_timeout = 600\n" in out  # defaults shown too
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("listen = inet:127.0.0.1:10025\nbogus = 1\n", "line 2: unknown parameter bogus"),
+    ("max_connections = 0\n", "line 1: max_connections = 0"),
+    ("listen = ftp:x\n", "line 1: listen"),
+    ("no equals sign here\n", "line 1:"),
+])
+def test_check_config_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                          text: str, message: str) -> None:
+    cf = write_cf(tmp_path, text)
+    assert main(["--check-config", "-c", str(cf)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"policyd: {cf}, ")
+    assert message in captured.err
+    assert captured.err.count("\n") == 1
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--check-config", "-c", str(tmp_path / "nope.cf")]) == 1
+    assert "nope.cf: cannot read" in capsys.readouterr().err
+
+
+def test_default_config_path(capsys: pytest.CaptureFixture[str]) -> None:
+    if os.path.exists(DEFAULT_CONFIG_PATH):
+        pytest.skip(f"{DEFAULT_CONFIG_PATH} exists on this machine")
+    assert main(["--check-config"]) == 1
+    assert DEFAULT_CONFIG_PATH in capsys.readouterr().err
+
+
+def test_check_config_as_a_process_prints_no_traceback(tmp_path: Path) -> None:
+    cf = write_cf(tmp_path, "bogus = 1\n")
+    proc = subprocess.run([sys.executable, "-m", "policyd", "--check-config", "-c", str(cf)],
+                          capture_output=True, text=True, timeout=WAIT * 4, cwd=REPO)
+    assert proc.returncode == 1
+    assert "unknown parameter bogus" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+
+
+# --- real processes ---------------------------------------------------------
+
+@pytest.fixture
+def listening() -> Iterator[socket.socket]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock
+    sock.close()
+
+
+def spawn(wrapper: Path, cf: Path, *args: str,
+          listen_fd: socket.socket | None = None) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    pass_fds: tuple[int, ...] = ()
+    if listen_fd is not None:
+        env["TEST_LISTEN_FD"] = str(listen_fd.fileno())
+        pass_fds = (listen_fd.fileno(),)
+    return subprocess.Popen([sys.executable, str(wrapper), "-c", str(cf), *args],
+                            env=env, pass_fds=pass_fds, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=WAIT * 2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=WAIT)
+        pytest.fail(f"policyd did not exit; stderr:\n{err}")
+    return proc.returncode, err
+
+
+def test_socket_activation_signals_and_clean_exit(tmp_path: Path, wrapper: Path,
+                                                  listening: socket.socket) -> None:
+    # `listen` names a place that cannot be bound: only fd 3 can work.
+    cf = write_cf(tmp_path, f"listen = unix:{tmp_path}/no/such/dir/p.sock\n")
+    proc = spawn(wrapper, cf, "--uvloop", listen_fd=listening)
+    try:
+        with socket.create_connection(listening.getsockname(), timeout=WAIT * 2) as sock:
+            assert ask(sock, request(test_action="OK from fd 3")) == b"action=OK from fd 3\n\n"
+            proc.send_signal(signal.SIGHUP)
+            assert ask(sock, request()) == b"action=DUNNO\n\n"
+            proc.send_signal(signal.SIGTERM)
+            assert is_closed(sock)
+        code, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+    assert code == 0, err
+    assert "listening on fd 3 inet:127.0.0.1:" in err
+    assert "reloading policy (SIGHUP)" in err
+    assert "SIGTERM received: shutting down" in err
+    assert 'action="OK from fd 3" reason=test client=192.0.2.1' in err  # decisions on stderr
+    assert "Traceback" not in err
+
+
+def test_socket_activation_refuses_a_non_listening_socket(tmp_path: Path,
+                                                          wrapper: Path) -> None:
+    cf = write_cf(tmp_path, "listen = inet:127.0.0.1:0\n")
+    a, b = socket.socketpair()
+    with a, b:
+        code, err = finish(spawn(wrapper, cf, listen_fd=a))
+    assert code == 1
+    assert "fd 3 is not a listening stream socket" in err
+    assert "Traceback" not in err
+
+
+def test_startup_error_is_one_line(tmp_path: Path, wrapper: Path,
+                                   listening: socket.socket) -> None:
+    port = listening.getsockname()[1]
+    cf = write_cf(tmp_path, f"listen = inet:127.0.0.1:{port}\n")
+    code, err = finish(spawn(wrapper, cf))
+    assert code == 1
+    assert f"fatal: cannot listen on inet:127.0.0.1:{port}" in err
+    assert "Traceback" not in err

@@ -1,0 +1,357 @@
+"""The greylisting policy end to end over real Store threads: in-memory
+tables for time travel (freezegun), real memcached for build_policy."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from freezegun import freeze_time
+
+from memtable.registry import open_table
+from policyd import limits
+from policyd.api import Decision
+from policyd.greylist import GreylistPolicy, TripletRecord, build_policy, expand
+from policyd.whitelist import Whitelists
+from tests.conftest import Memcached, free_port
+from tests.greylist_helpers import DictTable, config, make_policy, request, run, write
+
+T0 = "2024-05-01 12:00:00"
+START = 1714564800  # T0 as a UNIX time
+HOUR = 3600
+DAY = 86400
+
+
+class NoExpiryTable(DictTable):
+    """Keeps entries forever, like an lmdb backup table."""
+
+    def update(self, key: str, value: str, ttl: int | None = None) -> None:
+        super().update(key, value, None)
+
+
+def scenario(cfg: Any, steps: list[tuple[int, dict[str, str]]], **kw: Any) \
+        -> tuple[list[Decision], DictTable, DictTable]:
+    """Run requests at START + offset seconds; return decisions and tables."""
+    decisions: list[Decision] = []
+
+    async def main() -> tuple[DictTable, DictTable]:
+        policy, triplets, clients = make_policy(cfg, **kw)
+        with freeze_time(T0) as frozen:
+            for offset, req in steps:
+                frozen.move_to(datetime.fromtimestamp(START + offset, tz=UTC))
+                decisions.append(await policy.decide(req))
+        await policy.aclose()
+        return triplets, clients
+
+    triplets, clients = run(main())
+    return decisions, triplets, clients
+
+
+def test_new_early_retry_pass_and_known() -> None:
+    r = request(instance="a1")
+    (new, early, passed, again), triplets, clients = scenario(
+        config(), [(0, r), (100, r), (301, request(instance="a2")), (400, request(instance="a3"))])
+    assert new == Decision("DEFER_IF_PERMIT Greylisted, please try again in 300 seconds", "new")
+    assert early == Decision("DEFER_IF_PERMIT Greylisted, please try again in 200 seconds",
+                             "early-retry")
+    date = email.utils.formatdate(START + 301, localtime=True)
+    assert passed == Decision(
+        f"PREPEND X-Greylist: delayed 301 seconds by policyd at mx.example.net; {date}",
+        "passed", delay=301.0)
+    assert again == Decision("DUNNO", "passed")
+    key = "192.0.2.0/alice@example.org/bob@example.com"
+    assert triplets.data[key][0] == f"{START},{START + 301},1"
+    assert triplets.data[key][1] == START + 301 + 35 * DAY  # ttl max_age from the pass
+    # two defers, one counted pass
+    assert clients.data["192.0.2.0"][0] == f"{START},{START + 301},2,1,{START + 301}"
+
+
+def test_early_retry_keeps_first_seen_and_new_ttl_is_retry_window() -> None:
+    r = request()
+    _, triplets, _ = scenario(config(), [(0, r), (200, r), (299, r)])
+    value, expires = triplets.data["192.0.2.0/alice@example.org/bob@example.com"]
+    assert TripletRecord.parse(value) == TripletRecord(START, START)
+    assert expires == START + 2 * DAY
+
+
+def test_header_off_and_text_expansion() -> None:
+    cfg = config(greylist_header=False, greylist_action="450",
+                 greylist_text="4.7.1 see https://help/%r.html (%s s) %x %%")
+    (new, passed), _, _ = scenario(cfg, [(0, request()), (300, request())])
+    assert new.action == "450 4.7.1 see https://help/example.com.html (300 s) %x %%"
+    assert passed == Decision("DUNNO", "passed", delay=300.0)
+    assert expand("%t%t%s", {"t": "%s", "s": "1"}) == "%s%s1"  # one pass only
+
+
+def test_one_header_per_message_with_several_recipients() -> None:
+    steps = [(0, request(recipient="a@example.com")), (0, request(recipient="b@example.com")),
+             (400, request(recipient="a@example.com", instance="m1")),
+             (400, request(recipient="b@example.com", instance="m1"))]
+    decisions, _, _ = scenario(config(), steps)
+    assert decisions[2].action.startswith("PREPEND X-Greylist: delayed 400 seconds")
+    assert decisions[3] == Decision("DUNNO", "passed", delay=400.0)
+
+
+@pytest.mark.parametrize("table", [DictTable, NoExpiryTable])
+def test_missed_retry_window_starts_again(table: type[DictTable]) -> None:
+    r = request()
+    decisions, _, _ = scenario(config(), [(0, r), (2 * DAY + 1, r), (2 * DAY + 301, r)],
+                               triplets=table("dict:triplets"))
+    assert [d.reason for d in decisions] == ["new", "new", "passed"]
+    assert decisions[2].delay == 300.0
+
+
+@pytest.mark.parametrize("table", [DictTable, NoExpiryTable])
+def test_passed_triplet_expires_max_age_after_last_seen(table: type[DictTable]) -> None:
+    r = request()
+    max_age = 10 * DAY
+    steps = [(0, r), (300, r),
+             (300 + max_age - HOUR, r),  # seen again: lifetime starts again
+             (300 + 2 * max_age - 2 * HOUR, r),  # still good
+             (300 + 3 * max_age, r)]  # unseen for more than max_age: new
+    decisions, _, _ = scenario(config(max_age=max_age), steps, triplets=table("dict:t"))
+    assert [d.reason for d in decisions] == ["new", "passed", "passed", "passed", "new"]
+
+
+def test_known_triplet_is_rewritten_at_most_once_an_interval() -> None:
+    r = request()
+    steps = [(0, r), (300, r)] + [(300 + i * 60, r) for i in range(1, 30)]
+    _, triplets, _ = scenario(config(), steps)
+    assert triplets.updates == 2  # new and pass; 29 later passes within the hour
+    _, triplets, _ = scenario(config(), [*steps, (300 + limits.RECORD_REFRESH_INTERVAL, r)])
+    assert triplets.updates == 3
+
+
+@pytest.mark.parametrize(("v4", "v6", "first", "retry", "same"), [
+    (24, 64, "192.0.2.10", "192.0.2.200", True),
+    (24, 64, "192.0.2.10", "192.0.3.10", False),
+    (16, 64, "192.0.2.10", "192.0.3.10", True),
+    (32, 64, "192.0.2.10", "192.0.2.11", False),
+    (24, 64, "2001:db8:0:1::5", "2001:db8:0:1:ffff::9", True),
+    (24, 64, "2001:db8:0:1::5", "2001:db8:0:2::5", False),
+    (24, 48, "2001:db8:0:1::5", "2001:db8:0:2::5", True),
+])
+def test_subnet_masking_decides_who_retries(v4: int, v6: int, first: str, retry: str,
+                                            same: bool) -> None:
+    cfg = config(ipv4_prefix=v4, ipv6_prefix=v6)
+    decisions, _, _ = scenario(cfg, [(0, request(client_address=first)),
+                                     (400, request(client_address=retry))])
+    assert decisions[1].reason == ("passed" if same else "new")
+
+
+def test_smart_client_key() -> None:
+    cfg = config(client_key="smart")
+    a = request(client_address="198.51.100.5", client_name="mail-a.outbound.protection.outlook.com")
+    b = request(client_address="203.0.113.9", client_name="mail-b.eur.protection.outlook.com")
+    decisions, triplets, _ = scenario(cfg, [(0, a), (400, b)])
+    assert [d.reason for d in decisions] == ["new", "passed"]
+    assert "outlook.com/alice@example.org/bob@example.com" in triplets.data
+    # unverified names fall back to the subnet
+    c = request(client_address="198.51.100.5", client_name="unknown")
+    d = request(client_address="203.0.113.9", client_name="unknown")
+    decisions, triplets, _ = scenario(cfg, [(0, c), (400, d)])
+    assert [d.reason for d in decisions] == ["new", "new"]
+    assert "198.51.100.0/alice@example.org/bob@example.com" in triplets.data
+
+
+@pytest.mark.parametrize(("first", "retry"), [
+    ({"sender": "prvs=0123abcdef=alice@example.org"},
+     {"sender": "prvs=9876fedcba=alice@example.org"}),
+    ({"sender": "list+bounce-1@example.org"}, {"sender": "LIST+bounce-2@Example.org"}),
+    ({"sender": "bounce-1234@example.org"}, {"sender": "bounce-5678@example.org"}),
+    ({"recipient": "bob+a@example.com"}, {"recipient": "Bob+b@EXAMPLE.com"}),
+    ({"sender": ""}, {"sender": "<>"}),
+])
+def test_normalised_variants_share_a_triplet(first: dict[str, str],
+                                             retry: dict[str, str]) -> None:
+    decisions, _, _ = scenario(config(), [(0, request(**first)), (400, request(**retry))])
+    assert [d.reason for d in decisions] == ["new", "passed"]
+
+
+def test_auto_whitelist_after_n_passes_counted_once_an_hour() -> None:
+    def trip(n: int) -> dict[str, str]:
+        return request(recipient=f"user{n}@example.com")
+
+    steps = [
+        (0, trip(1)), (300, trip(1)),  # pass 1 counted
+        (400, trip(2)), (700, trip(2)),  # passes within the hour: not counted
+        (800, trip(3)),  # still greylisted
+        (2 * HOUR, trip(3)),  # pass 2 counted (an hour after the first)
+        (2 * HOUR + 1, trip(4)),  # auto-whitelisted now
+    ]
+    decisions, _, clients = scenario(config(auto_whitelist_clients=2), steps)
+    assert [d.reason for d in decisions] == [
+        "new", "passed", "new", "passed", "new", "passed", "auto-whitelisted"]
+    assert clients.data["192.0.2.0"][0].split(",")[3] == "2"
+    # 0 turns it off
+    decisions, _, _ = scenario(config(auto_whitelist_clients=0), steps)
+    assert decisions[-1].reason == "new"
+
+
+def test_privacy_stores_no_addresses() -> None:
+    cfg = config(privacy=True, privacy_salt="salt", client_key="host")
+    decisions, triplets, clients = scenario(cfg, [(0, request()), (400, request())])
+    assert [d.reason for d in decisions] == ["new", "passed"]
+    stored = " ".join(f"{k} {v}" for t in (triplets, clients) for k, (v, _) in t.data.items())
+    for secret in ("192.0.2", "alice", "bob", "example", "@"):
+        assert secret not in stored
+    assert all(len(k) == 64 for t in (triplets, clients) for k in t.data)
+
+
+@pytest.mark.parametrize(("value", "skipped"), [
+    (f"{START + DAY};{START + DAY};1;1;1", True),  # enabled tests passed
+    (f"{START + DAY};1;1;1;1", True),  # disabled tests do not count
+    (f"{START + DAY}", True),  # an older postscreen: missing tests disabled
+    (f"{START + DAY};{START - 1};1;1;1", False),  # one expired
+    (f"{START + DAY};0;1;1;1", False),  # one never passed
+    ("1;1;1;1;1", False),  # nothing enabled
+    ("garbage", False),
+    ("1;2;x;4;5", False),
+    ("", False),
+    (None, False),
+])
+def test_postscreen_cache(value: str | None, skipped: bool,
+                          caplog: pytest.LogCaptureFixture) -> None:
+    ps = DictTable("dict:postscreen")
+    if value is not None:
+        ps.data["192.0.2.10"] = (value, None)
+    with caplog.at_level(logging.WARNING):
+        (decision,), _, _ = scenario(config(), [(0, request())], postscreen=ps)
+    assert decision.reason == ("postscreen" if skipped else "new")
+    if value in ("garbage", "1;2;x;4;5", ""):
+        assert "postscreen cache entry for 192.0.2.10" in caplog.text
+    # postscreen_skip = no: never consulted
+    (decision,), _, _ = scenario(config(postscreen_skip=False), [(0, request())],
+                                 postscreen=ps)
+    assert decision.reason == "new"
+
+
+@pytest.mark.parametrize(("attrs", "reason"), [
+    ({"protocol_state": "MAIL"}, "not-rcpt"),
+    ({"protocol_state": "DATA"}, "not-rcpt"),
+    ({"protocol_state": "END-OF-MESSAGE"}, "not-rcpt"),
+    ({"protocol_state": ""}, "not-rcpt"),
+    ({"sasl_username": "alice"}, "authenticated"),
+    ({"client_address": "bogus"}, "bad-request"),
+    ({"recipient": ""}, "bad-request"),
+])
+def test_requests_that_are_not_greylisted(attrs: dict[str, str], reason: str) -> None:
+    decisions, triplets, clients = scenario(config(), [(0, request(**attrs))])
+    assert decisions == [Decision("DUNNO", reason)]
+    assert triplets.lookups == clients.lookups == 0
+
+
+def test_whitelisted_clients_and_recipients(tmp_path: Path) -> None:
+    wl = Whitelists.load([write(tmp_path / "c", "example.org\n198.51.100.0/24\n")],
+                         [write(tmp_path / "r", "postmaster@\n")])
+    steps = [(0, request(client_name="mx.example.org")),
+             (0, request(client_name="unknown", client_address="198.51.100.1")),
+             (0, request(client_name="unknown", recipient="postmaster@example.com")),
+             (0, request(client_name="unknown"))]
+    decisions, triplets, _ = scenario(config(), steps, whitelist=wl)
+    assert [d.reason for d in decisions] == ["whitelisted"] * 3 + ["new"]
+    assert triplets.lookups == 1
+
+
+def test_reload_reads_whitelists_again(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    wl = Whitelists.load([write(path, "old.example\n")], [])
+
+    async def main() -> list[str]:
+        policy, _, _ = make_policy(config(), whitelist=wl)
+        path.write_text("new.example\n")
+        policy.reload()
+        reasons = [(await policy.decide(request(client_name=n))).reason
+                   for n in ("mx.new.example", "mx.old.example")]
+        await policy.aclose()
+        return reasons
+
+    assert run(main()) == ["whitelisted", "new"]
+
+
+# --- build_policy over real memcached -----------------------------------------
+
+def _cf(tmp_path: Path, name: str, server: str, extra: str = "") -> str:
+    return "memcache:" + write(tmp_path / f"{name}.cf",
+                               f"memcache = {server}\ntimeout = 1\nmax_try = 1\n{extra}")
+
+
+def test_build_policy_with_real_memcached(tmp_path: Path, memcached: Memcached) -> None:
+    cfg = config(triplet_table=_cf(tmp_path, "t", memcached.spec, "key_format = t:%s\n"),
+                 client_table=_cf(tmp_path, "c", memcached.spec, "key_format = c:%s\n"),
+                 postscreen_cache=_cf(tmp_path, "ps", memcached.spec,
+                                      "key_format = postscreen:%s\n"))
+    # postscreen (as Postfix would write it) verified 203.0.113.7
+    with open_table(cfg.postscreen_cache, read_write=True) as ps:
+        ps.update("203.0.113.7", "4000000000;1;1;1;1")
+
+    async def main() -> list[Decision]:
+        policy = build_policy(cfg)
+        assert isinstance(policy, GreylistPolicy)
+        out = [await policy.decide(request()),
+               await policy.decide(request(client_address="203.0.113.7"))]
+        await policy.aclose()
+        return out
+
+    new, verified = run(main())
+    assert new.reason == "new" and verified.reason == "postscreen"
+    stored = memcached.meta("t:192.0.2.0/alice@example.org/bob@example.com")
+    assert stored is not None and str(stored["value"]).endswith(",0")
+    assert 0 < int(stored["ttl"]) <= 2 * DAY  # type: ignore[call-overload]
+    client = memcached.meta("c:192.0.2.0")
+    assert client is not None and str(client["value"]).split(",")[2] == "1"
+
+
+@pytest.mark.parametrize(("action", "expected"), [
+    ("DUNNO", Decision("DUNNO", "store-failure")),
+    ("disconnect", Decision("", "store-failure", disconnect=True)),
+])
+def test_store_failure_actions(tmp_path: Path, action: str, expected: Decision,
+                               caplog: pytest.LogCaptureFixture) -> None:
+    down = f"inet:127.0.0.1:{free_port()}"  # nobody listens: connection refused
+    cfg = config(triplet_table=_cf(tmp_path, "t", down), client_table=_cf(tmp_path, "c", down),
+                 postscreen_cache=_cf(tmp_path, "ps", down), store_failure_action=action)
+
+    async def main() -> Decision:
+        policy = build_policy(cfg)
+        decision = await policy.decide(request())
+        await policy.aclose()
+        return decision
+
+    with caplog.at_level(logging.WARNING):
+        assert run(main()) == expected
+    assert "store failure" in caplog.text
+
+
+def test_build_policy_reports_bad_whitelist(tmp_path: Path) -> None:
+    from memtable.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nope"):
+        build_policy(config(whitelist_clients=(str(tmp_path / "nope"),)))
+
+
+def test_malformed_and_future_records(caplog: pytest.LogCaptureFixture) -> None:
+    key = "192.0.2.0/alice@example.org/bob@example.com"
+    triplets, clients = DictTable("dict:t"), DictTable("dict:c")
+    triplets.data[key] = ("1,2", None)
+    clients.data["192.0.2.0"] = ("x,y,z,1,2", None)
+    with caplog.at_level(logging.WARNING):
+        decisions, _, _ = scenario(config(), [(0, request())], triplets=triplets,
+                                   clients=clients)
+    assert decisions[0].reason == "new"
+    assert "malformed triplet record" in caplog.text
+    assert "malformed client record" in caplog.text
+    assert clients.data["192.0.2.0"][0] == f"{START},{START},1,0,0"
+    # first_seen in the future (another host's clock): counts from now
+    triplets.data[key] = (f"{START + DAY},{START + DAY},0", None)
+    decisions, _, _ = scenario(config(), [(0, request()), (301, request())],
+                               triplets=triplets)
+    assert [d.reason for d in decisions] == ["new", "passed"]
+    # a passed triplet from a host a little ahead stays passed
+    triplets.data[key] = (f"{START + 5},{START + 5},1", None)
+    decisions, _, _ = scenario(config(), [(0, request())], triplets=triplets)
+    assert decisions[0].reason == "passed"

@@ -1,0 +1,188 @@
+"""dict_memcache semantics against a real memcached and a real lmdb backup."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from memtable import (
+    AccessError,
+    ConfigError,
+    KeySkippedError,
+    SequenceUnsupportedError,
+    TemporaryError,
+    UnsupportedTableError,
+    ValueTooLongError,
+    open_table,
+)
+from memtable.memcache_table import MemcacheTable
+from tests.conftest import Memcached, free_port
+
+
+def make_cf(tmp_path: Path, memcache: str, *lines: str, name: str = "t.cf") -> str:
+    path = tmp_path / name
+    path.write_text("\n".join([f"memcache = {memcache}", *lines]) + "\n")
+    return f"memcache:{path}"
+
+
+def dead_server() -> str:
+    return f"inet:127.0.0.1:{free_port()}"  # nothing listens: connection refused
+
+
+def test_update_lookup_delete_round_trip(tmp_path: Path, memcached: Memcached) -> None:
+    spec = make_cf(tmp_path, memcached.spec, "key_format = pfx:%s", "flags = 7", "ttl = 600")
+    with open_table(spec, read_write=True) as table:
+        assert table.lookup("User@Example.com") is None
+        table.update("User@Example.com", "value 1")
+        assert table.lookup("user@example.com") == "value 1"
+        # Postfix's raw state: folded key behind key_format, flags, ttl.
+        meta = memcached.meta("pfx:user@example.com")
+        assert meta is not None
+        assert meta["value"] == "value 1" and meta["flags"] == 7
+        assert 590 <= int(str(meta["ttl"])) <= 600
+        assert table.delete("USER@example.com") is True
+        assert table.delete("user@example.com") is False
+        assert memcached.meta("pfx:user@example.com") is None
+
+
+def test_fold_off_keeps_case(tmp_path: Path, memcached: Memcached) -> None:
+    spec = make_cf(tmp_path, memcached.spec)
+    with open_table(spec, read_write=True, fold=False) as table:
+        table.update("MixedCase", "v")
+    assert memcached.meta("MixedCase") is not None
+    assert memcached.meta("mixedcase") is None
+
+
+def test_unix_socket_server(tmp_path: Path, memcached_unix: Memcached) -> None:
+    with open_table(make_cf(tmp_path, memcached_unix.spec), read_write=True) as table:
+        table.update("k", "v")
+        assert table.lookup("k") == "v"
+
+
+def test_lookup_falls_back_to_backup_and_writes_back(tmp_path: Path,
+                                                     memcached: Memcached) -> None:
+    backup = f"lmdb:{tmp_path / 'backup'}"
+    with open_table(backup, read_write=True) as lmdb:
+        lmdb.update("only@backup.example", "from backup")
+    spec = make_cf(tmp_path, memcached.spec, f"backup = {backup}", "key_format = b:%s",
+                   "flags = 3", "ttl = 1200")
+    with open_table(spec) as table:
+        assert table.lookup("only@backup.example") == "from backup"
+    meta = memcached.meta("b:only@backup.example")
+    assert meta is not None
+    assert meta["value"] == "from backup" and meta["flags"] == 3
+    assert 1190 <= int(str(meta["ttl"])) <= 1200
+
+
+def test_update_goes_to_memcache_then_backup(tmp_path: Path, memcached: Memcached) -> None:
+    backup = f"lmdb:{tmp_path / 'backup'}"
+    spec = make_cf(tmp_path, memcached.spec, f"backup = {backup}")
+    with open_table(spec, read_write=True) as table:
+        table.update("k@example.com", "v")
+        assert sorted(table.sequence()) == [("k@example.com", "v")]
+    assert memcached.meta("k@example.com") is not None
+    with open_table(backup) as lmdb:
+        assert lmdb.lookup("k@example.com") == "v"
+
+
+def test_memcache_down_with_backup_answers_from_backup(tmp_path: Path) -> None:
+    backup = f"lmdb:{tmp_path / 'backup'}"
+    spec = make_cf(tmp_path, dead_server(), f"backup = {backup}")
+    with open_table(spec, read_write=True) as table:
+        table.update("k@example.com", "kept")        # memcache error only logged
+        assert table.lookup("k@example.com") == "kept"
+        assert table.delete("k@example.com") is True
+        assert table.lookup("k@example.com") is None
+
+
+def test_memcache_down_without_backup_is_temporary(tmp_path: Path) -> None:
+    spec = make_cf(tmp_path, dead_server())
+    with open_table(spec, read_write=True) as table:
+        with pytest.raises(TemporaryError):
+            table.lookup("k")
+        with pytest.raises(TemporaryError):
+            table.update("k", "v")
+        with pytest.raises(TemporaryError):
+            table.delete("k")
+
+
+def test_too_long_value_not_stored_in_memcache_but_in_backup(
+        tmp_path: Path, memcached: Memcached, caplog: pytest.LogCaptureFixture) -> None:
+    backup = f"lmdb:{tmp_path / 'backup'}"
+    spec = make_cf(tmp_path, memcached.spec, "data_size_limit = 10", f"backup = {backup}")
+    with caplog.at_level(logging.WARNING), open_table(spec, read_write=True) as table:
+        table.update("k", "x" * 11)
+    assert "too long" in caplog.text
+    assert memcached.meta("k") is None
+    with open_table(backup) as lmdb:
+        assert lmdb.lookup("k") == "x" * 11
+    plain = make_cf(tmp_path, memcached.spec, "data_size_limit = 10", name="plain.cf")
+    with open_table(plain, read_write=True) as table, pytest.raises(ValueTooLongError):
+        table.update("k", "x" * 11)
+
+
+def test_skipped_keys(tmp_path: Path, memcached: Memcached) -> None:
+    spec = make_cf(tmp_path, memcached.spec, "domain = example.com", "key_format = %d/%u")
+    with open_table(spec, read_write=True) as table:
+        assert table.lookup("user@other.example") is None
+        assert table.lookup("") is None
+        with pytest.raises(KeySkippedError, match="domain mismatch"):
+            table.update("user@other.example", "v")
+        assert table.delete("user@other.example") is False
+        table.update("user@example.com", "v")
+    assert memcached.meta("example.com/user") is not None
+
+
+def test_keys_with_spaces_and_long_keys_are_skipped(tmp_path: Path,
+                                                    memcached: Memcached) -> None:
+    spec = make_cf(tmp_path, memcached.spec)
+    with open_table(spec, read_write=True) as table:
+        with pytest.raises(KeySkippedError, match="space or controls"):
+            table.update("a b", "v")
+        with pytest.raises(KeySkippedError, match="250-byte limit"):
+            table.update("x" * 251, "v")
+        table.update("x" * 250, "v")
+        assert table.lookup("x" * 250) == "v"
+    digest = make_cf(tmp_path, memcached.spec, "key_digest = sha256", name="d.cf")
+    with open_table(digest, read_write=True) as table:
+        table.update("x" * 1000, "long key, digested")
+        assert table.lookup("x" * 1000) == "long key, digested"
+
+
+def test_sequence_needs_backup(tmp_path: Path, memcached: Memcached) -> None:
+    with open_table(make_cf(tmp_path, memcached.spec)) as table, \
+            pytest.raises(SequenceUnsupportedError):
+        list(table.sequence())
+
+
+def test_read_only_and_security_sensitive(tmp_path: Path, memcached: Memcached) -> None:
+    spec = make_cf(tmp_path, memcached.spec)
+    with open_table(spec) as table:
+        with pytest.raises(AccessError, match="read-only"):
+            table.update("k", "v")
+        with pytest.raises(AccessError):
+            table.delete("k")
+    with pytest.raises(AccessError, match="security-sensitive"):
+        open_table(spec, security_sensitive=True)
+
+
+def test_bad_backup_types(tmp_path: Path, memcached: Memcached) -> None:
+    with pytest.raises(UnsupportedTableError, match="postmap"):
+        open_table(make_cf(tmp_path, memcached.spec, "backup = btree:/var/lib/x"))
+    with pytest.raises(ConfigError):
+        open_table(make_cf(tmp_path, memcached.spec, "backup = nonsense"))
+
+
+def test_lookup_many_matches_lookup(tmp_path: Path, memcached: Memcached) -> None:
+    backup = f"lmdb:{tmp_path / 'backup'}"
+    spec = make_cf(tmp_path, memcached.spec, f"backup = {backup}", "domain = example.com")
+    with open_table(backup, read_write=True) as lmdb:
+        lmdb.update("b@example.com", "backup only")
+    with open_table(spec, read_write=True) as table:
+        assert isinstance(table, MemcacheTable)
+        table.update("a@example.com", "both")
+        keys = ["a@example.com", "b@example.com", "c@example.com", "x@other.example", ""]
+        assert table.lookup_many(keys) == {k: table.lookup(k) for k in keys}
+        assert table.lookup_many(keys)["b@example.com"] == "backup only"

@@ -1,0 +1,117 @@
+"""The memtable command: postmap's interface, exit codes and output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Memcached, free_port
+
+MEMTABLE = [sys.executable, "-m", "memtable.cli"]
+
+
+def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MEMTABLE, *args], input=stdin, capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+@pytest.fixture
+def table(tmp_path: Path, memcached: Memcached) -> str:
+    cf = tmp_path / "t.cf"
+    cf.write_text(f"memcache = {memcached.spec}\nbackup = lmdb:{tmp_path / 'bk'}\n")
+    return f"memcache:{cf}"
+
+
+def test_insert_query_delete_sequence(table: str, memcached: Memcached) -> None:
+    done = run("-i", table, stdin="# comment\nOne@Example.com value one\ntwo\tvalue\ttwo\n")
+    assert done.returncode == 0, done.stderr
+    meta = memcached.meta("one@example.com")
+    assert meta is not None and meta["value"] == "value one" and meta["flags"] == 0
+
+    q = run("-q", "ONE@example.com", table)
+    assert (q.returncode, q.stdout) == (0, "value one\n")
+    assert run("-q", "missing", table).returncode == 1
+
+    many = run("-q", "-", table, stdin="two\nmissing\none@example.com\n")
+    assert many.returncode == 0
+    assert many.stdout == "two\tvalue\ttwo\none@example.com\tvalue one\n"
+    assert run("-q", "-", table, stdin="missing\n").returncode == 1
+
+    seq = run("-s", table)
+    assert seq.returncode == 0
+    assert sorted(seq.stdout.splitlines()) == ["one@example.com\tvalue one", "two\tvalue\ttwo"]
+
+    assert run("-d", "two", table).returncode == 0
+    assert run("-d", "two", table).returncode == 1
+    assert run("-q", "two", table).returncode == 1
+
+
+def test_fold_and_json(table: str) -> None:
+    assert run("-f", "-i", table, stdin="KeY v\n").returncode == 0
+    assert run("-f", "-q", "key", table).returncode == 1
+    out = run("-f", "-j", "-q", "KeY", table)
+    assert out.stdout == '{"KeY": "v"}\n'
+
+
+def test_temporary_failure_exits_75(tmp_path: Path) -> None:
+    cf = tmp_path / "down.cf"
+    cf.write_text(f"memcache = inet:127.0.0.1:{free_port()}\n")
+    done = run("-q", "k", f"memcache:{cf}")
+    assert done.returncode == 75
+    assert "temporary failure" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_config_error_names_file_and_line(tmp_path: Path) -> None:
+    cf = tmp_path / "bad.cf"
+    cf.write_text("ttl = 10\nmax_try = zero\n")
+    done = run("-q", "k", f"memcache:{cf}")
+    assert done.returncode == 1
+    assert f"{cf}, line 2" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_usage_errors_are_clean() -> None:
+    for args in ([], ["-q", "k"], ["-q", "k", "-s", "memcache:/x"], ["-q", "k", "nocolon"]):
+        done = run(*args)
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+
+
+def test_sequence_without_backup_warns_and_prints_nothing(tmp_path: Path,
+                                                          memcached: Memcached) -> None:
+    cf = tmp_path / "nb.cf"
+    cf.write_text(f"memcache = {memcached.spec}\n")
+    done = run("-s", f"memcache:{cf}")
+    assert (done.returncode, done.stdout) == (0, "")
+    assert "requires backup database" in done.stderr
+
+
+def test_ttl_command_explains_and_warns(tmp_path: Path) -> None:
+    cf = tmp_path / "ps.cf"
+    cf.write_text("ttl = 7776000\n")
+    done = run("ttl", f"memcache:{cf}")
+    assert done.returncode == 0
+    assert "absolute" in done.stdout and "1970" in done.stdout
+    assert "warning: ttl 7776000 is over 30 days" in done.stdout
+
+
+def test_ttl_command_checks_postscreen_ttls(tmp_path: Path) -> None:
+    """With Postfix's configuration, `memtable ttl` finds the table in
+    postscreen_cache_map and warns that its ttl is shorter than the
+    postscreen ttls it has to keep."""
+    cf = tmp_path / "ps.cf"
+    cf.write_text("ttl = 3600\n")
+    conf = tmp_path / "postfix"
+    conf.mkdir()
+    (conf / "main.cf").write_text(
+        f"compatibility_level = 3.6\npostscreen_cache_map = memcache:{cf}\n"
+        "postscreen_pipelining_ttl = 30d\npostscreen_cache_cleanup_interval = 12h\n")
+    done = run("ttl", "-c", str(conf), f"memcache:{cf}")
+    assert done.returncode == 0, done.stderr
+    assert "postscreen_cache_map uses this table" in done.stdout
+    assert "shorter than postscreen_pipelining_ttl" in done.stdout
+    assert "set ttl = 2592000" in done.stdout
+    assert "postscreen_cache_cleanup_interval should be 0" in done.stdout

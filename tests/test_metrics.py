@@ -1,0 +1,212 @@
+"""policyd.metrics: the Prometheus endpoint, scraped over real HTTP."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from memtable.endpoint import parse_endpoint
+from policyd.api import Decision
+from policyd.errors import PolicydError
+from policyd.metrics import (
+    Metrics,
+    NullMetrics,
+    action_label,
+    metrics_for,
+    reason_label,
+    start_metrics,
+)
+
+SCRAPE_TIMEOUT = 5.0
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(metrics: Metrics) -> Samples:
+    """GET /metrics and return {(sample name, sorted labels): value}."""
+    assert metrics.address is not None
+    host, port = metrics.address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics",
+                                timeout=SCRAPE_TIMEOUT) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def metrics() -> Iterator[Metrics]:
+    m = start_metrics(parse_endpoint("inet:127.0.0.1:0"))
+    yield m
+    m.close()
+
+
+def test_scrape_reflects_decisions(metrics: Metrics) -> None:
+    before = scrape(metrics)
+    assert value(before, "policyd_decisions_total",
+                 action="DEFER_IF_PERMIT", reason="new") == 0
+    metrics.decision("DEFER_IF_PERMIT", "new")
+    metrics.decision("DEFER_IF_PERMIT", "new")
+    metrics.decision("DUNNO", "whitelisted")
+    metrics.observe_decision(Decision("PREPEND X-Greylist: delayed 310 seconds", "passed",
+                                      delay=310.0))
+    metrics.observe_decision(Decision("", "store-failure", disconnect=True))
+    after = scrape(metrics)
+    assert value(after, "policyd_decisions_total", action="DEFER_IF_PERMIT", reason="new") == 2
+    assert value(after, "policyd_decisions_total", action="DUNNO", reason="whitelisted") == 1
+    assert value(after, "policyd_decisions_total", action="PREPEND", reason="passed") == 1
+    assert value(after, "policyd_decisions_total",
+                 action="disconnect", reason="store-failure") == 1
+    assert value(after, "policyd_greylist_delay_seconds_count") == 1
+    assert value(after, "policyd_greylist_delay_seconds_sum") == 310
+    assert value(after, "policyd_greylist_delay_seconds_bucket", le="300.0") == 0
+    assert value(after, "policyd_greylist_delay_seconds_bucket", le="600.0") == 1
+
+
+def test_store_latency_errors_connections_and_sizes(metrics: Metrics) -> None:
+    # Store errors exist at 0 before any failure, so alerts on rate() work.
+    assert ("policyd_store_errors_total", (("store", "triplets"),)) in scrape(metrics)
+    metrics.store_latency("triplets", "get", 0.0003)
+    metrics.store_latency("triplets", "get", 0.002)
+    metrics.store_latency("clients", "put", 1.5)
+    metrics.store_error("triplets")
+    for _ in range(3):
+        metrics.connection_opened()
+    metrics.connection_closed()
+    metrics.connection_refused()
+    metrics.request_size(300)
+    metrics.request_size(5000)
+    s = scrape(metrics)
+    get = {"store": "triplets", "op": "get"}
+    assert value(s, "policyd_store_latency_seconds_count", **get) == 2
+    assert value(s, "policyd_store_latency_seconds_bucket", le="0.0005", **get) == 1
+    assert value(s, "policyd_store_latency_seconds_bucket", le="0.0025", **get) == 2
+    assert value(s, "policyd_store_latency_seconds_bucket", le="1.0",
+                 store="clients", op="put") == 0
+    assert value(s, "policyd_store_errors_total", store="triplets") == 1
+    assert value(s, "policyd_store_errors_total", store="clients") == 0
+    assert value(s, "policyd_connections_open") == 2
+    assert value(s, "policyd_connections_total") == 3
+    assert value(s, "policyd_connections_refused_total") == 1
+    assert value(s, "policyd_request_bytes_count") == 2
+    assert value(s, "policyd_request_bytes_bucket", le="512.0") == 1
+    assert value(s, "policyd_request_bytes_sum") == 5300
+    # The process collector is there for memory and file descriptors.
+    assert value(s, "process_open_fds") > 0
+
+
+def test_labels_stay_bounded(metrics: Metrics) -> None:
+    # Whatever text arrives, the number of series does not grow with it.
+    for i in range(50):
+        metrics.decision(f"FILTER{i} smtp:[x]", f"made-up reason {i}")
+        metrics.store_latency(f"table{i}", f"op{i}", 0.001)
+        metrics.store_error(f"table{i}")
+    s = scrape(metrics)
+    decisions = [k for k in s if k[0] == "policyd_decisions_total"]
+    assert decisions == [("policyd_decisions_total", (("action", "other"), ("reason", "other")))]
+    assert value(s, "policyd_decisions_total", action="other", reason="other") == 50
+    assert value(s, "policyd_store_errors_total", store="other") == 50
+    assert value(s, "policyd_store_latency_seconds_count", store="other", op="other") == 50
+
+
+@pytest.mark.parametrize(("action", "label"), [
+    ("DUNNO", "DUNNO"),
+    ("dunno", "DUNNO"),
+    ("DEFER_IF_PERMIT Greylisted, please try again in 300 seconds", "DEFER_IF_PERMIT"),
+    ("PREPEND X-Greylist: delayed 300 seconds", "PREPEND"),
+    ("450 4.7.1 try later", "4XX"),
+    ("554 go away", "5XX"),
+    ("250 ok", "other"),
+    ("", "other"),
+    ("   ", "other"),
+    ("X-Greylist: hello", "other"),
+])
+def test_action_label(action: str, label: str) -> None:
+    assert action_label(action) == label
+
+
+@pytest.mark.parametrize(("reason", "label"), [
+    ("new", "new"),
+    ("early-retry", "early-retry"),
+    ("policy failure: TimeoutError: no decision within decision_timeout (20s)",
+     "policy-failure"),
+    ("Store-Failure", "store-failure"),
+    ("", "other"),
+    ("something else", "other"),
+])
+def test_reason_label(reason: str, label: str) -> None:
+    assert reason_label(reason) == label
+
+
+def test_registries_are_private() -> None:
+    a = start_metrics(parse_endpoint("inet:127.0.0.1:0"))
+    b = start_metrics(parse_endpoint("inet:127.0.0.1:0"))
+    try:
+        a.decision("DUNNO", "passed")
+        assert value(scrape(a), "policyd_decisions_total", action="DUNNO", reason="passed") == 1
+        assert value(scrape(b), "policyd_decisions_total", action="DUNNO", reason="passed") == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_close_stops_serving() -> None:
+    m = start_metrics(parse_endpoint("inet:127.0.0.1:0"))
+    assert m.address is not None
+    address = m.address
+    m.close()
+    m.close()  # idempotent
+    with pytest.raises(OSError), socket.create_connection(address, timeout=SCRAPE_TIMEOUT):
+        pass
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(PolicydError, match=rf"metrics_listen = inet:127.0.0.1:{port}: "
+                                               "cannot listen"):
+            start_metrics(parse_endpoint(f"inet:127.0.0.1:{port}"))
+
+
+def test_unix_endpoint_is_refused() -> None:
+    with pytest.raises(PolicydError, match="only inet"):
+        start_metrics(parse_endpoint("unix:/run/policyd/metrics"))
+
+
+def test_metrics_off() -> None:
+    null = metrics_for(None)
+    assert isinstance(null, NullMetrics)
+    # Same interface, no effect, no server.
+    null.decision("DUNNO", "passed")
+    null.observe_decision(Decision("DUNNO", "passed"))
+    null.store_latency("triplets", "get", 0.1)
+    null.store_error("triplets")
+    null.connection_opened()
+    null.connection_closed()
+    null.connection_refused()
+    null.request_size(100)
+    null.close()
+    assert null.address is None
+
+
+def test_metrics_for_endpoint() -> None:
+    m = metrics_for(parse_endpoint("inet:127.0.0.1:0"))
+    try:
+        assert isinstance(m, Metrics)
+        assert value(scrape(m), "policyd_connections_open") == 0
+    finally:
+        m.close()
