@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> rep.Report:
             _memory(report, args, workdir, memcached)
     finally:
         memcached.stop()
+        report.machine["Load average at end"] = rep.load_average()
         if args.keep:
             print(f"work directory kept: {workdir}")
         else:

@@ -58,6 +58,9 @@ MEMCACHE_PIPELINE_MAX_COMMANDS = 256
 # timeout = 0 means "no time limit" to Postfix; memtable still bounds each
 # attempt (connect + command + reply) at this many seconds.
 MEMCACHE_UNLIMITED_TIMEOUT_SECONDS = 60.0
+# A blocking socket call may outlive its attempt's deadline by at most this
+# much (saves a settimeout() system call per read on the fast path).
+MEMCACHE_DEADLINE_SLACK_SECONDS = 0.001
 
 # lmdb: recoveries (map grown by another process, map full -> double) per
 # operation before giving up with BackupError (Postfix's dict_lmdb allows 1).

@@ -53,6 +53,7 @@ from memtable import clock
 from memtable.endpoint import Endpoint
 from memtable.errors import ProtocolError, ServerUnavailableError
 from memtable.limits import (
+    MEMCACHE_DEADLINE_SLACK_SECONDS,
     MEMCACHE_GET_LINE_MAX_BYTES,
     MEMCACHE_PIPELINE_MAX_COMMANDS,
     MEMCACHE_UNLIMITED_TIMEOUT_SECONDS,
@@ -106,27 +107,36 @@ class _Client(Client):  # type: ignore[misc]  # pymemcache has no type hints
 class _GuardedSocket:
     """The socket pymemcache talks through: guard + per-attempt deadline."""
 
-    __slots__ = ("deadline", "guard", "poller", "sock")
+    __slots__ = ("armed", "deadline", "guard", "poller", "sock")
 
     def __init__(self, sock: socket.socket, guard: ReplyGuard) -> None:
         self.sock = sock
         self.guard = guard
         self.deadline = 0.0
+        self.armed = -1.0  # the timeout the socket has now (-1: unknown)
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN)
 
-    def _left(self) -> float:
+    def _arm(self) -> None:
+        """Give the next blocking call the time left before the deadline.
+
+        settimeout() is a system call; skip it while the socket's timeout is
+        within MEMCACHE_DEADLINE_SLACK_SECONDS of the time left (the usual case: a
+        reply read right after its command was sent).
+        """
         left = self.deadline - clock.monotonic()
         if left <= 0:
             raise TimeoutError("timed out")
-        return left
+        if abs(self.armed - left) > MEMCACHE_DEADLINE_SLACK_SECONDS:
+            self.sock.settimeout(left)
+            self.armed = left
 
     def sendall(self, data: bytes) -> None:
-        self.sock.settimeout(self._left())
+        self._arm()
         self.sock.sendall(data)
 
     def recv(self, size: int) -> bytes:
-        self.sock.settimeout(self._left())
+        self._arm()
         data = self.sock.recv(RECV_CHUNK_BYTES)
         if data:
             self.guard.feed(data)  # before pymemcache buffers anything
@@ -181,7 +191,8 @@ class MemcacheWire:
         """The hits among keys, as {key: (flags, value)}.
 
         One ``get k1 k2 ...`` per MEMCACHE_GET_LINE_MAX_BYTES of keys; each
-        such command has its own attempts.
+        such command has its own attempts, and any that fails for good
+        raises (no partial result).
         """
         unique = list(dict.fromkeys(keys))
         for key in unique:

@@ -45,11 +45,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"policyd: {exc}", file=sys.stderr)
         return 1
     if args.check_config:
-        sys.stdout.write(config.render())
-        return 0
+        return _check_config(config)
     command: Callable[[PolicydConfig, argparse.Namespace], int] = _COMMANDS[
         args.command or "run"]
     return command(config, args)
+
+
+def _check_config(config: PolicydConfig) -> int:
+    """Print the effective configuration, then open what it names (table
+    .cf files, backups, whitelist files) so their errors show now rather
+    than at start.  memcached itself is not contacted."""
+    from memtable.errors import MemtableError
+    from policyd.greylist import build_policy
+
+    sys.stdout.write(config.render())
+    try:
+        policy = build_policy(config)
+    except (MemtableError, OSError) as exc:
+        print(f"policyd: {exc}", file=sys.stderr)
+        return 1
+    asyncio.run(policy.aclose())
+    return 0
 
 
 def _run(config: PolicydConfig, args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ from policyd.whitelist import Whitelists
 log = logging.getLogger(__name__)
 
 DUNNO = "DUNNO"
+GREYLIST_DSN = "4.2.0"
 T = TypeVar("T")
 _PERCENT = re.compile(r"%[a-z]")
 
@@ -176,6 +177,10 @@ class GreylistPolicy:
             await _gather(*writes)
             text = expand(config.greylist_text,
                           {"s": str(wait), "r": recipient_domain(recipient)})
+            if not text[:1].isdigit():
+                # As postgrey: DSN 4.2.0 instead of Postfix's 4.7.1, which
+                # some Exchange versions treat as a permanent failure.
+                text = f"{GREYLIST_DSN} {text}"
             return Decision(f"{config.greylist_action} {text}",
                             "new" if triplet is None else "early-retry")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import re
+import socket
 import sys
 from collections.abc import Mapping
 
@@ -86,12 +87,21 @@ class _PostfixFormatter(logging.Formatter):
         return super().format(record)
 
 
-def setup_logging(config: PolicydConfig) -> None:
+class _QuietSysLogHandler(logging.handlers.SysLogHandler):
+    """Like openlog(3): reconnects on each line while syslog is away, and a
+    line it cannot send is dropped silently (stderr has it) instead of
+    printing a "--- Logging error ---" traceback per line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     """Send log lines to stderr and, when configured, to syslog.
 
     Replaces the handlers of an earlier call, so it can run again after a
-    configuration change.  An unreachable syslog socket is reported on
-    stderr and does not stop policyd.
+    configuration change.  A syslog socket that is not there (yet) is
+    reported on stderr and does not stop policyd.  Returns the handlers installed.
     """
     root = logging.getLogger()
     for handler in _installed:
@@ -107,18 +117,17 @@ def setup_logging(config: PolicydConfig) -> None:
     problem = ""
     if config.syslog:
         facility = logging.handlers.SysLogHandler.facility_names[config.syslog_facility]
-        try:
-            syslog = logging.handlers.SysLogHandler(address=config.syslog_socket,
-                                                    facility=facility)
-        except OSError as exc:
-            problem = f"syslog socket {config.syslog_socket}: {exc.strerror or exc}; " \
-                      "logging to stderr only"
-        else:
-            syslog.setFormatter(_PostfixFormatter("policyd[%(process)d]: %(severity)s%(message)s"))
-            _installed.append(syslog)
+        syslog = _QuietSysLogHandler(address=config.syslog_socket, facility=facility)
+        sock: socket.socket | None = getattr(syslog, "socket", None)  # untyped in typeshed
+        if sock is None or sock.fileno() < 0:
+            problem = (f"syslog socket {config.syslog_socket} is not available yet; "
+                       "lines go to stderr only until it is")
+        syslog.setFormatter(_PostfixFormatter("policyd[%(process)d]: %(severity)s%(message)s"))
+        _installed.append(syslog)
 
     for handler in _installed:
         root.addHandler(handler)
     root.setLevel(_LEVELS[config.log_level])
     if problem:
         logging.getLogger("policyd").warning("%s", problem)
+    return list(_installed)

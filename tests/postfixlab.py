@@ -17,6 +17,22 @@ Tests that use Postfix carry ``@pytest.mark.postfix``.
 Accepted mail is kept in the HOLD queue (``header_checks`` with ``/^/ HOLD``):
 cleanup puts it on hold before qmgr sees it, so it is never delivered,
 deferred or bounced, and tests can read it with postcat at leisure.
+
+Postfix behaviour this module works around (Debian Postfix 3.7):
+
+- Postfix programs refuse to read main.cf (and .cf or pattern files they
+  load whole) whose mtime is this second: each postfix, postconf, postmap
+  process then polls for about 2 s.  Every file written here is backdated
+  (write_aged); write test .cf files with it too.
+- ``postfix`` reports fatal errors (bad main.cf values) only to a terminal or
+  the maillog, and before start there is no postlogd to write the maillog:
+  its stderr is attached to a pseudo-terminal to capture them.
+- A Postfix fatal error costs 1 s (msg_fatal sleeps before exiting), so
+  stop() does not run ``postfix stop`` on an instance that is not running.
+- pytest's tmp_path lies under a 0700 directory that the postfix user cannot
+  traverse: instances live in their own 0755 directory under /tmp.
+- postscreen_access_list defaults to permit_mynetworks, which allowlists
+  127.0.0.1 without running (or caching) any test.
 """
 
 from __future__ import annotations
@@ -193,12 +209,14 @@ def _master_cf(port: int, postscreen_port: int | None) -> str:
 
 
 class PostfixInstance:
-    """Postfix in its own directory D (config, queue and data in D).
+    """Postfix in its own temporary directory R: config_directory R/etc
+    (``.dir``), queue R/queue, data R/data, log R/maillog; smtpd on
+    127.0.0.1:``port``, postscreen (optional) on 127.0.0.1:``postscreen_port``.
 
     ``main_cf`` lines ("name = value") replace the defaults of the same name
     (Postfix would warn about duplicates, the last one winning); Postfix
-    expands ``$config_directory`` in them (D/etc).
-    ``files`` are written into D before start (e.g. a memcache .cf).
+    expands ``$config_directory`` in them.  ``files`` are written into the
+    config directory before start (e.g. a memcache .cf for postscreen).
     """
 
     def __init__(self, main_cf: Sequence[str] = (), *, postscreen: bool = False,
@@ -209,8 +227,8 @@ class PostfixInstance:
         self.root = Path(tempfile.mkdtemp(prefix="pflab-", dir=base))
         self.root.chmod(0o755)
         # config_directory is a subdirectory, not root itself: postfix start
-        # checks that the config tree is root-owned and logs one warning per
-        # postfix-owned queue or data directory inside it (slow: 2 s).
+        # checks that the config tree is root-owned and would warn about
+        # every postfix-owned queue and data directory inside it.
         self.dir = self.root / "etc"
         self.dir.mkdir()
         self.port = free_port()
@@ -237,7 +255,6 @@ class PostfixInstance:
             f"maillog_file_prefixes = {self.root}",
             # Fast, local-only behaviour: no DNS for clients, short waits.
             "smtpd_peername_lookup = no",
-            "disable_dns_lookups = yes",
             "smtp_dns_support_level = disabled",
             "smtpd_error_sleep_time = 0",
             "smtpd_policy_service_timeout = 10s",

@@ -26,12 +26,10 @@ from memtable.errors import (
     UnsupportedTableError,
 )
 from memtable.table import Table
-from tests.postfixlab import (  # noqa: F401  (postmap_config: fixture)
-    COMMAND_TIMEOUT,
-    POSTMAP,
-    postmap_config,
-    run_postmap,
-)
+from tests import postfixlab
+from tests.postfixlab import COMMAND_TIMEOUT, POSTMAP, run_postmap
+
+postmap_config = postfixlab.postmap_config  # fixture
 
 OLD = 1_500_000_000  # an mtime long past: no "hot file" re-read (ours or postmap's)
 
@@ -305,7 +303,7 @@ def test_texthash_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     missing = tmp_path / "missing"
     with pytest.raises(ConfigError, match=f"open database {missing}: No such file"):
         TexthashTable(str(missing), read_write=False, fold=True)
-    with pytest.raises(ConfigError, match="open database .*: Is a directory"):
+    with pytest.raises(ConfigError, match=r"open database .*: Is a directory"):
         TexthashTable(str(tmp_path), read_write=False, fold=True)
     src = tmp_path / "big"
     write_old(src, b"k " + b"v" * 100 + b"\n")

@@ -60,12 +60,30 @@ def write_cf(tmp_path: Path, text: str) -> Path:
 
 def test_check_config_good(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cf = write_cf(tmp_path, "listen = inet:127.0.0.1:10025, unix:/run/p.sock\n"
-                            "max_connections = 10\n")
+                            "max_connections = 10\n"
+                            f"triplet_table = lmdb:{tmp_path}/triplets\n"
+                            f"client_table = lmdb:{tmp_path}/clients\n")
     assert main(["--check-config", "-c", str(cf)]) == 0
     out = capsys.readouterr().out
     assert "listen = inet:127.0.0.1:10025, unix:/run/p.sock\n" in out
     assert "max_connections = 10\n" in out
     assert "idle_timeout = 600\n" in out  # defaults shown too
+
+
+def test_check_config_opens_tables_and_whitelists(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Errors in the files policyd.cf names show at --check-config time."""
+    table_cf = tmp_path / "triplets.cf"
+    table_cf.write_text("memcache = inet:127.0.0.1:11211\nmax_try = 0\n")
+    cf = write_cf(tmp_path, f"triplet_table = memcache:{table_cf}\n"
+                            f"client_table = lmdb:{tmp_path}/clients\n")
+    assert main(["--check-config", "-c", str(cf)]) == 1
+    assert f"{table_cf}, line 2: max_try = 0" in capsys.readouterr().err
+    cf = write_cf(tmp_path, f"triplet_table = lmdb:{tmp_path}/t\n"
+                            f"client_table = lmdb:{tmp_path}/clients\n"
+                            f"whitelist_clients = {tmp_path}/missing\n")
+    assert main(["--check-config", "-c", str(cf)]) == 1
+    assert "missing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -216,6 +216,17 @@ def test_idle_timeout_closes_quietly(start_server: StartServer,
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_activity_and_slow_decisions_do_not_count_as_idle(start_server: StartServer) -> None:
+    srv = start_server(idle_timeout=0.2, decision_timeout=5)
+    with connect(srv.inet) as sock:
+        for _ in range(4):  # 0.4 s of traffic, each gap under idle_timeout
+            assert ask(sock, request()) == b"action=DUNNO\n\n"
+            time.sleep(0.1)
+        assert ask(sock, request(test_sleep="0.35")) == b"action=DUNNO\n\n"
+        assert ask(sock, request(test_action="OK")) == b"action=OK\n\n"
+    assert srv.server.stats.idle_timeouts == 0
+
+
 def test_read_timeout_bounds_an_unfinished_request(start_server: StartServer,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     srv = start_server(read_timeout=0.3, idle_timeout=60)

@@ -47,6 +47,9 @@ def open_backend(type_: str, name: str, *, read_write: bool, fold: bool) -> Tabl
         return TexthashTable(name, read_write=read_write, fold=fold)
     supported = ", ".join(f"{t}:" for t in SUPPORTED_TYPES)
     spec = f"{type_}:{name}"
+    if kind == "memcache":
+        raise UnsupportedTableError(
+            f'"{spec}": memcache tables are opened by memtable.open_table(), not here')
     if kind == "proxy":
         raise UnsupportedTableError(
             f'"{spec}": memtable does not use proxymap(8); it opens table files itself '

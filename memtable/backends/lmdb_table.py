@@ -120,43 +120,60 @@ class LmdbTable(Table):
             shared = _registry.get(key)
             if shared is None:
                 try:
-                    env = self._open_env(fd, st.st_size, deadline)
+                    env = self._open_env(fd, st.st_size, deadline, writable=self.read_write)
                 except BaseException:
                     os.close(fd)
                     raise
                 shared = _registry[key] = _Shared(key, fd, env, self.read_write)
                 return shared
-            self._acquire_mutex(shared, deadline)
             try:
-                # Closing our extra descriptor is safe only while no other
-                # table of this process holds the fcntl lock: we hold the mutex.
+                self._acquire_mutex(shared, deadline)
+            except BackupError:
+                os.close(fd)
+                raise
+            try:
+                # Closing a descriptor drops this process's fcntl locks on
+                # the file; safe only because we hold the mutex.
                 if self.read_write and not shared.writable:
-                    # Reopen the shared environment read-write.
-                    shared.env.close()
-                    os.close(shared.fd)
-                    shared.fd = fd
-                    shared.writable = True
-                    shared.env = self._open_env(fd, os.fstat(fd).st_size, deadline)
+                    self._reopen_writable(shared, fd, deadline)
                 else:
                     os.close(fd)
                 shared.refs += 1
-            except OSError as exc:
-                raise BackupError(f"{self.spec}: reopen {self.db_path}: {exc.strerror}") from None
             finally:
                 shared.mutex.release()
             return shared
 
-    def _open_env(self, fd: int, size: int, deadline: float) -> lmdb.Environment:
+    def _reopen_writable(self, shared: _Shared, fd: int, deadline: float) -> None:
+        """Replace a shared read-only environment by a read-write one (py-lmdb
+        cannot open the file twice); on failure, go back to read-only."""
+        old_fd = shared.fd
+        shared.env.close()
+        shared.fd = fd
+        os.close(old_fd)
+        try:
+            shared.env = self._open_env(fd, os.fstat(fd).st_size, deadline, writable=True)
+            shared.writable = True
+        except (OSError, BackupError) as exc:
+            shared.env = self._open_env(fd, 1, self._deadline(), writable=False)
+            if isinstance(exc, OSError):
+                raise BackupError(f"{self.spec}: reopen {self.db_path}: "
+                                  f"{exc.strerror}") from None
+            raise
+
+    def _open_env(self, fd: int, size: int, deadline: float, *,
+                  writable: bool) -> lmdb.Environment:
         # slmdb_open(): start at lmdb_map_size, or the file size plus room.
         map_size = limits.LMDB_INITIAL_MAP_BYTES
         if size > map_size - _SLMDB_FUDGE:
             map_size = min(size + _SLMDB_FUDGE, max(size, limits.LMDB_MAX_MAP_BYTES))
-        # Locked while LMDB reads (or, for a new file, writes) the meta pages.
-        self._lock_fd(fd, self.read_write, deadline)
+        # Locked while LMDB reads the meta pages: shared, so that opening
+        # does not wait for a postmap rebuild; exclusive only when LMDB is
+        # about to write the first meta pages of a new (empty) file.
+        self._lock_fd(fd, writable and size == 0, deadline)
         try:
             return lmdb.open(self.db_path, map_size=map_size, subdir=False,
-                             readonly=not self.read_write, lock=False, max_dbs=0,
-                             mode=0o644, create=self.read_write)
+                             readonly=not writable, lock=False, max_dbs=0,
+                             mode=0o644, create=writable)
         except lmdb.Error as exc:
             raise BackupError(f"{self.spec}: open database {self.db_path}: {exc}") from None
         finally:

@@ -1,0 +1,170 @@
+"""Smoke test of the benchmark's load generator (no speed assertions).
+
+A tiny asyncio server in this process (its own thread and event loop)
+answers ``action=DUNNO``; the generator, in its own processes as in the
+real benchmark, drives it for about a second.  The figures must be sane:
+requests counted, no errors, every reply seen as DUNNO, p50 <= p99 <= max.
+Also: the request is a complete Postfix 3.7 RCPT request, and a server
+that answers garbage or hangs up is counted as errors, not a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from bench.loadgen import LoadSpec, parse_reply, percentile, run_load
+from bench.requests import MIXES, make_source
+
+THREAD_JOIN_SECONDS = 5.0
+
+
+class _Replier(asyncio.Protocol):
+    """Answers each complete request (ends with an empty line) with reply()."""
+
+    def __init__(self, reply: Callable[[int], bytes | None]) -> None:
+        self.reply = reply
+        self.buf = b""
+        self.count = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\n\n" in self.buf and self.transport is not None:
+            _, _, self.buf = self.buf.partition(b"\n\n")
+            self.count += 1
+            answer = self.reply(self.count)
+            if answer is None:
+                self.transport.close()
+                return
+            self.transport.write(answer)
+
+
+@contextmanager
+def policy_server(reply: Callable[[int], bytes | None]) -> Iterator[int]:
+    """A loopback server in a thread of its own; yields its port."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port: list[int] = []
+
+    async def start() -> asyncio.Server:
+        server = await loop.create_server(lambda: _Replier(reply), "127.0.0.1", 0)
+        port.append(server.sockets[0].getsockname()[1])
+        return server
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(start())
+        ready.set()
+        loop.run_forever()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(THREAD_JOIN_SECONDS), "test server did not start"
+    try:
+        yield port[0]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(THREAD_JOIN_SECONDS)
+
+
+def test_closed_loop_figures_are_sane() -> None:
+    with policy_server(lambda _: b"action=DUNNO\n\n") as port:
+        result = run_load(LoadSpec("127.0.0.1", port, connections=4, mix="mixed",
+                                   duration=1.0, timeout=5.0, connect_timeout=5.0))
+    assert result.requests > 0
+    assert result.errors == {}
+    assert result.actions == {"DUNNO": result.requests}
+    assert 0 < result.p50_ms <= result.p99_ms <= result.max_ms
+    assert 0.5 < result.elapsed < 10
+    assert result.rps == pytest.approx(result.requests / result.elapsed)
+
+
+def test_request_count_mode_stops_at_the_quota() -> None:
+    with policy_server(lambda _: b"action=DUNNO\n\n") as port:
+        result = run_load(LoadSpec("127.0.0.1", port, connections=3, mix="new", duration=30.0,
+                                   requests=50, timeout=5.0, connect_timeout=5.0))
+    assert result.requests == 50
+    assert result.error_count == 0
+
+
+def test_bad_servers_are_counted_as_errors() -> None:
+    # Counted over all connections (each error makes the generator
+    # reconnect): every 5th reply is garbage, every 7th a hang-up.
+    total = itertools.count(1)
+
+    def reply(_: int) -> bytes | None:
+        n = next(total)
+        if n % 7 == 0:
+            return None
+        return b"nonsense\n\n" if n % 5 == 0 else b"action=DEFER_IF_PERMIT Greylisted\n\n"
+
+    with policy_server(reply) as port:
+        result = run_load(LoadSpec("127.0.0.1", port, connections=2, mix="hot", duration=0.5,
+                                   timeout=5.0, connect_timeout=5.0))
+    assert result.errors.get("malformed", 0) > 0
+    assert result.errors.get("closed", 0) > 0
+    assert result.requests > 0
+    assert set(result.actions) == {"DEFER_IF_PERMIT"}
+
+
+def test_nothing_listening_is_a_connect_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        result = run_load(LoadSpec("127.0.0.1", port, connections=1, duration=0.2,
+                                   timeout=1.0, connect_timeout=1.0))
+    assert result.requests == 0
+    assert result.errors.get("connect", 0) >= 1
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_requests_are_complete_postfix_37_rcpt_requests(mix: str) -> None:
+    source = make_source(mix, worker=0)
+    seen = set()
+    for _ in range(200):
+        raw = source()
+        assert raw.endswith(b"\n\n") and raw.count(b"\n\n") == 1
+        attrs = dict(line.split("=", 1) for line in raw.decode().splitlines() if line)
+        assert attrs["request"] == "smtpd_access_policy"
+        assert attrs["protocol_state"] == "RCPT"
+        for name in ("client_address", "client_name", "reverse_client_name", "helo_name",
+                     "sender", "recipient", "instance", "size", "server_address", "server_port",
+                     "client_port", "policy_context", "ccert_pubkey_fingerprint", "stress",
+                     "encryption_keysize", "sasl_method", "etrn_domain"):
+            assert name in attrs, name
+        seen.add((attrs["client_address"], attrs["sender"], attrs["recipient"]))
+    if mix == "new":
+        assert len(seen) == 200  # never a repeat
+    else:
+        assert len(seen) < 200  # repeats of a hot/warm set
+
+
+def test_new_triplets_differ_between_workers() -> None:
+    a, b = make_source("new", worker=0), make_source("new", worker=1)
+    assert not {a() for _ in range(100)} & {b() for _ in range(100)}
+
+
+def test_reply_parsing_and_percentiles() -> None:
+    assert parse_reply(b"action=DUNNO\n\n") == "DUNNO"
+    assert parse_reply(b"action=defer_if_permit Greylisted, retry\n\n") == "DEFER_IF_PERMIT"
+    assert parse_reply(b"action=\n\n") is None
+    assert parse_reply(b"action=DUNNO\nextra=1\n\n") is None
+    assert parse_reply(b"DUNNO\n\n") is None
+    assert percentile([], 0.5) == 0
+    values = list(range(1, 101))
+    assert (percentile(values, 0.5), percentile(values, 0.99), percentile(values, 1.0)) == \
+        (50, 99, 100)

@@ -1,0 +1,116 @@
+"""policyd.logsetup: the decision line (logfmt) and where lines go
+(stderr, and a real UNIX datagram socket standing in for /dev/log)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from policyd.api import Decision
+from policyd.config import PolicydConfig
+from policyd.logsetup import format_decision, logfmt_value, setup_logging
+
+REQUEST = {"request": "smtpd_access_policy", "client_address": "192.0.2.1",
+           "client_name": "mx.example.com", "sender": "a@b.example",
+           "recipient": "c@d.example", "queue_id": "ABC123"}
+
+
+def test_decision_line() -> None:
+    line = format_decision(REQUEST, Decision("DEFER_IF_PERMIT Greylisted", "new"))
+    assert line == ('action="DEFER_IF_PERMIT Greylisted" reason=new client=192.0.2.1 '
+                    "client_name=mx.example.com sender=a@b.example recipient=c@d.example "
+                    "delay=- queue_id=ABC123")
+
+
+def test_decision_line_delay_null_sender_missing_and_disconnect() -> None:
+    request = {"client_address": "192.0.2.1", "sender": ""}
+    line = format_decision(request, Decision("DUNNO", "pass", delay=312.6))
+    assert line == ("action=DUNNO reason=pass client=192.0.2.1 client_name=- sender=<> "
+                    "recipient=- delay=313 queue_id=-")
+    line = format_decision(request, Decision("DUNNO", "store", disconnect=True))
+    assert line.startswith("action=disconnect reason=store ")
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("plain@example.com", "plain@example.com"),
+    ("", "-"),
+    (None, "-"),
+    ("two words", '"two words"'),
+    ('say "hi"', '"say \\"hi\\""'),
+    ("a=b", '"a=b"'),
+    ("back\\slash", '"back\\\\slash"'),
+    ("line\rbreak\x7f", '"line\\x0dbreak\\x7f"'),
+    ("tab\there", '"tab\\x09here"'),
+    ("j\u00f6rg", "j\u00f6rg"),
+])
+def test_logfmt_value(value: str | None, shown: str) -> None:
+    assert logfmt_value(value) == shown
+
+
+def test_client_cannot_forge_fields() -> None:
+    request = dict(REQUEST, client_name='x action=OK reason="forged"')
+    line = format_decision(request, Decision("DUNNO", "r"))
+    fields = dict(token.split("=", 1) for token in shlex.split(line))
+    assert list(fields) == ["action", "reason", "client", "client_name", "sender",
+                            "recipient", "delay", "queue_id"]
+    assert fields["action"] == "DUNNO"
+    assert fields["client_name"] == 'x action=OK reason="forged"'
+
+
+@pytest.fixture
+def restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_syslog_and_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as devlog:
+        devlog.bind(path)
+        devlog.settimeout(5)
+        config = PolicydConfig(syslog=True, syslog_socket=path, syslog_facility="mail",
+                               log_level="info")
+        handlers = setup_logging(config)
+        assert len(handlers) == 2
+        logging.getLogger("policyd.test").warning("disk %s", "full")
+        logging.getLogger("policyd.test").debug("not shown at info")
+        datagram = devlog.recv(4096).decode()
+    # mail (2) * 8 + warning (4) = <20>
+    assert datagram == f"<20>policyd[{os.getpid()}]: warning: disk full\x00"
+    err = capsys.readouterr().err
+    assert f"policyd[{os.getpid()}]: warning: disk full" in err
+    assert "not shown" not in err
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_syslog_socket_absent_at_start(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "log")
+    handlers = setup_logging(PolicydConfig(syslog=True, syslog_socket=path))
+    log = logging.getLogger("policyd.test")
+    log.info("while syslog is away")
+    err = capsys.readouterr().err
+    assert "is not available yet" in err
+    assert "while syslog is away" in err
+    assert "Traceback" not in err and "Logging error" not in err
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as devlog:
+        devlog.bind(path)  # syslog comes up: lines reach it again
+        devlog.settimeout(5)
+        log.info("back")
+        assert devlog.recv(4096).endswith(b"]: back\x00")
+    # A second call replaces the handlers instead of adding more.
+    setup_logging(PolicydConfig())
+    assert not [h for h in logging.getLogger().handlers if h in handlers]

@@ -1,0 +1,77 @@
+"""policyd processes against real memcached: sharing state between hosts,
+and memcached going away and coming back."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.conftest import Memcached, start_memcached
+from tests.policyd_proc import PolicydProcess, policyd_factory  # noqa: F401
+
+DELAY = 1  # greylist_delay in these tests: real processes, real time
+FAST = f"greylist_delay = {DELAY}s\nauto_whitelist_clients = 0\n"
+
+
+def triplet(n: int) -> dict[str, str]:
+    return {"client_address": f"198.51.100.{n}", "client_name": "unknown",
+            "sender": f"sender{n}@example.org", "recipient": f"rcpt{n}@example.com",
+            "instance": f"inst{n}"}
+
+
+def test_two_policyd_share_one_memcached(tmp_path: Path, memcached: Memcached,
+                                         policyd_factory: type[PolicydProcess]) -> None:
+    """A triplet first seen by one host passes on the other (no shared disk:
+    each has its own lmdb backup)."""
+    a = policyd_factory(tmp_path / "a", memcached.spec, extra=FAST).start()
+    b = policyd_factory(tmp_path / "b", memcached.spec, extra=FAST).start()
+    assert a.ask(**triplet(1)).startswith("DEFER_IF_PERMIT")
+    assert b.ask(**triplet(1)).startswith("DEFER_IF_PERMIT")  # early retry, seen by A
+    time.sleep(DELAY + 0.3)
+    assert b.ask(**triplet(1)).startswith("PREPEND X-Greylist: delayed")
+    assert a.ask(**triplet(1)) == "DUNNO"
+    assert "reason=new" in a.log_text()
+    assert "reason=early-retry" in b.log_text() and "reason=passed" in b.log_text()
+
+
+def test_memcached_outage_with_backup(tmp_path: Path,
+                                      policyd_factory: type[PolicydProcess]) -> None:
+    """memcached stops mid-run: answers go on from the lmdb backup (the
+    failure is logged), and triplets that had passed still pass, during the
+    outage and after memcached returns empty."""
+    server = start_memcached(tmp_path)
+    port = server.port
+    try:
+        p = policyd_factory(tmp_path / "p", server.spec, extra=FAST).start()
+        assert p.ask(**triplet(2)).startswith("DEFER_IF_PERMIT")
+        time.sleep(DELAY + 0.3)
+        assert p.ask(**triplet(2)).startswith("PREPEND")
+        server.stop()
+        assert p.ask(**triplet(2)) == "DUNNO"           # passed, from the backup
+        assert p.ask(**triplet(3)).startswith("DEFER_IF_PERMIT")  # still greylisting
+        assert "127.0.0.1" in p.log_text() and "warning" in p.log_text().lower()
+        server = start_memcached(tmp_path, port=port)  # back, but empty
+        assert p.ask(**triplet(2)) == "DUNNO"
+        time.sleep(DELAY + 0.3)
+        assert p.ask(**triplet(3)).startswith("PREPEND")  # first sight kept in the backup
+    finally:
+        server.stop()
+
+
+def test_store_failure_action(tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
+    """Without a backup, a dead memcached is a store failure: DUNNO (fail
+    open) or no reply at all, as store_failure_action says, and it is logged."""
+    server = start_memcached(tmp_path)
+    try:
+        open_ = policyd_factory(tmp_path / "open", server.spec, backup=False,
+                                extra=FAST).start()
+        closed = policyd_factory(tmp_path / "closed", server.spec, backup=False,
+                                 extra=FAST + "store_failure_action = disconnect\n").start()
+        assert open_.ask(**triplet(4)).startswith("DEFER_IF_PERMIT")
+        server.stop()
+        assert open_.ask(**triplet(4)) == "DUNNO"
+        assert closed.ask(**triplet(4)) == ""
+        assert "reason=store-failure" in open_.log_text()
+        assert "store-failure" in closed.log_text()
+    finally:
+        server.stop()
