@@ -34,6 +34,8 @@ class IdleResult:
     rss_before_kib: int
     rss_idle_kib: int
     rss_after_close_kib: int
+    anon_before_kib: int
+    anon_idle_kib: int
 
 
 @dataclass
@@ -42,17 +44,19 @@ class GrowthResult:
     requests: int
     errors: int
     rss_start_kib: int
-    # (requests so far, RSS KiB) after each chunk
-    points: list[tuple[int, int]] = field(default_factory=list)
+    anon_start_kib: int
+    # (requests so far, RSS KiB, anonymous RSS KiB) after each chunk
+    points: list[tuple[int, int, int]] = field(default_factory=list)
     runs: list[LoadResult] = field(default_factory=list)
 
     @property
     def second_half_growth_kib(self) -> int:
-        """RSS growth over the second half of the run (0 if too few points)."""
+        """Anonymous RSS growth over the second half of the run (0 if too
+        few points): heap that keeps growing once warm is a leak."""
         if len(self.points) < 2:
             return 0
-        middle = self.points[len(self.points) // 2 - 1][1]
-        return self.points[-1][1] - middle
+        middle = self.points[len(self.points) // 2 - 1][2]
+        return self.points[-1][2] - middle
 
 
 def _ask(sock: socket.socket, request: bytes) -> bool:
@@ -67,7 +71,7 @@ def _ask(sock: socket.socket, request: bytes) -> bool:
 
 
 def idle_connections(server: Server, count: int) -> IdleResult:
-    before = server.rss_kib()
+    before, anon_before = server.rss_kib(), server.anon_kib()
     socks: list[socket.socket] = []
     errors = 0
     try:
@@ -92,16 +96,17 @@ def idle_connections(server: Server, count: int) -> IdleResult:
             except OSError:
                 errors += 1
         time.sleep(IDLE_SETTLE_SECONDS)
-        idle = server.rss_kib()
+        idle, anon_idle = server.rss_kib(), server.anon_kib()
     finally:
         for s in socks:
             s.close()
     time.sleep(IDLE_SETTLE_SECONDS)
-    return IdleResult(server.name, count, len(socks), errors, before, idle, server.rss_kib())
+    return IdleResult(server.name, count, len(socks), errors, before, idle, server.rss_kib(),
+                      anon_before, anon_idle)
 
 
 def request_growth(server: Server, requests: int, timeout: float = 10.0) -> GrowthResult:
-    result = GrowthResult(server.name, 0, 0, server.rss_kib())
+    result = GrowthResult(server.name, 0, 0, server.rss_kib(), server.anon_kib())
     chunk = max(1, requests // CHUNKS)
     done = 0
     for i in range(CHUNKS):
@@ -116,6 +121,6 @@ def request_growth(server: Server, requests: int, timeout: float = 10.0) -> Grow
         result.runs.append(run)
         done += run.requests
         result.errors += run.error_count
-        result.points.append((done, server.rss_kib()))
+        result.points.append((done, server.rss_kib(), server.anon_kib()))
     result.requests = done
     return result

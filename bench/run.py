@@ -183,13 +183,16 @@ def _memory(report: rep.Report, args: argparse.Namespace, workdir: Path,
             print(f"\nmemory {name}: {idle.opened:,}/{idle.connections:,} idle connections, "
                   f"{idle.errors} errors; RSS {idle.rss_before_kib / 1024:.1f} -> "
                   f"{idle.rss_idle_kib / 1024:.1f} MiB (after close "
-                  f"{idle.rss_after_close_kib / 1024:.1f})", flush=True)
+                  f"{idle.rss_after_close_kib / 1024:.1f}); anonymous "
+                  f"{idle.anon_before_kib / 1024:.1f} -> {idle.anon_idle_kib / 1024:.1f} MiB",
+                  flush=True)
             if name == "policyd":
                 print(f"memory policyd: {args.memory_requests:,} requests ...", flush=True)
                 growth = request_growth(server, args.memory_requests, args.timeout)
                 report.growth = growth
-                for (n, rss), r in zip(growth.points, growth.runs, strict=False):
-                    print(f"  after {n:,} requests: RSS {rss / 1024:.1f} MiB "
+                for (n, rss, anon), r in zip(growth.points, growth.runs, strict=False):
+                    print(f"  after {n:,} requests: RSS {rss / 1024:.1f} MiB, anonymous "
+                          f"{anon / 1024:.1f} MiB "
                           f"({r.rps:,.0f} req/s, errors {r.error_count})", flush=True)
         except LoadError as exc:
             print(f"memory {name}: load generator failed: {exc}", flush=True)

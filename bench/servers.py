@@ -45,16 +45,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set size of ``pid`` in KiB (VmRSS), 0 if it is gone."""
+def _status_kib(pid: int, field: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (VmRSS), 0 if it is gone."""
+    return _status_kib(pid, "VmRSS")
+
+
+def anon_kib(pid: int) -> int:
+    """The anonymous part of the RSS (heap, stacks): what a leak grows.
+    VmRSS also counts mapped file pages, such as an lmdb backup's map,
+    which grow with the data and are the kernel's to drop."""
+    return _status_kib(pid, "RssAnon")
 
 
 def policy_answers(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -97,6 +108,9 @@ class Server:
 
     def rss_kib(self) -> int:
         return rss_kib(self.proc.pid)
+
+    def anon_kib(self) -> int:
+        return anon_kib(self.proc.pid)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

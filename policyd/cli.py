@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from memtable.errors import ConfigError
+from memtable.errors import ConfigError, MemtableError
 from policyd.config import DEFAULT_CONFIG_PATH, PolicydConfig
 from policyd.errors import PolicydError
 
@@ -55,7 +55,6 @@ def _check_config(config: PolicydConfig) -> int:
     """Print the effective configuration, then open what it names (table
     .cf files, backups, whitelist files) so their errors show now rather
     than at start.  memcached itself is not contacted."""
-    from memtable.errors import MemtableError
     from policyd.greylist import build_policy
 
     sys.stdout.write(config.render())
@@ -76,7 +75,7 @@ def _run(config: PolicydConfig, args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(_serve(config))
-    except (ConfigError, PolicydError, OSError, ImportError) as exc:
+    except (MemtableError, PolicydError, OSError, ImportError) as exc:
         log.critical("%s", exc)
         return 1
     except KeyboardInterrupt:  # SIGINT before the handlers were installed
@@ -90,9 +89,16 @@ async def _serve(config: PolicydConfig) -> None:
     from policyd.greylist import build_policy
     from policyd.server import PolicyServer
 
-    policy = build_policy(config)
+    from policyd.metrics import metrics_for
+
+    metrics = metrics_for(config.metrics_listen)
     try:
-        server = PolicyServer(config, policy)
+        policy = build_policy(config, metrics)
+    except BaseException:
+        metrics.close()
+        raise
+    try:
+        server = PolicyServer(config, policy, metrics=metrics)
         await server.start()
         server.install_signal_handlers()
         log.info("policyd started (%s)", config.path)
@@ -103,6 +109,7 @@ async def _serve(config: PolicydConfig) -> None:
             server.remove_signal_handlers()
     finally:
         await policy.aclose()
+        metrics.close()
 
 
 def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

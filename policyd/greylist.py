@@ -8,8 +8,12 @@ first time is deferred; a retry after ``greylist_delay`` and within
 whitelists name skip greylisting.  The stores are reached through
 policyd.store, so nothing here blocks the event loop.
 
-Triplet record, stored as ``first_seen,last_seen,passed`` (passed 0/1):
-new ones with ttl retry_window, passed ones with ttl max_age.  A passed
+Triplet record, stored as ``first_seen,last_seen,passed,passed_at``
+(passed 0/1; passed_at the UNIX time of the retry that ended greylisting, 0
+while pending; records of older versions have no passed_at and read as 0,
+"delay unknown"): new ones with ttl retry_window, passed ones with ttl
+max_age.  passed_at - first_seen is the sender's retry delay, which
+``policyd report`` collects (last_seen moves on, so it cannot tell).  A passed
 triplet's last_seen (and ttl) is rewritten at most once per
 RECORD_REFRESH_INTERVAL to save writes, so it stays good for at least
 max_age - RECORD_REFRESH_INTERVAL after it was last seen.  Times are also
@@ -32,6 +36,7 @@ from memtable.table import Table
 from policyd import limits
 from policyd.api import Decision
 from policyd.config import PolicydConfig
+from policyd.metrics import Metrics, NullMetrics
 from policyd.reputation import ClientRecord, load_client_record, postscreen_verified
 from policyd.store import Store, StoreError
 from policyd.triplet import (
@@ -57,19 +62,36 @@ class TripletRecord:
     first_seen: int
     last_seen: int
     passed: bool = False
+    passed_at: int = 0  # when the delay ended; 0: pending, or unknown (old record)
 
     def serialise(self) -> str:
-        return f"{self.first_seen},{self.last_seen},{int(self.passed)}"
+        return f"{self.first_seen},{self.last_seen},{int(self.passed)},{self.passed_at}"
 
     @classmethod
     def parse(cls, value: str) -> TripletRecord:
-        """ValueError unless value is ``first,last,0|1``."""
+        """ValueError unless value is ``first,last,0|1,passed_at`` or the
+        older ``first,last,0|1`` (passed_at 0 then)."""
         fields = value.split(",")
-        if (len(value) > limits.RECORD_MAX_CHARS or len(fields) != 3
+        if (len(value) > limits.RECORD_MAX_CHARS or len(fields) not in (3, 4)
                 or not all(f.isascii() and f.isdigit() for f in fields)
                 or fields[2] not in ("0", "1")):
             raise ValueError(f"malformed triplet record {value[:80]!r}")
-        return cls(int(fields[0]), int(fields[1]), fields[2] == "1")
+        passed_at = int(fields[3]) if len(fields) == 4 else 0
+        return cls(int(fields[0]), int(fields[1]), fields[2] == "1", passed_at)
+
+    @property
+    def delay(self) -> int | None:
+        """How long the sender took to retry past greylisting, when known."""
+        if not self.passed or self.passed_at < self.first_seen or self.passed_at == 0:
+            return None
+        return self.passed_at - self.first_seen
+
+    def expired(self, now: int, retry_window: int, max_age: int) -> bool:
+        """Past its lifetime: pending and first seen more than retry_window
+        ago, or passed and unseen for more than max_age."""
+        if self.passed:
+            return now - self.last_seen > max_age
+        return now - self.first_seen > retry_window
 
 
 def expand(template: str, values: Mapping[str, str]) -> str:
@@ -159,7 +181,8 @@ class GreylistPolicy:
             writes: list[Awaitable[None]] = []
             if not 0 <= now - triplet.last_seen < limits.RECORD_REFRESH_INTERVAL:
                 writes.append(self.triplets.put(
-                    tkey, TripletRecord(triplet.first_seen, now, True).serialise(),
+                    tkey, TripletRecord(triplet.first_seen, now, True,
+                                        triplet.passed_at).serialise(),
                     config.max_age))
             if record.needs_refresh(now):
                 writes.append(self.clients.put(ckey, record.seen(now).serialise(),
@@ -187,7 +210,7 @@ class GreylistPolicy:
         # The delay is over: this retry ends greylisting for the triplet.
         delay = now - first
         await _gather(
-            self.triplets.put(tkey, TripletRecord(first, now, True).serialise(),
+            self.triplets.put(tkey, TripletRecord(first, now, True, now).serialise(),
                               config.max_age),
             self.clients.put(ckey, record.count_pass(now).serialise(), config.max_age))
         action = DUNNO
@@ -208,13 +231,13 @@ class GreylistPolicy:
         except ValueError as exc:
             log.warning("ignoring triplet record: %s", exc)
             return None
-        if triplet.passed:
-            return None if now - triplet.last_seen > self.config.max_age else triplet
-        if triplet.first_seen > now:
+        if not triplet.passed and triplet.first_seen > now:
             # Written by a host whose clock is ahead: start again from now
             # (postgrey corrects it the same way), rather than wait forever.
             return None
-        return None if now - triplet.first_seen > self.config.retry_window else triplet
+        if triplet.expired(now, self.config.retry_window, self.config.max_age):
+            return None
+        return triplet
 
     async def _postscreen_verified(self, address: str, now: int) -> bool:
         """postscreen's cache is advice: a failing cache only means "not
@@ -260,7 +283,8 @@ def _ok(result: T | BaseException) -> T:
     return result
 
 
-def build_policy(config: PolicydConfig) -> GreylistPolicy:
+def build_policy(config: PolicydConfig,
+                 metrics: Metrics | NullMetrics | None = None) -> GreylistPolicy:
     """Read the whitelists and open the stores of ``config`` (blocking: call
     at start-up).  ConfigError (and memtable's open errors) propagate."""
     from memtable.registry import open_table
@@ -276,6 +300,7 @@ def build_policy(config: PolicydConfig) -> GreylistPolicy:
         for table in tables:
             table.close()
         raise
-    stores = [Store(table) for table in tables]
+    names = ("triplets", "clients", "postscreen")
+    stores = [Store(table, name=name, metrics=metrics) for name, table in zip(names, tables)]
     postscreen = stores[2] if len(stores) > 2 else None
     return GreylistPolicy(config, stores[0], stores[1], postscreen, whitelist)

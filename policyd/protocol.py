@@ -27,7 +27,7 @@ here, documented:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import methodcaller
 
 from policyd import limits
@@ -40,9 +40,11 @@ _split_attr = methodcaller("split", "=", 1)
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One complete policy request: attribute name -> value."""
+    """One complete policy request: attribute name -> value, and its size
+    in bytes on the wire (for metrics)."""
 
     attrs: dict[str, str]
+    size: int = field(default=0, compare=False)
 
 
 def _show(data: bytes | bytearray | str) -> str:
@@ -190,7 +192,7 @@ def _parse_request(buf: bytes | bytearray, start: int, end: int) -> Request:
         if request is None:
             raise PolicyProtocolError('request without "request=" attribute')
         raise PolicyProtocolError(f"unsupported request={_show(request)}")
-    return Request(attrs)
+    return Request(attrs, end + 2 - start)
 
 
 def format_reply(action: str) -> bytes:

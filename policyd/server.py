@@ -26,6 +26,7 @@ from policyd import limits
 from policyd.api import Decision, Policy
 from policyd.config import PolicydConfig
 from policyd.errors import PolicyProtocolError
+from policyd.metrics import Metrics, NullMetrics
 from policyd.listeners import Listener, open_listeners
 from policyd.logsetup import DECISION_LOGGER, format_decision, log_decision
 from policyd.protocol import PolicyParser, format_reply
@@ -82,9 +83,11 @@ class PolicyServer:
     """
 
     def __init__(self, config: PolicydConfig, policy: Policy,
-                 listeners: list[Listener] | None = None) -> None:
+                 listeners: list[Listener] | None = None,
+                 metrics: Metrics | NullMetrics | None = None) -> None:
         self._config = config
         self._policy = policy
+        self._metrics = metrics or NullMetrics()
         self._listeners = listeners
         self._servers: list[asyncio.AbstractServer] = []
         self._conns: dict[asyncio.Task[Any], _Connection] = {}
@@ -220,6 +223,7 @@ class PolicyServer:
         conn = _Connection(peer, writer, task)
         self._conns[task] = conn
         self.stats.connections += 1
+        self._metrics.connection_opened()
         try:
             await self._serve(reader, writer, conn)
         except (ConnectionError, TimeoutError):
@@ -232,6 +236,7 @@ class PolicyServer:
             log.error("%s: internal error: %s: %s", peer, type(exc).__name__, exc)
             log.debug("traceback", exc_info=True)
         finally:
+            self._metrics.connection_closed()
             if conn.timer is not None:
                 conn.timer.cancel()
             del self._conns[task]
@@ -242,6 +247,7 @@ class PolicyServer:
 
     def _refuse(self, peer: str, writer: asyncio.StreamWriter) -> None:
         self.stats.refused += 1
+        self._metrics.connection_refused()
         writer.transport.abort()
         if self._closing:
             return
@@ -303,6 +309,7 @@ class PolicyServer:
                 started = loop.time()
             for request in requests:
                 stats.requests += 1
+                self._metrics.request_size(request.size)
                 conn.busy = True
                 reply = await self._decide(request.attrs)
                 if reply is None:
@@ -349,9 +356,11 @@ class PolicyServer:
                 why = f"{type(exc).__name__}: {exc}"
         else:
             log_decision(attrs, decision)
+            self._metrics.observe_decision(decision)
             return reply
         self.stats.policy_failures += 1
         disconnect = config.store_failure_action == "disconnect"
         failure = Decision(action="DUNNO", reason=f"policy failure: {why}", disconnect=disconnect)
         _decision_log.warning("%s", format_decision(attrs, failure))
+        self._metrics.observe_decision(failure)
         return None if disconnect else _DUNNO_REPLY

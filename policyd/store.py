@@ -27,10 +27,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from memtable import clock
 from memtable.errors import MemtableError
 from memtable.table import Table
 from policyd import limits
 from policyd.errors import PolicydError
+from policyd.metrics import Metrics, NullMetrics
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,12 @@ class Store:
     """Async get/put over one Table, run in one dedicated worker thread."""
 
     def __init__(self, table: Table, *, max_pending: int = limits.STORE_MAX_PENDING,
-                 max_batch: int = limits.STORE_MAX_BATCH) -> None:
+                 max_batch: int = limits.STORE_MAX_BATCH, name: str = "",
+                 metrics: Metrics | NullMetrics | None = None) -> None:
         self.table = table
         self.spec = table.spec
+        self.name = name or table.spec
+        self._metrics = metrics or NullMetrics()
         self._max_pending = max_pending
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
@@ -160,9 +165,9 @@ class Store:
                 i = j
                 continue
             if op.kind == _PUT:
-                self._call(op, self.table.update, op.key, op.value, op.ttl)
+                self._call(op, "put", self.table.update, op.key, op.value, op.ttl)
             else:  # _CLOSE: nothing can be queued after it (submit refuses)
-                self._call(op, self.table.close)
+                self._call(op, "close", self.table.close)
                 self._send(op)
                 return False
             self._send(op)
@@ -172,9 +177,12 @@ class Store:
     def _run_gets(self, ops: list[_Op]) -> None:
         if len(ops) > 1 and self._lookup_many is not None:
             keys = list(dict.fromkeys(op.key for op in ops))
+            started = clock.monotonic()
             try:
                 values = _as_mapping(keys, self._lookup_many(keys))
+                self._metrics.store_latency(self.name, "get", clock.monotonic() - started)
             except Exception as exc:
+                self._metrics.store_error(self.name)
                 error = _translate(self.spec, exc)
                 for op in ops:
                     op.error = error
@@ -185,14 +193,18 @@ class Store:
                 self._send(op)
             return
         for op in ops:
-            self._call(op, self.table.lookup, op.key)
+            self._call(op, "get", self.table.lookup, op.key)
             self._send(op)
 
-    def _call(self, op: _Op, fn: Any, *args: Any) -> None:
+    def _call(self, op: _Op, name: str, fn: Any, *args: Any) -> None:
+        started = clock.monotonic()
         try:
             op.result = fn(*args)
         except Exception as exc:  # handed to the caller
+            self._metrics.store_error(self.name)
             op.error = _translate(self.spec, exc)
+        else:
+            self._metrics.store_latency(self.name, name, clock.monotonic() - started)
 
     @staticmethod
     def _send(op: _Op) -> None:

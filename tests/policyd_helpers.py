@@ -48,7 +48,7 @@ class ScriptedPolicy:
         self.closed = True
 
 
-def build_policy(config: PolicydConfig) -> ScriptedPolicy:
+def build_policy(config: PolicydConfig, metrics: object = None) -> ScriptedPolicy:
     """Stand-in for policyd.greylist.build_policy in CLI subprocess tests."""
     return ScriptedPolicy()
 

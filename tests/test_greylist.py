@@ -64,7 +64,7 @@ def test_new_early_retry_pass_and_known() -> None:
         "passed", delay=301.0)
     assert again == Decision("DUNNO", "passed")
     key = "192.0.2.0/alice@example.org/bob@example.com"
-    assert triplets.data[key][0] == f"{START},{START + 301},1"
+    assert triplets.data[key][0] == f"{START},{START + 301},1,{START + 301}"
     assert triplets.data[key][1] == START + 301 + 35 * DAY  # ttl max_age from the pass
     # two defers, one counted pass
     assert clients.data["192.0.2.0"][0] == f"{START},{START + 301},2,1,{START + 301}"
