@@ -244,6 +244,7 @@ def plot(report: Report, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("connections")
         ax.grid(True, which="both", alpha=0.3)
+    ax1.set_yscale("log")
     ax1.set_ylabel("requests/s")
     ax1.set_title("Throughput")
     ax2.set_yscale("log")

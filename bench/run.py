@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keys for the memtable benchmark (default 20,000; quick 2,000)")
     p.add_argument("--rounds", type=int, help="memtable rounds, best kept (default 3; quick 2)")
     p.add_argument("--timeout", type=float, default=10.0, help="reply timeout in seconds")
+    p.add_argument("--processes", type=int, default=0,
+                   help="load generator processes per point (default: one per 500 connections)")
     p.add_argument("--skip-load", action="store_true", help="no load points")
     p.add_argument("--skip-memtable", action="store_true", help="no memtable benchmark")
     p.add_argument("--skip-memory", action="store_true", help="no memory benchmark")
@@ -89,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "idle_connections"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.processes < 0:
+        p.error("--processes must be 0 (automatic) or more")
     return args
 
 
@@ -150,7 +154,7 @@ def _load_points(report: rep.Report, args: argparse.Namespace, name: str, workdi
         for mix in args.mixes:
             for c in args.connections:
                 spec = LoadSpec(server.host, server.port, c, mix=mix, duration=args.duration,
-                                timeout=args.timeout)
+                                timeout=args.timeout, processes=args.processes)
                 try:
                     result = run_load(spec)
                 except LoadError as exc:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 

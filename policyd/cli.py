@@ -3,9 +3,11 @@
     policyd [-c FILE] [--uvloop] [run]      run the server (the default)
     policyd [-c FILE] --check-config        print the effective configuration
 
-Subcommands live in ``_COMMANDS`` (``report`` will join ``run``).  Errors
-are one line on stderr and exit status 1, never a traceback; argparse usage
-errors exit 2.
+    policyd [-c FILE] report [--json] [--plot FILE.png]   figures and ttl advice
+    policyd [-c FILE] cleanup [--dry-run]   delete expired records (daily)
+
+Subcommands live in ``_COMMANDS``.  Errors are one line on stderr and exit
+status 1, never a traceback; argparse usage errors exit 2.
 """
 
 from __future__ import annotations
@@ -34,6 +36,24 @@ def _parser() -> argparse.ArgumentParser:
                         help="use uvloop's event loop when it is installed")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run the policy server (the default)")
+    # report and cleanup are imported only when run (they pull in the policy).
+    report = sub.add_parser("report", help="greylisting figures from the stores and "
+                            "suggested greylist_delay / retry_window / max_age")
+    cleanup = sub.add_parser("cleanup", help="delete expired and malformed records from "
+                             "the stores (run daily)")
+    for command in (report, cleanup):
+        # `policyd report -c FILE` as well as `policyd -c FILE report`.
+        command.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                             help="policyd.cf to read")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument("--plot", metavar="FILE.png",
+                        help="also write the retry-delay histogram as a PNG (matplotlib)")
+    report.add_argument("--top", type=int, default=10, metavar="N",
+                        help="list the N clients with most passes (default 10)")
+    report.add_argument("--max-entries", type=int, default=None, metavar="N",
+                        help="read at most N entries per table (default: the limit)")
+    cleanup.add_argument("--dry-run", action="store_true",
+                         help="count what would be deleted, delete nothing")
     return parser
 
 
@@ -87,9 +107,8 @@ async def _serve(config: PolicydConfig) -> None:
     # Imported here: the policy factory is optional for --check-config and
     # the server module pulls in the whole asyncio stack.
     from policyd.greylist import build_policy
-    from policyd.server import PolicyServer
-
     from policyd.metrics import metrics_for
+    from policyd.server import PolicyServer
 
     metrics = metrics_for(config.metrics_listen)
     try:
@@ -122,4 +141,17 @@ def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-_COMMANDS: dict[str, Callable[[PolicydConfig, argparse.Namespace], int]] = {"run": _run}
+def _report(config: PolicydConfig, args: argparse.Namespace) -> int:
+    from policyd.report import command
+
+    return command(config, args)
+
+
+def _cleanup(config: PolicydConfig, args: argparse.Namespace) -> int:
+    from policyd.cleanup import command
+
+    return command(config, args)
+
+
+_COMMANDS: dict[str, Callable[[PolicydConfig, argparse.Namespace], int]] = {
+    "run": _run, "report": _report, "cleanup": _cleanup}

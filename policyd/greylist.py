@@ -301,6 +301,7 @@ def build_policy(config: PolicydConfig,
             table.close()
         raise
     names = ("triplets", "clients", "postscreen")
-    stores = [Store(table, name=name, metrics=metrics) for name, table in zip(names, tables)]
+    stores = [Store(table, name=name, metrics=metrics)
+              for name, table in zip(names, tables, strict=False)]
     postscreen = stores[2] if len(stores) > 2 else None
     return GreylistPolicy(config, stores[0], stores[1], postscreen, whitelist)

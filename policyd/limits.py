@@ -61,3 +61,16 @@ MAX_INHERITED_FDS = MAX_LISTENERS
 UNIX_PROBE_TIMEOUT_SECONDS = 1.0
 # After shutdown_grace, how long cancelled connections get to finish.
 SHUTDOWN_CANCEL_WAIT_SECONDS = 2.0
+
+# --- report and cleanup (policyd.report, policyd.cleanup, policyd.storewalk) -
+# Entries `policyd report` reads per table: memory stays bounded (one int per
+# passed triplet, a heap of the top clients); beyond this the report says so.
+REPORT_MAX_ENTRIES = 1_000_000
+# `policyd report --top N`: most clients listed by passes.
+REPORT_MAX_TOP_CLIENTS = 1000
+# Entries one `policyd cleanup` run examines per table (the next run starts
+# over, and finds what this one left).
+CLEANUP_MAX_ENTRIES = 10_000_000
+# Expired keys collected before they are deleted: the walk's memory stays
+# bounded and deletes interleave with policyd's own writes.
+CLEANUP_BATCH_KEYS = 1000

@@ -26,9 +26,9 @@ from policyd import limits
 from policyd.api import Decision, Policy
 from policyd.config import PolicydConfig
 from policyd.errors import PolicyProtocolError
-from policyd.metrics import Metrics, NullMetrics
 from policyd.listeners import Listener, open_listeners
 from policyd.logsetup import DECISION_LOGGER, format_decision, log_decision
+from policyd.metrics import Metrics, NullMetrics
 from policyd.protocol import PolicyParser, format_reply
 
 log = logging.getLogger("policyd.server")

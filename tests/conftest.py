@@ -146,3 +146,8 @@ def memcached_unix(tmp_path: Path) -> Iterator[Memcached]:
     mc = start_memcached(tmp_path, unix=True)
     yield mc
     mc.stop()
+
+
+# Fixtures defined beside their helpers, made available to every test file.
+from tests.policyd_proc import policyd_factory  # noqa: E402, F401
+from tests.postfixlab import postfix_instance, postmap_config  # noqa: E402, F401

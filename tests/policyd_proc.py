@@ -102,4 +102,4 @@ def policyd_factory(tmp_path: Path) -> Iterator[type[PolicydProcess]]:
         proc.stop()
 
 
-__all__ = ["PolicydProcess", "policyd_factory", "WAIT"]
+__all__ = ["WAIT", "PolicydProcess", "policyd_factory"]

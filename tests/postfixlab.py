@@ -5,13 +5,8 @@ Nothing here touches /etc/postfix's instance, the system queue or syslog:
 every instance has its own config, queue and data directories and logs to
 its own maillog file through its own postlogd.
 
-Use from a test module::
-
-    from tests import postfixlab
-    postfix_instance = postfixlab.postfix_instance   # the fixture
-
-(a plain ``from ... import postfix_instance`` trips ruff's F811), or,
-suite-wide, ``pytest_plugins = ["tests.postfixlab"]`` in conftest.py.
+The fixtures ``postfix_instance`` and ``postmap_config`` are imported by
+tests/conftest.py, so every test module can use them.
 Tests that use Postfix carry ``@pytest.mark.postfix``.
 
 Accepted mail is kept in the HOLD queue (``header_checks`` with ``/^/ HOLD``):

@@ -26,10 +26,7 @@ from memtable.errors import (
     UnsupportedTableError,
 )
 from memtable.table import Table
-from tests import postfixlab
 from tests.postfixlab import COMMAND_TIMEOUT, POSTMAP, run_postmap
-
-postmap_config = postfixlab.postmap_config  # fixture
 
 OLD = 1_500_000_000  # an mtime long past: no "hot file" re-read (ours or postmap's)
 

@@ -44,33 +44,16 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from memtable import cli as memtable_cli
 from tests.conftest import Memcached
 from tests.postfixlab import HAVE_POSTMAP, postfix_config_dir, run_postmap, write_aged
-
-memtable_cli: ModuleType | None
-try:
-    from memtable import cli as memtable_cli
-except ImportError as exc:  # the CLI is written in parallel with these tests
-    memtable_cli = None
-    CLI_MISSING = f"memtable.cli cannot be imported yet: {exc}"
-else:
-    CLI_MISSING = ""
-
-try:
-    import memtable.backends  # noqa: F401  (lmdb: backups)
-except ImportError as exc:
-    BACKENDS_MISSING = f"memtable.backends (lmdb:) cannot be imported yet: {exc}"
-else:
-    BACKENDS_MISSING = ""
 
 pytestmark = [
     pytest.mark.postfix,
     pytest.mark.skipif(not HAVE_POSTMAP, reason="postmap not installed"),
-    pytest.mark.skipif(memtable_cli is None, reason=CLI_MISSING),
 ]
 
 # Seconds two remaining-ttl readings may differ (the two runs are apart).
@@ -222,7 +205,6 @@ def _short(text: str, limit: int = 600) -> str:
 
 def run_memtable(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
     """memtable.cli.main in this process (fast); root logging restored after."""
-    assert memtable_cli is not None
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -240,7 +222,6 @@ def lab(tmp_path: Path, memcached: Memcached) -> Lab:
     return Lab(tmp_path, memcached)
 
 
-needs_backends = pytest.mark.skipif(bool(BACKENDS_MISSING), reason=BACKENDS_MISSING)
 
 
 # --------------------------------------------------------------------------
@@ -268,7 +249,6 @@ def _backup_for(keys: list[str]) -> dict[str, str]:
     return {k.lower(): f"v{n}" for n, k in enumerate(keys) if k}
 
 
-@needs_backends
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_key_format_writeback(lab: Lab, fmt: str) -> None:
     expected, _ = lab.compare(Case(f"kf-{fmt}", ("-q", "-"), cf={"key_format": fmt},
@@ -276,7 +256,6 @@ def test_key_format_writeback(lab: Lab, fmt: str) -> None:
     assert expected.state, "nothing written back: the case tests nothing"
 
 
-@needs_backends
 @pytest.mark.parametrize("fmt", ["%s", "%u@%d", "%1.%2"])
 def test_key_format_writeback_no_fold(lab: Lab, fmt: str) -> None:
     keys = ["user@mail.example.com", "User@Mail.Example.COM", "USER"]
@@ -320,7 +299,6 @@ DOMAINS = [
 ]
 
 
-@needs_backends
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_domain_list(lab: Lab, domain: str) -> None:
     files = {"domains": "# comment\nexample.com\nmail.example.com\n\n"}
@@ -341,7 +319,6 @@ def test_domain_list(lab: Lab, domain: str) -> None:
 # flags, ttl, sizes
 # --------------------------------------------------------------------------
 
-@needs_backends
 @pytest.mark.parametrize("cf", [
     {},
     {"flags": "7", "ttl": "5"},
@@ -357,7 +334,6 @@ def test_writeback_flags_and_ttl(lab: Lab, cf: dict[str, str]) -> None:
     assert entry["flags"] == int(cf.get("flags", "0"))
 
 
-@needs_backends
 def test_writeback_over_data_size_limit_is_not_cached(lab: Lab) -> None:
     expected, _ = lab.compare(Case("size", ("-q", "-"), cf={"data_size_limit": "5"},
                                    stdin="short\nlonger\n",
@@ -379,7 +355,6 @@ def test_memcache_values(lab: Lab) -> None:
     assert expected.stdout.count("\n") == 7  # all but "missing"
 
 
-@needs_backends
 def test_memcache_hit_wins_over_backup(lab: Lab) -> None:
     lab.compare(Case("hit", ("-q", "-"), stdin="k\nj\n", seed={"k": "from-memcache"},
                      backup={"k": "from-backup", "j": "only-backup"}))
@@ -402,7 +377,6 @@ DELETE_CASES = [
 ]
 
 
-@needs_backends
 @pytest.mark.parametrize(("name", "seed", "backup", "key"), DELETE_CASES,
                          ids=[c[0] for c in DELETE_CASES])
 def test_delete_with_backup(lab: Lab, name: str, seed: dict[str, str],
@@ -418,13 +392,11 @@ def test_delete_without_backup(lab: Lab, key: str) -> None:
     lab.compare(Case("del-d", ("-d", key), cf={"key_format": "d:%d"}, seed=seed))
 
 
-@needs_backends
 def test_delete_from_stdin(lab: Lab) -> None:
     lab.compare(Case("del-", ("-d", "-"), cf={"key_format": "d:%s"}, stdin="a\nB\nzz\n",
                      seed={"d:a": "1", "d:b": "2", "d:c": "3"}, backup={"a": "1", "c": "3"}))
 
 
-@needs_backends
 def test_sequence_through_backup(lab: Lab) -> None:
     backup = {"b": "2", "a": "1", "user@example.com": "three  words here", "c": "3"}
     expected, _ = lab.compare(Case("seq", ("-s",), cf={"key_format": "s:%s"},
@@ -442,7 +414,6 @@ def test_sequence_without_backup(lab: Lab) -> None:
 # The real command (console script), a few cases
 # --------------------------------------------------------------------------
 
-@needs_backends
 def test_console_script_matches_postmap(lab: Lab) -> None:
     if not Path(MEMTABLE).exists():
         pytest.skip(f"{MEMTABLE} not installed")
@@ -461,7 +432,6 @@ def test_console_script_matches_postmap(lab: Lab) -> None:
 # Allowed differences: memtable's documented behaviour
 # --------------------------------------------------------------------------
 
-@needs_backends
 def test_ttl_over_30_days_is_sent_as_absolute_time(lab: Lab) -> None:
     ttl = 90 * 86400
     case = Case("ttl90", ("-q", "k"), cf={"ttl": str(ttl)}, backup={"k": "v"})
@@ -483,7 +453,6 @@ def test_keys_with_space_or_control_chars_are_skipped(lab: Lab, key: str) -> Non
     assert raw_state(lab.mc).keys() == {"k"}  # nothing sent, nothing stored
 
 
-@needs_backends
 def test_key_over_250_bytes_is_skipped(lab: Lab) -> None:
     key = "x" * 251
     case = Case("long", ("-q", key), backup={key: "v", "y" * 250: "w"})

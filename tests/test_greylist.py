@@ -55,7 +55,8 @@ def test_new_early_retry_pass_and_known() -> None:
     r = request(instance="a1")
     (new, early, passed, again), triplets, clients = scenario(
         config(), [(0, r), (100, r), (301, request(instance="a2")), (400, request(instance="a3"))])
-    assert new == Decision("DEFER_IF_PERMIT 4.2.0 Greylisted, please try again in 300 seconds", "new")
+    assert new == Decision("DEFER_IF_PERMIT 4.2.0 Greylisted, please try again in 300 seconds",
+                           "new")
     assert early == Decision("DEFER_IF_PERMIT 4.2.0 Greylisted, please try again in 200 seconds",
                              "early-retry")
     date = email.utils.formatdate(START + 301, localtime=True)

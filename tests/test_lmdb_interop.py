@@ -34,10 +34,7 @@ import pytest
 from memtable import limits
 from memtable.backends import LmdbTable
 from memtable.errors import AccessError, BackupError
-from tests import postfixlab
 from tests.postfixlab import POSTMAP, run_postmap
-
-postmap_config = postfixlab.postmap_config  # fixture
 
 pytestmark = pytest.mark.postfix
 

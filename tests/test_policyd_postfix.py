@@ -8,10 +8,8 @@ from pathlib import Path
 
 from tests import postfixlab
 from tests.conftest import Memcached
-from tests.policyd_proc import PolicydProcess, policyd_factory  # noqa: F401
+from tests.policyd_proc import PolicydProcess
 from tests.postfixlab import PostfixFactory, smtp_rcpt, smtp_send, smtp_session
-
-postfix_instance = postfixlab.postfix_instance
 
 DELAY = 2
 SENDER = "sender@client.example"

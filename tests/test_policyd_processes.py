@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import Memcached, start_memcached
-from tests.policyd_proc import PolicydProcess, policyd_factory  # noqa: F401
+from tests.policyd_proc import PolicydProcess
 
 DELAY = 1  # greylist_delay in these tests: real processes, real time
 FAST = f"greylist_delay = {DELAY}s\nauto_whitelist_clients = 0\n"

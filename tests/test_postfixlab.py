@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tests import postfixlab
 from tests.conftest import Memcached
 from tests.postfixlab import (
     PostfixError,
@@ -31,8 +30,6 @@ from tests.postfixlab import (
 pytestmark = pytest.mark.postfix
 
 # The harness's fixtures, made visible to this module.
-postfix_instance = postfixlab.postfix_instance
-postmap_config = postfixlab.postmap_config
 
 
 class PolicyStub:

@@ -14,7 +14,7 @@ from memtable.limits import MEMCACHED_RELATIVE_TTL_MAX
 from memtable.ttl import describe, wire_exptime
 from tests.conftest import Memcached
 
-NOW = dt.datetime(2026, 11, 21, 12, 0, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 21, 12, 0, 0, tzinfo=dt.UTC)
 NOW_TS = int(NOW.timestamp())
 
 
