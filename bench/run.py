@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="short run: 1 s points, 50,000 memory requests, 2,000 memtable ops")
+                   help="short run: 1 s points, 50,000 memory requests, 5,000 memtable ops")
     p.add_argument("--duration", type=float, help="seconds per load point (default 5; quick 1)")
     p.add_argument("--connections", type=_ints, default=list(DEFAULT_CONNECTIONS),
                    help="comma-separated connection counts (default 1,20,100,1000)")
@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-connections", type=int, default=1000,
                    help="idle connections for the memory check (default 1,000)")
     p.add_argument("--memtable-ops", type=int,
-                   help="keys for the memtable benchmark (default 20,000; quick 2,000)")
-    p.add_argument("--rounds", type=int, help="memtable rounds, best kept (default 3; quick 2)")
+                   help="keys for the memtable benchmark (default 20,000; quick 5,000)")
+    p.add_argument("--rounds", type=int, help="memtable rounds, best kept (default 3)")
     p.add_argument("--timeout", type=float, default=10.0, help="reply timeout in seconds")
     p.add_argument("--processes", type=int, default=0,
                    help="load generator processes per point (default: one per 500 connections)")
@@ -85,8 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration or (1.0 if args.quick else 5.0)
     if args.memory_requests is None:
         args.memory_requests = 50_000 if args.quick else 1_000_000
-    args.memtable_ops = args.memtable_ops or (2_000 if args.quick else 20_000)
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.memtable_ops = args.memtable_ops or (5_000 if args.quick else 20_000)
+    args.rounds = args.rounds or 3
     for name in ("duration", "memory_requests", "memtable_ops", "rounds", "timeout",
                  "idle_connections"):
         if getattr(args, name) <= 0:

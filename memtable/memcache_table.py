@@ -101,14 +101,7 @@ class MemcacheTable(Table):
             return None
         if error is not None:
             log.warning("%s", error)
-        value = self.backup.lookup(key)
-        if value is not None:
-            # Write-back is best effort: the lookup has its answer already.
-            try:
-                self._store(mc_key, value, None)
-            except (TemporaryError, ValueTooLongError) as exc:
-                log.warning("%s: write-back to memcache failed: %s", self.spec, exc)
-        return value
+        return self._backup_only(key, mc_key)
 
     def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
         """Look several keys up with one memcache round trip.
@@ -142,9 +135,11 @@ class MemcacheTable(Table):
         return results
 
     def _backup_only(self, key: str, mc_key: bytes) -> str | None:
+        """Look the ORIGINAL key up in the backup; write a hit back to memcache."""
         assert self.backup is not None
         value = self.backup.lookup(key)
         if value is not None:
+            # Write-back is best effort: the lookup has its answer already.
             try:
                 self._store(mc_key, value, None)
             except (TemporaryError, ValueTooLongError) as exc:

@@ -60,6 +60,7 @@ class Counts:
     malformed: int = 0
     deleted: int = 0
     kept_changed: int = 0  # rewritten or removed by someone else meanwhile
+    backup_only: int = 0  # deleted from the backup; memcached holds a newer record
     capped: bool = False
 
     @property
@@ -126,16 +127,28 @@ def delete_batch(stores: Stores, config: PolicydConfig, now: int, batch: list[En
     """Delete the doomed entries of ``batch`` that are still doomed (the
     same value, or a new value that is expired or malformed too)."""
     for entry in batch:
+        count = counts[entry.kind]
         # Read again: policyd may have rewritten the key since the walk saw it.
         current = stores.current(entry.kind, entry.key)
         if current is None or (current.value != entry.value
                                and doomed_reason(current, now, config) is None):
-            counts[entry.kind].kept_changed += 1
+            count.kept_changed += 1
+            continue
+        front = stores.front(entry.kind, entry.key)
+        if (front is not None and front.value != current.value
+                and doomed_reason(front, now, config) is None):
+            # Another host sharing memcached wrote it anew: only this
+            # host's backup copy is stale, memcached's record stays.
+            if stores.delete_backup(current):
+                count.deleted += 1
+                count.backup_only += 1
+            else:
+                count.kept_changed += 1
             continue
         if stores.delete(current):
-            counts[entry.kind].deleted += 1
+            count.deleted += 1
         else:
-            counts[entry.kind].kept_changed += 1
+            count.kept_changed += 1
 
 
 def render(config: PolicydConfig, counts: dict[str, Counts], *, dry_run: bool,
@@ -151,6 +164,9 @@ def render(config: PolicydConfig, counts: dict[str, Counts], *, dry_run: bool,
             expired = f"{c.expired_passed} expired (unseen for max_age)"
         done = (f"{c.doomed} would be deleted (dry run: nothing deleted)" if dry_run
                 else f"{c.deleted} deleted")
+        if c.backup_only:
+            done += (f" ({c.backup_only} from the backup only: memcached holds a newer "
+                     "record from another host)")
         if c.kept_changed:
             done += f", {c.kept_changed} left (changed or gone meanwhile)"
         lines.append(f"policyd cleanup: {kind} ({spec}): {c.examined} examined, "

@@ -179,6 +179,33 @@ class Stores:
             return None
         return parse_entry(kind, key, value, by_shape=self.shared)
 
+    def front(self, kind: str, key: str) -> Entry | None:
+        """memcached's own record for ``key`` when table ``kind`` is a memcache
+        table (None otherwise, when memcached has none, or cannot answer).
+        With several hosts sharing memcached, it may be newer than this
+        host's backup."""
+        table = self.table(kind)
+        if not isinstance(table, MemcacheTable):
+            return None
+        # The same table without its backup: a miss is a miss, no write-back.
+        front = MemcacheTable(table.config, read_write=False, fold=table.fold,
+                              pipeline=table.pipeline, backup=None, wire=table.wire)
+        try:
+            value = front.lookup(key)
+        except MemtableError:
+            return None
+        if value is None:
+            return None
+        return parse_entry(kind, key, value, by_shape=self.shared)
+
+    def delete_backup(self, entry: Entry) -> bool:
+        """Delete from the walked store only (a memcache table's backup)."""
+        source = _source(self.table(entry.kind))
+        try:
+            return source.delete(entry.key)
+        except (MemtableError, OSError) as exc:
+            raise WalkError(f"{source.spec}: delete {entry.key!r}: {exc}") from None
+
     def delete(self, entry: Entry) -> bool:
         """Delete through the TABLE (memcached and its backup agree); a
         malformed record in a shared store goes from both tables."""

@@ -229,6 +229,7 @@ def test_shared_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     cf = policyd_cf(tmp_path, spec, spec)
     status, out, _ = report(capsys, "report", "-c", cf, "--json")
     data = json.loads(out)
+    assert status == 0
     # "x,y" (the bad client) is malformed too, counted once, with the triplets
     assert (data["triplets"]["passed"], data["triplets"]["malformed"]) == (98, 3)
     assert (data["clients"]["live"], data["clients"]["expired"]) == (7, 1)

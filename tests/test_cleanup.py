@@ -1,0 +1,289 @@
+"""``policyd cleanup`` over real stores: lmdb files and memcached with lmdb
+backups, filled with tests.report_data's known records, at a frozen time;
+and the systemd units that run it daily."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from freezegun import freeze_time
+
+from memtable import limits as memtable_limits
+from memtable.errors import BackupError
+from memtable.registry import open_table
+from policyd.cleanup import CleanupError, Counts, cleanup, delete_batch
+from policyd.cli import main
+from policyd.config import PolicydConfig
+from policyd.greylist import TripletRecord
+from policyd.storewalk import TRIPLETS, Stores
+from tests.conftest import Memcached
+from tests.greylist_helpers import DictTable
+from tests.report_data import (
+    DAY,
+    HOUR,
+    LIVE_TRIPLETS,
+    NOW,
+    T0,
+    clients,
+    dump,
+    fill,
+    memcache_cf,
+    policyd_cf,
+    triplet_key,
+    triplets,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMD = ROOT / "deploy" / "systemd"
+
+
+def live_triplets() -> dict[str, str]:
+    """The records of triplets() the policy still uses at NOW."""
+    config = PolicydConfig()
+    out = {}
+    for key, value in triplets().items():
+        try:
+            record = TripletRecord.parse(value)
+        except ValueError:
+            continue
+        if not record.expired(NOW, config.retry_window, config.max_age):
+            out[key] = value
+    return out
+
+
+LIVE_CLIENTS = {k: v for k, v in clients().items() if k not in ("10.9.9.0", "bad")}
+
+TRIPLET_LINE = ("policyd cleanup: triplets ({spec}): 124 examined, 17 expired (12 pending "
+                "past retry_window, 5 passed but unseen for max_age), 2 malformed: {done}")
+CLIENT_LINE = ("policyd cleanup: clients ({spec}): 9 examined, 1 expired (unseen for "
+               "max_age), 1 malformed: {done}")
+
+
+def lmdb_setup(tmp_path: Path) -> tuple[str, str, str]:
+    tspec, cspec = f"lmdb:{tmp_path}/triplets", f"lmdb:{tmp_path}/clients"
+    fill(tspec, triplets())
+    fill(cspec, clients())
+    return policyd_cf(tmp_path, tspec, cspec), tspec, cspec
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    with freeze_time(T0):
+        status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_live_set_is_what_the_data_says() -> None:
+    # guards the fixtures: 95 live passes, 3 old-format passes, 7 pending
+    assert len(live_triplets()) == LIVE_TRIPLETS == 105
+
+
+def test_cleanup_deletes_expired_and_malformed(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cf, tspec, cspec = lmdb_setup(tmp_path)
+    status, out, err = run_cli(capsys, "cleanup", "-c", cf)
+    assert status == 0 and err == ""
+    assert out.splitlines() == [TRIPLET_LINE.format(spec=tspec, done="19 deleted"),
+                                CLIENT_LINE.format(spec=cspec, done="2 deleted")]
+    assert dump(tspec) == live_triplets()
+    assert dump(cspec) == LIVE_CLIENTS
+    # a second run finds nothing more
+    status, out, _ = run_cli(capsys, "-c", cf, "cleanup")
+    assert status == 0 and "105 examined, 0 expired" in out and "0 deleted" in out
+
+
+def test_dry_run_deletes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cf, tspec, cspec = lmdb_setup(tmp_path)
+    status, out, _ = run_cli(capsys, "cleanup", "-c", cf, "--dry-run")
+    assert status == 0
+    assert out.splitlines() == [
+        TRIPLET_LINE.format(spec=tspec,
+                            done="19 would be deleted (dry run: nothing deleted)"),
+        CLIENT_LINE.format(spec=cspec, done="2 would be deleted (dry run: nothing deleted)")]
+    assert dump(tspec) == triplets() and dump(cspec) == clients()
+
+
+def test_time_decides_what_is_expired(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # two days later the 7 pending triplets are past retry_window as well
+    cf, tspec, _ = lmdb_setup(tmp_path)
+    with freeze_time("2024-05-03 13:00:00"):
+        assert main(["cleanup", "-c", cf]) == 0
+    out = capsys.readouterr().out
+    assert "19 pending past retry_window" in out
+    assert not any(k.startswith("198.51.100.0/new") for k in dump(tspec))
+
+
+def test_walk_and_deletes_interleave_across_chunks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # lmdb hands the walk 7 entries per lock; deletes of 5 at a time in
+    # between must neither skip nor repeat entries
+    monkeypatch.setattr(memtable_limits, "LMDB_SEQUENCE_CHUNK_ITEMS", 7)
+    cf, tspec, cspec = lmdb_setup(tmp_path)
+    config = PolicydConfig.from_file(cf)
+    with Stores.open(config, read_write=True) as stores:
+        counts = cleanup(stores, config, NOW, batch_keys=5)
+    assert (counts["triplets"].examined, counts["triplets"].deleted) == (124, 19)
+    assert (counts["clients"].examined, counts["clients"].deleted) == (9, 2)
+    assert dump(tspec) == live_triplets() and dump(cspec) == LIVE_CLIENTS
+
+
+def test_a_record_rewritten_meanwhile_is_kept(tmp_path: Path) -> None:
+    cf, tspec, _ = lmdb_setup(tmp_path)
+    config = PolicydConfig.from_file(cf)
+    with Stores.open(config, read_write=True) as stores:
+        walked = {e.key: e for e in stores.walk(TRIPLETS, 1000)}
+        retried, stale, gone = (triplet_key(0, "gone"), triplet_key(1, "gone"),
+                                triplet_key(2, "gone"))
+        # policyd saw a retry of one (new record), another changed but is
+        # still expired, a third was removed
+        fresh = TripletRecord(NOW, NOW).serialise()
+        stores.triplets.update(retried, fresh)
+        stores.triplets.update(stale, TripletRecord(NOW - 4 * DAY, NOW - 4 * DAY).serialise())
+        stores.triplets.delete(gone)
+        counts = {"triplets": Counts(), "clients": Counts()}
+        delete_batch(stores, config, NOW, [walked[retried], walked[stale], walked[gone]],
+                     counts)
+    assert (counts["triplets"].deleted, counts["triplets"].kept_changed) == (1, 2)
+    assert dump(tspec)[retried] == fresh and stale not in dump(tspec)
+
+
+def test_shared_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = f"lmdb:{tmp_path}/state"
+    fill(spec, {**triplets(), **clients()})
+    status, out, _ = run_cli(capsys, "cleanup", "-c", policyd_cf(tmp_path, spec, spec))
+    assert status == 0 and "share one store" in out
+    assert dump(spec) == {**live_triplets(), **LIVE_CLIENTS}
+
+
+# --- memcache tables with lmdb backups ------------------------------------------
+
+def memcache_setup(tmp_path: Path, memcached: Memcached) -> tuple[str, str, str]:
+    tspec = memcache_cf(tmp_path, "t", memcached.spec, f"lmdb:{tmp_path}/tb")
+    cspec = memcache_cf(tmp_path, "c", memcached.spec, f"lmdb:{tmp_path}/cb")
+    fill(tspec, triplets())
+    fill(cspec, clients())
+    return policyd_cf(tmp_path, tspec, cspec), tspec, cspec
+
+
+def test_cleanup_deletes_from_memcached_and_the_backup(
+        tmp_path: Path, memcached: Memcached, capsys: pytest.CaptureFixture[str]) -> None:
+    cf, _, _ = memcache_setup(tmp_path, memcached)
+    assert memcached.meta(f"t:{triplet_key(0, 'gone')}") is not None
+    status, out, _ = run_cli(capsys, "cleanup", "-c", cf)
+    assert status == 0 and "19 deleted" in out and "2 deleted" in out
+    for key, value in triplets().items():
+        stored = memcached.meta(f"t:{key}")
+        if key in live_triplets():
+            assert stored is not None and stored["value"] == value, key
+        else:
+            assert stored is None, key
+    for key in clients():
+        assert (memcached.meta(f"c:{key}") is not None) == (key in LIVE_CLIENTS), key
+    assert dump(f"lmdb:{tmp_path}/tb") == live_triplets()
+    assert dump(f"lmdb:{tmp_path}/cb") == LIVE_CLIENTS
+
+
+def test_newer_record_of_another_host_stays_in_memcached(
+        tmp_path: Path, memcached: Memcached) -> None:
+    # Two MX hosts share memcached, each with its own backup: this host's
+    # copy expired, the other host's policyd has just rewritten the key.
+    cf, _, _ = memcache_setup(tmp_path, memcached)
+    key = triplet_key(3, "gone")
+    fresh = TripletRecord(NOW - HOUR, NOW - HOUR).serialise()
+    (tmp_path / "other").mkdir()
+    other_host = memcache_cf(tmp_path / "other", "t", memcached.spec, None)
+    with open_table(other_host, read_write=True) as table:
+        table.update(key, fresh)
+    with freeze_time(T0):
+        assert main(["cleanup", "-c", cf]) == 0
+    stored = memcached.meta(f"t:{key}")
+    assert stored is not None and stored["value"] == fresh
+    assert key not in dump(f"lmdb:{tmp_path}/tb")  # the stale copy is gone
+
+
+def test_dry_run_leaves_memcached_alone(tmp_path: Path, memcached: Memcached,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    cf, _, _ = memcache_setup(tmp_path, memcached)
+    status, out, _ = run_cli(capsys, "cleanup", "-c", cf, "--dry-run")
+    assert status == 0 and "19 would be deleted" in out
+    for key in triplets():
+        assert memcached.meta(f"t:{key}") is not None, key
+    assert dump(f"lmdb:{tmp_path}/tb") == triplets()
+
+
+def test_memcache_table_without_backup_cannot_be_cleaned(
+        tmp_path: Path, memcached: Memcached, capsys: pytest.CaptureFixture[str]) -> None:
+    tspec = memcache_cf(tmp_path, "t", memcached.spec, None)
+    cspec = memcache_cf(tmp_path, "c", memcached.spec, f"lmdb:{tmp_path}/cb")
+    status, out, err = run_cli(capsys, "cleanup", "-c", policyd_cf(tmp_path, tspec, cspec))
+    assert status == 1 and out == ""
+    assert err.startswith(f"policyd: cleanup: {tspec}: memcached cannot list its entries")
+    assert err.count("\n") == 1
+
+
+def test_a_failing_store_stops_with_the_counts_so_far(tmp_path: Path) -> None:
+    class FailingDeletes(DictTable):
+        def delete(self, key: str) -> bool:
+            raise BackupError("lmdb:/var/lib/policyd/clients: disk trouble")
+
+    tspec = f"lmdb:{tmp_path}/triplets"
+    fill(tspec, triplets())
+    client_table = FailingDeletes("dict:clients")
+    for key, value in clients().items():
+        client_table.update(key, value)
+    config = PolicydConfig.from_file(policyd_cf(tmp_path, tspec, "dict:clients"))
+    stores = Stores(config, open_table(tspec, read_write=True), client_table)
+    with stores, pytest.raises(CleanupError, match="disk trouble") as caught:
+        cleanup(stores, config, NOW)
+    # the triplets were cleaned before the client table failed
+    assert caught.value.counts["triplets"].deleted == 19
+    assert caught.value.counts["clients"].deleted == 0
+    assert dump(tspec) == live_triplets()
+
+
+# --- systemd units --------------------------------------------------------------
+
+def unit_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith(("#", ";"))]
+
+
+HARDENING_PREFIXES = ("Protect", "Private", "Restrict", "NoNewPrivileges", "Capability",
+                      "AmbientCapabilities", "SystemCall", "MemoryDenyWriteExecute",
+                      "LockPersonality", "ProcSubset", "RemoveIPC", "ReadWritePaths",
+                      "StateDirectory", "User=", "Group=", "UMask")
+
+
+def test_cleanup_service_is_as_hardened_as_policyd() -> None:
+    def hardening(path: Path) -> set[str]:
+        return {line for line in unit_lines(path) if line.startswith(HARDENING_PREFIXES)}
+
+    assert hardening(SYSTEMD / "policyd.service") <= hardening(
+        SYSTEMD / "policyd-cleanup.service")
+    service = unit_lines(SYSTEMD / "policyd-cleanup.service")
+    assert "Type=oneshot" in service
+    assert ("ExecStart=/opt/policyd/bin/policyd -c /etc/policyd/policyd.cf cleanup"
+            in service)
+    timer = unit_lines(SYSTEMD / "policyd-cleanup.timer")
+    assert "OnCalendar=daily" in timer and "Persistent=true" in timer
+    assert "WantedBy=timers.target" in timer
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze missing")
+def test_systemd_analyze_accepts_the_cleanup_units(tmp_path: Path) -> None:
+    service = (SYSTEMD / "policyd-cleanup.service").read_text()
+    stand_in = tmp_path / "policyd"
+    stand_in.write_text("#!/bin/sh\nexit 0\n")
+    stand_in.chmod(0o755)
+    (tmp_path / "policyd-cleanup.service").write_text(
+        service.replace("/opt/policyd/bin/policyd", str(stand_in)))
+    shutil.copy(SYSTEMD / "policyd-cleanup.timer", tmp_path / "policyd-cleanup.timer")
+    result = subprocess.run(
+        [str(shutil.which("systemd-analyze")), "verify", "--man=no",
+         str(tmp_path / "policyd-cleanup.service"), str(tmp_path / "policyd-cleanup.timer")],
+        capture_output=True, text=True, timeout=20, check=False, cwd=tmp_path)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
