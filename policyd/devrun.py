@@ -73,16 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"policyd -c {config}  (Postfix: check_policy_service inet:127.0.0.1:10023)")
     print(f"query the cache: memtable -q KEY memcache:{state / 'triplets.cf'}")
     policyd = subprocess.Popen([sys.executable, "-m", "policyd", "-c", str(config)])
+
+    def stop(signum: int, frame: object) -> None:
+        policyd.send_signal(signal.SIGTERM)  # policyd shuts down gracefully
+
+    # Ctrl-C reaches policyd itself (same process group); SIGTERM to us is
+    # passed on.  Either way we wait for policyd, then stop our memcached.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        return policyd.wait()
-    except KeyboardInterrupt:
-        policyd.send_signal(signal.SIGTERM)
         return policyd.wait()
     finally:
         if memcached is not None:
             memcached.terminate()
             memcached.wait()
-
 
 if __name__ == "__main__":
     sys.exit(main())
