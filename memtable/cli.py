@@ -208,9 +208,8 @@ def _insert(args: argparse.Namespace, inp: IO[str], fold: bool) -> int:
             for spec in args.tables:
                 try:
                     tables.get(spec).update(key, value)
-                except (KeySkippedError, ValueTooLongError) as exc:
-                    logging.warning("stdin, line %d: %s", lineno, exc)
-                    status = EX_NOTFOUND
+                except (KeySkippedError, ValueTooLongError):
+                    status = EX_NOTFOUND  # the table has logged why
         return status
     finally:
         tables.close()

@@ -33,6 +33,12 @@ class UnsupportedTableError(ConfigError):
     """Raised when a ``type:name`` table names a type memtable cannot open."""
 
 
+class OpenError(MemtableError):
+    """Raised when a table's file cannot be opened: missing (read-only
+    open), no permission, not a database.  Fatal in Postfix too
+    ("open database ..."), so the memtable command exits 1, not 75."""
+
+
 class AccessError(MemtableError):
     """Raised when an operation is not allowed on a table.
 

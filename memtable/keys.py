@@ -33,6 +33,10 @@ SKIP_EXPANSION = "empty lookup key expansion"
 SKIP_CONTROLS = "name contains space or controls"
 # dict_utf8's reason for a key that is not valid UTF-8 (lone surrogates).
 SKIP_MALFORMED = "malformed UTF-8 or invalid codepoint"
+# Postfix skips lookups and deletes for these reasons silently; any other
+# reason (a key over memcached's limit) is a configuration problem to warn of.
+SILENT_SKIPS = frozenset({SKIP_EMPTY_KEY, SKIP_DOMAIN, SKIP_EXPANSION, SKIP_CONTROLS,
+                          SKIP_MALFORMED})
 
 # Field numbers in a compiled format; %N is _LABEL0 + N.
 _WHOLE, _USER, _DOMAIN, _LABEL0 = 0, 1, 2, 2

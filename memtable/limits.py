@@ -76,3 +76,7 @@ TEXTHASH_HOT_PAUSE_SECONDS = 0.3
 
 # `memtable ttl`: how long to wait for postconf.
 POSTCONF_TIMEOUT_SECONDS = 10.0
+
+# A memcached that timed out on every attempt is not asked again for this
+# long (calls fail at once; tables with a backup answer from it).
+MEMCACHE_DOWN_HOLD_SECONDS = 5.0

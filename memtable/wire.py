@@ -21,7 +21,11 @@ LF line end or a VALUE for a key not asked for are protocol errors (Postfix
 would keep the value); ``timeout = 0`` (no limit to Postfix) is bounded by
 limits.MEMCACHE_UNLIMITED_TIMEOUT_SECONDS.  Like Postfix's event loop
 (auto_clnt_event), an idle connection that the server closed or wrote to
-is dropped before reuse, without costing an attempt.
+is dropped before reuse, without costing an attempt.  A server that timed
+out on every attempt is "held down": calls fail at once for
+limits.MEMCACHE_DOWN_HOLD_SECONDS, so a hung (not dead) memcached costs one
+timeout per hold period rather than one per call; callers with a backup
+answer from it meanwhile.
 
 Keys must already be valid memcache keys (1..250 bytes, no white space or
 control characters: the table's key checks come first); anything else is a
@@ -54,6 +58,7 @@ from memtable.endpoint import Endpoint
 from memtable.errors import ProtocolError, ServerUnavailableError
 from memtable.limits import (
     MEMCACHE_DEADLINE_SLACK_SECONDS,
+    MEMCACHE_DOWN_HOLD_SECONDS,
     MEMCACHE_GET_LINE_MAX_BYTES,
     MEMCACHE_PIPELINE_MAX_COMMANDS,
     MEMCACHE_UNLIMITED_TIMEOUT_SECONDS,
@@ -177,6 +182,7 @@ class MemcacheWire:
                        else (endpoint.host, endpoint.port))
         self._client = _Client(server, serde=_ValueSerde(), default_noreply=False)
         self._conn: _GuardedSocket | None = None
+        self._down_until = 0.0  # monotonic time until which the server is held down
 
     # -- public API --------------------------------------------------------
 
@@ -285,8 +291,13 @@ class MemcacheWire:
 
     def _run(self, kind: Kind, op: Callable[[], T], *, replies: int = 1,
              keys: Collection[bytes] | None = None) -> T:
+        if self._down_until and clock.monotonic() < self._down_until:
+            raise ServerUnavailableError(
+                f"memcache server {self.endpoint} ({self.name}): held down after a timeout "
+                f"(next try in {self._down_until - clock.monotonic():.1f} s)")
         reason = "no attempt made"
         protocol = False
+        timed_out = False
         attempts = 0
         for count in range(self.max_try):
             if count > 0:
@@ -298,6 +309,7 @@ class MemcacheWire:
             except OSError as exc:
                 # Postfix: no stream from auto_clnt_access() ends the loop.
                 reason, protocol = f"connect: {_oserror(exc)}", False
+                timed_out = isinstance(exc, TimeoutError)
                 log.warning("connect to %s: %s", self.endpoint, _oserror(exc))
                 break
             conn.deadline = deadline
@@ -315,6 +327,7 @@ class MemcacheWire:
                 reason, protocol = "connection closed by server", False
             except TimeoutError:
                 reason, protocol = f"timeout after {self.timeout:g} s", False
+                timed_out = True
             except MemcacheServerError as exc:
                 reason, protocol = f"SERVER_ERROR {_text(exc)}", False
             except MemcacheUnknownCommandError:
@@ -332,6 +345,15 @@ class MemcacheWire:
             if count > 0:
                 log.warning("database %s: %s (server %s, attempt %d of %d)",
                             self.name, reason, self.endpoint, count + 1, self.max_try)
+        if timed_out:
+            # A server that accepts connections but does not answer would
+            # cost every caller max_try x timeout; fail fast for a while
+            # instead (Postfix has no such hold-down).
+            self._down_until = clock.monotonic() + MEMCACHE_DOWN_HOLD_SECONDS
+            log.warning("memcache server %s (%s): no reply within %g s; held down for %g s",
+                        self.endpoint, self.name, self.timeout, MEMCACHE_DOWN_HOLD_SECONDS)
+        else:
+            self._down_until = 0.0
         what = ProtocolError if protocol else ServerUnavailableError
         raise what(f"memcache server {self.endpoint} ({self.name}): {reason} "
                    f"(after {attempts} attempt{'s' if attempts != 1 else ''})")

@@ -18,6 +18,15 @@ triplet's last_seen (and ttl) is rewritten at most once per
 RECORD_REFRESH_INTERVAL to save writes, so it stays good for at least
 max_age - RECORD_REFRESH_INTERVAL after it was last seen.  Times are also
 checked on read, because a backup table (lmdb) never expires entries.
+
+Store traffic per request: the triplet and client lookups are queued
+together (one batch of the shared store worker, see policyd.store), then
+the writes together; the decision is returned only once every write is
+committed.  Writes: a new triplet costs two (triplet and client record), an
+early retry one (the client's deferred count), the pass two; a passed
+triplet or auto-whitelisted client at most one per RECORD_REFRESH_INTERVAL.
+The early retry's write is kept: the deferred count is the number of
+deferrals, and counting them less often would change what it says.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import email.utils
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -38,7 +47,7 @@ from policyd.api import Decision
 from policyd.config import PolicydConfig
 from policyd.metrics import Metrics, NullMetrics
 from policyd.reputation import ClientRecord, load_client_record, postscreen_verified
-from policyd.store import Store, StoreError
+from policyd.store import Store, StoreError, StoreWorker
 from policyd.triplet import (
     KeyMaker,
     client_key,
@@ -160,12 +169,12 @@ class GreylistPolicy:
         tkey = self.keys.triplet_key(client, normalise_sender(request.get("sender", "")),
                                      normalise_recipient(recipient))
         ckey = self.keys.client_record_key(client)
-        # All lookups at once: each store has its own worker thread.
-        got = await asyncio.gather(
-            self.triplets.get(tkey), self.clients.get(ckey),
-            self._postscreen_verified(address, now), return_exceptions=True)
+        # All lookups at once: queued together, they go out in one batch.
+        postscreen = self._postscreen_lookup(address)
+        got = await _wait_all(self.triplets.get(tkey), self.clients.get(ckey))
+        verified = await self._postscreen_verified(postscreen, address, now)
         # Every result is in before the first error is raised: none is lost.
-        triplet_value, client_value, verified = _ok(got[0]), _ok(got[1]), _ok(got[2])
+        triplet_value, client_value = _ok(got[0]), _ok(got[1])
         record = load_client_record(client_value, now, config.max_age) or ClientRecord.new(now)
 
         if record.auto_whitelisted(config.auto_whitelist_clients):
@@ -178,7 +187,7 @@ class GreylistPolicy:
         triplet = self._load_triplet(triplet_value, now)
         if triplet is not None and triplet.passed:
             # Known good triplet: refresh its lifetime now and then.
-            writes: list[Awaitable[None]] = []
+            writes: list[asyncio.Future[None]] = []
             if not 0 <= now - triplet.last_seen < limits.RECORD_REFRESH_INTERVAL:
                 writes.append(self.triplets.put(
                     tkey, TripletRecord(triplet.first_seen, now, True,
@@ -239,13 +248,20 @@ class GreylistPolicy:
             return None
         return triplet
 
-    async def _postscreen_verified(self, address: str, now: int) -> bool:
+    def _postscreen_lookup(self, address: str) -> asyncio.Future[str | None] | None:
+        """The lookup in postscreen's cache, when it is consulted at all."""
+        if self.postscreen is None or not self.config.postscreen_skip:
+            return None
+        return self.postscreen.get(address)
+
+    async def _postscreen_verified(self, lookup: asyncio.Future[str | None] | None,
+                                   address: str, now: int) -> bool:
         """postscreen's cache is advice: a failing cache only means "not
         verified", never a store failure of the request."""
-        if self.postscreen is None or not self.config.postscreen_skip:
+        if lookup is None:
             return False
         try:
-            value = await self.postscreen.get(address)
+            value = await lookup
         except StoreError as exc:
             log.warning("postscreen cache lookup failed: %s", exc)
             return False
@@ -270,9 +286,33 @@ class GreylistPolicy:
         return Decision(DUNNO, "store-failure")
 
 
-async def _gather(*writes: Awaitable[None]) -> None:
-    """Run writes together; wait for all before raising the first error."""
-    for result in await asyncio.gather(*writes, return_exceptions=True):
+async def _wait_all(*futures: asyncio.Future[T]) -> list[T | BaseException]:
+    """Each future's result or exception, in order, once all are done.
+
+    The store operations behind the futures are queued already (they run
+    together); awaiting them one by one costs no task per operation, as
+    asyncio.gather would.  When the caller is cancelled, the futures still
+    waited for are cancelled too.
+    """
+    results: list[T | BaseException] = []
+    try:
+        for future in futures:
+            try:
+                results.append(await future)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                results.append(exc)
+    except asyncio.CancelledError:
+        for future in futures:
+            future.cancel()
+        raise
+    return results
+
+
+async def _gather(*writes: asyncio.Future[None]) -> None:
+    """Wait for every write before raising the first error."""
+    for result in await _wait_all(*writes):
         if isinstance(result, BaseException):
             raise result
 
@@ -301,7 +341,10 @@ def build_policy(config: PolicydConfig,
             table.close()
         raise
     names = ("triplets", "clients", "postscreen")
-    stores = [Store(table, name=name, metrics=metrics)
+    # One worker thread for every store: the lookups of a request for all
+    # tables go out in one batch step (see policyd.store).
+    worker = StoreWorker(name="stores")
+    stores = [Store(table, name=name, metrics=metrics, worker=worker)
               for name, table in zip(names, tables, strict=False)]
     postscreen = stores[2] if len(stores) > 2 else None
     return GreylistPolicy(config, stores[0], stores[1], postscreen, whitelist)

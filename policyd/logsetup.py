@@ -14,16 +14,25 @@ Each decision is ONE logfmt-style line (logger ``policyd.decision``):
 ``<>``); values holding white space, ``"``, ``=``, ``\\`` or control
 characters are double-quoted with ``\\"``, ``\\\\`` and ``\\xNN`` escapes, so a
 client cannot forge fields or lines.  ``delay`` is whole seconds.
+
+Cost per decision matters (one line per request): the line is built only
+when info is enabled, handed to the handlers without the caller lookup
+logging does for every call, the time stamp is formatted once per second,
+and the stderr handler writes the lines of one event-loop iteration with
+one write (at once outside an event loop, and for warnings and errors).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.handlers
 import re
 import socket
 import sys
+import time
 from collections.abc import Mapping
+from typing import TextIO
 
 from policyd.api import Decision
 from policyd.config import PolicydConfig
@@ -76,15 +85,79 @@ def format_decision(request: Mapping[str, str], decision: Decision) -> str:
 def log_decision(request: Mapping[str, str], decision: Decision) -> None:
     """Log ONE line for one decision (at info level)."""
     if _decision_log.isEnabledFor(logging.INFO):
-        _decision_log.info(format_decision(request, decision))
+        # Logger.info() would also look up the caller's file and line,
+        # which no policyd format shows.
+        _decision_log.handle(_decision_log.makeRecord(
+            DECISION_LOGGER, logging.INFO, __file__, 0, format_decision(request, decision),
+            (), None))
 
 
 class _PostfixFormatter(logging.Formatter):
-    """Adds Postfix's severity prefix (none for info) before the message."""
+    """Adds Postfix's severity prefix (none for info) before the message;
+    formats the time stamp (logging's default format) once per second."""
+
+    _second = -1
+    _stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
         record.severity = _PREFIXES.get(record.levelno, "")
         return super().format(record)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._stamp},{int(record.msecs):03d}"  # logging's default format
+
+
+class _BatchingStreamHandler(logging.StreamHandler[TextIO]):
+    """A StreamHandler that, inside a running event loop, writes the lines of
+    one loop iteration together (one write instead of one per line), at the
+    end of the iteration.  Warnings and errors, and lines from other
+    threads, are written at once (with anything pending before them)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._pending.append(self.format(record) + self.terminator)
+            if record.levelno < logging.WARNING and self._defer():
+                return
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _defer(self) -> bool:
+        if self._scheduled:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        loop.call_soon(self.flush)
+        self._scheduled = True
+        return True
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled = False
+            if self._pending:
+                data = "".join(self._pending)
+                self._pending.clear()
+                self.stream.write(data)
+            if hasattr(self.stream, "flush"):
+                self.stream.flush()
+        finally:
+            self.release()
 
 
 class _QuietSysLogHandler(logging.handlers.SysLogHandler):
@@ -109,7 +182,7 @@ def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
         handler.close()
     _installed.clear()
 
-    stderr = logging.StreamHandler(sys.stderr)
+    stderr = _BatchingStreamHandler(sys.stderr)
     stderr.setFormatter(_PostfixFormatter(
         "%(asctime)s policyd[%(process)d]: %(severity)s%(message)s"))
     _installed.append(stderr)

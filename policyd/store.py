@@ -1,19 +1,46 @@
-"""An asyncio face on a blocking memtable Table.
+"""An asyncio face on blocking memtable Tables.
 
 memtable's tables block (sockets to memcached, lmdb file locks); the policy
-server's event loop must never wait on them.  A Store owns ONE worker
-thread that performs every operation of its table, in the order they were
-asked for, and hands each result back to the event loop.
+server's event loop must never wait on them.  A StoreWorker owns ONE
+thread that performs every operation of the Stores attached to it (one
+Store per Table; a Table is only ever used by that thread, as memtable
+requires) and hands the results back to the event loop.  policyd runs its
+triplet and client stores on one shared worker, so the lookups of a request
+for both tables go out in the same batch step, and the event loop and the
+stores contend with one thread, not two, for the GIL.
 
-Coalescing: the worker takes everything waiting in its queue at once (up to
-STORE_MAX_BATCH operations) and runs it as a batch; a run of consecutive
-gets becomes a single ``table.lookup_many(keys)`` call when the table has
-that method (memcache: one ``get k1 k2 ...`` round trip), else one lookup
-each.  Order is kept, so a get queued after a put of the same key sees it.
-Under load this turns N round trips into one; when idle, a batch is one op.
+Batching, on both sides of the thread boundary:
+
+- The event loop collects the operations asked for during one loop
+  iteration and hands them over as one list (one queue put, one wakeup).
+- The worker takes everything waiting (up to STORE_MAX_BATCH operations)
+  and runs it as a batch in rounds: all puts that may go first, then all
+  gets that may go next, then puts that must follow those gets, and so on.
+  Puts go first because their requests are answered as soon as they are
+  committed, while a get's request still has its writes ahead.
+  Per key the order of operations is kept (a get asked for after a put of
+  the same key sees it, a get asked for before it does not; puts of one key
+  land in the order asked); operations on different keys commute.  Per
+  table and round, the gets become one ``table.lookup_many(keys)`` call (a
+  memcache table: one ``get k1 k2 ...`` round trip) and the puts one
+  ``table.update_many(items)`` call (a memcache table: one pipelined
+  round trip of ``set`` commands, then one lmdb transaction for its
+  backup), when the table has those methods; else one call per operation.
+- The results of a round reach the event loop with ONE
+  ``loop.call_soon_threadsafe``, so the loop goes on deciding requests
+  whose lookups are done while the worker writes the next round.
+
+Write-ahead guarantee: a put's future completes only after the table's
+update returned, i.e. after memcached answered STORED and the backup
+transaction holding the item was committed (lmdb: synced to disk).  policyd
+answers a request only after all its puts completed, so a reply never
+claims state that a crash of policyd or of memcached could lose; a batch
+only makes several requests share one commit.
 
 Every failure of the table (memtable's MemtableError: TemporaryError,
-AccessError, KeySkippedError, ...) reaches the caller as StoreError.
+AccessError, KeySkippedError, ...) reaches the caller as StoreError; a
+batch call that fails fails each of its operations, a per-item error of
+update_many only its own.
 """
 
 from __future__ import annotations
@@ -24,7 +51,6 @@ import logging
 import queue
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from memtable import clock
@@ -46,50 +72,186 @@ class StoreError(PolicydError):
     full queue, closed store); nothing is known about the key."""
 
 
-_GET, _PUT, _CLOSE = "get", "put", "close"
+_GET, _PUT, _CLOSE = 0, 1, 2
 
 
-@dataclass
 class _Op:
-    kind: str
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
-    key: str = ""
-    value: str = ""
-    ttl: int = 0
-    result: Any = None
-    error: BaseException | None = field(default=None)
+    __slots__ = ("error", "future", "key", "kind", "loop", "result", "store", "ttl", "value")
+
+    def __init__(self, kind: int, store: Store, loop: asyncio.AbstractEventLoop,
+                 future: asyncio.Future[Any], key: str = "", value: str = "",
+                 ttl: int = 0) -> None:
+        self.kind = kind
+        self.store = store
+        self.loop = loop
+        self.future = future
+        self.key = key
+        self.value = value
+        self.ttl = ttl
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 
-def _deliver(op: _Op) -> None:
-    """Runs on the event loop: complete the caller's future."""
-    if op.future.done():  # the caller gave up (timeout, cancellation)
-        return
-    if op.error is not None:
-        op.future.set_exception(op.error)
-    else:
-        op.future.set_result(op.result)
+def _deliver(ops: list[_Op]) -> None:
+    """Runs on the event loop: complete the callers' futures."""
+    for op in ops:
+        future = op.future
+        if future.done():  # the caller gave up (timeout, cancellation)
+            continue
+        if op.error is not None:
+            future.set_exception(op.error)
+        else:
+            future.set_result(op.result)
+
+
+class StoreWorker:
+    """One thread running the operations of the Stores attached to it.
+
+    ``max_pending`` bounds the operations asked for and not yet taken up by
+    the thread (beyond it, callers get StoreError at once), ``max_batch``
+    the operations run as one batch.  The thread ends when every attached
+    store is closed.
+    """
+
+    def __init__(self, *, max_pending: int = limits.STORE_MAX_PENDING,
+                 max_batch: int = limits.STORE_MAX_BATCH, name: str = "store") -> None:
+        self.max_pending = max_pending
+        self.max_batch = max(1, max_batch)
+        self._queue: queue.SimpleQueue[list[_Op]] = queue.SimpleQueue()
+        self._pending: list[_Op] = []   # asked for in this loop iteration
+        self._flush_scheduled = False
+        # Operations asked for (event-loop side) and taken (worker side):
+        # each counter has one writer, so no lock is needed.
+        self._asked = 0
+        self._taken = 0
+        self._open_stores = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        """Operations asked for and not yet taken up by the thread."""
+        return self._asked - self._taken
+
+    def _attach(self) -> None:
+        self._open_stores += 1
+
+    # --- the event-loop side ----------------------------------------------
+
+    def _submit(self, op: _Op) -> None:
+        self._asked += 1
+        self._pending.append(op)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            op.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        ops, self._pending = self._pending, []
+        if ops:
+            self._queue.put(ops)
+
+    # --- the worker thread ------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            ops = self._queue.get()
+            while len(ops) < self.max_batch:
+                try:
+                    ops += self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._taken += len(ops)
+            for start in range(0, len(ops), self.max_batch):
+                self._run_batch(ops[start:start + self.max_batch])
+            if self._open_stores <= 0:
+                return
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        """Run a batch in rounds (see the module docstring).
+
+        Rounds alternate: even ones hold puts, odd ones gets.  Each
+        operation goes to the earliest round of its kind that is not before
+        the round of the previous operation on the same key.
+        """
+        rounds: list[list[_Op]] = []
+        last: dict[tuple[int, str], int] = {}
+        for op in batch:
+            if op.kind == _CLOSE:
+                # Everything asked for before the close runs first.
+                self._run_rounds(rounds)
+                rounds, last = [], {}
+                op.store._call_close(op)
+                self._open_stores -= 1
+                self._send([op])
+                continue
+            key = (id(op.store), op.key)
+            prev = last.get(key)
+            if prev is None:
+                target = 1 - op.kind  # 0: first put round, 1: first get round
+            elif prev % 2 == 1 - op.kind:
+                target = prev
+            else:
+                target = prev + 1
+            last[key] = target
+            while len(rounds) <= target:
+                rounds.append([])
+            rounds[target].append(op)
+        self._run_rounds(rounds)
+
+    def _run_rounds(self, rounds: list[list[_Op]]) -> None:
+        for ops in rounds:
+            if not ops:
+                continue
+            by_store: dict[int, list[_Op]] = {}
+            for op in ops:
+                by_store.setdefault(id(op.store), []).append(op)
+            for group in by_store.values():
+                store = group[0].store
+                if group[0].kind == _GET:
+                    store._run_gets(group)
+                else:
+                    store._run_puts(group)
+            self._send(ops)
+
+    @staticmethod
+    def _send(ops: list[_Op]) -> None:
+        """ONE wakeup of each event loop waiting for ``ops``."""
+        loop = ops[0].loop
+        if any(op.loop is not loop for op in ops):
+            by_loop: dict[int, list[_Op]] = {}
+            for op in ops:
+                by_loop.setdefault(id(op.loop), []).append(op)
+            groups = list(by_loop.values())
+        else:
+            groups = [ops]
+        for group in groups:
+            # A closed loop (RuntimeError) means nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                group[0].loop.call_soon_threadsafe(_deliver, group)
 
 
 class Store:
-    """Async get/put over one Table, run in one dedicated worker thread."""
+    """Async get/put over one Table, run by a StoreWorker thread (its own
+    unless ``worker`` is given)."""
 
     def __init__(self, table: Table, *, max_pending: int = limits.STORE_MAX_PENDING,
                  max_batch: int = limits.STORE_MAX_BATCH, name: str = "",
-                 metrics: Metrics | NullMetrics | None = None) -> None:
+                 metrics: Metrics | NullMetrics | None = None,
+                 worker: StoreWorker | None = None) -> None:
         self.table = table
         self.spec = table.spec
         self.name = name or table.spec
         self._metrics = metrics or NullMetrics()
-        self._max_pending = max_pending
-        self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._closed = False
         self._close_future: asyncio.Future[Any] | None = None
         self._lookup_many = getattr(table, "lookup_many", None)
-        self._thread = threading.Thread(target=self._run, name=f"store {self.spec}",
-                                        daemon=True)
-        self._thread.start()
+        self._update_many = getattr(table, "update_many", None)
+        if worker is None:
+            worker = StoreWorker(max_pending=max_pending, max_batch=max_batch,
+                                 name=f"store {self.spec}")
+        self._worker = worker
+        worker._attach()
 
     @classmethod
     def open(cls, spec: str, *, read_write: bool) -> Store:
@@ -105,76 +267,55 @@ class Store:
 
     # --- the event-loop side ----------------------------------------------
 
-    def _submit(self, kind: str, key: str = "", value: str = "", ttl: int = 0) -> \
+    def _submit(self, kind: int, key: str = "", value: str = "", ttl: int = 0) -> \
             asyncio.Future[Any]:
-        if self._closed:
-            raise StoreError(f"{self.spec}: store is closed")
-        if self._queue.qsize() >= self._max_pending:
-            raise StoreError(f"{self.spec}: more than {self._max_pending} operations waiting")
         loop = asyncio.get_running_loop()
-        op = _Op(kind, loop, loop.create_future(), key, value, ttl)
-        self._queue.put(op)
-        return op.future
+        future = loop.create_future()
+        worker = self._worker
+        if self._closed:
+            future.set_exception(StoreError(f"{self.spec}: store is closed"))
+        elif worker.waiting >= worker.max_pending:
+            future.set_exception(StoreError(
+                f"{self.spec}: more than {worker.max_pending} operations waiting"))
+        else:
+            worker._submit(_Op(kind, self, loop, future, key, value, ttl))
+        return future
 
-    async def get(self, key: str) -> str | None:
-        """The value stored under key, or None when there is none."""
-        result: str | None = await self._submit(_GET, key)
-        return result
+    def get(self, key: str) -> asyncio.Future[str | None]:
+        """The value stored under key (None when there is none), as a future
+        to await.  The operation is queued at once, so several gets and puts
+        asked for before awaiting any go out together."""
+        return self._submit(_GET, key)
 
-    async def put(self, key: str, value: str, ttl: int) -> None:
-        """Store key = value for ttl seconds (tables without expiry keep it)."""
-        await self._submit(_PUT, key, value, ttl)
+    def put(self, key: str, value: str, ttl: int) -> asyncio.Future[None]:
+        """Store key = value for ttl seconds (tables without expiry keep it);
+        the future completes once the write is committed (see the module
+        docstring)."""
+        return self._submit(_PUT, key, value, ttl)
 
     async def close(self) -> None:
-        """Finish what is queued, close the table, end the worker.  Idempotent."""
+        """Finish what is queued, close the table, end the worker when no
+        other store uses it.  Idempotent."""
         if self._close_future is None:
             self._closed = True
             loop = asyncio.get_running_loop()
-            op = _Op(_CLOSE, loop, loop.create_future())
+            op = _Op(_CLOSE, self, loop, loop.create_future())
             self._close_future = op.future
-            self._queue.put(op)
+            self._worker._submit(op)  # never refused: the bound is for gets and puts
         try:
             await asyncio.wait_for(asyncio.shield(self._close_future), STORE_CLOSE_TIMEOUT)
         except TimeoutError:
             log.warning("%s: worker did not finish within %ss; abandoning it",
                         self.spec, STORE_CLOSE_TIMEOUT)
 
-    # --- the worker thread ------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if not self._run_batch(batch):
-                return
-
-    def _run_batch(self, batch: list[_Op]) -> bool:
-        """Run a batch in order; False once the close operation ran."""
-        i = 0
-        while i < len(batch):
-            op = batch[i]
-            if op.kind == _GET:
-                j = i + 1
-                while j < len(batch) and batch[j].kind == _GET:
-                    j += 1
-                self._run_gets(batch[i:j])
-                i = j
-                continue
-            if op.kind == _PUT:
-                self._call(op, "put", self.table.update, op.key, op.value, op.ttl)
-            else:  # _CLOSE: nothing can be queued after it (submit refuses)
-                self._call(op, "close", self.table.close)
-                self._send(op)
-                return False
-            self._send(op)
-            i += 1
-        return True
+    # --- run by the worker thread ------------------------------------------
 
     def _run_gets(self, ops: list[_Op]) -> None:
+        # A get whose caller gave up (decision timeout) need not run: after
+        # a stall the backlog then drains at once.  Puts still run.
+        ops = [op for op in ops if not op.future.done()]
+        if not ops:
+            return
         if len(ops) > 1 and self._lookup_many is not None:
             keys = list(dict.fromkeys(op.key for op in ops))
             started = clock.monotonic()
@@ -183,18 +324,37 @@ class Store:
                 self._metrics.store_latency(self.name, "get", clock.monotonic() - started)
             except Exception as exc:
                 self._metrics.store_error(self.name)
-                error = _translate(self.spec, exc)
-                for op in ops:
-                    op.error = error
+                for op in ops:  # each caller its own exception object
+                    op.error = _translate(self.spec, exc)
             else:
                 for op in ops:
                     op.result = values.get(op.key)
-            for op in ops:
-                self._send(op)
             return
         for op in ops:
             self._call(op, "get", self.table.lookup, op.key)
-            self._send(op)
+
+    def _run_puts(self, ops: list[_Op]) -> None:
+        if len(ops) > 1 and self._update_many is not None:
+            items = [(op.key, op.value, op.ttl) for op in ops]
+            started = clock.monotonic()
+            try:
+                errors: Sequence[BaseException | None] = self._update_many(items)
+            except Exception as exc:
+                self._metrics.store_error(self.name)
+                for op in ops:  # each caller its own exception object
+                    op.error = _translate(self.spec, exc)
+                return
+            self._metrics.store_latency(self.name, "put", clock.monotonic() - started)
+            for op, item_error in zip(ops, errors, strict=True):
+                if item_error is not None:
+                    self._metrics.store_error(self.name)
+                    op.error = _translate(self.spec, item_error)
+            return
+        for op in ops:
+            self._call(op, "put", self.table.update, op.key, op.value, op.ttl)
+
+    def _call_close(self, op: _Op) -> None:
+        self._call(op, "close", self.table.close)
 
     def _call(self, op: _Op, name: str, fn: Any, *args: Any) -> None:
         started = clock.monotonic()
@@ -206,12 +366,6 @@ class Store:
         else:
             self._metrics.store_latency(self.name, name, clock.monotonic() - started)
 
-    @staticmethod
-    def _send(op: _Op) -> None:
-        # A closed loop (RuntimeError) means nobody is waiting any more.
-        with contextlib.suppress(RuntimeError):
-            op.loop.call_soon_threadsafe(_deliver, op)
-
 
 def _as_mapping(keys: Sequence[str], found: Any) -> Mapping[str, str | None]:
     """lookup_many may answer a mapping or a list in key order."""
@@ -220,7 +374,8 @@ def _as_mapping(keys: Sequence[str], found: Any) -> Mapping[str, str | None]:
     return dict(zip(keys, found, strict=True))
 
 
-def _translate(spec: str, exc: Exception) -> Exception:
+def _translate(spec: str, exc: BaseException) -> BaseException:
+    """The exception a caller sees: a new StoreError for table failures."""
     if isinstance(exc, MemtableError | OSError):
         error = StoreError(f"{spec}: {exc}")
         error.__cause__ = exc

@@ -150,11 +150,19 @@ def client_key(config: PolicydConfig, ip: IPAddress, client_name: str) -> str:
     return subnet_key(ip, config.ipv4_prefix, config.ipv6_prefix)
 
 
+_SAFE_KEY = re.compile(r"[\x21-\x24\x26-\x7e]*")
+
+
 def sanitise_key(raw: str) -> str:
     """A memcache-safe key: bytes outside printable ASCII (white space,
     control characters, non-ASCII) and ``%`` percent-encoded in lower case
     (so a folding table leaves the key unchanged), and the sha256 hex
     digest instead when the result is over STORE_KEY_MAX_BYTES."""
+    if _SAFE_KEY.fullmatch(raw):
+        # Fast path (nearly every key): nothing to encode.
+        if len(raw) > limits.STORE_KEY_MAX_BYTES:
+            return hashlib.sha256(raw.encode("ascii")).hexdigest()
+        return raw
     data = raw.encode("utf-8", "backslashreplace")
     out = []
     for byte in data:

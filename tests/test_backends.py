@@ -351,3 +351,77 @@ def test_open_backend_unsupported(type_: str, advice: str) -> None:
     message = str(info.value)
     assert advice in message
     assert "lmdb:, inline:, static:, texthash:" in message
+
+
+# ---------------------------------------------------------------------------
+# lmdb: batches (one transaction, one lock); postmap reads the result
+# ---------------------------------------------------------------------------
+
+@pytest.mark.postfix
+def test_lmdb_update_many_is_read_by_postmap(postmap_config: Path, tmp_path: Path) -> None:
+    from memtable.errors import BackupError
+
+    db = tmp_path / "batch"
+    table = LmdbTable(str(db), read_write=True, fold=True)
+    with table:
+        results = table.update_many([("One", "1", None), ("bad\0key", "x", 60),
+                                     ("two", "2", 600), ("one", "again", None),
+                                     ("three", "no\0nul", None)])
+        assert results[0] is None and results[2] is None and results[3] is None
+        assert isinstance(results[1], BackupError) and "NUL" in str(results[1])
+        assert isinstance(results[4], BackupError)
+        assert table.update_many([]) == []
+        # the same answers as one lookup at a time, in one transaction
+        keys = ["ONE", "two", "three", "absent", "bad\0key"]
+        assert table.lookup_many(keys) == {k: table.lookup(k) for k in keys}
+        assert table.lookup_many(keys)["ONE"] == "again"  # the later item won
+    found = pm_queries(postmap_config, ["one", "two", "three"], f"lmdb:{db}")
+    assert found == {"one": "again", "two": "2", "three": None}
+
+
+def test_lmdb_batches_on_read_only_and_closed_tables(tmp_path: Path) -> None:
+    from memtable.errors import BackupError
+
+    db = str(tmp_path / "db")
+    LmdbTable(db, read_write=True, fold=False).close()
+    ro = LmdbTable(db, read_write=False, fold=False)
+    with ro, pytest.raises(AccessError):
+        ro.update_many([("k", "v", None)])
+    table = LmdbTable(db, read_write=True, fold=False)
+    table.close()
+    with pytest.raises(BackupError, match="closed"):
+        table.update_many([("k", "v", None)])
+    with pytest.raises(BackupError, match="closed"):
+        table.lookup_many(["k"])
+
+
+def test_lmdb_update_many_waits_for_the_exclusive_lock(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch takes Postfix's exclusive fcntl lock like update(): held by
+    another process, the batch gives up after the bound and stores nothing."""
+    import sys
+
+    from memtable.errors import BackupError
+
+    db = tmp_path / "db"
+    LmdbTable(str(db), read_write=True, fold=False).close()
+    monkeypatch.setattr(limits, "LMDB_LOCK_WAIT_SECONDS", 0.2)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.lockf(fd, fcntl.LOCK_SH); print('locked', flush=True); sys.stdin.read()",
+         str(db) + ".lmdb"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"locked\n"
+        table = LmdbTable(str(db), read_write=True, fold=False)
+        with table:
+            with pytest.raises(BackupError, match="no exclusive lock"):
+                table.update_many([("a", "1", None), ("b", "2", None)])
+            assert table.lookup_many(["a", "b"]) == {"a": None, "b": None}  # shared: fine
+    finally:
+        holder.communicate(b"", timeout=COMMAND_TIMEOUT)
+    table = LmdbTable(str(db), read_write=True, fold=False)
+    with table:
+        assert table.update_many([("a", "1", None)]) == [None]
+        assert table.lookup("a") == "1"

@@ -33,7 +33,7 @@ import pytest
 
 from memtable import limits
 from memtable.backends import LmdbTable
-from memtable.errors import AccessError, BackupError
+from memtable.errors import AccessError, BackupError, OpenError
 from tests.postfixlab import POSTMAP, run_postmap
 
 pytestmark = pytest.mark.postfix
@@ -209,7 +209,8 @@ def test_open_errors(postmap_config: Path, tmp_path: Path) -> None:
     res = run_postmap(postmap_config, "-q", "k", f"lmdb:{missing}")
     postfix_says = f"open database {missing}.lmdb: No such file or directory"
     assert postfix_says in res.stderr.decode()
-    with pytest.raises(BackupError, match=postfix_says):
+    assert res.returncode == 1  # fatal for postmap, and for memtable
+    with pytest.raises(OpenError, match=postfix_says):
         LmdbTable(str(missing), read_write=False, fold=True)
     # Read-write creates the file, like postmap -d / -i do (O_CREAT).
     with opened(missing) as table:
@@ -218,7 +219,7 @@ def test_open_errors(postmap_config: Path, tmp_path: Path) -> None:
     # Not an lmdb file.
     junk = tmp_path / "junk"
     Path(str(junk) + ".lmdb").write_bytes(b"this is not lmdb\n" * 600)
-    with pytest.raises(BackupError, match=r"lmdb:.*junk: open database .*junk\.lmdb"):
+    with pytest.raises(OpenError, match=r"lmdb:.*junk: open database .*junk\.lmdb"):
         LmdbTable(str(junk), read_write=False, fold=True)
 
 

@@ -186,3 +186,109 @@ def test_lookup_many_matches_lookup(tmp_path: Path, memcached: Memcached) -> Non
         keys = ["a@example.com", "b@example.com", "c@example.com", "x@other.example", ""]
         assert table.lookup_many(keys) == {k: table.lookup(k) for k in keys}
         assert table.lookup_many(keys)["b@example.com"] == "backup only"
+
+
+def _batch_table(tmp_path: Path, memcache: str, *lines: str) -> MemcacheTable:
+    table = open_table(make_cf(tmp_path, memcache, *lines), read_write=True)
+    assert isinstance(table, MemcacheTable)
+    return table
+
+
+def test_update_many_matches_update(tmp_path: Path, memcached: Memcached,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Per item, update_many() has update()'s outcome: stored (memcache with
+    its ttl and flags, then the backup), skipped key, too long a value."""
+    backup = f"lmdb:{tmp_path / 'backup'}"
+    table = _batch_table(tmp_path, memcached.spec, f"backup = {backup}", "domain = example.com",
+                      "key_format = b:%s", "flags = 7", "ttl = 1200",
+                      "data_size_limit = 20")
+    with table:
+        with caplog.at_level(logging.WARNING):
+            results = table.update_many([
+                ("a@example.com", "1", None),             # the table's ttl
+                ("b@example.com", "2", 60),               # its own ttl
+                ("x@other.example", "3", None),           # domain mismatch: skipped
+                ("c@example.com", "y" * 21, None),        # too long: backup only
+                ("a@example.com", "1 again", 100_000_000),  # > 30 days: absolute
+            ])
+        assert results[0] is None and results[1] is None and results[4] is None
+        assert isinstance(results[2], KeySkippedError)
+        assert results[2].reason == "domain mismatch"
+        assert results[3] is None  # as update(): with a backup, only logged
+        assert "too long" in caplog.text
+        assert sorted(table.sequence()) == [("a@example.com", "1 again"),
+                                            ("b@example.com", "2"), ("c@example.com", "y" * 21)]
+    a, b = memcached.meta("b:a@example.com"), memcached.meta("b:b@example.com")
+    assert a is not None and b is not None
+    assert a["value"] == "1 again" and a["flags"] == 7
+    assert int(str(a["ttl"])) > 30 * 86400  # sent as absolute time, read back as seconds left
+    assert b["value"] == "2" and 50 <= int(str(b["ttl"])) <= 60
+    assert memcached.meta("b:c@example.com") is None
+    assert memcached.meta("b:x@other.example") is None
+
+
+def test_update_many_without_backup(tmp_path: Path, memcached: Memcached) -> None:
+    table = _batch_table(tmp_path, memcached.spec, "data_size_limit = 5")
+    with table:
+        results = table.update_many([("k1", "v1", 60), ("", "empty key", 60),
+                                     ("k2", "toolong", 60), ("k3", "v3", 60)])
+        assert results[0] is None and results[3] is None
+        assert isinstance(results[1], KeySkippedError)
+        assert isinstance(results[2], ValueTooLongError)
+        assert table.lookup_many(["k1", "k2", "k3"]) == {"k1": "v1", "k2": None, "k3": "v3"}
+    with open_table(make_cf(tmp_path, memcached.spec), read_write=False) as ro:
+        assert isinstance(ro, MemcacheTable)
+        with pytest.raises(AccessError):
+            ro.update_many([("k", "v", None)])
+
+
+def test_update_many_with_memcache_down(tmp_path: Path) -> None:
+    """Without a backup every item of the failed round trip gets the error;
+    with one, the error is only logged and the backup batch decides."""
+    table = _batch_table(tmp_path, dead_server())
+    with table:
+        results = table.update_many([("k1", "v", None), ("k2", "v", None)])
+        assert all(isinstance(r, TemporaryError) for r in results)
+    backup = f"lmdb:{tmp_path / 'backup'}"
+    table = _batch_table(tmp_path, dead_server(), f"backup = {backup}")
+    with table:
+        assert table.update_many([("k1", "v1", None), ("k2", "v2", None)]) == [None, None]
+        assert table.lookup_many(["k1", "k2", "k3"]) == {"k1": "v1", "k2": "v2", "k3": None}
+
+
+def test_lookup_many_reads_misses_from_the_backup_in_one_batch(
+        tmp_path: Path, memcached: Memcached) -> None:
+    backup = f"lmdb:{tmp_path / 'backup'}"
+    with open_table(backup, read_write=True) as lmdb:
+        for i in range(5):
+            lmdb.update(f"k{i}", f"from backup {i}")
+    table = _batch_table(tmp_path, memcached.spec, f"backup = {backup}", "key_format = b:%s",
+                      "flags = 3", "ttl = 1200")
+    with table:
+        table.update("k0", "in memcache")
+        keys = [f"k{i}" for i in range(6)]
+        assert table.lookup_many(keys) == {
+            "k0": "in memcache", "k1": "from backup 1", "k2": "from backup 2",
+            "k3": "from backup 3", "k4": "from backup 4", "k5": None}
+    # the backup's hits were written back to memcache, with the table's ttl and flags
+    for i in range(1, 5):
+        meta = memcached.meta(f"b:k{i}")
+        assert meta is not None and meta["value"] == f"from backup {i}" and meta["flags"] == 3
+        assert 1190 <= int(str(meta["ttl"])) <= 1200
+    assert memcached.meta("b:k5") is None
+
+
+def test_skip_logging(tmp_path: Path, memcached: Memcached,
+                      caplog: pytest.LogCaptureFixture) -> None:
+    """Skipped updates warn once; lookups Postfix skips silently stay
+    quiet; a key over memcached's limit (no Postfix reason) warns."""
+    spec = make_cf(tmp_path, memcached.spec, "domain = example.com")
+    with open_table(spec, read_write=True) as table, caplog.at_level(logging.WARNING):
+        with pytest.raises(KeySkippedError):
+            table.update("u@other.example", "v")
+        assert caplog.text.count("skipping update") == 1
+        caplog.clear()
+        assert table.lookup("u@other.example") is None
+        assert caplog.text == ""
+        assert table.lookup("x" * 300 + "@example.com") is None
+        assert "250-byte limit" in caplog.text and "key_digest" in caplog.text

@@ -115,3 +115,10 @@ def test_ttl_command_checks_postscreen_ttls(tmp_path: Path) -> None:
     assert "shorter than postscreen_pipelining_ttl" in done.stdout
     assert "set ttl = 2592000" in done.stdout
     assert "postscreen_cache_cleanup_interval should be 0" in done.stdout
+
+
+def test_missing_lmdb_file_is_fatal_not_temporary(tmp_path: Path) -> None:
+    """As postmap: a table file that cannot be opened exits 1 (fatal), not 75."""
+    done = run("-q", "k", f"lmdb:{tmp_path / 'missing'}")
+    assert done.returncode == 1
+    assert "open database" in done.stderr and "No such file" in done.stderr

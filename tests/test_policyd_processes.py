@@ -3,9 +3,11 @@ and memcached going away and coming back."""
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
+from memtable.limits import MEMCACHE_DOWN_HOLD_SECONDS as MEMCACHE_DOWN_HOLD
 from tests.conftest import Memcached, start_memcached
 from tests.policyd_proc import PolicydProcess
 
@@ -74,4 +76,36 @@ def test_store_failure_action(tmp_path: Path, policyd_factory: type[PolicydProce
         assert "reason=store-failure" in open_.log_text()
         assert "store-failure" in closed.log_text()
     finally:
+        server.stop()
+
+
+def test_hung_memcached_does_not_stall_policyd(tmp_path: Path,
+                                               policyd_factory: type[PolicydProcess]) -> None:
+    """memcached that accepts connections but never answers (SIGSTOP):
+    after the first timeout the server is held down and requests are
+    answered from the lmdb backup at once, instead of each paying
+    max_try x timeout; when memcached wakes up it is used again."""
+    server = start_memcached(tmp_path)
+    try:
+        p = policyd_factory(tmp_path / "p", server.spec, extra=FAST).start()
+        assert p.ask(**triplet(5)).startswith("DEFER_IF_PERMIT")
+        time.sleep(DELAY + 0.3)
+        assert p.ask(**triplet(5)).startswith("PREPEND")
+        server.proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        answers = [p.ask(**triplet(5)) for _ in range(10)]
+        answers.append(p.ask(**triplet(6)))
+        elapsed = time.monotonic() - started
+        assert answers[:10] == ["DUNNO"] * 10  # passed, from the backup
+        assert answers[10].startswith("DEFER_IF_PERMIT")
+        # One attempt's timeout (1 s per table) at most, not one per request.
+        assert elapsed < 5, elapsed
+        assert "held down" in p.log_text()
+        server.proc.send_signal(signal.SIGCONT)
+        time.sleep(MEMCACHE_DOWN_HOLD + 0.5)
+        assert p.ask(**triplet(7)).startswith("DEFER_IF_PERMIT")
+        assert server.meta("policyd-triplets:198.51.100.0/sender7@example.org/"
+                           "rcpt7@example.com") is not None
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
         server.stop()

@@ -380,3 +380,27 @@ def test_signals_in_process(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_request_before_half_close_is_answered(server: ServerThread) -> None:
+    """A client may send its request and shut down its sending side (as
+    ``nc -N`` does): the reply still comes, then the connection closes."""
+    with connect(server.inet) as sock:
+        sock.sendall(request(test_action="OK half"))
+        sock.shutdown(socket.SHUT_WR)
+        assert read_reply(sock) == b"action=OK half\n\n"
+        assert is_closed(sock)
+
+
+def test_decision_deadlines_apply_to_their_own_decisions(start_server: StartServer) -> None:
+    """One slow decision times out while quick ones on other connections
+    (which started later and finished) are unaffected, and a later slow one
+    gets its own full decision_timeout."""
+    srv = start_server(decision_timeout=0.3, store_failure_action="DUNNO")
+    with connect(srv.inet) as slow, connect(srv.inet) as quick:
+        slow.sendall(request(test_sleep="5"))
+        for i in range(5):
+            assert ask(quick, request(test_action=f"OK {i}")) == f"action=OK {i}\n\n".encode()
+        assert read_reply(slow) == b"action=DUNNO\n\n"  # the timeout's answer
+        assert ask(slow, request(test_action="OK", test_sleep="0.1")) == b"action=OK\n\n"
+    assert srv.server.stats.policy_failures == 1

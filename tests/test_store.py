@@ -7,11 +7,14 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from memtable.errors import KeySkippedError
-from policyd.store import Store, StoreError
+from memtable.backends import LmdbTable
+from memtable.errors import BackupError, KeySkippedError, MemtableError
+from memtable.registry import open_table
+from policyd.store import Store, StoreError, StoreWorker
 from tests.conftest import Memcached
 from tests.greylist_helpers import DictTable, run, write
 
@@ -171,6 +174,135 @@ def test_caller_giving_up_does_not_break_the_worker() -> None:
         slow.cancel()
         table.hold.set()
         assert await store.get("k") == "v"  # the put still ran, in order
+        await store.close()
+
+    run(main())
+
+
+class UpdateManyTable(BatchTable):
+    """BatchTable with update_many; records the calls (kind, keys) in order.
+    Keys starting with "skip" get a per-item KeySkippedError."""
+
+    def __init__(self, spec: str = "dict:many") -> None:
+        super().__init__()
+        self.spec = spec
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
+        self.calls.append(("get", list(keys)))
+        return {k: DictTable.lookup(self, k) for k in keys}
+
+    def lookup(self, key: str) -> str | None:
+        self.calls.append(("get", [key]))
+        return super().lookup(key)
+
+    def update(self, key: str, value: str, ttl: int | None = None) -> None:
+        self.calls.append(("put", [key]))
+        super().update(key, value, ttl)
+
+    def update_many(self, items: Sequence[tuple[str, str, int | None]]
+                    ) -> list[MemtableError | None]:
+        self.calls.append(("put", [key for key, _, _ in items]))
+        self.holding.set()
+        assert self.hold.wait(WAIT)
+        results: list[MemtableError | None] = []
+        for key, value, _ttl in items:
+            if key.startswith("skip"):
+                results.append(KeySkippedError(key, "domain mismatch"))
+            else:
+                self.data[key] = (value, None)
+                results.append(None)
+        return results
+
+
+def test_batch_runs_in_rounds_keeping_per_key_order() -> None:
+    """Puts that may go first go out as one update_many, then the gets as
+    one lookup_many, then the puts that must follow those gets, and so on
+    (a lone operation: update()/lookup()); per key the order asked for
+    holds, and per-item errors reach only their own caller."""
+    table = UpdateManyTable()
+
+    async def main() -> None:
+        store = Store(table)
+        table.hold.clear()
+        blocker = store.put("z", "0", 60)
+        await asyncio.to_thread(table.holding.wait, WAIT)  # the worker is busy
+        table.holding.clear()
+        futures: list[asyncio.Future[Any]] = [
+            store.get("a"), store.put("a", "1", 60), store.get("a"), store.get("b"),
+            store.put("skip-me", "x", 60), store.put("c", "3", 60), store.get("c"),
+            store.put("a", "2", 60), store.get("d")]
+        await asyncio.sleep(0)  # let the batch reach the queue
+        table.hold.set()
+        await blocker
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert results[:4] == [None, None, "1", None]
+        assert isinstance(results[4], StoreError) and "domain mismatch" in str(results[4])
+        assert isinstance(results[4].__cause__, KeySkippedError)
+        assert results[5:] == [None, "3", None, None]
+        assert await store.get("a") == "2"  # the later put of a key wins
+        await store.close()
+
+    run(main())
+    assert table.calls[1:] == [
+        ("put", ["skip-me", "c"]),        # round 0: puts of keys not read before
+        ("get", ["a", "b", "c", "d"]),    # round 1: c after its put, a before its put
+        ("put", ["a"]),                   # round 2: a's first put, after a's first get
+        ("get", ["a"]),                   # round 3: the get of a between its puts
+        ("put", ["a"]),                   # round 4: a's second put
+        ("get", ["a"]),                   # the last check above
+    ]
+
+
+def test_shared_worker_serves_several_stores_in_one_thread(tmp_path: Path,
+                                                           memcached: Memcached) -> None:
+    """Two memcache stores with lmdb backups on one worker: everything
+    lands in memcached and in the backups, read back through the stores."""
+    stores: list[Store] = []
+    worker = StoreWorker(name="shared")
+    for name in ("t", "c"):
+        cf = write(tmp_path / f"{name}.cf",
+                   f"memcache = {memcached.spec}\nkey_format = {name}:%s\n"
+                   f"backup = lmdb:{tmp_path / name}\n")
+        stores.append(Store(open_table(f"memcache:{cf}", read_write=True), worker=worker))
+    t, c = stores
+    prefix = {t: "t", c: "c"}
+
+    async def main() -> None:
+        keys = [f"k{i}" for i in range(40)]
+        await asyncio.gather(*(s.put(k, prefix[s] + k, 600) for k in keys for s in stores))
+        got = await asyncio.gather(*(s.get(k) for k in keys for s in stores))
+        assert got == [prefix[s] + k for k in keys for s in stores]
+        await t.close()
+        assert await c.get("k1") == "ck1"  # the worker still serves the other store
+        await c.close()
+
+    run(main())
+    worker._thread.join(WAIT)
+    assert not worker._thread.is_alive()  # ended with the last of its stores
+    assert memcached.meta("t:k39") is not None and memcached.meta("c:k0") is not None
+    with LmdbTable(str(tmp_path / "c"), read_write=False, fold=True) as backup:
+        assert backup.lookup("k7") == "ck7"
+
+
+def test_failed_batch_call_fails_each_of_its_operations() -> None:
+    class Down(UpdateManyTable):
+        def update_many(self, items: Sequence[tuple[str, str, int | None]]
+                        ) -> list[MemtableError | None]:
+            raise BackupError("lmdb:/x: no exclusive lock within 10 s")
+
+    table = Down()
+
+    async def main() -> None:
+        store = Store(table)
+        table.hold.clear()
+        blocker = store.get("x")  # lone get: table.lookup, not held
+        await blocker
+        results = await asyncio.gather(store.put("a", "1", 1), store.put("b", "2", 1),
+                                       return_exceptions=True)
+        # both in one batch or one each: either way each gets the error
+        assert all(isinstance(r, StoreError) and "no exclusive lock" in str(r)
+                   for r in results)
         await store.close()
 
     run(main())

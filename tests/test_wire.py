@@ -496,3 +496,28 @@ def test_set_many_sends_all_commands_in_one_write(
         wire.close()
     assert received == [expected]
     assert server.connections == 1
+
+
+def test_a_server_that_timed_out_is_held_down(make_wire: Callable[..., MemcacheWire],
+                                              sleeps: list[float],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a timeout on every attempt, calls fail at once (no connection,
+    no wait) until the hold-down ends; then the server is tried again."""
+    import memtable.wire
+
+    monkeypatch.setattr(memtable.wire, "MEMCACHE_DOWN_HOLD_SECONDS", 0.3)
+    with hostile.HostileServer(hostile.stall()) as server:
+        wire = hostile_wire(make_wire, server, timeout=TIMEOUT)
+        with pytest.raises(ServerUnavailableError, match="timeout"):
+            wire.get(b"k")
+        assert server.connections == MAX_TRY
+        for call in (lambda: wire.get(b"k"), lambda: wire.delete(b"k"),
+                     lambda: wire.set(b"k", b"v", flags=0, exptime=0)):
+            with pytest.raises(ServerUnavailableError, match="held down"):
+                call()
+        assert server.connections == MAX_TRY
+        time.sleep(0.35)
+        with pytest.raises(ServerUnavailableError, match="timeout"):
+            wire.get(b"k")
+        assert server.connections == 2 * MAX_TRY
+        wire.close()

@@ -16,6 +16,10 @@ dict_lmdb/slmdb and ``postmap lmdb:`` read and write:
   around each write, held only for that operation, with a new LMDB
   transaction inside the lock so other processes' writes are seen.
   Waiting for the lock is bounded (LMDB_LOCK_WAIT_SECONDS) -> BackupError.
+- update_many() writes a batch in ONE write transaction under ONE
+  exclusive lock (same locking as update(); one commit, so one sync, for
+  the whole batch): the batch is stored whole or, when the transaction
+  fails, not at all.
 - MDB_MAP_FULL: the map size doubles and the transaction is retried;
   MDB_MAP_RESIZED (another process grew the file): the new size is adopted
   and the operation retried (slmdb's recovery).
@@ -32,10 +36,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TypeVar
 
@@ -43,7 +48,7 @@ import lmdb
 
 from memtable import clock, limits
 from memtable.domainlist import fold_case
-from memtable.errors import BackupError
+from memtable.errors import BackupError, OpenError
 from memtable.table import Table
 
 T = TypeVar("T")
@@ -62,7 +67,17 @@ class _Shared:
         self.writable = writable
         self.mutex = threading.Lock()
         self.refs = 1
+        # Descriptors of this file waiting to be closed: closing any of them
+        # drops this process's fcntl locks, so only under the mutex.
+        self.orphans: list[int] = []
 
+    def close_orphans(self) -> None:
+        """Close waiting descriptors; the caller holds the mutex."""
+        while self.orphans:
+            os.close(self.orphans.pop())
+
+
+log = logging.getLogger(__name__)
 
 _registry_lock = threading.Lock()
 _registry: dict[tuple[int, int], _Shared] = {}
@@ -107,14 +122,14 @@ class LmdbTable(Table):
         try:
             fd = os.open(self.db_path, flags | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise BackupError(f"{self.spec}: open database {self.db_path}: "
-                              f"{exc.strerror}") from None
+            raise OpenError(f"{self.spec}: open database {self.db_path}: "
+                            f"{exc.strerror}") from None
         try:
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
         except OSError as exc:
             os.close(fd)
-            raise BackupError(f"{self.spec}: stat {self.db_path}: {exc.strerror}") from None
+            raise OpenError(f"{self.spec}: stat {self.db_path}: {exc.strerror}") from None
         deadline = self._deadline()
         with _registry_lock:
             shared = _registry.get(key)
@@ -129,7 +144,7 @@ class LmdbTable(Table):
             try:
                 self._acquire_mutex(shared, deadline)
             except BackupError:
-                os.close(fd)
+                shared.orphans.append(fd)  # another thread may hold a lock
                 raise
             try:
                 # Closing a descriptor drops this process's fcntl locks on
@@ -175,7 +190,7 @@ class LmdbTable(Table):
                              readonly=not writable, lock=False, max_dbs=0,
                              mode=0o644, create=writable)
         except lmdb.Error as exc:
-            raise BackupError(f"{self.spec}: open database {self.db_path}: {exc}") from None
+            raise OpenError(f"{self.spec}: open database {self.db_path}: {exc}") from None
         finally:
             self._unlock_fd(fd)
 
@@ -188,15 +203,19 @@ class LmdbTable(Table):
             if shared.refs > 0:
                 return
             del _registry[shared.key]
-            # Wait for an operation of another thread to finish; give up
-            # waiting (but still close) after the usual bound.
-            got = shared.mutex.acquire(timeout=limits.LMDB_LOCK_WAIT_SECONDS)
+            # Wait for an operation of another thread to finish.  If it does
+            # not, leave the file open: closing the descriptor or the
+            # environment would drop that thread's fcntl lock mid-write.
+            if not shared.mutex.acquire(timeout=limits.LMDB_LOCK_WAIT_SECONDS):
+                log.warning("%s: busy for more than %g s at close; left open",
+                            self.spec, limits.LMDB_LOCK_WAIT_SECONDS)
+                return
             try:
                 shared.env.close()
+                shared.close_orphans()
                 os.close(shared.fd)
             finally:
-                if got:
-                    shared.mutex.release()
+                shared.mutex.release()
 
     # -- locking -------------------------------------------------------------
 
@@ -208,6 +227,9 @@ class LmdbTable(Table):
         if not shared.mutex.acquire(timeout=max(0.0, deadline - clock.monotonic())):
             raise BackupError(f"{self.spec}: {self.db_path} is busy in this process for "
                               f"more than {limits.LMDB_LOCK_WAIT_SECONDS:g} s")
+        # Nothing to recover if closing fails: the descriptor is gone either way.
+        with suppress(OSError):
+            shared.close_orphans()
 
     def _lock_fd(self, fd: int, exclusive: bool, deadline: float) -> None:
         # Postfix waits forever (F_SETLKW); memtable polls with F_SETLK.  The
@@ -349,6 +371,42 @@ class LmdbTable(Table):
             value = self._run(shared, False, "read", get)
         return None if value is None else _decode(value)
 
+    def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """lookup() for each key, in ONE read transaction under ONE shared
+        lock: {key: value or None}."""
+        names = {key: self._name(key) for key in keys}
+        if self._shared is None:
+            raise BackupError(f"{self.spec}: table is closed")
+        wanted = [name for name in names.values() if name is not None]
+        if not wanted:
+            return dict.fromkeys(names)
+
+        def get_all(txn: lmdb.Transaction) -> dict[bytes, bytes]:
+            found: dict[bytes, bytes] = {}
+            for name in wanted:
+                # lookup()'s TRY1NULL / TRY0NULL order, sticking to the
+                # form that matched first.
+                if self._try1null:
+                    value = txn.get(name + b"\0")
+                    if value is not None:
+                        self._try0null = False
+                        found[name] = bytes(value)
+                        continue
+                if self._try0null and name:
+                    value = txn.get(name)
+                    if value is not None:
+                        self._try1null = False
+                        found[name] = bytes(value)
+            return found
+
+        with self._locked(exclusive=False) as shared:
+            found = self._run(shared, False, "read", get_all)
+        results: dict[str, str | None] = {}
+        for key, name in names.items():
+            data = None if name is None else found.get(name)
+            results[key] = None if data is None else _decode(data)
+        return results
+
     def update(self, key: str, value: str, ttl: int | None = None) -> None:
         """Store key = value (replacing); ttl means nothing to lmdb."""
         self._check_writable()
@@ -369,6 +427,46 @@ class LmdbTable(Table):
 
         with self._locked(exclusive=True) as shared:
             self._run(shared, True, "update", put)
+
+    def update_many(self, items: Sequence[tuple[str, str, int | None]]
+                    ) -> list[BackupError | None]:
+        """Store several (key, value, ttl) items, in order (a later item of
+        the same key wins), in ONE transaction under ONE exclusive lock.
+
+        Returns one entry per item: None when stored, or the BackupError
+        update() would raise for that item alone (a key or value lmdb cannot
+        hold); such items are left out and the rest is stored.  A failure of
+        the transaction itself (lock, lmdb error, closed table) raises
+        BackupError and stores nothing.  ttl means nothing to lmdb.
+        """
+        self._check_writable()
+        results: list[BackupError | None] = []
+        pairs: list[tuple[bytes, bytes]] = []
+        for key, value, _ttl in items:
+            name = self._name(key)
+            data = _encode(value)
+            if name is None or data is None:
+                results.append(BackupError(
+                    f'{self.spec}: cannot store "{key}": a key or value with a '
+                    "NUL byte, or a key longer than LMDB allows"))
+                continue
+            results.append(None)
+            pairs.append((name, data))
+        if not pairs:
+            return results
+        # The same trailing-NUL decision as update().
+        if self._try1null and self._try0null:
+            self._try0null = False
+        if self._try1null:
+            pairs = [(name + b"\0", data + b"\0") for name, data in pairs]
+
+        def put_all(txn: lmdb.Transaction) -> None:
+            for name, data in pairs:
+                txn.put(name, data, overwrite=True)
+
+        with self._locked(exclusive=True) as shared:
+            self._run(shared, True, "update", put_all)
+        return results
 
     def delete(self, key: str) -> bool:
         self._check_writable()
