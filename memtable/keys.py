@@ -205,8 +205,8 @@ _SKIPPED = {reason: PreparedKey(None, reason)
 class KeyPipeline:
     """The one place that turns a Postfix lookup key into a memcache key."""
 
-    __slots__ = ("_digest", "_domain", "_format", "_identity", "_utf8", "digest", "domain",
-                 "key_format")
+    __slots__ = ("_digest", "_domain", "_format", "_identity", "_template", "_uses", "_utf8",
+                 "digest", "domain", "key_format")
 
     def __init__(self, key_format: KeyFormat, digest: str = "",
                  domain: DomainFilter | None = None, *, utf8: bool = True):
@@ -221,6 +221,14 @@ class KeyPipeline:
         self._digest: Digester | None = resolve_digest(digest) if digest else None
         self._domain = domain
         self._utf8 = utf8
+        # A format of literals and %s/%S only (``prefix:%s``) expands with
+        # one %-formatting: same result as KeyFormat.expand for a non-empty key.
+        self._template: str | None = None
+        self._uses = 0
+        if all(part == _WHOLE for part in key_format.parts if isinstance(part, int)):
+            self._template = "".join(part.replace("%", "%%") if isinstance(part, str) else "%s"
+                                     for part in key_format.parts)
+            self._uses = sum(1 for part in key_format.parts if isinstance(part, int))
 
     def prepare(self, name: str, fold: bool) -> PreparedKey:
         """The memcache key for ``name``, in dict_memcache_valid_key's order.
@@ -240,7 +248,13 @@ class KeyPipeline:
         # on its own anyway).
         if fold:
             name = fold_case(name, self._utf8)
-        expanded = name if self._identity else self._format.expand(name)
+        expanded: str | None = name
+        if self._identity:
+            pass
+        elif self._template is not None:
+            expanded = self._template % ((name,) * self._uses)
+        else:
+            expanded = self._format.expand(name)
         if not expanded:
             return _SKIPPED[SKIP_EXPANSION]
         try:

