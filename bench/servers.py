@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from policyd.devrun import memcached_answers
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "policyd"
 POSTGREY = "/usr/sbin/postgrey"
@@ -79,15 +81,6 @@ def policy_answers(host: str, port: int, timeout: float = 2.0) -> bool:
                     return False
                 buf += chunk
             return buf.startswith(b"action=")
-    except OSError:
-        return False
-
-
-def memcached_answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1) as s:
-            s.sendall(b"version\r\n")
-            return s.recv(64).startswith(b"VERSION")
     except OSError:
         return False
 

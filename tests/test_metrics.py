@@ -25,6 +25,7 @@ from policyd.metrics import (
     start_metrics,
 )
 from tests.conftest import Memcached, free_port
+from tests.policyd_helpers import ask, connect
 
 SCRAPE_TIMEOUT = 5.0
 
@@ -231,16 +232,8 @@ POLICY_REQUEST = (b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
 
 
 def _ask(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=SCRAPE_TIMEOUT) as s:
-        s.settimeout(SCRAPE_TIMEOUT)
-        s.sendall(data)
-        buf = b""
-        while not buf.endswith(b"\n\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-        return buf
+    with connect(("127.0.0.1", port)) as sock:
+        return ask(sock, data)
 
 
 def test_policyd_serves_metrics_that_follow_traffic(tmp_path: Path,

@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,9 @@ from memtable import TemporaryError, open_table
 from memtable.memcache_table import MemcacheTable
 from memtable.table import Table
 from tests.conftest import Memcached, free_port, start_memcached
+from tests.policyd_helpers import ask as ask_raw
+from tests.policyd_helpers import connect
+from tests.policyd_proc import PolicydProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_NUTCRACKER = ROOT / "deploy" / "nutcracker" / "nutcracker.yml"
@@ -275,77 +277,24 @@ POLICY_REQUEST = (b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
                   b"recipient=bob@example.com\ninstance=1.2.3\n\n")
 
 
-@dataclass
-class Policyd:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
+def test_two_policyd_share_triplets(cluster: Cluster,
+                                    policyd_factory: type[PolicydProcess]) -> None:
+    proxy = f"inet:127.0.0.1:{cluster.proxy.port}"
+    fast = "greylist_delay = 1s\nretry_window = 1h\n"
+    a = policyd_factory(cluster.tmp / "mx1", proxy, backup=False, extra=fast).start()
+    b = policyd_factory(cluster.tmp / "mx2", proxy, backup=False,
+                        extra=fast + "hostname = mx2.example\n").start()
+    def ask(p: PolicydProcess) -> str:
+        with connect(("127.0.0.1", p.port)) as sock:
+            return ask_raw(sock, POLICY_REQUEST).decode()
 
-    def ask(self, data: bytes) -> str:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as s:
-            s.settimeout(WAIT)
-            s.sendall(data)
-            buf = b""
-            while not buf.endswith(b"\n\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
-        return buf.decode()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
-
-
-def start_policyd(cluster: Cluster, name: str) -> Policyd:
-    d = cluster.tmp / name
-    d.mkdir()
-    for table, prefix in (("triplets", "policyd-triplet:"), ("clients", "policyd-client:")):
-        (d / f"{table}.cf").write_text(
-            f"memcache = inet:127.0.0.1:{cluster.proxy.port}\nkey_format = {prefix}%s\n")
-    port = free_port()
-    (d / "policyd.cf").write_text(
-        f"listen = inet:127.0.0.1:{port}\n"
-        f"triplet_table = memcache:{d}/triplets.cf\n"
-        f"client_table = memcache:{d}/clients.cf\n"
-        "greylist_delay = 1s\nretry_window = 1h\nhostname = " + name + ".example\n")
-    log = d / "policyd.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "policyd", "-c", str(d / "policyd.cf")],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    p = Policyd(proc, port, log)
-    deadline = time.monotonic() + WAIT
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return p
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                p.stop()
-                raise RuntimeError(f"policyd {name} did not start: {log.read_text()}") from None
-            time.sleep(0.05)
-
-
-def test_two_policyd_share_triplets(cluster: Cluster) -> None:
-    a = start_policyd(cluster, "mx1")
-    b = start_policyd(cluster, "mx2")
-    try:
-        first = a.ask(POLICY_REQUEST)
-        assert first.startswith("action=DEFER_IF_PERMIT "), first
-        # mx2 knows the triplet from mx1: too early there as well ...
-        assert b.ask(POLICY_REQUEST).startswith("action=DEFER_IF_PERMIT "), first
-        time.sleep(1.2)  # greylist_delay = 1s; another process's clock can't be moved
-        # ... and the retry that lands on mx2 passes.
-        passed = b.ask(POLICY_REQUEST)
-        assert passed.startswith(("action=PREPEND X-Greylist: delayed", "action=DUNNO")), passed
-        assert "mx2.example" in passed
-        assert a.ask(POLICY_REQUEST).startswith("action=DUNNO")
-    finally:
-        a.stop()
-        b.stop()
+    first = ask(a)
+    assert first.startswith("action=DEFER_IF_PERMIT "), first
+    # mx2 knows the triplet from mx1: too early there as well ...
+    assert ask(b).startswith("action=DEFER_IF_PERMIT "), first
+    time.sleep(1.2)  # greylist_delay = 1s; another process's clock can't be moved
+    # ... and the retry that lands on mx2 passes.
+    passed = ask(b)
+    assert passed.startswith(("action=PREPEND X-Greylist: delayed", "action=DUNNO")), passed
+    assert "mx2.example" in passed
+    assert ask(a).startswith("action=DUNNO")
