@@ -67,6 +67,11 @@ class ClientRecord:
         """True after ``threshold`` counted passes (0 turns this off)."""
         return threshold > 0 and self.passed >= threshold
 
+    def expired(self, now: int, max_age: int) -> bool:
+        """Unseen for more than max_age: counts no more (a backup table may
+        keep it after memcached dropped it)."""
+        return now - self.last_seen > max_age
+
     def needs_refresh(self, now: int) -> bool:
         """Rewrite last_seen (and so the ttl) at most once an interval."""
         return not 0 <= now - self.last_seen < limits.RECORD_REFRESH_INTERVAL
@@ -82,9 +87,7 @@ def load_client_record(value: str | None, now: int, max_age: int) -> ClientRecor
     except ValueError as exc:
         log.warning("ignoring client record: %s", exc)
         return None
-    if now - record.last_seen > max_age:
-        return None
-    return record
+    return None if record.expired(now, max_age) else record
 
 
 # ---------------------------------------------------------------------------

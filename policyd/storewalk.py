@@ -239,8 +239,5 @@ def triplet_expired(record: TripletRecord, now: int, config: PolicydConfig) -> b
 
 
 def client_expired(record: ClientRecord, now: int, config: PolicydConfig) -> bool:
-    """The policy's rule (policyd.reputation.load_client_record): a client
-    record unseen for more than max_age counts no more."""
-    from policyd.reputation import load_client_record
-
-    return load_client_record(record.serialise(), now, config.max_age) is None
+    """The policy's rule (ClientRecord.expired) with the configured max_age."""
+    return record.expired(now, config.max_age)
