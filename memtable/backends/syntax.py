@@ -77,6 +77,28 @@ def strtokq(text: str, separators: str = COMMA_SP, parens: str = BRACES) -> list
         tokens.append(text[start:i])
 
 
+def quoted_key_end(text: str, start: int, stops: str) -> int:
+    """Where a key that starts at ``start`` ends: the first character of
+    ``stops`` outside double quotes, or the end; a backslash protects the
+    next character.  ValueError("unbalanced '\"'") for an open quote."""
+    i, n, in_quotes = start, len(text), False
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 1
+            if i == n:
+                break
+        elif ch in stops:
+            if not in_quotes:
+                break
+        elif ch == '"':
+            in_quotes = not in_quotes
+        i += 1
+    if in_quotes:
+        raise ValueError("unbalanced '\"'")
+    return i
+
+
 def split_qnameval(text: str) -> tuple[str, str]:
     """Postfix's split_qnameval(): ``key = value`` where the key may hold
     quoted white space or '='; the quotes stay in the key.  ValueError with
@@ -86,21 +108,8 @@ def split_qnameval(text: str) -> tuple[str, str]:
         i += 1
     if i == n:
         raise ValueError("no key found; expected format: key = value")
-    key_start, in_quotes = i, False
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 1
-            if i == n:
-                break
-        elif ch in SPACE or ch == "=":
-            if not in_quotes:
-                break
-        elif ch == '"':
-            in_quotes = not in_quotes
-        i += 1
-    if in_quotes:
-        raise ValueError("unbalanced '\"'")
+    key_start = i
+    i = quoted_key_end(text, i, SPACE + "=")
     key = text[key_start:i]
     while i < n and text[i] in SPACE:
         i += 1

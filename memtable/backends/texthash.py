@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 
 from memtable import clock, limits
-from memtable.backends.syntax import SPACE, log, readllines
+from memtable.backends.syntax import SPACE, log, quoted_key_end, readllines
 from memtable.domainlist import fold_case
 from memtable.errors import AccessError, ConfigError
 from memtable.table import Table
@@ -72,22 +72,10 @@ class TexthashTable(Table):
                 log.warning('%s, line %d: non-UTF-8 input "%s" -- ignoring this line',
                             path, line.last, line.text.decode("utf-8", "replace"))
                 continue
-            # The key ends at the first white space outside quotes; a
-            # backslash protects the next character.
-            i, n, in_quotes = 0, len(text), False
-            while i < n:
-                ch = text[i]
-                if ch == "\\":
-                    i += 1
-                    if i == n:
-                        break
-                elif ch in SPACE:
-                    if not in_quotes:
-                        break
-                elif ch == '"':
-                    in_quotes = not in_quotes
-                i += 1
-            if in_quotes:
+            # The key ends at the first white space outside quotes.
+            try:
+                i = quoted_key_end(text, 0, SPACE)
+            except ValueError:
                 log.warning("%s, line %d: unbalanced '\"' in '%s' -- ignoring this line",
                             path, line.last, text)
                 continue
