@@ -140,13 +140,21 @@ def parse_int(entry: CfEntry, minimum: int = 0, maximum: int = CF_INT_MAX) -> in
 _TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+def time_seconds(text: str, default_unit: str = "s") -> int | None:
+    """``300``, ``300s``, ``5m``, ``2h``, ``2d``, ``1w`` in seconds (white
+    space around is ignored), or None when text is not a time value."""
+    match = re.fullmatch(r"\s*([0-9]+)([smhdw]?)\s*", text)
+    if not match:
+        return None
+    return int(match.group(1)) * _TIME_UNITS[match.group(2) or default_unit]
+
+
 def parse_time(entry: CfEntry, default_unit: str = "s", minimum: int = 0,
                maximum: int = CF_INT_MAX) -> int:
     """A Postfix time value in seconds: ``300``, ``300s``, ``5m``, ``2h``, ``2d``, ``1w``."""
-    match = re.fullmatch(r"([0-9]+)([smhdw]?)", entry.value.strip().lower())
-    if not match:
+    seconds = time_seconds(entry.value.strip().lower(), default_unit)
+    if seconds is None:
         raise entry.error("bad time value (use a number with an optional unit s, m, h, d or w)")
-    seconds = int(match.group(1)) * _TIME_UNITS[match.group(2) or default_unit]
     if seconds < minimum:
         raise entry.error(f"invalid time {seconds}s < {minimum}s")
     if seconds > maximum:

@@ -9,7 +9,6 @@ postscreen or verify ttls they carry (the manual's ttl NOTE 1).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memtable import ttl as ttl_rule
+from memtable.cf import split_list, time_seconds
 from memtable.config import MemcacheConfig
 from memtable.errors import ConfigError
 from memtable.limits import MEMCACHED_RELATIVE_TTL_MAX, POSTCONF_TIMEOUT_SECONDS
@@ -29,7 +29,6 @@ VERIFY_TTLS = ("address_verify_positive_expire_time", "address_verify_negative_e
 CLEANUP = {"postscreen": "postscreen_cache_cleanup_interval",
            "verify": "address_verify_cache_cleanup_interval"}
 MAPS = {"postscreen": "postscreen_cache_map", "verify": "address_verify_map"}
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass(frozen=True)
@@ -41,14 +40,6 @@ class TtlReport:
         out = list(self.lines)
         out += [f"warning: {w}" for w in self.warnings]
         return "\n".join(out) + "\n"
-
-
-def postfix_seconds(value: str, default_unit: str = "s") -> int | None:
-    """A Postfix time value such as ``30d`` or ``3600`` in seconds."""
-    match = re.fullmatch(r"\s*([0-9]+)([smhdw]?)\s*", value)
-    if not match:
-        return None
-    return int(match.group(1)) * _UNITS[match.group(2) or default_unit]
 
 
 def read_postconf(config_dir: str | None, names: Sequence[str]) -> dict[str, str]:
@@ -88,7 +79,7 @@ def report(path: str, postfix: dict[str, str]) -> TtlReport:
         lines.append("postfix: not used as postscreen_cache_map or address_verify_map")
     for role in used_by:
         params = POSTSCREEN_TTLS if role == "postscreen" else VERIFY_TTLS
-        ttls = {p: postfix_seconds(postfix.get(p, "")) for p in params}
+        ttls = {p: time_seconds(postfix.get(p, "")) for p in params}
         known = {p: s for p, s in ttls.items() if s is not None}
         lines.append(f"postfix: {MAPS[role]} uses this table; "
                      + ", ".join(f"{p} = {postfix.get(p)}" for p in known))
@@ -103,7 +94,7 @@ def report(path: str, postfix: dict[str, str]) -> TtlReport:
                 warnings.append(
                     f"{longest_param} is over 30 days: the table ttl cannot cover it with "
                     "Postfix writing; lower it to 30d")
-        cleanup = postfix_seconds(postfix.get(CLEANUP[role], "0"))
+        cleanup = time_seconds(postfix.get(CLEANUP[role], "0"))
         if cleanup:
             warnings.append(f"{CLEANUP[role]} should be 0 with a memcache table "
                             "(except on the one host responsible for cleanup)")
@@ -112,7 +103,7 @@ def report(path: str, postfix: dict[str, str]) -> TtlReport:
 
 def _names_table(value: str, path: str) -> bool:
     """True when a map parameter names memcache:PATH (possibly inside proxy:)."""
-    for item in re.split(r"[\s,]+", value):
+    for item in split_list(value):
         if item.startswith("proxy:"):
             item = item[len("proxy:"):]
         if item.startswith("memcache:") and os.path.realpath(item[9:]) == os.path.realpath(path):
