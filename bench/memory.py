@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from bench.loadgen import LoadResult, LoadSpec, run_load
 from bench.requests import render
-from bench.servers import Server
+from bench.servers import Server, ask_policy
 
 IDLE_SETTLE_SECONDS = 1.0
 SOCKET_TIMEOUT = 10.0
@@ -59,17 +59,6 @@ class GrowthResult:
         return self.points[-1][2] - middle
 
 
-def _ask(sock: socket.socket, request: bytes) -> bool:
-    sock.sendall(request)
-    buf = b""
-    while not buf.endswith(b"\n\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            return False
-        buf += chunk
-    return buf.startswith(b"action=")
-
-
 def idle_connections(server: Server, count: int) -> IdleResult:
     before, anon_before = server.rss_kib(), server.anon_kib()
     socks: list[socket.socket] = []
@@ -83,7 +72,7 @@ def idle_connections(server: Server, count: int) -> IdleResult:
                 continue
             socks.append(s)
             try:
-                if not _ask(s, render(i, 3, i, 1000, 1024 + i)):
+                if not ask_policy(s, render(i, 3, i, 1000, 1024 + i)):
                     errors += 1
             except OSError:
                 errors += 1
@@ -91,7 +80,7 @@ def idle_connections(server: Server, count: int) -> IdleResult:
         # Still open?  A server that dropped idle connections fails here.
         for s in socks:
             try:
-                if not _ask(s, render(count + 1, 3, 0, 1000, 1024)):
+                if not ask_policy(s, render(count + 1, 3, 0, 1000, 1024)):
                     errors += 1
             except OSError:
                 errors += 1

@@ -70,17 +70,22 @@ def anon_kib(pid: int) -> int:
     return _status_kib(pid, "RssAnon")
 
 
+def ask_policy(sock: socket.socket, request: bytes) -> bool:
+    """Send one policy request; True when a whole ``action=`` reply came."""
+    sock.sendall(request)
+    buf = b""
+    while not buf.endswith(b"\n\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            return False
+        buf += chunk
+    return buf.startswith(b"action=")
+
+
 def policy_answers(host: str, port: int, timeout: float = 2.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
-            s.sendall(PROBE)
-            buf = b""
-            while not buf.endswith(b"\n\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    return False
-                buf += chunk
-            return buf.startswith(b"action=")
+            return ask_policy(s, PROBE)
     except OSError:
         return False
 
