@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,11 @@ def start_postgrey(workdir: Path) -> Server:
             pw = pwd.getpwnam(user)
         except KeyError:
             user, pw = "nobody", pwd.getpwnam("nobody")
-        for d in (workdir, home):
+        # Every directory from the temp dir down (mkdtemp makes them 0700).
+        tmp = Path(tempfile.gettempdir()).resolve()
+        for d in (home.resolve(), *home.resolve().parents):
+            if d == tmp or tmp not in d.parents:
+                break
             d.chmod(0o755)
         os.chown(dbdir, pw.pw_uid, pw.pw_gid)
         argv += [f"--user={user}", f"--group={pw.pw_gid}"]
