@@ -12,6 +12,8 @@ import abc
 from collections.abc import Iterator
 from types import TracebackType
 
+from memtable.errors import AccessError, SequenceUnsupportedError
+
 
 class Table(abc.ABC):
     """A Postfix lookup table opened by memtable."""
@@ -31,20 +33,14 @@ class Table(abc.ABC):
     def update(self, key: str, value: str, ttl: int | None = None) -> None:
         """Store key = value.  ``ttl`` (seconds) only means something to
         tables that expire entries; others ignore it."""
-        from memtable.errors import AccessError
-
         raise AccessError(f"{self.spec}: table does not support update")
 
     def delete(self, key: str) -> bool:
         """Remove key; True when it was there."""
-        from memtable.errors import AccessError
-
         raise AccessError(f"{self.spec}: table does not support delete")
 
     def sequence(self) -> Iterator[tuple[str, str]]:
         """Every (key, value) pair, in the table's order."""
-        from memtable.errors import SequenceUnsupportedError
-
         raise SequenceUnsupportedError(f"{self.spec}: table does not support sequence")
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -58,7 +54,5 @@ class Table(abc.ABC):
         self.close()
 
     def _check_writable(self) -> None:
-        from memtable.errors import AccessError
-
         if not self.read_write:
             raise AccessError(f"{self.spec}: table is opened read-only")
