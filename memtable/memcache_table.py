@@ -210,17 +210,11 @@ class MemcacheTable(Table):
     def update(self, key: str, value: str, ttl: int | None = None) -> None:
         """Store key = value in memcache (with ``ttl`` or the table's ttl),
         then in the backup.  With a backup, only backup failures raise."""
-        # The hot path of single updates: no helper calls that a check or
-        # a skip does not need.
-        if not self.read_write:
-            self._check_writable()
-        mc_key, reason = self.pipeline.prepare(key, self.fold)
-        if mc_key is None:
-            self._skip(key, "update", reason or "")
+        self._check_writable()
+        mc_key = self._key(key, "update")
         assert mc_key is not None  # skipped updates raise
         try:
-            data, exptime = self._item(mc_key, value, ttl)
-            self.wire.set(mc_key, data, flags=self.config.flags, exptime=exptime)
+            self._store(mc_key, value, ttl)
         except (TemporaryError, ValueTooLongError) as exc:
             if self.backup is None:
                 raise
