@@ -34,6 +34,9 @@ LMDB_MAX_MAP_BYTES = 64 * 1024 * 1024 * 1024
 # with a temporary error (Postfix itself waits forever).
 LMDB_LOCK_WAIT_SECONDS = 10.0
 LMDB_LOCK_POLL_SECONDS = 0.005
+# The first pause while another process holds the lock; it doubles up to
+# LMDB_LOCK_POLL_SECONDS (a writer holds it about a millisecond per commit).
+LMDB_LOCK_FIRST_POLL_SECONDS = 0.0002
 
 # `memtable -q -` and `memtable -i`: longest input line accepted.
 CLI_MAX_INPUT_LINE_BYTES = 64 * 1024

@@ -37,7 +37,6 @@ import errno
 import fcntl
 import functools
 import logging
-import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -232,13 +231,15 @@ class LmdbTable(Table):
             shared.close_orphans()
 
     def _lock_fd(self, fd: int, exclusive: bool, deadline: float) -> None:
-        # Postfix waits forever (F_SETLKW); memtable polls with F_SETLK.  The
-        # poll count bounds the wait even when the clock is frozen in tests.
+        # Postfix waits forever (F_SETLKW); memtable polls with F_SETLK, at
+        # first often (another process's commit takes about a millisecond),
+        # then every LMDB_LOCK_POLL_SECONDS.  The sum of the pauses bounds
+        # the wait even when the clock is frozen in tests.
         kind = "exclusive" if exclusive else "shared"
         op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-        wait, poll = limits.LMDB_LOCK_WAIT_SECONDS, limits.LMDB_LOCK_POLL_SECONDS
-        polls = math.ceil(wait / poll) if poll > 0 else 0
-        for attempt in range(polls + 1):
+        wait = limits.LMDB_LOCK_WAIT_SECONDS
+        pause, paused = min(limits.LMDB_LOCK_FIRST_POLL_SECONDS, limits.LMDB_LOCK_POLL_SECONDS), 0.0
+        while True:
             try:
                 fcntl.lockf(fd, op)
                 return
@@ -246,9 +247,11 @@ class LmdbTable(Table):
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise BackupError(f"{self.spec}: {kind} lock on {self.db_path}: "
                                       f"{exc.strerror}") from None
-            if attempt == polls or clock.monotonic() >= deadline:
+            if paused >= wait or clock.monotonic() >= deadline:
                 break
-            clock.sleep(poll)
+            clock.sleep(pause)
+            paused += pause
+            pause = min(pause * 2, limits.LMDB_LOCK_POLL_SECONDS)
         raise BackupError(f"{self.spec}: no {kind} lock on {self.db_path} within {wait:g} s "
                           "(another process holds it)")
 
