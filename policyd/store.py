@@ -1,13 +1,16 @@
 """An asyncio face on blocking memtable Tables.
 
 memtable's tables block (sockets to memcached, lmdb file locks); the policy
-server's event loop must never wait on them.  A StoreWorker owns ONE
-thread that performs every operation of the Stores attached to it (one
-Store per Table; a Table is only ever used by that thread, as memtable
-requires) and hands the results back to the event loop.  policyd runs its
-triplet and client stores on one shared worker, so the lookups of a request
-for both tables go out in the same batch step, and the event loop and the
-stores contend with one thread, not two, for the GIL.
+server's event loop must never wait on them.  A StoreWorker owns one
+thread that performs the operations of the Stores attached to it (one
+Store per Table) and hands the results back to the event loop.  policyd runs
+its triplet and client stores on one shared worker, so the lookups of a
+request for both tables go out in the same batch step.  When one round
+holds operations of several tables, a helper thread runs all tables but the
+first while the worker runs the first: the tables share nothing (each has
+its own memcached connection and backup file), so their round trips and
+synced commits overlap, and the round ends when all are done.  A Table is
+still used by one thread at a time, as memtable requires.
 
 Batching, on both sides of the thread boundary:
 
@@ -104,6 +107,48 @@ def _deliver(ops: list[_Op]) -> None:
             future.set_result(op.result)
 
 
+def _run_group(group: list[_Op]) -> None:
+    """Run one round's operations on one table (all gets or all puts)."""
+    store = group[0].store
+    if group[0].kind == _GET:
+        store._run_gets(group)
+    else:
+        store._run_puts(group)
+
+
+class _Helper:
+    """A second thread of a StoreWorker: runs the groups of other tables
+    while the worker runs its own, one round at a time."""
+
+    def __init__(self, name: str) -> None:
+        self._todo: queue.SimpleQueue[list[list[_Op]] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, groups: list[list[_Op]]) -> None:
+        self._todo.put(groups)
+
+    def wait(self) -> None:
+        """Until the groups submitted are done; a bug in them is raised here."""
+        error = self._done.get()
+        if error is not None:
+            raise error
+
+    def stop(self) -> None:
+        self._todo.put(None)
+
+    def _run(self) -> None:
+        while (groups := self._todo.get()) is not None:
+            error: BaseException | None = None
+            try:
+                for group in groups:
+                    _run_group(group)
+            except BaseException as exc:  # handed to the worker thread
+                error = exc
+            self._done.put(error)
+
+
 class StoreWorker:
     """One thread running the operations of the Stores attached to it.
 
@@ -125,6 +170,7 @@ class StoreWorker:
         self._asked = 0
         self._taken = 0
         self._open_stores = 0
+        self._helper: _Helper | None = None  # started when two tables first meet in a round
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -165,6 +211,8 @@ class StoreWorker:
             for start in range(0, len(ops), self.max_batch):
                 self._run_batch(ops[start:start + self.max_batch])
             if self._open_stores <= 0:
+                if self._helper is not None:
+                    self._helper.stop()
                 return
 
     def _run_batch(self, batch: list[_Op]) -> None:
@@ -206,13 +254,24 @@ class StoreWorker:
             by_store: dict[int, list[_Op]] = {}
             for op in ops:
                 by_store.setdefault(id(op.store), []).append(op)
-            for group in by_store.values():
-                store = group[0].store
-                if group[0].kind == _GET:
-                    store._run_gets(group)
-                else:
-                    store._run_puts(group)
+            groups = list(by_store.values())
+            if len(groups) > 1 and len({id(g[0].store.table) for g in groups}) == len(groups):
+                # Different tables share nothing (own memcached connection,
+                # own backup file): the helper runs all but the first, so
+                # their round trips and backup commits (fsync) overlap.
+                helper = self._helper_thread()
+                helper.submit(groups[1:])
+                _run_group(groups[0])
+                helper.wait()
+            else:
+                for group in groups:
+                    _run_group(group)
             self._send(ops)
+
+    def _helper_thread(self) -> _Helper:
+        if self._helper is None:
+            self._helper = _Helper(f"{self._thread.name} helper")
+        return self._helper
 
     @staticmethod
     def _send(ops: list[_Op]) -> None:

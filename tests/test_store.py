@@ -203,6 +203,7 @@ class UpdateManyTable(BatchTable):
     def update_many(self, items: Sequence[tuple[str, str, int | None]]
                     ) -> list[MemtableError | None]:
         self.calls.append(("put", [key for key, _, _ in items]))
+        self.threads.add(threading.current_thread().name)
         self.holding.set()
         assert self.hold.wait(WAIT)
         results: list[MemtableError | None] = []
@@ -306,3 +307,48 @@ def test_failed_batch_call_fails_each_of_its_operations() -> None:
         await store.close()
 
     run(main())
+
+
+def test_a_round_over_two_tables_runs_them_at_once() -> None:
+    """The puts of two tables in one round overlap (each table's backup
+    commit waits on the disk on its own), yet the round ends only when both
+    are done; a table that fails fails only its own operations."""
+    slow, other = UpdateManyTable("dict:slow"), UpdateManyTable("dict:other")
+
+    class Broken(UpdateManyTable):
+        def update_many(self, items: Sequence[tuple[str, str, int | None]]
+                        ) -> list[MemtableError | None]:
+            raise BackupError("lmdb:/x: no exclusive lock within 10 s")
+
+    broken = Broken("dict:broken")
+    worker = StoreWorker(name="pair")
+    stores = [Store(t, worker=worker) for t in (slow, other, broken)]
+    s, o, b = stores
+
+    async def main() -> None:
+        slow.hold.clear()
+        other.hold.clear()
+        futures = [s.put("a", "1", 60), s.put("b", "2", 60), o.put("a", "x", 60),
+                   o.put("b", "y", 60), b.put("a", "z", 60), b.put("b", "z", 60)]
+        # Both tables are inside update_many at the same time.
+        assert await asyncio.to_thread(slow.holding.wait, WAIT)
+        assert await asyncio.to_thread(other.holding.wait, WAIT)
+        assert not any(f.done() for f in futures)
+        slow.hold.set()
+        await asyncio.sleep(0.05)
+        assert not any(f.done() for f in futures[:4])  # the round waits for other
+        other.hold.set()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert results[:4] == [None] * 4
+        assert all(isinstance(r, StoreError) and "no exclusive lock" in str(r)
+                   for r in results[4:])
+        assert await asyncio.gather(s.get("a"), o.get("b")) == ["1", "y"]
+        for store in stores:
+            await store.close()
+
+    run(main())
+    worker._thread.join(WAIT)
+    assert worker._helper is not None
+    worker._helper._thread.join(WAIT)
+    assert not worker._thread.is_alive() and not worker._helper._thread.is_alive()
+    assert {name for t in (slow, other) for name in t.threads} == {"pair", "pair helper"}
