@@ -28,7 +28,7 @@ class CfEntry:
     name: str
     value: str
     path: str
-    line: int
+    line: int | None  # None: not from a file (a command line override)
 
     def error(self, message: str) -> ConfigError:
         return ConfigError(f"{self.name} = {self.value}: {message}", self.path, self.line)
@@ -96,7 +96,7 @@ def read_cf(path: str) -> dict[str, CfEntry]:
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
-def _split_nameval(text: str, path: str, line: int) -> CfEntry:
+def _split_nameval(text: str, path: str, line: int | None) -> CfEntry:
     name, sep, value = text.partition("=")
     name = name.strip()
     if not sep:
@@ -108,12 +108,23 @@ def _split_nameval(text: str, path: str, line: int) -> CfEntry:
     return CfEntry(name, value.strip(), path, line)
 
 
+def parse_overrides(settings: Iterable[str], source: str = "-o") -> dict[str, CfEntry]:
+    """``name=value`` settings given on a command line (like ``postconf
+    -o``), as entries that name ``source`` in their errors; a later setting
+    of a name wins."""
+    entries: dict[str, CfEntry] = {}
+    for text in settings:
+        entry = _split_nameval(text, f"{source} {text}", None)
+        entries[entry.name] = entry
+    return entries
+
+
 def warn_unknown(entries: dict[str, CfEntry], known: set[str] | frozenset[str]) -> None:
     """Log a warning per unknown parameter (Postfix ignores them silently)."""
     for entry in entries.values():
         if entry.name not in known:
-            log.warning("%s, line %d: unknown parameter %s ignored",
-                        entry.path, entry.line, entry.name)
+            log.warning("%s", ConfigError(f"unknown parameter {entry.name} ignored",
+                                          entry.path, entry.line))
 
 
 def reject_unknown(entries: dict[str, CfEntry], known: set[str] | frozenset[str]) -> None:

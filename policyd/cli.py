@@ -1,6 +1,6 @@
 """The ``policyd`` command.
 
-    policyd [-c FILE] [--uvloop] [run]      run the server (the default)
+    policyd [-c FILE] [-o NAME=VALUE ...] [--uvloop] [run]   run the server (default)
     policyd [-c FILE] --check-config        print the effective configuration
 
     policyd [-c FILE] report [--json] [--plot FILE.png]   figures and ttl advice
@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="policyd", description="Postfix SMTPD policy server (greylisting).")
     parser.add_argument("-c", "--config", metavar="FILE", default=DEFAULT_CONFIG_PATH,
                         help=f"policyd.cf to read (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("-o", dest="overrides", action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="override a policyd.cf parameter (repeatable), as postconf -o")
     parser.add_argument("--check-config", action="store_true",
                         help="check FILE, print the effective configuration and exit")
     parser.add_argument("--uvloop", action="store_true",
@@ -60,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = PolicydConfig.from_file(args.config)
+        config = PolicydConfig.from_file(args.config, args.overrides)
     except ConfigError as exc:
         print(f"policyd: {exc}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ file and line: a policy server must not start with a setting it ignores.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -32,6 +32,7 @@ class PolicydConfig:
     path: str = "(defaults)"
     # --- server -----------------------------------------------------------
     listen: tuple[Endpoint, ...] = (Endpoint("inet", host="127.0.0.1", port=10023),)
+    listen_reuse_port: bool = False
     unix_socket_mode: int = 0o660
     max_connections: int = 2000
     idle_timeout: int = 600
@@ -72,8 +73,12 @@ class PolicydConfig:
         return self.hostname or socket.getfqdn()
 
     @classmethod
-    def from_file(cls, path: str) -> PolicydConfig:
-        return cls.from_entries(path, cf.read_cf(path))
+    def from_file(cls, path: str, overrides: Sequence[str] = ()) -> PolicydConfig:
+        """Read ``path``; ``overrides`` are ``name=value`` settings (the
+        command line's ``-o``) that replace the file's."""
+        entries = cf.read_cf(path)
+        entries.update(cf.parse_overrides(overrides))
+        return cls.from_entries(path, entries)
 
     @classmethod
     def from_entries(cls, path: str, entries: dict[str, cf.CfEntry]) -> PolicydConfig:
@@ -185,6 +190,7 @@ def _files(entry: cf.CfEntry) -> tuple[str, ...]:
 
 _PARSERS: dict[str, Callable[[cf.CfEntry], Any]] = {
     "listen": _endpoints,
+    "listen_reuse_port": cf.parse_bool,
     "unix_socket_mode": _mode,
     "max_connections": _int(1, limits.MAX_CONNECTIONS_CEILING),
     "idle_timeout": _time(1, limits.MAX_TIMEOUT_SECONDS),

@@ -1,6 +1,8 @@
 """Listening sockets for policyd, made in one place.
 
-Either from ``listen`` in policyd.cf (inet v4/v6 and unix endpoints) or,
+Either from ``listen`` in policyd.cf (inet v4/v6 and unix endpoints; inet
+ones with SO_REUSEPORT when ``listen_reuse_port = yes``, so that several
+policyd processes can share a port) or,
 under systemd socket activation (LISTEN_PID is our pid and LISTEN_FDS > 0),
 from the inherited descriptors 3, 4, ...; ``listen`` is then ignored.  The
 activation variables are removed from the environment in both cases, as
@@ -60,7 +62,8 @@ def open_listeners(config: PolicydConfig,
     listeners: list[Listener] = []
     try:
         for endpoint in config.listen:
-            listeners.append(_bind(endpoint, config.unix_socket_mode))
+            listeners.append(_bind(endpoint, config.unix_socket_mode,
+                                   config.listen_reuse_port))
     except BaseException:
         for listener in listeners:
             listener.close()
@@ -114,16 +117,16 @@ def _describe(sock: socket.socket) -> str:
     return str(addr)
 
 
-def _bind(endpoint: Endpoint, unix_mode: int) -> Listener:
+def _bind(endpoint: Endpoint, unix_mode: int, reuse_port: bool = False) -> Listener:
     try:
         if endpoint.kind == "unix":
             return _bind_unix(endpoint.path, unix_mode)
-        return _bind_inet(endpoint)
+        return _bind_inet(endpoint, reuse_port)
     except OSError as exc:
         raise ListenerError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from None
 
 
-def _bind_inet(endpoint: Endpoint) -> Listener:
+def _bind_inet(endpoint: Endpoint, reuse_port: bool = False) -> Listener:
     family = endpoint.family
     try:
         infos = socket.getaddrinfo(endpoint.host, endpoint.port, family, socket.SOCK_STREAM,
@@ -134,6 +137,11 @@ def _bind_inet(endpoint: Endpoint) -> Listener:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # Several policyd processes on one port (listen_reuse_port):
+            # the kernel spreads new connections over them.  Without it a
+            # second process on the port fails with "address in use".
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # [::] must not also take the IPv4 port another listener may want.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -103,6 +103,34 @@ def test_check_config_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert captured.err.count("\n") == 1
 
 
+def test_o_overrides_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-o NAME=VALUE (repeatable, later wins) replaces the file's setting."""
+    cf = write_cf(tmp_path, "greylist_delay = 300s\n"
+                            f"triplet_table = lmdb:{tmp_path}/triplets\n"
+                            f"client_table = lmdb:{tmp_path}/clients\n")
+    assert main(["--check-config", "-c", str(cf), "-o", "greylist_delay=1m",
+                 "-o", "listen_reuse_port=yes", "-o", "greylist_delay=10m"]) == 0
+    out = capsys.readouterr().out
+    assert "greylist_delay = 600\n" in out
+    assert "listen_reuse_port = yes\n" in out
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("bogus=1", "policyd: -o bogus=1: unknown parameter bogus"),
+    ("listen_reuse_port=maybe", "policyd: -o listen_reuse_port=maybe: listen_reuse_port = maybe: "
+                                "bad boolean"),
+    ("greylist_delay", "policyd: -o greylist_delay: missing '='"),
+])
+def test_o_errors_name_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  setting: str, message: str) -> None:
+    cf = write_cf(tmp_path, f"triplet_table = lmdb:{tmp_path}/t\n"
+                            f"client_table = lmdb:{tmp_path}/c\n")
+    assert main(["--check-config", "-c", str(cf), "-o", setting]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message)
+    assert err.count("\n") == 1
+
+
 def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--check-config", "-c", str(tmp_path / "nope.cf")]) == 1
     assert "nope.cf: cannot read" in capsys.readouterr().err

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 SERVICE = SYSTEMD / "policyd.service"
+TEMPLATE = SYSTEMD / "policyd@.service"
 SOCKET = SYSTEMD / "policyd.socket"
 POLICYD_CF = DEPLOY / "policyd" / "policyd.cf"
 MAIN_CF = DEPLOY / "postfix" / "main.cf.snippet"
@@ -94,6 +95,39 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=WAIT, check=False, cwd=tmp_path)
     # Unknown or misspelt settings are only warnings: any output fails too.
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+@requires_systemd
+def test_systemd_analyze_verify_accepts_the_instance_template(tmp_path: Path) -> None:
+    program = only(unit(TEMPLATE)["Service"], "ExecStart").split()[0]
+    stand_in = tmp_path / "bin" / Path(program).name
+    stand_in.parent.mkdir()
+    stand_in.write_text("#!/bin/sh\nexit 0\n")
+    stand_in.chmod(0o755)
+    instance = tmp_path / "policyd@1.service"  # as `systemctl start policyd@1` sees it
+    instance.write_text(TEMPLATE.read_text().replace(program, str(stand_in)))
+    result = subprocess.run([str(SYSTEMD_ANALYZE), "verify", "--man=no", str(instance)],
+                            capture_output=True, text=True, timeout=WAIT, check=False,
+                            cwd=tmp_path)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_instance_template_is_the_service_plus_reuse_port() -> None:
+    """policyd@.service keeps every setting of policyd.service (hardening,
+    limits, files); it differs only where it says "instance"."""
+    service, template = unit(SERVICE), unit(TEMPLATE)
+    assert template.keys() == service.keys()
+    differ = {"Description", "ExecStart", "EnvironmentFile", "SyslogIdentifier"}
+    for name, section in service.items():
+        kept = {k: v for k, v in template[name].items() if k not in differ}
+        assert kept == {k: v for k, v in section.items() if k not in differ}, name
+    argv = shlex.split(only(template["Service"], "ExecStart"))
+    assert argv[:3] == shlex.split(only(service["Service"], "ExecStart"))
+    assert argv[3:] == ["-o", "listen_reuse_port=yes", "$POLICYD_OPTS"]
+    assert only(template["Service"], "EnvironmentFile") == "-/etc/policyd/instance-%i.env"
+    for line in TEMPLATE.read_text().splitlines():
+        if line.startswith(("EnvironmentFile=", "SyslogIdentifier=")):
+            assert "%i" in line
 
 
 @requires_systemd

@@ -3,13 +3,16 @@ and memcached going away and coming back."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from memtable.limits import MEMCACHE_DOWN_HOLD_SECONDS as MEMCACHE_DOWN_HOLD
-from tests.conftest import Memcached, start_memcached
-from tests.policyd_proc import PolicydProcess
+from memtable.registry import open_table
+from tests.conftest import Memcached, free_port, start_memcached
+from tests.policyd_proc import WAIT, PolicydProcess
 
 DELAY = 1  # greylist_delay in these tests: real processes, real time
 FAST = f"greylist_delay = {DELAY}s\nauto_whitelist_clients = 0\n"
@@ -34,6 +37,52 @@ def test_two_policyd_share_one_memcached(tmp_path: Path, memcached: Memcached,
     assert a.ask(**triplet(1)) == "DUNNO"
     assert "reason=new" in a.log_text()
     assert "reason=early-retry" in b.log_text() and "reason=passed" in b.log_text()
+
+
+def test_reuse_port_instances_share_one_port_and_backups(
+        tmp_path: Path, memcached: Memcached, policyd_factory: type[PolicydProcess]) -> None:
+    """listen_reuse_port = yes: two processes with one configuration (one
+    port, one memcached, the same lmdb backup files) both take connections;
+    their concurrent backup writes (fcntl-locked) all land."""
+    port = free_port()
+    extra = FAST + "listen_reuse_port = yes\n"
+    a = policyd_factory(tmp_path, memcached.spec, extra=extra, port=port).start()
+    b = policyd_factory(tmp_path, memcached.spec, extra=extra, port=port).start()
+    assert a.proc is not None and b.proc is not None
+    # b.start() returned as soon as the port answered, which a does already.
+    deadline = time.monotonic() + WAIT
+    while f"policyd[{b.proc.pid}]: listening on" not in b.log_text():
+        assert time.monotonic() < deadline and b.proc.poll() is None, b.log_text()
+        time.sleep(0.05)
+
+    def ask_many(first: int) -> list[str]:
+        return [a.ask(**triplet(n)) for n in range(first, first + 20)]
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = [r for batch in pool.map(ask_many, (1, 21, 41, 61)) for r in batch]
+    assert all(r.startswith("DEFER_IF_PERMIT") for r in replies), replies
+    log = a.log_text()  # one log file: both run in tmp_path
+    for proc in (a.proc, b.proc):
+        assert f"policyd[{proc.pid}]: action=\"DEFER_IF_PERMIT 4.2.0 " in log
+    assert "warning:" not in log and "error:" not in log
+    backup = open_table(f"lmdb:{tmp_path / 'triplets'}", read_write=False)
+    try:
+        assert sum(1 for _ in backup.sequence()) == 80
+    finally:
+        backup.close()
+
+
+def test_second_instance_without_reuse_port_is_refused(
+        tmp_path: Path, memcached: Memcached, policyd_factory: type[PolicydProcess]) -> None:
+    port = free_port()
+    policyd_factory(tmp_path / "a", memcached.spec, port=port,
+                    extra="listen_reuse_port = yes\n").start()
+    b = policyd_factory(tmp_path / "b", memcached.spec, port=port)
+    with contextlib.suppress(RuntimeError):  # it may exit before the port check
+        b.start()  # returns once the port answers, which a does
+    assert b.proc is not None and b.proc.wait(WAIT) == 1
+    assert f"cannot listen on inet:127.0.0.1:{port}: Address already in use" in b.log_text()
+    assert "Traceback" not in b.log_text()
 
 
 def test_memcached_outage_with_backup(tmp_path: Path,
