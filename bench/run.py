@@ -11,6 +11,7 @@ A server that cannot start is reported as not measured; the rest runs.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shlex
 import shutil
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keys for the memtable benchmark (default 20,000; quick 5,000)")
     p.add_argument("--rounds", type=int, help="memtable rounds, best kept (default 3)")
     p.add_argument("--timeout", type=float, default=10.0, help="reply timeout in seconds")
+    p.add_argument("--policyd-instances", type=int, default=os.cpu_count() or 1,
+                   help="policyd processes sharing the port (listen_reuse_port), "
+                        "default one per CPU; the memory run always uses one")
     p.add_argument("--processes", type=int, default=0,
                    help="load generator processes per point (default: one per 500 connections)")
     p.add_argument("--skip-load", action="store_true", help="no load points")
@@ -91,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "idle_connections"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.policyd_instances < 1:
+        p.error("--policyd-instances must be at least 1")
     if args.processes < 0:
         p.error("--processes must be 0 (automatic) or more")
     return args
@@ -104,12 +110,13 @@ def _raise_fd_limit(need: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def _start(name: str, workdir: Path, memcached: servers.Server) -> servers.Server:
+def _start(name: str, workdir: Path, memcached: servers.Server,
+           instances: int = 1) -> servers.Server:
     if name == "null":
         return servers.start_null(workdir)
     if name == "postgrey":
         return servers.start_postgrey(workdir)
-    return servers.start_policyd(workdir, memcached)
+    return servers.start_policyd(workdir, memcached, instances)
 
 
 def run(args: argparse.Namespace) -> rep.Report:
@@ -144,12 +151,13 @@ def run(args: argparse.Namespace) -> rep.Report:
 def _load_points(report: rep.Report, args: argparse.Namespace, name: str, workdir: Path,
                  memcached: servers.Server) -> None:
     try:
-        server = _start(name, workdir, memcached)
+        server = _start(name, workdir, memcached, args.policyd_instances)
     except servers.ServerError as exc:
         report.unavailable[name] = str(exc).splitlines()[0]
         print(f"\n{name}: NOT MEASURED: {exc}", flush=True)
         return
-    print(f"\n{name} (pid {server.pid}) on {server.host}:{server.port}", flush=True)
+    pids = ", ".join(map(str, server.pids))
+    print(f"\n{name} (pid {pids}) on {server.host}:{server.port}", flush=True)
     try:
         for mix in args.mixes:
             for c in args.connections:

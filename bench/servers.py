@@ -93,26 +93,30 @@ def policy_answers(host: str, port: int, timeout: float = 2.0) -> bool:
 
 @dataclass
 class Server:
-    """A started server process."""
+    """A started server: one process, or several sharing one port."""
 
     name: str
-    proc: subprocess.Popen[bytes]
+    procs: list[subprocess.Popen[bytes]]
     host: str
     port: int
     log: Path
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.procs[0].pid
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
     def rss_kib(self) -> int:
-        return rss_kib(self.proc.pid)
+        return sum(rss_kib(p.pid) for p in self.procs)
 
     def anon_kib(self) -> int:
-        return anon_kib(self.proc.pid)
+        return sum(anon_kib(p.pid) for p in self.procs)
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return all(p.poll() is None for p in self.procs)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -121,29 +125,53 @@ class Server:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
             try:
-                self.proc.wait(STOP_SECONDS)
+                proc.wait(STOP_SECONDS)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_SECONDS)
+                proc.kill()
+                proc.wait(STOP_SECONDS)
 
 
 def _spawn(name: str, argv: list[str], log: Path, host: str, port: int,
-           ready: str = "policy") -> Server:
+           ready: str = "policy", copies: int = 1) -> Server:
+    """Start ``copies`` processes of argv (copies > 1: they share the port)
+    and wait until the port answers."""
+    procs = []
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
-    server = Server(name, proc, host, port, log)
+        for _ in range(copies):
+            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT, cwd=ROOT))
+    server = Server(name, procs, host, port, log)
     check = memcached_answers if ready == "memcached" else policy_answers
     deadline = time.monotonic() + STARTUP_SECONDS
-    while not check(host, port):
-        if proc.poll() is not None or time.monotonic() > deadline:
+    while not check(host, port) or (copies > 1 and not _all_listening(server)):
+        if not server.alive() or time.monotonic() > deadline:
             server.stop()
             raise ServerError(f"{name} did not start ({' '.join(argv)}):\n{server.log_tail()}")
         time.sleep(0.05)
     return server
+
+
+def _all_listening(server: Server) -> bool:
+    """Every process of server holds a listening socket on its port (with
+    SO_REUSEPORT each has its own), so the first to start does not take
+    all the connections of the first load point."""
+    port_hex = f":{server.port:04X}"
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if fields[1].endswith(port_hex) and fields[3] == "0A":  # LISTEN
+                        listening.add(fields[9])  # inode
+        except OSError:
+            pass
+    return len(listening) >= len(server.procs)
 
 
 def start_memcached(workdir: Path, memory_mb: int = 256) -> Server:
@@ -223,11 +251,17 @@ def policyd_config_ok(cf: Path) -> tuple[bool, str]:
     return done.returncode == 0, text
 
 
-def start_policyd(workdir: Path, memcached: Server) -> Server:
+def start_policyd(workdir: Path, memcached: Server, instances: int = 1) -> Server:
+    """policyd with the example configuration; ``instances`` > 1 starts
+    that many processes on one port (listen_reuse_port = yes), sharing the
+    memcached and the lmdb backup files, as docs/operations.md describes."""
     port = free_port()
     cf = write_policyd_config(workdir, memcached, port)
     ok, text = policyd_config_ok(cf)
     if not ok:
         raise ServerError(f"policyd --check-config failed:\n{text[-2000:]}")
-    return _spawn("policyd", [*policyd_command(), "-c", str(cf)], workdir / "policyd.log",
-                  "127.0.0.1", port)
+    argv = [*policyd_command(), "-c", str(cf)]
+    if instances > 1:
+        argv += ["-o", "listen_reuse_port=yes"]
+    return _spawn("policyd", argv, workdir / "policyd.log", "127.0.0.1", port,
+                  copies=instances)
