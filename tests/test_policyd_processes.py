@@ -12,6 +12,7 @@ from pathlib import Path
 from memtable.limits import MEMCACHE_DOWN_HOLD_SECONDS as MEMCACHE_DOWN_HOLD
 from memtable.registry import open_table
 from tests.conftest import Memcached, free_port, start_memcached
+from tests.policyd_helpers import wait_until
 from tests.policyd_proc import WAIT, PolicydProcess
 
 DELAY = 1  # greylist_delay in these tests: real processes, real time
@@ -50,10 +51,9 @@ def test_reuse_port_instances_share_one_port_and_backups(
     b = policyd_factory(tmp_path, memcached.spec, extra=extra, port=port).start()
     assert a.proc is not None and b.proc is not None
     # b.start() returned as soon as the port answered, which a does already.
-    deadline = time.monotonic() + WAIT
-    while f"policyd[{b.proc.pid}]: listening on" not in b.log_text():
-        assert time.monotonic() < deadline and b.proc.poll() is None, b.log_text()
-        time.sleep(0.05)
+    listening = f"policyd[{b.proc.pid}]: listening on"
+    wait_until(lambda: listening in b.log_text() or b.proc.poll() is not None)
+    assert listening in b.log_text() and b.proc.poll() is None, b.log_text()
 
     def ask_many(first: int) -> list[str]:
         return [a.ask(**triplet(n)) for n in range(first, first + 20)]
