@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.loadgen import LoadResult
 from bench.memory import GrowthResult, IdleResult
-from bench.memtable_bench import OpResult
+from bench.memtable_bench import SLICE_OPS, OpResult
 
 GENERATED_BEGIN = "<!-- bench:generated:begin (written by python -m bench.run) -->"
 GENERATED_END = "<!-- bench:generated:end -->"
@@ -298,7 +298,10 @@ def generated_section(report: Report, png_name: str | None) -> str:
         raw = {r.operation: r.per_second for r in report.memtable
                if r.client == "pymemcache (raw)"}
         lines += ["### memtable", "", f"{report.memtable[0].ops:,} keys, one operation at a "
-                  "time, best of several rounds.", "",
+                  f"time; the clients take turns in slices of {SLICE_OPS} keys, each figure the "
+                  "median rate of its slices, with this process and memcached pinned to "
+                  "different CPUs (bench/memtable_bench.py).  Commands: whole process, best "
+                  "of several runs.", "",
                   "| client | operation | ops/s | vs raw pymemcache | note |",
                   "|---|---|---:|---:|---|"]
         for op in report.memtable:

@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="idle connections for the memory check (default 1,000)")
     p.add_argument("--memtable-ops", type=int,
                    help="keys for the memtable benchmark (default 20,000; quick 5,000)")
-    p.add_argument("--rounds", type=int, help="memtable rounds, best kept (default 3)")
+    p.add_argument("--rounds", type=int,
+                   help="memtable passes over the keys (default 3; figures: median of all slices)")
     p.add_argument("--timeout", type=float, default=10.0, help="reply timeout in seconds")
     p.add_argument("--policyd-instances", type=int, default=os.cpu_count() or 1,
                    help="policyd processes sharing the port (listen_reuse_port), "
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> rep.Report:
         for name in [] if args.skip_load else args.servers:
             _load_points(report, args, name, workdir, memcached)
         if not args.skip_memtable:
-            print(f"\nmemtable: {args.memtable_ops:,} keys, best of {args.rounds}", flush=True)
+            print(f"\nmemtable: {args.memtable_ops:,} keys, {args.rounds} passes", flush=True)
             report.memtable = run_memtable_bench(workdir, memcached, args.memtable_ops,
                                                  args.rounds)
             for r in report.memtable:
