@@ -36,7 +36,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +64,7 @@ class OpResult:
         return self.ops / self.seconds if self.seconds > 0 else 0.0
 
 
-@contextmanager
+@contextlib.contextmanager
 def _pinned(memcached: Server) -> Iterator[None]:
     """This process on the first CPU it may use, memcached's threads on
     another, while the block runs (nothing done on a single CPU)."""
