@@ -5,21 +5,27 @@ answers ``action=DUNNO``; the generator, in its own processes as in the
 real benchmark, drives it for about a second.  The figures must be sane:
 requests counted, no errors, every reply seen as DUNNO, p50 <= p99 <= max.
 Also: the request is a complete Postfix 3.7 RCPT request, and a server
-that answers garbage or hangs up is counted as errors, not a crash.
+that answers garbage or hangs up is counted as errors, not a crash; the
+memtable benchmark reports every client and gives back the CPU affinity
+it pins while measuring.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
+from bench import servers
 from bench.loadgen import LoadSpec, parse_reply, percentile, run_load
+from bench.memtable_bench import SLICE_OPS, run_memtable_bench
 from bench.requests import MIXES, make_source
 
 THREAD_JOIN_SECONDS = 5.0
@@ -168,3 +174,23 @@ def test_reply_parsing_and_percentiles() -> None:
     values = list(range(1, 101))
     assert (percentile(values, 0.5), percentile(values, 0.99), percentile(values, 1.0)) == \
         (50, 99, 100)
+
+
+def test_memtable_bench_reports_every_client_and_restores_cpu_affinity(tmp_path: Path) -> None:
+    # A real memcached from the benchmark's own helper; few keys, one pass.
+    memcached = servers.start_memcached(tmp_path)
+    try:
+        threads = [int(t) for t in os.listdir(f"/proc/{memcached.pid}/task")]
+        mine_before = os.sched_getaffinity(0)
+        theirs_before = {t: os.sched_getaffinity(t) for t in threads}
+        results = run_memtable_bench(tmp_path, memcached, ops=SLICE_OPS * 2, rounds=1)
+        assert os.sched_getaffinity(0) == mine_before
+        for t, cpus in theirs_before.items():
+            assert os.sched_getaffinity(t) == cpus
+    finally:
+        memcached.stop()
+    pairs = {(r.client, r.operation) for r in results}
+    for client in ("pymemcache (raw)", "memtable", "memtable + lmdb backup"):
+        assert {(client, "update"), (client, "lookup")} <= pairs
+    assert ("postmap -q - (Postfix C)", "lookup") in pairs
+    assert all(r.ops == SLICE_OPS * 2 and r.per_second > 0 for r in results)
