@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.servers import Server
+from tests.postfixcf import postfix_config_dir, write_aged
 
 TTL = 3600
 COMMAND_TIMEOUT = 300.0
@@ -104,23 +105,8 @@ def _write_cf(path: Path, memcached: Server, key_format: str, backup: Path | Non
              f"ttl = {TTL}"]
     if backup is not None:
         lines.append(f"backup = lmdb:{backup}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _postfix_dir(workdir: Path) -> Path:
-    """A private main.cf for ``postmap -c``: nothing read or logged from
-    the system's Postfix configuration."""
-    d = workdir / "postfix-cf"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "main.cf").write_text(
-        "compatibility_level = 3.6\n"
-        f"queue_directory = {d}/queue\n"
-        f"data_directory = {d}/data\n"
-        f"maillog_file = {d}/maillog\n"
-        f"maillog_file_prefixes = {d}\n"
-        "myhostname = bench.example\n")
-    return d
+    # Aged: postmap waits ~2 s for a file written this second.
+    return write_aged(path, "\n".join(lines) + "\n")
 
 
 def _timed_command(argv: list[str], stdin: bytes) -> tuple[float, bytes]:
@@ -213,7 +199,7 @@ def run_memtable_bench(workdir: Path, memcached: Server, ops: int,
     postmap = shutil.which("postmap") or shutil.which("postmap", path="/usr/sbin:/usr/bin")
     if postmap:
         commands.append(("postmap -q - (Postfix C)", "postmap",
-                         [postmap, "-c", str(_postfix_dir(workdir)), "-q", "-",
+                         [postmap, "-c", str(postfix_config_dir(workdir)), "-q", "-",
                           f"memcache:{plain_cf}"]))
     memtable_cli = Path(sys.executable).parent / "memtable"
     if memtable_cli.exists():

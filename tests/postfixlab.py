@@ -18,7 +18,7 @@ Postfix behaviour this module works around (Debian Postfix 3.7):
 - Postfix programs refuse to read main.cf (and .cf or pattern files they
   load whole) whose mtime is this second: each postfix, postconf, postmap
   process then polls for about 2 s.  Every file written here is backdated
-  (write_aged); write test .cf files with it too.
+  (tests.postfixcf.write_aged); write test .cf files with it too.
 - ``postfix`` reports fatal errors (bad main.cf values) only to a terminal or
   the maillog, and before start there is no postlogd to write the maillog:
   its stderr is attached to a pseudo-terminal to capture them.
@@ -52,6 +52,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
+from tests.postfixcf import backdate, postfix_config_dir
 
 
 def _tool(name: str) -> str:
@@ -94,40 +95,6 @@ def _env() -> dict[str, str]:
 # postmap with a private configuration directory
 # --------------------------------------------------------------------------
 
-def postfix_config_dir(tmp: Path) -> Path:
-    """A minimal main.cf for ``postmap -c DIR``; returns DIR (tmp/postfix-cf).
-
-    postmap logs warnings to stderr and, by default, also to syslog; setting
-    maillog_file points the second copy at a postlogd socket under a queue
-    directory that does not exist, so nothing leaves this directory.
-    compatibility_level silences the backwards-compatibility warnings.
-    Dynamic table types (lmdb:) are still found through the compiled-in
-    meta_directory (/etc/postfix/dynamicmaps.cf), which -c does not move.
-    """
-    d = tmp / "postfix-cf"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "main.cf").write_text(
-        "compatibility_level = 3.6\n"
-        f"queue_directory = {d}/queue\n"
-        f"data_directory = {d}/data\n"
-        f"maillog_file = {d}/maillog\n"
-        f"maillog_file_prefixes = {d}\n"
-        "myhostname = postmap.example\n"
-    )
-    _backdate(d)
-    return d
-
-
-def write_aged(path: Path, text: str | bytes) -> Path:
-    """Write a file Postfix will read at once (see _backdate); returns path."""
-    if isinstance(text, str):
-        text = text.encode()
-    path.write_bytes(text)
-    past = time.time() - 60
-    os.utime(path, (past, past))
-    return path
-
-
 def run_postmap(config_dir: Path, *args: str, input: bytes | None = None,
                 timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
     """``postmap -c config_dir ARGS`` with captured stdout/stderr."""
@@ -150,18 +117,6 @@ def _merge_main_cf(defaults: Sequence[str], extra: Sequence[str]) -> str:
         last = m.group(1) if m else f" {n}"
         settings[last] = line
     return "\n".join(settings.values()) + "\n"
-
-
-def _backdate(directory: Path) -> None:
-    """Age every file in ``directory`` by a minute.
-
-    Postfix reads main.cf (and other files it loads whole) only once their
-    mtime is in the past: a file written this second makes every postfix,
-    postconf, postmap... process wait and retry for about two seconds.
-    """
-    for path in directory.iterdir():
-        if path.is_file():
-            write_aged(path, path.read_bytes())
 
 
 # --------------------------------------------------------------------------
@@ -271,7 +226,7 @@ class PostfixInstance:
         (self.dir / "master.cf").write_text(_master_cf(self.port, self.postscreen_port))
         for name, text in (files or {}).items():
             (self.dir / name).write_text(text)
-        _backdate(self.dir)
+        backdate(self.dir)
         (self.root / "data").mkdir()
         (self.root / "queue").mkdir()
 

@@ -25,7 +25,8 @@ from memtable.endpoint import parse_endpoint
 from memtable.limits import MEMCACHED_RELATIVE_TTL_MAX
 from policyd.config import PolicydConfig
 from tests.conftest import Memcached, free_port
-from tests.postfixlab import postfix_config_dir, requires_postmap, run_postmap
+from tests.postfixcf import postfix_config_dir
+from tests.postfixlab import requires_postmap, run_postmap
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -49,7 +49,8 @@ import pytest
 
 from memtable import cli as memtable_cli
 from tests.conftest import Memcached
-from tests.postfixlab import HAVE_POSTMAP, postfix_config_dir, run_postmap, write_aged
+from tests.postfixcf import postfix_config_dir, write_aged
+from tests.postfixlab import HAVE_POSTMAP, run_postmap
 
 pytestmark = [
     pytest.mark.postfix,
