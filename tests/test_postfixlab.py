@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Memcached
+from tests.postfixcf import write_aged
 from tests.postfixlab import (
     PostfixError,
     PostfixFactory,
@@ -24,7 +25,6 @@ from tests.postfixlab import (
     smtp_rcpt,
     smtp_send,
     smtp_session,
-    write_aged,
 )
 
 pytestmark = pytest.mark.postfix
