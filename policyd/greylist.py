@@ -64,6 +64,8 @@ DUNNO = "DUNNO"
 GREYLIST_DSN = "4.2.0"
 T = TypeVar("T")
 _PERCENT = re.compile(r"%[a-z]")
+# first_seen,last_seen,passed[,passed_at]: ASCII decimal numbers, passed 0 or 1.
+_TRIPLET_RECORD = re.compile(r"(\d+),(\d+),([01])(?:,(\d+))?", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,11 @@ class TripletRecord:
     def parse(cls, value: str) -> TripletRecord:
         """ValueError unless value is ``first,last,0|1,passed_at`` or the
         older ``first,last,0|1`` (passed_at 0 then)."""
-        fields = value.split(",")
-        if (len(value) > limits.RECORD_MAX_CHARS or len(fields) not in (3, 4)
-                or not all(f.isascii() and f.isdigit() for f in fields)
-                or fields[2] not in ("0", "1")):
+        match = _TRIPLET_RECORD.fullmatch(value) if len(value) <= limits.RECORD_MAX_CHARS else None
+        if match is None:
             raise ValueError(f"malformed triplet record {value[:80]!r}")
-        passed_at = int(fields[3]) if len(fields) == 4 else 0
-        return cls(int(fields[0]), int(fields[1]), fields[2] == "1", passed_at)
+        first, last, passed, passed_at = match.groups()
+        return cls(int(first), int(last), passed == "1", int(passed_at or 0))
 
     @property
     def delay(self) -> int | None:

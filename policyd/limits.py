@@ -37,6 +37,11 @@ RECORD_REFRESH_INTERVAL = 3600
 # gets one X-Greylist header (postgrey remembers 20).
 HEADER_INSTANCE_MEMORY = 1024
 
+# --- decision lines (policyd.logsetup) ---------------------------------------
+# Distinct actions whose logfmt text is remembered (a greylist action varies
+# only with the wait and the recipient domain).
+DECISION_ACTION_CACHE = 256
+
 # --- stores (policyd.store) -------------------------------------------------
 # Operations waiting for a store's worker thread; beyond this, callers get a
 # StoreError at once instead of an unbounded queue behind a slow memcached.

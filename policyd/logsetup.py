@@ -16,15 +16,18 @@ characters are double-quoted with ``\\"``, ``\\\\`` and ``\\xNN`` escapes, so a
 client cannot forge fields or lines.  ``delay`` is whole seconds.
 
 Cost per decision matters (one line per request): the line is built only
-when info is enabled, handed to the handlers without the caller lookup
-logging does for every call, the time stamp is formatted once per second,
-and the stderr handler writes the lines of one event-loop iteration with
-one write (at once outside an event loop, and for warnings and errors).
+when info is enabled; while the handlers are setup_logging's own, it goes
+to them without a LogRecord and logging's handler chain (else through
+logging, without the caller lookup logging does for every call); the time
+stamp is formatted once per second, and the stderr handler writes the lines
+of one event-loop iteration with one write (at once outside an event loop,
+and for warnings and errors).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import logging.handlers
 import os
@@ -35,15 +38,12 @@ import time
 from collections.abc import Mapping
 from typing import TextIO
 
+from policyd import limits
 from policyd.api import Decision
 from policyd.config import PolicydConfig
 
 DECISION_LOGGER = "policyd.decision"
 _decision_log = logging.getLogger(DECISION_LOGGER)
-
-# Log field -> request attribute, in line order (after action and reason).
-_REQUEST_FIELDS = (("client", "client_address"), ("client_name", "client_name"),
-                   ("sender", "sender"), ("recipient", "recipient"))
 
 _NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f]')
 _ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
@@ -55,6 +55,9 @@ _PREFIXES = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
              logging.CRITICAL: "fatal: "}
 
 _installed: list[logging.Handler] = []
+_root = logging.getLogger()
+# The loggers a decision line passes on its way to the root's handlers.
+_decision_path = (_decision_log, logging.getLogger("policyd"))
 
 # The pid for the ``policyd[pid]`` tag, kept here: with logging.logProcesses
 # on, every LogRecord makes a getpid() system call (one per decision line).
@@ -81,36 +84,83 @@ def logfmt_value(value: str | None) -> str:
 def format_decision(request: Mapping[str, str], decision: Decision) -> str:
     """The decision line for ``request`` (see the module docstring)."""
     action = "disconnect" if decision.disconnect else decision.action
-    parts = [f"action={logfmt_value(action)}",
-             f"reason={logfmt_value(decision.reason)}"]
-    for field, attr in _REQUEST_FIELDS:
-        value = request.get(attr)
-        if attr == "sender" and value == "":
+    delay = "-" if decision.delay is None else str(round(decision.delay))
+    get = request.get
+    client, name, sender, recipient, queue_id = (
+        get("client_address"), get("client_name"), get("sender"), get("recipient"),
+        get("queue_id"))
+    head = f"action={_logfmt_action(action)} reason={logfmt_value(decision.reason)}"
+    if (client and name and sender and recipient and _NEEDS_QUOTES.search(
+            f"{client}{name}{sender}{recipient}{queue_id or ''}") is None):
+        # Nearly every request: every value present and none needs quotes.
+        return (f"{head} client={client} client_name={name} sender={sender} "
+                f"recipient={recipient} delay={delay} queue_id={queue_id or '-'}")
+    parts = [head]
+    for field, value in (("client", client), ("client_name", name), ("sender", sender),
+                         ("recipient", recipient)):
+        if field == "sender" and value == "":
             parts.append("sender=<>")
         else:
             parts.append(f"{field}={logfmt_value(value)}")
-    delay = "-" if decision.delay is None else str(round(decision.delay))
     parts.append(f"delay={delay}")
-    parts.append(f"queue_id={logfmt_value(request.get('queue_id'))}")
+    parts.append(f"queue_id={logfmt_value(queue_id)}")
     return " ".join(parts)
+
+
+# Few distinct actions (the greylist text varies with the wait and the
+# recipient domain): remember the last ones formatted.
+_logfmt_action = functools.lru_cache(maxsize=limits.DECISION_ACTION_CACHE)(logfmt_value)
 
 
 def log_decision(request: Mapping[str, str], decision: Decision) -> None:
     """Log ONE line for one decision (at info level)."""
-    if _decision_log.isEnabledFor(logging.INFO):
-        # Logger.info() would also look up the caller's file and line,
-        # which no policyd format shows.
-        _decision_log.handle(_decision_log.makeRecord(
-            DECISION_LOGGER, logging.INFO, __file__, 0, format_decision(request, decision),
-            (), None))
+    if not _decision_log.isEnabledFor(logging.INFO):
+        return
+    message = format_decision(request, decision)
+    created = time.time()
+    if _installed and _root.handlers == _installed and _plain_path():
+        # The handlers are setup_logging's own: skip logging's record and
+        # handler chain, which cost more than building the line.
+        for handler in _installed:
+            handler.emit_info(message, created)  # type: ignore[attr-defined]
+    else:
+        _decision_log.handle(_info_record(message, created))
+
+
+def _plain_path() -> bool:
+    """The decision logger filters nothing, and no logger between it and
+    the root adds handlers: a decision line reaches exactly the root's."""
+    if _decision_log.filters:
+        return False
+    return all(not logger.handlers and logger.propagate for logger in _decision_path)
+
+
+def _info_record(message: str, created: float) -> logging.LogRecord:
+    # Logger.info() would also look up the caller's file and line, which no
+    # policyd format shows.
+    record = _decision_log.makeRecord(DECISION_LOGGER, logging.INFO, __file__, 0,
+                                      message, (), None)
+    record.created = created
+    record.msecs = _msecs(created)
+    return record
+
+
+def _msecs(created: float) -> float:
+    return int((created - int(created)) * 1000) + 0.0  # as LogRecord computes it
 
 
 class _PostfixFormatter(logging.Formatter):
-    """Adds Postfix's severity prefix (none for info) before the message;
-    formats the time stamp (logging's default format) once per second."""
+    """``[time ]policyd[pid]: [severity: ]message``: Postfix's severity
+    prefix (none for info); the time stamp (logging's default format)
+    formatted once per second."""
 
     _second = -1
     _stamp = ""
+
+    def __init__(self, with_time: bool) -> None:
+        prefix = "%(asctime)s " if with_time else ""
+        super().__init__(prefix + "policyd[%(process)d]: %(severity)s%(message)s")
+        self.with_time = with_time
 
     def format(self, record: logging.LogRecord) -> str:
         record.severity = _PREFIXES.get(record.levelno, "")
@@ -118,14 +168,24 @@ class _PostfixFormatter(logging.Formatter):
             record.process = _pid
         return super().format(record)
 
+    def info_line(self, message: str, created: float) -> str:
+        """What format() makes of an info record of ``message`` created at
+        ``created`` (plain text, no exception), without the record."""
+        if self.with_time:
+            return f"{self._time(created, _msecs(created))} policyd[{_pid}]: {message}"
+        return f"policyd[{_pid}]: {message}"
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
+        return self._time(record.created, record.msecs)
+
+    def _time(self, created: float, msecs: float) -> str:
+        second = int(created)
         if second != self._second:
             self._stamp = time.strftime(self.default_time_format, self.converter(second))
             self._second = second
-        return f"{self._stamp},{int(record.msecs):03d}"  # logging's default format
+        return f"{self._stamp},{int(msecs):03d}"  # logging's default format
 
 
 class _BatchingStreamHandler(logging.StreamHandler[TextIO]):
@@ -149,6 +209,23 @@ class _BatchingStreamHandler(logging.StreamHandler[TextIO]):
             raise
         except Exception:
             self.handleError(record)
+
+    def emit_info(self, message: str, created: float) -> None:
+        """emit() of an info line without a record (see log_decision)."""
+        if self.level > logging.INFO:
+            return
+        formatter = self.formatter
+        if self.filters or not isinstance(formatter, _PostfixFormatter):
+            self.handle(_info_record(message, created))
+            return
+        line = formatter.info_line(message, created) + self.terminator
+        self.acquire()
+        try:
+            self._pending.append(line)
+        finally:
+            self.release()
+        if not self._defer():
+            self.flush()
 
     def _defer(self) -> bool:
         if self._scheduled:
@@ -183,6 +260,9 @@ class _QuietSysLogHandler(logging.handlers.SysLogHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         pass
 
+    def emit_info(self, message: str, created: float) -> None:
+        self.handle(_info_record(message, created))
+
 
 def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     """Send log lines to stderr and, when configured, to syslog.
@@ -202,8 +282,7 @@ def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     _installed.clear()
 
     stderr = _BatchingStreamHandler(sys.stderr)
-    stderr.setFormatter(_PostfixFormatter(
-        "%(asctime)s policyd[%(process)d]: %(severity)s%(message)s"))
+    stderr.setFormatter(_PostfixFormatter(with_time=True))
     _installed.append(stderr)
 
     problem = ""
@@ -214,7 +293,7 @@ def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
         if sock is None or sock.fileno() < 0:
             problem = (f"syslog socket {config.syslog_socket} is not available yet; "
                        "lines go to stderr only until it is")
-        syslog.setFormatter(_PostfixFormatter("policyd[%(process)d]: %(severity)s%(message)s"))
+        syslog.setFormatter(_PostfixFormatter(with_time=False))
         _installed.append(syslog)
 
     for handler in _installed:

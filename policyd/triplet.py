@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -41,7 +42,15 @@ def parse_client_address(address: str) -> IPAddress:
 
     Raises ValueError when ``address`` is not an IP address.
     """
-    ip = ipaddress.ip_address(address.strip())
+    text = address.strip()
+    try:
+        # Every request parses one: inet_pton accepts exactly the dotted
+        # quads ipaddress does (no leading zeros or short forms), at a
+        # fraction of the cost; anything else takes ipaddress's path.
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        pass
+    ip = ipaddress.ip_address(text)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip

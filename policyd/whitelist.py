@@ -82,7 +82,12 @@ class ClientWhitelist:
     def __len__(self) -> int:
         return len(self.names) + len(self.networks) + len(self.regexes)
 
+    def __bool__(self) -> bool:
+        return bool(self.names or self.networks.by_prefix or self.regexes)
+
     def matches(self, ip: IPAddress | None, client_name: str) -> bool:
+        if not self:  # every request asks: no work for an empty list
+            return False
         name = client_name.strip().lower().rstrip(".")
         if name and any(s in self.names for s in _domain_suffixes(name)):
             return True
@@ -117,7 +122,12 @@ class RecipientWhitelist:
     def __len__(self) -> int:
         return len(self.addresses) + len(self.users) + len(self.domains) + len(self.regexes)
 
+    def __bool__(self) -> bool:
+        return bool(self.addresses or self.users or self.domains or self.regexes)
+
     def matches(self, recipient: str) -> bool:
+        if not self:  # every request asks: no work for an empty list
+            return False
         address = recipient.strip().lower()
         user, domain = split_address(address)
         if domain is not None:

@@ -16,6 +16,7 @@ from memtable.registry import open_table
 from policyd import limits
 from policyd.api import Decision
 from policyd.greylist import GreylistPolicy, TripletRecord, build_policy, expand
+from policyd.reputation import ClientRecord
 from policyd.whitelist import Whitelists
 from tests.conftest import Memcached, free_port
 from tests.greylist_helpers import DictTable, config, make_policy, request, run, write
@@ -77,6 +78,38 @@ def test_early_retry_keeps_first_seen_and_new_ttl_is_retry_window() -> None:
     value, expires = triplets.data["192.0.2.0/alice@example.org/bob@example.com"]
     assert TripletRecord.parse(value) == TripletRecord(START, START)
     assert expires == START + 2 * DAY
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("1,2,0,0", TripletRecord(1, 2)),
+    ("1,2,1,5", TripletRecord(1, 2, True, 5)),
+    ("1,2,1", TripletRecord(1, 2, True, 0)),   # older records: no passed_at
+    ("007,2,0", TripletRecord(7, 2)),
+    ("1,2,2,0", None), ("1,2,0,", None), ("1,2", None), ("1,2,0,0,0", None),
+    ("-1,2,0,0", None), ("1,2,0,0\n", None), (" 1,2,0,0", None),
+    ("\u0661,2,0,0", None),  # a non-ASCII digit
+    ("1," * 100 + "0", None),
+])
+def test_triplet_record_parse(value: str, expected: TripletRecord | None) -> None:
+    if expected is None:
+        with pytest.raises(ValueError, match="malformed triplet record"):
+            TripletRecord.parse(value)
+    else:
+        assert TripletRecord.parse(value) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("1,2,3,4,5", ClientRecord(1, 2, 3, 4, 5)),
+    ("1,2,3,4", None), ("1,2,3,4,5,6", None), ("1,2,3,4,x", None),
+    ("1,2,3,4,5\n", None), ("\u0661,2,3,4,5", None), ("1,2,3,4,+5", None),
+    ("9" * 201 + ",1,1,1,1", None),  # over RECORD_MAX_CHARS
+])
+def test_client_record_parse(value: str, expected: ClientRecord | None) -> None:
+    if expected is None:
+        with pytest.raises(ValueError, match="client record"):
+            ClientRecord.parse(value)
+    else:
+        assert ClientRecord.parse(value) == expected
 
 
 def test_header_off_and_text_expansion() -> None:

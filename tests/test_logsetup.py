@@ -11,10 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from freezegun import freeze_time
 
+from policyd import logsetup
 from policyd.api import Decision
 from policyd.config import PolicydConfig
-from policyd.logsetup import format_decision, logfmt_value, setup_logging
+from policyd.logsetup import (
+    DECISION_LOGGER,
+    format_decision,
+    log_decision,
+    logfmt_value,
+    setup_logging,
+)
 
 REQUEST = {"request": "smtpd_access_policy", "client_address": "192.0.2.1",
            "client_name": "mx.example.com", "sender": "a@b.example",
@@ -114,3 +122,40 @@ def test_syslog_socket_absent_at_start(tmp_path: Path,
     # A second call replaces the handlers instead of adding more.
     setup_logging(PolicydConfig())
     assert not [h for h in logging.getLogger().handlers if h in handlers]
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_decision_line_without_record_matches_logging(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shortcut past logging's handler chain writes what logging would."""
+    records: list[str] = []
+    real = logsetup._info_record
+
+    def counted(message: str, created: float) -> logging.LogRecord:
+        records.append(message)
+        return real(message, created)
+
+    monkeypatch.setattr(logsetup, "_info_record", counted)
+    root = logging.getLogger()
+    handlers = setup_logging(PolicydConfig(log_level="info"))
+    monkeypatch.setattr(root, "handlers", list(handlers))  # without pytest's capture
+    decision = Decision("DEFER_IF_PERMIT 4.2.0 Greylisted", "new")
+    with freeze_time("2026-11-21 12:34:56.789"):
+        log_decision(REQUEST, decision)
+        assert records == []  # the shortcut: no record made
+        # A filter on the decision logger: logging's own path.
+        logging.getLogger(DECISION_LOGGER).addFilter(logging.Filter())
+        try:
+            log_decision(REQUEST, decision)
+        finally:
+            logging.getLogger(DECISION_LOGGER).filters.clear()
+        assert len(records) == 1
+        logging.getLogger("policyd").addHandler(logging.NullHandler())  # likewise
+        try:
+            log_decision(REQUEST, decision)
+        finally:
+            logging.getLogger("policyd").handlers.clear()
+        assert len(records) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and lines[0] == lines[1] == lines[2]
+    assert lines[0].startswith(f"2026-11-21 12:34:56,789 policyd[{os.getpid()}]: action=")

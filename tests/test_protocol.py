@@ -87,8 +87,23 @@ def test_utf8_values_and_lone_cr_kept() -> None:
     assert req.attrs["helo_name"] == "a\rb"
 
 
+def test_values_keep_every_character_but_newline() -> None:
+    # Only \n ends a line: other line breaks Unicode knows, "=" and white
+    # space stay in the value; the name ends at the first "=".
+    values = ["a=b=c", "x\x0by\x0cz", "p\x85q\u2028r\u2029s", "\x1c\x1d\x1e", " lead", "trail ",
+              "", "=", "c\rr"]
+    lines = [b"request=smtpd_access_policy"]
+    lines += [f"v{i}={value}".encode() for i, value in enumerate(values)]
+    lines.append("na\u2028me=1".encode())
+    (req,) = PolicyParser().feed(build(lines))
+    assert req.attrs == {"request": "smtpd_access_policy", "na\u2028me": "1",
+                         **{f"v{i}": value for i, value in enumerate(values)}}
+
+
 @pytest.mark.parametrize(("data", "reason"), [
     (b"request=smtpd_access_policy\ngarbage\n\n", 'without "="'),
+    ("garbage\x85=x\nrequest=smtpd_access_policy\nnothing\n\n".encode(),
+     'without "=": .nothing'),
     (b"request=smtpd_access_policy\n=value\n\n", "empty attribute name"),
     (b"request=smtpd_access_policy\nsender=a\0b\n\n", "NUL"),
     (b"request=smtpd_access_policy\nsender=\xff\xfe\n\n", "UTF-8"),

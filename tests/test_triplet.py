@@ -77,6 +77,26 @@ def test_parse_client_address_maps_ipv4_in_ipv6() -> None:
         parse_client_address("not-an-ip")
 
 
+@pytest.mark.parametrize("address", [
+    "192.0.2.1", "0.0.0.0", "255.255.255.255", " 192.0.2.1\t",
+    "01.2.3.4", "1.2.3.04", "001.2.3.4", "1.2.3", "1.2.3.4.5", "256.1.1.1",
+    "0x1.2.3.4", "1..2.3", "+1.2.3.4", "1.2.3.-4", "1.2.3.4/24", "\uff11.2.3.4",
+    "1.2.3.4\x00", "", "::1", "::ffff:10.0.0.1",
+])
+def test_parse_client_address_agrees_with_ipaddress(address: str) -> None:
+    # The IPv4 fast path (inet_pton) must accept and refuse exactly what
+    # ipaddress does.
+    try:
+        expected = ipaddress.ip_address(address.strip())
+    except ValueError:
+        with pytest.raises(ValueError):
+            parse_client_address(address)
+        return
+    if isinstance(expected, ipaddress.IPv6Address) and expected.ipv4_mapped is not None:
+        expected = expected.ipv4_mapped
+    assert parse_client_address(address) == expected
+
+
 @pytest.mark.parametrize(("address", "v4", "v6", "expected"), [
     ("192.0.2.77", 24, 64, "192.0.2.0"),
     ("192.0.2.77", 16, 64, "192.0.0.0"),
