@@ -226,8 +226,10 @@ class MemcacheTable(Table):
     def update_many(self, items: Sequence[tuple[str, str, int | None]]
                     ) -> list[MemtableError | None]:
         """update() for each (key, value, ttl) item, in order, batched: one
-        pipelined round trip of ``set`` commands (wire.set_many), then one
-        backup batch (its update_many when it has one: one lmdb transaction).
+        pipelined round trip of ``set`` commands (wire.set_many) and one
+        backup batch (its update_many when it has one: one lmdb transaction),
+        the backup written while memcached answers the sets, so that its
+        commit and the round trip overlap.
 
         Returns one entry per item: None when update() would have returned,
         else the error it would have raised for that item (KeySkippedError,
@@ -260,17 +262,31 @@ class MemcacheTable(Table):
             sets.append((mc_key, data, flags, exptime))
             set_at.append(i)
             to_backup.append(i)
+        backup = self.backup is not None and bool(to_backup)
+        failed: list[Exception] = []
+
+        def write_backup() -> None:
+            # Runs inside the wire's reply wait, which must not see it fail:
+            # anything unexpected is raised once the wire is done.
+            try:
+                self._backup_updates(items, to_backup, results)
+            except Exception as exc:
+                failed.append(exc)
+
         if sets:
             try:
-                self.wire.set_many(sets)
+                # The backup batch is written while memcached answers.
+                self.wire.set_many(sets, meanwhile=write_backup if backup else None)
             except TemporaryError as exc:
                 if self.backup is None:
                     for i in set_at:
                         results[i] = exc
                 else:
                     log.warning("%s", exc)
-        if self.backup is not None and to_backup:
-            self._backup_updates(items, to_backup, results)
+        elif backup:
+            write_backup()
+        if failed:
+            raise failed[0]
         return results
 
     def _backup_updates(self, items: Sequence[tuple[str, str, int | None]],

@@ -110,14 +110,30 @@ class _Client(Client):  # type: ignore[misc]  # pymemcache has no type hints
         raise ConnectionError("memtable.wire: no connection installed")
 
 
-class _GuardedSocket:
-    """The socket pymemcache talks through: guard + per-attempt deadline."""
+class _Once:
+    """Work that runs at most once, at the first call."""
 
-    __slots__ = ("armed", "deadline", "guard", "poller", "sock")
+    __slots__ = ("work",)
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self.work: Callable[[], None] | None = work
+
+    def __call__(self) -> None:
+        work, self.work = self.work, None
+        if work is not None:
+            work()
+
+
+class _GuardedSocket:
+    """The socket pymemcache talks through: guard + per-attempt deadline,
+    and work to do while the first reply is on its way (``meanwhile``)."""
+
+    __slots__ = ("armed", "deadline", "guard", "meanwhile", "poller", "sock")
 
     def __init__(self, sock: socket.socket, guard: ReplyGuard) -> None:
         self.sock = sock
         self.guard = guard
+        self.meanwhile: _Once | None = None
         self.deadline = 0.0
         self.armed = -1.0  # the kernel timeout the socket has now (-1: none)
         self.poller = select.poll()
@@ -155,6 +171,16 @@ class _GuardedSocket:
             raise TimeoutError("timed out") from None
 
     def recv(self, size: int) -> bytes:
+        if self.meanwhile is not None:
+            # The command is sent: do the caller's work while the server
+            # answers; the time it takes is not the server's, so the
+            # attempt's deadline moves by as much.
+            work, self.meanwhile = self.meanwhile, None
+            started = clock.monotonic()
+            try:
+                work()
+            finally:
+                self.deadline += clock.monotonic() - started
         self._arm()
         try:
             data = self.sock.recv(RECV_CHUNK_BYTES)
@@ -241,12 +267,20 @@ class MemcacheWire:
 
         self._run("storage", attempt)
 
-    def set_many(self, items: Sequence[tuple[bytes, bytes, int, int]]) -> None:
+    def set_many(self, items: Sequence[tuple[bytes, bytes, int, int]], *,
+                 meanwhile: Callable[[], None] | None = None) -> None:
         """Store (key, value, flags, exptime) items, pipelined: all ``set``s
         in one write, then all replies, each of which must be STORED.
 
         Batches of MEMCACHE_PIPELINE_MAX_COMMANDS; a failed batch is retried
         whole (a set is idempotent).
+
+        ``meanwhile``, when given, runs exactly once: after the first
+        batch's commands are written and before its replies are awaited, so
+        the caller's own I/O (a backup's synced commit) overlaps the round
+        trip; when no command could be written, before set_many returns or
+        raises.  Its time does not count against ``timeout``.  It must not
+        raise (an exception it raises propagates as a bug).
         """
         commands = []
         for key, value, flags, exptime in items:
@@ -254,20 +288,32 @@ class MemcacheWire:
             self._check_item(value, flags, exptime)
             commands.append(b"set %b %d %d %d\r\n%b\r\n"
                             % (key, flags, exptime, len(value), value))
-        for start in range(0, len(commands), MEMCACHE_PIPELINE_MAX_COMMANDS):
-            batch = commands[start:start + MEMCACHE_PIPELINE_MAX_COMMANDS]
+        once = _Once(meanwhile) if meanwhile is not None else None
+        try:
+            for start in range(0, len(commands), MEMCACHE_PIPELINE_MAX_COMMANDS):
+                batch = commands[start:start + MEMCACHE_PIPELINE_MAX_COMMANDS]
 
-            def attempt(batch: list[bytes] = batch) -> None:
-                # pymemcache's own set_many takes one flags/expire for all
-                # items; _misc_cmd sends prepared commands and reads one
-                # reply line per command.
-                lines: list[bytes] = self._client._misc_cmd(batch, b"set", False)
-                for line in lines:
-                    if line != b"STORED":
-                        raise _AttemptFailed(f"update failed: {line[:100]!r}",
-                                             protocol=False)
+                def attempt(batch: list[bytes] = batch) -> None:
+                    conn = self._conn
+                    if conn is not None and once is not None and once.work is not None:
+                        conn.meanwhile = once
+                    try:
+                        # pymemcache's own set_many takes one flags/expire for
+                        # all items; _misc_cmd sends prepared commands and
+                        # reads one reply line per command.
+                        lines: list[bytes] = self._client._misc_cmd(batch, b"set", False)
+                    finally:
+                        if conn is not None:
+                            conn.meanwhile = None
+                    for line in lines:
+                        if line != b"STORED":
+                            raise _AttemptFailed(f"update failed: {line[:100]!r}",
+                                                 protocol=False)
 
-            self._run("storage", attempt, replies=len(batch))
+                self._run("storage", attempt, replies=len(batch))
+        finally:
+            if once is not None:
+                once()
 
     def delete(self, key: bytes) -> bool:
         """Remove key: True when memcached said DELETED, False for NOT_FOUND."""

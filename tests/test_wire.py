@@ -521,3 +521,68 @@ def test_a_server_that_timed_out_is_held_down(make_wire: Callable[..., MemcacheW
             wire.get(b"k")
         assert server.connections == 2 * MAX_TRY
         wire.close()
+
+
+# -- set_many's meanwhile: the caller's work overlaps the round trip ----------
+
+
+def test_set_many_meanwhile_runs_after_the_write_and_before_the_reply(
+        make_wire: Callable[..., MemcacheWire]) -> None:
+    items = [(b"k%d" % i, b"v", 0, 0) for i in range(3)]
+    size = sum(len(b"set %s 0 0 1\r\nv\r\n" % k) for k, _, _, _ in items)
+    ran = threading.Event()
+    seen_before_reply: list[bool] = []
+
+    def script(conn: Any, index: int) -> None:
+        buf = b""
+        while len(buf) < size:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            buf += chunk
+        # The work must be done while this reply is still unsent.
+        seen_before_reply.append(ran.wait(hostile.IO_TIMEOUT))
+        conn.sendall(b"STORED\r\n" * len(items))
+        hostile.wait_client_gone(conn)
+
+    calls: list[int] = []
+    with hostile.HostileServer(script) as server:
+        wire = hostile_wire(make_wire, server)
+        wire.set_many(items, meanwhile=lambda: (calls.append(1), ran.set()))
+        wire.close()
+    assert seen_before_reply == [True]
+    assert calls == [1]
+
+
+def test_set_many_meanwhile_time_does_not_count_against_the_timeout(
+        memcached: Memcached, make_wire: Callable[..., MemcacheWire]) -> None:
+    wire = make_wire(memcached.spec, timeout=0.1, max_try=1)
+    wire.set_many([(b"slow", b"work", 0, 0)], meanwhile=lambda: time.sleep(0.3))
+    assert wire.get(b"slow") == (0, b"work")
+
+
+def test_set_many_meanwhile_runs_once_when_nothing_could_be_sent(
+        make_wire: Callable[..., MemcacheWire]) -> None:
+    wire = make_wire(f"inet:127.0.0.1:{free_port()}")  # nobody listens
+    calls: list[int] = []
+    with pytest.raises(ServerUnavailableError):
+        wire.set_many([(b"k", b"v", 0, 0)], meanwhile=lambda: calls.append(1))
+    assert calls == [1]
+
+
+def test_set_many_meanwhile_runs_once_across_attempts(
+        make_wire: Callable[..., MemcacheWire], sleeps: list[float]) -> None:
+    def script(conn: Any, index: int) -> None:
+        hostile.read_command(conn)
+        if index == 0:
+            return  # hang up: the batch is sent again on a new connection
+        conn.sendall(b"STORED\r\n")
+        hostile.wait_client_gone(conn)
+
+    calls: list[int] = []
+    with hostile.HostileServer(script) as server:
+        wire = hostile_wire(make_wire, server)
+        wire.set_many([(b"k", b"v", 0, 0)], meanwhile=lambda: calls.append(1))
+        wire.close()
+    assert server.connections == 2
+    assert calls == [1]
