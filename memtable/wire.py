@@ -295,8 +295,8 @@ class MemcacheWire:
 
                 def attempt(batch: list[bytes] = batch) -> None:
                     conn = self._conn
-                    if conn is not None and once is not None and once.work is not None:
-                        conn.meanwhile = once
+                    if conn is not None and once is not None:
+                        conn.meanwhile = once  # a no-op once it has run
                     try:
                         # pymemcache's own set_many takes one flags/expire for
                         # all items; _misc_cmd sends prepared commands and

@@ -80,36 +80,31 @@ def test_early_retry_keeps_first_seen_and_new_ttl_is_retry_window() -> None:
     assert expires == START + 2 * DAY
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("1,2,0,0", TripletRecord(1, 2)),
-    ("1,2,1,5", TripletRecord(1, 2, True, 5)),
-    ("1,2,1", TripletRecord(1, 2, True, 0)),   # older records: no passed_at
-    ("007,2,0", TripletRecord(7, 2)),
-    ("1,2,2,0", None), ("1,2,0,", None), ("1,2", None), ("1,2,0,0,0", None),
-    ("-1,2,0,0", None), ("1,2,0,0\n", None), (" 1,2,0,0", None),
-    ("\u0661,2,0,0", None),  # a non-ASCII digit
-    ("1," * 100 + "0", None),
-])
-def test_triplet_record_parse(value: str, expected: TripletRecord | None) -> None:
-    if expected is None:
-        with pytest.raises(ValueError, match="malformed triplet record"):
-            TripletRecord.parse(value)
-    else:
-        assert TripletRecord.parse(value) == expected
+# Each record type with the error text its parse raises.
+_RECORD_ERRORS = {TripletRecord: "malformed triplet record", ClientRecord: "client record"}
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("1,2,3,4,5", ClientRecord(1, 2, 3, 4, 5)),
-    ("1,2,3,4", None), ("1,2,3,4,5,6", None), ("1,2,3,4,x", None),
-    ("1,2,3,4,5\n", None), ("\u0661,2,3,4,5", None), ("1,2,3,4,+5", None),
-    ("9" * 201 + ",1,1,1,1", None),  # over RECORD_MAX_CHARS
+@pytest.mark.parametrize(("kind", "value", "expected"), [
+    (TripletRecord, "1,2,0,0", TripletRecord(1, 2)),
+    (TripletRecord, "1,2,1,5", TripletRecord(1, 2, True, 5)),
+    (TripletRecord, "1,2,1", TripletRecord(1, 2, True, 0)),   # older records: no passed_at
+    (TripletRecord, "007,2,0", TripletRecord(7, 2)),
+    *((TripletRecord, bad, None) for bad in (
+        "1,2,2,0", "1,2,0,", "1,2", "1,2,0,0,0", "-1,2,0,0", "1,2,0,0\n", " 1,2,0,0",
+        "\u0661,2,0,0",  # a non-ASCII digit
+        "1," * 100 + "0")),
+    (ClientRecord, "1,2,3,4,5", ClientRecord(1, 2, 3, 4, 5)),
+    *((ClientRecord, bad, None) for bad in (
+        "1,2,3,4", "1,2,3,4,5,6", "1,2,3,4,x", "1,2,3,4,5\n", "\u0661,2,3,4,5", "1,2,3,4,+5",
+        "9" * 201 + ",1,1,1,1")),  # the last: over RECORD_MAX_CHARS
 ])
-def test_client_record_parse(value: str, expected: ClientRecord | None) -> None:
+def test_record_parse(kind: type[TripletRecord] | type[ClientRecord], value: str,
+                      expected: TripletRecord | ClientRecord | None) -> None:
     if expected is None:
-        with pytest.raises(ValueError, match="client record"):
-            ClientRecord.parse(value)
+        with pytest.raises(ValueError, match=_RECORD_ERRORS[kind]):
+            kind.parse(value)
     else:
-        assert ClientRecord.parse(value) == expected
+        assert kind.parse(value) == expected
 
 
 def test_header_off_and_text_expansion() -> None:
