@@ -219,6 +219,8 @@ def goals(report: Report) -> list[tuple[str, bool | None, str]]:
 
 _COLOURS = {"policyd": "tab:blue", "postgrey": "tab:red", "null": "tab:gray"}
 _STYLES = {"mixed": "-", "new": "--", "hot": ":"}
+# Line styles alone are hard to tell apart at this size: a marker per mix too.
+_MARKERS = {"mixed": "o", "new": "s", "hot": "^"}
 
 
 def plot(report: Report, path: Path) -> None:
@@ -237,7 +239,7 @@ def plot(report: Report, path: Path) -> None:
             xs = [c for c, _ in pts]
             label = f"{server} ({mix})" if server != "null" else f"do-nothing ({mix})"
             kw = {"color": _COLOURS.get(server, "tab:green"), "linestyle": _STYLES.get(mix, "-"),
-                  "marker": "o", "markersize": 3, "label": label}
+                  "marker": _MARKERS.get(mix, "o"), "markersize": 4, "label": label}
             ax1.plot(xs, [r.rps for _, r in pts], **kw)
             ax2.plot(xs, [max(r.p99_ms, 0.001) for _, r in pts], **kw)
     for ax in (ax1, ax2):
@@ -352,55 +354,14 @@ def _actions_summary(report: Report) -> str:
     return "; ".join(parts)
 
 
+# A new file gets only a title: the method and the profile notes are written
+# by hand in the project's docs/benchmarks.md, in one place.
 HAND_WRITTEN_HEAD = """# Benchmarks
 
-policyd against postgrey (the peer operators compare it with), memtable
-against raw pymemcache and Postfix's own memcache client, and policyd's
-memory under many connections.  Run them with
-
-    ./dev bench              # full run (python -m bench.run); takes a while
-    ./dev bench --quick      # short points, fewer requests: a few minutes
-    ./dev bench --help       # every option (durations, connection counts, request count ...)
-
-## Method
-
-- Everything on loopback, on one machine: a private memcached, policyd with
-  the example configuration of deploy/policyd/ (memcache triplet and client
-  tables, each with an lmdb: backup; default greylisting: delay 300 s,
-  subnet keys, auto-whitelist after 5), and postgrey from the Debian
-  package as a private instance (own database directory, same delay, empty
-  whitelists since policyd's default has none, logging to a file).
-- One closed-loop load generator for every server, in processes of its own
-  (one per 500 connections): N persistent connections, each sending a
-  Postfix 3.7 RCPT-stage request with every attribute Postfix 3.7 sends and
-  waiting for the whole reply before the next, as smtpd does.  Latency is
-  measured per request with `time.perf_counter_ns`.  Errors counted:
-  connections refused or closed, replies later than 10 s, malformed replies.
-- Mixes: `new` (every triplet never seen: a spam run), `hot` (repeats of a
-  hot set of 1,000 triplets), `mixed` (half new, half from a warm set of
-  10,000).  A run is shorter than the greylisting delay, so repeats are
-  retries that are still greylisted: both servers look up and update the
-  triplet, neither takes the "passed" path.
-- The do-nothing server shows the generator's ceiling: on a 2-core machine
-  the generator and the server share the CPU, so every figure is also
-  bounded by it.
-- memtable: N single updates then N single lookups through raw pymemcache,
-  memtable without and with an lmdb backup, and `postmap -q -` / `memtable
-  -q -` reading the N keys on standard input (whole process timed).
-- Memory: RSS (VmRSS) of policyd with 1,000 idle connections (each asked one
-  request, then silent, then asked once more to prove it is still open),
-  and after the request run (`--memory-requests`, 1,000,000 by default).
+Written by `python -m bench.run` (`./dev bench`); the method is described
+in the project's docs/benchmarks.md.
 
 """
-
-HAND_WRITTEN_TAIL = """
-## Profile
-
-_To be filled in by hand: where policyd spends its time under load, from
-py-spy (`py-spy record -o profile.svg --pid PID` while `./dev bench` runs)
-or pyinstrument.  This section is not touched by `bench.run`._
-"""
-
 
 def write_markdown(path: Path, section: str) -> None:
     """Replace the generated section of path (or write the whole file)."""
@@ -411,7 +372,7 @@ def write_markdown(path: Path, section: str) -> None:
         if pattern.search(text):
             path.write_text(pattern.sub(lambda _: section, text, count=1))
             return
-    path.write_text(HAND_WRITTEN_HEAD + section + HAND_WRITTEN_TAIL)
+    path.write_text(HAND_WRITTEN_HEAD + section)
 
 
 def summary_lines(report: Report) -> Iterable[str]:

@@ -1,8 +1,9 @@
 """``python -m bench.run`` (``./dev bench``): every benchmark, one command.
 
-Starts a private memcached, then for each server (the do-nothing server,
-postgrey, policyd) drives every mix at every connection count with the
-load generator and prints one line per point; then the memtable benchmark
+Starts a private memcached and the servers (the do-nothing server,
+postgrey, policyd), then drives every mix at every connection count with
+the load generator, the servers one after the other at each point, and
+prints one line per server and point; then the memtable benchmark
 and policyd's memory; then the policyd/postgrey ratios and the goals.
 Writes docs/benchmarks.md (generated section only) and its PNG plot.
 A server that cannot start is reported as not measured; the rest runs.
@@ -129,8 +130,8 @@ def run(args: argparse.Namespace) -> rep.Report:
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
     memcached = servers.start_memcached(workdir)
     try:
-        for name in [] if args.skip_load else args.servers:
-            _load_points(report, args, name, workdir, memcached)
+        if not args.skip_load:
+            _load_points(report, args, workdir, memcached)
         if not args.skip_memtable:
             print(f"\nmemtable: {args.memtable_ops:,} keys, {args.rounds} passes", flush=True)
             report.memtable = run_memtable_bench(workdir, memcached, args.memtable_ops,
@@ -149,35 +150,52 @@ def run(args: argparse.Namespace) -> rep.Report:
     return report
 
 
-def _load_points(report: rep.Report, args: argparse.Namespace, name: str, workdir: Path,
+def _load_points(report: rep.Report, args: argparse.Namespace, workdir: Path,
                  memcached: servers.Server) -> None:
+    """Every point with the servers back to back: this shared machine's
+    speed drifts over minutes, so the ratios compare neighbours in time."""
+    running: dict[str, servers.Server] = {}
     try:
-        server = _start(name, workdir, memcached, args.policyd_instances)
-    except servers.ServerError as exc:
-        report.unavailable[name] = str(exc).splitlines()[0]
-        print(f"\n{name}: NOT MEASURED: {exc}", flush=True)
-        return
-    pids = ", ".join(map(str, server.pids))
-    print(f"\n{name} (pid {pids}) on {server.host}:{server.port}", flush=True)
-    try:
+        for name in args.servers:
+            try:
+                server = _start(name, workdir, memcached, args.policyd_instances)
+            except servers.ServerError as exc:
+                report.unavailable[name] = str(exc).splitlines()[0]
+                print(f"{name}: NOT MEASURED: {exc}", flush=True)
+                continue
+            running[name] = server
+            pids = ", ".join(map(str, server.pids))
+            print(f"{name} (pid {pids}) on {server.host}:{server.port}", flush=True)
         for mix in args.mixes:
+            print(f"\nmix {mix}", flush=True)
             for c in args.connections:
-                spec = LoadSpec(server.host, server.port, c, mix=mix, duration=args.duration,
-                                timeout=args.timeout, processes=args.processes)
-                try:
-                    result = run_load(spec)
-                except LoadError as exc:
-                    print(f"  {mix} {c}: load generator failed: {exc}", flush=True)
-                    continue
-                point = rep.Point(name, result, server.rss_kib())
-                report.points.append(point)
-                print("  " + rep.console_line(name, result, point.rss_kib), flush=True)
-                if not server.alive():
-                    report.unavailable[name] = f"exited during the run ({mix}, {c} connections)"
-                    print(f"  {name} EXITED:\n{server.log_tail()}", flush=True)
-                    return
+                for name, server in list(running.items()):
+                    if not _load_point(report, args, name, server, mix, c):
+                        server.stop()
+                        del running[name]
     finally:
-        server.stop()
+        for server in running.values():
+            server.stop()
+
+
+def _load_point(report: rep.Report, args: argparse.Namespace, name: str,
+                server: servers.Server, mix: str, connections: int) -> bool:
+    """Measure one point; False when the server died during it."""
+    spec = LoadSpec(server.host, server.port, connections, mix=mix, duration=args.duration,
+                    timeout=args.timeout, processes=args.processes)
+    try:
+        result = run_load(spec)
+    except LoadError as exc:
+        print(f"  {name} {mix} {connections}: load generator failed: {exc}", flush=True)
+        return True
+    point = rep.Point(name, result, server.rss_kib())
+    report.points.append(point)
+    print("  " + rep.console_line(name, result, point.rss_kib), flush=True)
+    if server.alive():
+        return True
+    report.unavailable[name] = f"exited during the run ({mix}, {connections} connections)"
+    print(f"  {name} EXITED:\n{server.log_tail()}", flush=True)
+    return False
 
 
 def _memory(report: rep.Report, args: argparse.Namespace, workdir: Path,

@@ -7,7 +7,7 @@ requests counted, no errors, every reply seen as DUNNO, p50 <= p99 <= max.
 Also: the request is a complete Postfix 3.7 RCPT request, and a server
 that answers garbage or hangs up is counted as errors, not a crash; the
 memtable benchmark reports every client and gives back the CPU affinity
-it pins while measuring.
+it pins while measuring; the bench command itself runs end to end.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import asyncio
 import itertools
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +31,7 @@ from bench.memtable_bench import SLICE_OPS, run_memtable_bench
 from bench.requests import MIXES, make_source
 
 THREAD_JOIN_SECONDS = 5.0
+BENCH_COMMAND_SECONDS = 120.0  # start-up of memcached and policyd included
 
 
 class _Replier(asyncio.Protocol):
@@ -194,3 +197,23 @@ def test_memtable_bench_reports_every_client_and_restores_cpu_affinity(tmp_path:
         assert {(client, "update"), (client, "lookup")} <= pairs
     assert ("postmap -q - (Postfix C)", "lookup") in pairs
     assert all(r.ops == SLICE_OPS * 2 and r.per_second > 0 for r in results)
+
+
+def test_bench_command_measures_the_servers_back_to_back(tmp_path: Path) -> None:
+    # The whole command, short: real memcached, the do-nothing server and a
+    # one-process policyd; every point has both, measured one after the other.
+    out = tmp_path / "benchmarks.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--servers", "null,policyd", "--mixes", "new",
+         "--connections", "1,2", "--duration", "0.3", "--policyd-instances", "1",
+         "--skip-memtable", "--skip-memory", "--output", str(out)],
+        cwd=servers.ROOT, capture_output=True, text=True, timeout=BENCH_COMMAND_SECONDS)
+    assert proc.returncode == 0, proc.stderr
+    points = [line.split()[:3] for line in proc.stdout.splitlines()
+              if line.startswith("  ") and " req/s " in line]
+    assert points == [["null", "new", "1"], ["policyd", "new", "1"],
+                      ["null", "new", "2"], ["policyd", "new", "2"]]
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert "<!-- bench:generated:begin" in text and "### Mix: new" in text
+    assert (tmp_path / "benchmarks.png").stat().st_size > 0
