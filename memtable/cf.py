@@ -1,9 +1,9 @@
 """Postfix-style configuration files: table .cf files and policyd.cf.
 
-Reads files the way Postfix's readlline() and split_nameval() do: blank and
-whitespace-only lines and lines whose first non-blank character is '#' are
-ignored, a line that starts with white space continues the logical line
-before it, and each logical line is ``name = value``.  Values are strings;
+Reads files the way Postfix's cfg_parser does, with readllines() (see
+memtable.syntax: blank and comment lines ignored, a line that starts with
+white space continues the logical line before it, joined as is) and
+split_nameval(): each logical line is ``name = value``.  Values are strings;
 the typed helpers below turn them into numbers, times and booleans with
 errors that name the file and line.
 """
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from memtable.errors import ConfigError
 from memtable.limits import CF_INT_MAX, CF_MAX_FILE_BYTES, CF_MAX_LOGICAL_LINE_BYTES
+from memtable.syntax import readllines
 
 log = logging.getLogger("memtable.cf")
 
@@ -34,45 +35,14 @@ class CfEntry:
         return ConfigError(f"{self.name} = {self.value}: {message}", self.path, self.line)
 
 
-def logical_lines(lines: Iterable[str], path: str) -> Iterator[tuple[int, str]]:
-    """Postfix's readlline(): yield (first line number, logical line).
-
-    Blank lines and lines whose first non-blank character is '#' are
-    skipped; a line starting with white space continues the logical line.
-    """
-    logical: list[str] = []
-    size = 0
-    first_line = 0
-    for lineno, raw in enumerate(lines, start=1):
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if raw[0] in " \t":
-            if not logical:
-                log.warning("%s, line %d: continuation line without preceding text; ignored",
-                            path, lineno)
-                continue
-        else:
-            if logical:
-                yield first_line, " ".join(logical)
-            logical, size, first_line = [], 0, lineno
-        logical.append(stripped)
-        size += len(stripped) + 1
-        if size > CF_MAX_LOGICAL_LINE_BYTES:
-            raise ConfigError(f"logical line longer than {CF_MAX_LOGICAL_LINE_BYTES} bytes",
-                              path, first_line)
-    if logical:
-        yield first_line, " ".join(logical)
-
-
 def parse_cf_text(text: str, path: str) -> dict[str, CfEntry]:
     """Parse the text of a .cf file; a later setting of a name wins."""
     entries: dict[str, CfEntry] = {}
-    for lineno, line in logical_lines(text.splitlines(), path):
-        entry = _split_nameval(line, path, lineno)
+    for line in readllines(text.encode("utf-8"), path, max_bytes=CF_MAX_LOGICAL_LINE_BYTES):
+        entry = _split_nameval(line.text.decode("utf-8"), path, line.first)
         if entry.name in entries:
             log.warning("%s, line %d: %s is set again; the later value wins",
-                        path, lineno, entry.name)
+                        path, line.first, entry.name)
         entries[entry.name] = entry
     return entries
 

@@ -16,7 +16,6 @@ import sys
 from collections.abc import Iterator
 from typing import IO, NoReturn
 
-from memtable.cf import logical_lines
 from memtable.errors import (
     AccessError,
     ConfigError,
@@ -26,8 +25,9 @@ from memtable.errors import (
     TemporaryError,
     ValueTooLongError,
 )
-from memtable.limits import CLI_MAX_INPUT_LINE_BYTES
+from memtable.limits import CF_MAX_LOGICAL_LINE_BYTES, CLI_MAX_INPUT_LINE_BYTES
 from memtable.registry import open_table
+from memtable.syntax import readllines
 from memtable.table import Table
 
 EX_OK = 0
@@ -199,8 +199,10 @@ def _insert(args: argparse.Namespace, inp: IO[str], fold: bool) -> int:
     tables = _Tables(args.tables, read_write=True, fold=fold)
     status = EX_OK
     try:
-        for lineno, line in logical_lines(_read_lines(inp), "stdin"):
-            key, _, value = _split_key_value(line)
+        raw = (line.encode("utf-8", "surrogateescape") for line in _read_lines(inp))
+        for logical in readllines(raw, "stdin", max_bytes=CF_MAX_LOGICAL_LINE_BYTES):
+            lineno = logical.first
+            key, _, value = _split_key_value(logical.text.decode("utf-8", "surrogateescape"))
             if not value:
                 logging.warning("stdin, line %d: expected format: key whitespace value", lineno)
                 status = EX_NOTFOUND

@@ -15,13 +15,15 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from memtable.cf import logical_lines, split_list
+from memtable.cf import split_list
 from memtable.errors import ConfigError, MemtableError, TemporaryError
 from memtable.limits import (
+    CF_MAX_LOGICAL_LINE_BYTES,
     DOMAIN_LIST_MAX_FILE_DEPTH,
     DOMAIN_LIST_MAX_TOTAL_BYTES,
     LOOKUP_FILE_MAX_BYTES,
 )
+from memtable.syntax import readllines
 from memtable.table import Table
 
 log = logging.getLogger("memtable.domainlist")
@@ -195,10 +197,10 @@ class _Builder:
             raise ConfigError(f"domain: pattern files hold more than "
                               f"{DOMAIN_LIST_MAX_TOTAL_BYTES} bytes together", path)
         try:
-            text = data.decode("utf-8")
+            data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError(f"domain: pattern file is not UTF-8 text "
                               f"(byte offset {exc.start})", path) from None
-        for lineno, line in logical_lines(text.splitlines(), path):
-            self.parse(split_list(line), match, depth, (path, lineno))
+        for line in readllines(data, path, max_bytes=CF_MAX_LOGICAL_LINE_BYTES):
+            self.parse(split_list(line.text.decode("utf-8")), match, depth, (path, line.first))
 

@@ -18,13 +18,13 @@ from memtable.backends import (
     TexthashTable,
     open_backend,
 )
-from memtable.backends.syntax import balpar, extpar, readllines, split_qnameval, strtokq
 from memtable.errors import (
     AccessError,
     ConfigError,
     SequenceUnsupportedError,
     UnsupportedTableError,
 )
+from memtable.syntax import balpar, extpar, readllines, split_qnameval, strtokq
 from memtable.table import Table
 from tests.postfixlab import COMMAND_TIMEOUT, POSTMAP, run_postmap
 
@@ -122,6 +122,24 @@ def test_readllines_joins_continuations_without_separator() -> None:
     # Without the final newline, and with trailing text, the same lines.
     assert lines_of(data.rstrip(b"\n")) == expected
     assert lines_of(data + b"k3 w") == [*expected, (b"k3 w", 9, 9)]
+
+
+def test_readllines_reads_a_stream_as_it_reads_the_whole_file() -> None:
+    # memtable -i feeds lines one at a time; the logical lines, their line
+    # numbers and the warnings must be the same as for the whole file.
+    data = b"# c\n\nk1 a  \n  b\n\n# inner comment\n\tc\nk2 v\n  lead\nk3 \x00w\nk4"
+    whole = lines_of(data)
+    streamed = [(ln.text, ln.first, ln.last)
+                for ln in readllines(iter(data.split(b"\n")), "f")]
+    assert streamed == whole
+    assert whole[-1] == (b"k4", 11, 11)
+
+
+def test_readllines_bounds_a_logical_line() -> None:
+    long_line = b"k " + b"v" * 40 + b"\n" + b"  more\n" * 10
+    assert lines_of(long_line)[0][0].startswith(b"k v")
+    with pytest.raises(ConfigError, match=r"f, line 2: logical line longer than 50 bytes"):
+        list(readllines(b"# c\n" + long_line, "f", max_bytes=50))
 
 
 def test_readllines_bad_lines(caplog: pytest.LogCaptureFixture) -> None:

@@ -204,7 +204,8 @@ def test_continuation_without_text_is_ignored(tmp_path: Path,
         dom = build(str(patterns))
     assert not dom.check("u@lost.example")
     assert dom.check("u@kept.example")
-    assert any("continuation line without preceding text" in r.getMessage() for r in caplog.records)
+    assert any("logical line must not start with whitespace" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_table_pattern_any_value_matches_and_key_is_folded_domain() -> None:

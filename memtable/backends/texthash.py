@@ -9,14 +9,17 @@ DICT_FLAG_DUP_WARN).  The file size is bounded by LOOKUP_FILE_MAX_BYTES.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
 from memtable import clock, limits
-from memtable.backends.syntax import SPACE, log, quoted_key_end, readllines
 from memtable.domainlist import fold_case
 from memtable.errors import AccessError, ConfigError
+from memtable.syntax import SPACE, quoted_key_end, readllines
 from memtable.table import Table
+
+log = logging.getLogger("memtable.backends")
 
 
 class TexthashTable(Table):

@@ -1,6 +1,7 @@
 """Postfix's small text parsers, as the inline:, static: and texthash: tables
 use them (util/balpar.c, extpar.c, mystrtok.c, split_qnameval.c,
-readlline.c).
+readlline.c); readllines() also reads .cf files, domain pattern files and
+``memtable -i`` input, as Postfix's cfg_parser, match_list and postmap do.
 
 Pure functions on strings and bytes: no files, no tables.  They reproduce
 Postfix's quirks on purpose (quotes kept in keys, a backslash escaping the
@@ -11,10 +12,12 @@ separator), because a table must mean the same to memtable as to postmap.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-log = logging.getLogger("memtable.backends")
+from memtable.errors import ConfigError
+
+log = logging.getLogger("memtable.syntax")
 
 #: Postfix's ISSPACE(): ASCII white space only.
 SPACE = " \t\n\v\f\r"
@@ -127,38 +130,40 @@ class LogicalLine:
     last: int  # line number where it ends
 
 
-def readllines(data: bytes, path: str) -> Iterator[LogicalLine]:
+def readllines(source: bytes | Iterable[bytes], path: str, *,
+               max_bytes: int | None = None) -> Iterator[LogicalLine]:
     """Postfix's readllines(): yield logical lines of a text file.
 
-    Empty, all-blank and comment lines (first non-blank is '#') are skipped;
-    a line that starts with white space continues the logical line before
-    it and is appended as is (no separator: "a b" + "  c" is "a b  c").  A
-    logical line that itself starts with white space is dropped with a
-    warning, and text after a NUL byte is dropped with a warning.
+    ``source`` is the whole file, or its lines without their newlines (a
+    stream, read one line ahead).  Empty, all-blank and comment lines (first
+    non-blank is '#') are skipped; a line that starts with white space
+    continues the logical line before it and is appended as is (no
+    separator: "a b" + "  c" is "a b  c").  A logical line that itself
+    starts with white space is dropped with a warning, and text after a NUL
+    byte is dropped with a warning.  A logical line longer than
+    ``max_bytes`` is a ConfigError naming its first line.
     """
-    lines = data.split(b"\n")
-    # A final newline does not start another (empty) line.
-    ends_with_newline = data.endswith(b"\n")
-    total = len(lines) - 1 if ends_with_newline else len(lines)
-    idx = 0
+    lines = _physical_lines(source) if isinstance(source, bytes) else iter(source)
     lineno = 0
-    while idx < total:
+    nxt = next(lines, None)
+    while nxt is not None:
         buf = b""
         first = lineno + 1
-        while idx < total:
-            raw = lines[idx]
-            idx += 1
+        while nxt is not None:
+            raw, nxt = nxt, next(lines, None)
             lineno += 1
-            stripped = raw.lstrip(SPACE_BYTES)
             if not buf:
                 first = lineno
+            stripped = raw.lstrip(SPACE_BYTES)
             if stripped and not stripped.startswith(b"#"):
                 buf += raw
-            if buf and idx < total:
+                if max_bytes is not None and len(buf) > max_bytes:
+                    raise ConfigError(f"logical line longer than {max_bytes} bytes", path, first)
+            if buf and nxt is not None:
                 # Postfix peeks at the next character: '#', white space or
                 # the newline of an empty line keep the logical line open.
-                nxt = lines[idx][:1]
-                if nxt == b"" or nxt == b"#" or nxt in _SPACE_SINGLE:
+                peek = nxt[:1]
+                if peek == b"" or peek == b"#" or peek in _SPACE_SINGLE:
                     continue
                 break
         if not buf:
@@ -175,6 +180,14 @@ def readllines(data: bytes, path: str) -> Iterator[LogicalLine]:
                         path, shown, "..." if len(buf) > 30 else "")
             continue
         yield LogicalLine(buf, first, lineno)
+
+
+def _physical_lines(data: bytes) -> Iterator[bytes]:
+    lines = data.split(b"\n")
+    # A final newline does not start another (empty) line.
+    if data.endswith(b"\n"):
+        lines.pop()
+    return iter(lines)
 
 
 _SPACE_SINGLE = frozenset(bytes([c]) for c in SPACE_BYTES)
