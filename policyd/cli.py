@@ -6,6 +6,8 @@
     policyd [-c FILE] report [--json] [--plot FILE.png]   figures and ttl advice
     policyd [-c FILE] cleanup [--dry-run]   delete expired records (daily)
 
+-c and -o may also follow the command (``policyd report -o max_age=40d``).
+
 Subcommands live in ``_COMMANDS``.  Errors are one line on stderr and exit
 status 1, never a traceback; argparse usage errors exit 2.
 """
@@ -38,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--uvloop", action="store_true",
                         help="use uvloop's event loop when it is installed")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", help="run the policy server (the default)")
+    run = sub.add_parser("run", help="run the policy server (the default)")
     # report and cleanup are imported only when run (they pull in the policy).
     report = sub.add_parser("report", help="greylisting figures from the stores and "
                             "suggested greylist_delay / retry_window / max_age")
@@ -48,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         # `policyd report -c FILE` as well as `policyd -c FILE report`.
         command.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                              help="policyd.cf to read")
+    for command in (run, report, cleanup):
+        # -o after the command as well; its own dest, because a subcommand's
+        # value would replace (not extend) the list given before it.
+        command.add_argument("-o", dest="late_overrides", action="append",
+                             default=argparse.SUPPRESS, metavar="NAME=VALUE",
+                             help="override a policyd.cf parameter (repeatable)")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument("--plot", metavar="FILE.png",
                         help="also write the retry-delay histogram as a PNG (matplotlib)")
@@ -63,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = PolicydConfig.from_file(args.config, args.overrides)
+        # Given before and after the command: in command-line order, later wins.
+        overrides = args.overrides + getattr(args, "late_overrides", [])
+        config = PolicydConfig.from_file(args.config, overrides)
     except ConfigError as exc:
         print(f"policyd: {exc}", file=sys.stderr)
         return 1

@@ -309,3 +309,17 @@ def test_config_of_the_report_is_the_policyd_cf(tmp_path: Path) -> None:
     assert _parser().parse_args(["report", "-c", cf]).config == cf
     assert _parser().parse_args(["-c", cf, "report"]).config == cf
     assert PolicydConfig.from_file(cf).retry_window == 172800
+
+
+def test_o_before_and_after_the_command_both_apply(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # -o given before the command, after it, and again after it: all
+    # apply, in command-line order (the later setting of a name wins).
+    cf = lmdb_setup(tmp_path)
+    status, out, err = report(capsys, "-c", cf, "-o", "greylist_delay=1m",
+                              "-o", "max_age=40d", "report", "-o", "retry_window=3d",
+                              "-o", "greylist_delay=10m", "--json")
+    assert status == 0, err
+    config = json.loads(out)["config"]
+    assert (config["greylist_delay"], config["retry_window"], config["max_age"]) == \
+        (600, 3 * 86400, 40 * 86400)
