@@ -46,11 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                             "suggested greylist_delay / retry_window / max_age")
     cleanup = sub.add_parser("cleanup", help="delete expired and malformed records from "
                              "the stores (run daily)")
-    for command in (report, cleanup):
+    for command in (run, report, cleanup):
         # `policyd report -c FILE` as well as `policyd -c FILE report`.
         command.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                              help="policyd.cf to read")
-    for command in (run, report, cleanup):
         # -o after the command as well; its own dest, because a subcommand's
         # value would replace (not extend) the list given before it.
         command.add_argument("-o", dest="late_overrides", action="append",
