@@ -27,7 +27,7 @@ from memtable.errors import (
 )
 from memtable.limits import CF_MAX_LOGICAL_LINE_BYTES, CLI_MAX_INPUT_LINE_BYTES
 from memtable.registry import open_table
-from memtable.syntax import readllines
+from memtable.syntax import parse_key_value, readllines
 from memtable.table import Table
 
 EX_OK = 0
@@ -189,24 +189,19 @@ def _run(args: argparse.Namespace, out: IO[str], inp: IO[str]) -> int:
     return _insert(args, inp, fold)
 
 
-def _split_key_value(line: str) -> tuple[str, str, str]:
-    """postmap's input format: key, white space, value (the rest, trimmed)."""
-    parts = line.split(None, 1)
-    return parts[0], " ", parts[1].strip() if len(parts) > 1 else ""
-
-
 def _insert(args: argparse.Namespace, inp: IO[str], fold: bool) -> int:
     tables = _Tables(args.tables, read_write=True, fold=fold)
     status = EX_OK
     try:
+        # Back to the bytes read (standard input decodes with surrogateescape),
+        # so that readllines and the UTF-8 check see what postmap sees.
         raw = (line.encode("utf-8", "surrogateescape") for line in _read_lines(inp))
         for logical in readllines(raw, "stdin", max_bytes=CF_MAX_LOGICAL_LINE_BYTES):
-            lineno = logical.first
-            key, _, value = _split_key_value(logical.text.decode("utf-8", "surrogateescape"))
-            if not value:
-                logging.warning("stdin, line %d: expected format: key whitespace value", lineno)
-                status = EX_NOTFOUND
+            record = parse_key_value(logical, "stdin")
+            if record is None:
+                status = EX_NOTFOUND  # warned, as postmap -i does
                 continue
+            key, value = record
             for spec in args.tables:
                 try:
                     tables.get(spec).update(key, value)

@@ -138,10 +138,12 @@ def readllines(source: bytes | Iterable[bytes], path: str, *,
     stream, read one line ahead).  Empty, all-blank and comment lines (first
     non-blank is '#') are skipped; a line that starts with white space
     continues the logical line before it and is appended as is (no
-    separator: "a b" + "  c" is "a b  c").  A logical line that itself
-    starts with white space is dropped with a warning, and text after a NUL
-    byte is dropped with a warning.  A logical line longer than
-    ``max_bytes`` is a ConfigError naming its first line.
+    separator: "a b" + "  c" is "a b  c"); only a newline ends a line.  A
+    logical line that itself starts with white space is dropped with a
+    warning.  A NUL byte anywhere gets a warning and the logical line ends
+    before it, as a C string would (a line that starts with NUL is yielded
+    empty).  A logical line longer than ``max_bytes`` is a ConfigError
+    naming its first line.
     """
     lines = _physical_lines(source) if isinstance(source, bytes) else iter(source)
     lineno = 0
@@ -149,9 +151,11 @@ def readllines(source: bytes | Iterable[bytes], path: str, *,
     while nxt is not None:
         buf = b""
         first = lineno + 1
+        got_null = False  # in any line read for this logical line, comments too
         while nxt is not None:
             raw, nxt = nxt, next(lines, None)
             lineno += 1
+            got_null = got_null or b"\0" in raw
             if not buf:
                 first = lineno
             stripped = raw.lstrip(SPACE_BYTES)
@@ -166,20 +170,56 @@ def readllines(source: bytes | Iterable[bytes], path: str, *,
                 if peek == b"" or peek == b"#" or peek in _SPACE_SINGLE:
                     continue
                 break
-        if not buf:
-            continue
-        if b"\0" in buf:
+        if got_null:
             where = f"line {first}" if first == lineno else f"line {first}-{lineno}"
             log.warning("%s, %s: text after null byte may be ignored", path, where)
-            buf = buf.split(b"\0", 1)[0]
-            if not buf:
-                continue
+        if not buf:
+            continue  # only blank and comment lines up to the end
+        # Postfix's callers see a C string: the text up to the first NUL,
+        # possibly empty (they then report a missing key or name).
+        text = buf.split(b"\0", 1)[0]
         if buf[:1] in _SPACE_SINGLE:
-            shown = buf[:30].decode("utf-8", "replace")
             log.warning('%s: logical line must not start with whitespace: "%s%s"',
-                        path, shown, "..." if len(buf) > 30 else "")
+                        path, text[:30].decode("utf-8", "replace"),
+                        "..." if len(buf) > 30 else "")
             continue
-        yield LogicalLine(buf, first, lineno)
+        yield LogicalLine(text, first, lineno)
+
+
+def parse_key_value(line: LogicalLine, path: str, *,
+                    missing_note: str = "") -> tuple[str, str] | None:
+    """A ``key whitespace value`` logical line, as postmap -i and texthash
+    read it (postmap.c and dict_thash.c, one parser written twice there).
+
+    The key ends at the first white space outside double quotes (a
+    backslash protects the next character; the quotes stay in the key);
+    the value is the rest, trimmed.  None, after Postfix's warning naming
+    the logical line's first line, for a line that is not UTF-8, has an
+    unbalanced quote, or lacks a key or a value (``missing_note`` ends that
+    last warning: dict_thash adds " -- ignoring this line", postmap not).
+    A key that ends in ':' is kept, with Postfix's alias-file warning.
+    """
+    try:
+        text = line.text.decode("utf-8")
+    except UnicodeDecodeError:
+        log.warning('%s, line %d: non-UTF-8 input "%s" -- ignoring this line',
+                    path, line.first, line.text.decode("utf-8", "replace"))
+        return None
+    try:
+        end = quoted_key_end(text, 0, SPACE)
+    except ValueError:
+        log.warning("%s, line %d: unbalanced '\"' in '%s' -- ignoring this line",
+                    path, line.first, text)
+        return None
+    key, value = text[:end], text[end + 1:].strip(SPACE)
+    if not key or not value:
+        log.warning("%s, line %d: expected format: key whitespace value%s",
+                    path, line.first, missing_note)
+        return None
+    if key.endswith(":"):
+        log.warning('%s, line %d: record is in "key: value" format; is this an alias file?',
+                    path, line.first)
+    return key, value
 
 
 def _physical_lines(data: bytes) -> Iterator[bytes]:

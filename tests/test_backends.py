@@ -124,15 +124,35 @@ def test_readllines_joins_continuations_without_separator() -> None:
     assert lines_of(data + b"k3 w") == [*expected, (b"k3 w", 9, 9)]
 
 
-def test_readllines_reads_a_stream_as_it_reads_the_whole_file() -> None:
+@pytest.mark.parametrize("data", [
+    b"# c\n\nk1 a  \n  b\n\n# inner comment\n\tc\nk2 v\n  lead\nk3 \x00w\nk4",
+    b"  lead\n  more\n# \x00 in a comment\n\x00first\nk v\n\n",
+    b"", b"\n\n", b"k", b"# only\n",
+])
+def test_readllines_reads_a_stream_as_it_reads_the_whole_file(
+        data: bytes, caplog: pytest.LogCaptureFixture) -> None:
     # memtable -i feeds lines one at a time; the logical lines, their line
     # numbers and the warnings must be the same as for the whole file.
-    data = b"# c\n\nk1 a  \n  b\n\n# inner comment\n\tc\nk2 v\n  lead\nk3 \x00w\nk4"
-    whole = lines_of(data)
-    streamed = [(ln.text, ln.first, ln.last)
-                for ln in readllines(iter(data.split(b"\n")), "f")]
+    with caplog.at_level(logging.WARNING):
+        whole = lines_of(data)
+    warned, _ = caplog.messages, caplog.clear()
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()  # what a line reader gives: no empty line after the last newline
+    with caplog.at_level(logging.WARNING):
+        streamed = [(ln.text, ln.first, ln.last) for ln in readllines(iter(lines), "f")]
     assert streamed == whole
-    assert whole[-1] == (b"k4", 11, 11)
+    assert caplog.messages == warned
+
+
+def test_readllines_nul_bytes_end_the_text_as_in_c(caplog: pytest.LogCaptureFixture) -> None:
+    # A line that starts with NUL is an empty logical line (its caller then
+    # reports the missing key); a NUL in a comment line is warned about too.
+    data = b"\x00lead v\n# c\x00\nk v\x00after\n  more\n"
+    with caplog.at_level(logging.WARNING):
+        assert lines_of(data) == [(b"", 1, 2), (b"k v", 3, 4)]
+    assert caplog.messages == ["f, line 1-2: text after null byte may be ignored",
+                               "f, line 3-4: text after null byte may be ignored"]
 
 
 def test_readllines_bounds_a_logical_line() -> None:
@@ -248,6 +268,8 @@ TEXTHASH_SOURCE = (
     "x\n"
     '"q k" v\n'
     'bad"q v\n'
+    'span"q\n'  # a warning names a logical line's first line
+    "  v\n"
     "alias: target\n"
     "esc\\ aped value\n"
     "crlf value\r\n"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from memtable import clock, limits
 from memtable.domainlist import fold_case
 from memtable.errors import AccessError, ConfigError
-from memtable.syntax import SPACE, quoted_key_end, readllines
+from memtable.syntax import parse_key_value, readllines
 from memtable.table import Table
 
 log = logging.getLogger("memtable.backends")
@@ -69,30 +69,13 @@ class TexthashTable(Table):
         entries: dict[str, str] = {}
         path = self.path
         for line in readllines(data, path):
-            try:
-                text = line.text.decode("utf-8")
-            except UnicodeDecodeError:
-                log.warning('%s, line %d: non-UTF-8 input "%s" -- ignoring this line',
-                            path, line.last, line.text.decode("utf-8", "replace"))
+            record = parse_key_value(line, path, missing_note=" -- ignoring this line")
+            if record is None:
                 continue
-            # The key ends at the first white space outside quotes.
-            try:
-                i = quoted_key_end(text, 0, SPACE)
-            except ValueError:
-                log.warning("%s, line %d: unbalanced '\"' in '%s' -- ignoring this line",
-                            path, line.last, text)
-                continue
-            key, value = text[:i], text[i + 1:].strip(SPACE)
-            if not key or not value:
-                log.warning("%s, line %d: expected format: key whitespace value"
-                            " -- ignoring this line", path, line.last)
-                continue
-            if key.endswith(":"):
-                log.warning('%s, line %d: record is in "key: value" format;'
-                            " is this an alias file?", path, line.last)
+            key, value = record
             folded = self._key(key)
             if folded in entries:
-                log.warning('%s, line %d: duplicate entry: "%s"', path, line.last, key)
+                log.warning('%s, line %d: duplicate entry: "%s"', path, line.first, key)
                 continue
             entries[folded] = value
         return entries
