@@ -12,6 +12,7 @@ A server that cannot start is reported as not measured; the rest runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shlex
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from bench import report as rep
 from bench import servers
-from bench.loadgen import LoadError, LoadSpec, run_load
+from bench.loadgen import LoadError, LoadResult, LoadSpec, run_load
 from bench.memory import idle_connections, request_growth
 from bench.memtable_bench import run_memtable_bench
 from bench.requests import MIXES
@@ -154,15 +155,16 @@ def _load_points(report: rep.Report, args: argparse.Namespace, workdir: Path,
                  memcached: servers.Server) -> None:
     """Every point with the servers back to back: this shared machine's
     speed drifts over minutes, so the ratios compare neighbours in time."""
-    running: dict[str, servers.Server] = {}
-    try:
+    with contextlib.ExitStack() as started:  # stops every server, even if one stop fails
+        running: dict[str, servers.Server] = {}
         for name in args.servers:
             try:
                 server = _start(name, workdir, memcached, args.policyd_instances)
-            except servers.ServerError as exc:
+            except (servers.ServerError, OSError) as exc:
                 report.unavailable[name] = str(exc).splitlines()[0]
                 print(f"{name}: NOT MEASURED: {exc}", flush=True)
                 continue
+            started.callback(server.stop)
             running[name] = server
             pids = ", ".join(map(str, server.pids))
             print(f"{name} (pid {pids}) on {server.host}:{server.port}", flush=True)
@@ -171,26 +173,25 @@ def _load_points(report: rep.Report, args: argparse.Namespace, workdir: Path,
             for c in args.connections:
                 for name, server in list(running.items()):
                     if not _load_point(report, args, name, server, mix, c):
-                        server.stop()
                         del running[name]
-    finally:
-        for server in running.values():
-            server.stop()
 
 
 def _load_point(report: rep.Report, args: argparse.Namespace, name: str,
                 server: servers.Server, mix: str, connections: int) -> bool:
-    """Measure one point; False when the server died during it."""
-    spec = LoadSpec(server.host, server.port, connections, mix=mix, duration=args.duration,
-                    timeout=args.timeout, processes=args.processes)
-    try:
-        result = run_load(spec)
-    except LoadError as exc:
-        print(f"  {name} {mix} {connections}: load generator failed: {exc}", flush=True)
-        return True
-    point = rep.Point(name, result, server.rss_kib())
-    report.points.append(point)
-    print("  " + rep.console_line(name, result, point.rss_kib), flush=True)
+    """Measure one point; False when the server is dead (it may also have
+    died while the others were measured)."""
+    result: LoadResult | None = None
+    if server.alive():
+        spec = LoadSpec(server.host, server.port, connections, mix=mix,
+                        duration=args.duration, timeout=args.timeout, processes=args.processes)
+        try:
+            result = run_load(spec)
+        except LoadError as exc:
+            print(f"  {name} {mix} {connections}: load generator failed: {exc}", flush=True)
+    if result is not None:
+        point = rep.Point(name, result, server.rss_kib())
+        report.points.append(point)
+        print("  " + rep.console_line(name, result, point.rss_kib), flush=True)
     if server.alive():
         return True
     report.unavailable[name] = f"exited during the run ({mix}, {connections} connections)"

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import report as rep
+from bench import run as bench_run
 from bench import servers
 from bench.loadgen import LoadSpec, parse_reply, percentile, run_load
 from bench.memtable_bench import SLICE_OPS, run_memtable_bench
@@ -215,5 +217,18 @@ def test_bench_command_measures_the_servers_back_to_back(tmp_path: Path) -> None
                       ["null", "new", "2"], ["policyd", "new", "2"]]
     text = out.read_text()
     assert text.startswith("# Benchmarks\n")
+    assert "## Method" not in text  # the method lives in docs/benchmarks.md only
     assert "<!-- bench:generated:begin" in text and "### Mix: new" in text
     assert (tmp_path / "benchmarks.png").stat().st_size > 0
+
+
+def test_a_server_that_died_between_points_is_reported_not_retried(tmp_path: Path) -> None:
+    # A server idle while the others are measured may die unseen: the next
+    # point reports it (with its log) instead of counting connect errors.
+    server = servers.start_null(tmp_path)
+    server.stop()
+    report = rep.Report(command="test", quick=True, duration=0.2, machine={}, started="now")
+    args = bench_run.parse_args(["--duration", "0.2"])
+    assert bench_run._load_point(report, args, "null", server, "new", 1) is False
+    assert report.points == []
+    assert report.unavailable["null"] == "exited during the run (new, 1 connections)"

@@ -115,6 +115,20 @@ def test_o_overrides_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "listen_reuse_port = yes\n" in out
 
 
+@pytest.mark.parametrize("command", ["run", "report", "cleanup"])
+def test_c_and_o_may_follow_any_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        command: str) -> None:
+    cf = write_cf(tmp_path, "greylist_delay = 300s\n"
+                            f"triplet_table = lmdb:{tmp_path}/triplets\n"
+                            f"client_table = lmdb:{tmp_path}/clients\n")
+    assert main(["--check-config", "-o", "greylist_delay=1m", command, "-c", str(cf),
+                 "-o", "listen_reuse_port=yes"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# effective configuration from {cf}\n")  # -c after the command
+    assert "greylist_delay = 60\n" in out
+    assert "listen_reuse_port = yes\n" in out
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ("bogus=1", "policyd: -o bogus=1: unknown parameter bogus"),
     ("listen_reuse_port=maybe", "policyd: -o listen_reuse_port=maybe: listen_reuse_port = maybe: "
