@@ -69,10 +69,10 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 def _split_nameval(text: str, path: str, line: int | None) -> CfEntry:
     name, sep, value = text.partition("=")
     name = name.strip()
+    if not name:  # Postfix's split_nameval() checks this first
+        raise ConfigError(f'missing attribute name: "{text}"', path, line)
     if not sep:
         raise ConfigError(f'missing \'=\' after attribute name: "{text}"', path, line)
-    if not name:
-        raise ConfigError(f'missing attribute name: "{text}"', path, line)
     if not _NAME_RE.fullmatch(name):
         raise ConfigError(f'bad attribute name "{name}"', path, line)
     return CfEntry(name, value.strip(), path, line)

@@ -96,14 +96,23 @@ class _PostfixFormatter(logging.Formatter):
 
 
 def _read_lines(stream: IO[str]) -> Iterator[str]:
-    """Lines without their newline, each bounded in length."""
+    """Lines without their newline, each bounded in length (see _byte_lines)."""
+    return (line.decode("utf-8", "surrogateescape") for line in _byte_lines(stream))
+
+
+def _byte_lines(stream: IO[str]) -> Iterator[bytes]:
+    """The input's lines as the bytes read, without their newline, each
+    bounded in length: postmap reads bytes, whatever the locale.  A stream
+    without a binary buffer (tests' StringIO) is encoded back."""
+    binary = getattr(stream, "buffer", None)
     while True:
-        line = stream.readline(CLI_MAX_INPUT_LINE_BYTES + 1)
+        line = (binary.readline(CLI_MAX_INPUT_LINE_BYTES + 1) if binary is not None else
+                stream.readline(CLI_MAX_INPUT_LINE_BYTES + 1).encode("utf-8", "surrogateescape"))
         if not line:
             return
-        if len(line) > CLI_MAX_INPUT_LINE_BYTES and not line.endswith("\n"):
+        if len(line) > CLI_MAX_INPUT_LINE_BYTES and not line.endswith(b"\n"):
             raise _Fatal(f"input line longer than {CLI_MAX_INPUT_LINE_BYTES} bytes")
-        yield line[:-1] if line.endswith("\n") else line
+        yield line[:-1] if line.endswith(b"\n") else line
 
 
 def _emit(out: IO[str], key: str, value: str, as_json: bool) -> None:
@@ -193,10 +202,8 @@ def _insert(args: argparse.Namespace, inp: IO[str], fold: bool) -> int:
     tables = _Tables(args.tables, read_write=True, fold=fold)
     status = EX_OK
     try:
-        # Back to the bytes read (standard input decodes with surrogateescape),
-        # so that readllines and the UTF-8 check see what postmap sees.
-        raw = (line.encode("utf-8", "surrogateescape") for line in _read_lines(inp))
-        for logical in readllines(raw, "stdin", max_bytes=CF_MAX_LOGICAL_LINE_BYTES):
+        for logical in readllines(_byte_lines(inp), "stdin",
+                                  max_bytes=CF_MAX_LOGICAL_LINE_BYTES):
             record = parse_key_value(logical, "stdin")
             if record is None:
                 status = EX_NOTFOUND  # warned, as postmap -i does

@@ -44,6 +44,17 @@ def test_missing_equals_names_file_and_line() -> None:
     assert str(err.value).startswith("x.cf, line 2: ")
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("= 1\n", 'missing attribute name: "= 1"'),
+    ("\x00ttl = 1\n", 'missing attribute name: ""'),  # a NUL ends the text, as in C
+    ("ttl 1\n", "missing '=' after attribute name: \"ttl 1\""),
+])
+def test_split_nameval_errors_as_postfix(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        cf.parse_cf_text(text, "x.cf")
+    assert str(err.value) == f"x.cf, line 1: {message}"
+
+
 def test_split_list_keeps_braces_whole() -> None:
     assert cf.split_list("a, inline:{x=1, y=2} !b") == ["a", "inline:{x=1, y=2}", "!b"]
 

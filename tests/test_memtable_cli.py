@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,19 @@ def test_insert_reads_its_input_as_postmap_i(postmap_config: Path, tmp_path: Pat
 
     assert warnings(mt.stderr, "memtable") == warnings(pm.stderr, "postmap")
     assert len(warnings(mt.stderr, "memtable")) >= 5
+
+
+@pytest.mark.parametrize("io_encoding", ["utf-8", "latin-1", "utf-8:surrogateescape"])
+def test_insert_reads_bytes_whatever_the_locale(tmp_path: Path, io_encoding: str) -> None:
+    # postmap reads bytes: a non-UTF-8 line is warned about and skipped,
+    # never a traceback (strict UTF-8) or re-encoded text (latin-1).
+    env = {**os.environ, "PYTHONIOENCODING": io_encoding}
+    done = subprocess.run([*MEMTABLE, "-i", f"lmdb:{tmp_path / 'db'}"],
+                          input="ok vé\n".encode() + b"bad v\xe9\n", capture_output=True,
+                          timeout=30, check=False, env=env)
+    assert done.returncode == 1, done.stderr
+    assert b'stdin, line 2: non-UTF-8 input "bad v' in done.stderr
+    assert b"Traceback" not in done.stderr
+    q = subprocess.run([*MEMTABLE, "-q", "-", f"lmdb:{tmp_path / 'db'}"], input=b"ok\nbad\n",
+                       capture_output=True, timeout=30, check=False)
+    assert q.stdout == "ok\tvé\n".encode()
