@@ -173,6 +173,7 @@ def _load_points(report: rep.Report, args: argparse.Namespace, workdir: Path,
             for c in args.connections:
                 for name, server in list(running.items()):
                     if not _load_point(report, args, name, server, mix, c):
+                        server.stop()  # the rest of a multi-process server too
                         del running[name]
 
 

@@ -10,6 +10,7 @@ real request, and stopped by its own process id.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -125,6 +126,8 @@ class Server:
             return ""
 
     def stop(self) -> None:
+        """Terminate, then kill what is left; never raises, so that every
+        process gets its turn (safe to call twice)."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -133,26 +136,30 @@ class Server:
                 proc.wait(STOP_SECONDS)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(STOP_SECONDS)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(STOP_SECONDS)
 
 
 def _spawn(name: str, argv: list[str], log: Path, host: str, port: int,
            ready: str = "policy", copies: int = 1) -> Server:
     """Start ``copies`` processes of argv (copies > 1: they share the port)
     and wait until the port answers."""
-    procs = []
-    with open(log, "ab") as out:
-        for _ in range(copies):
-            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, cwd=ROOT))
-    server = Server(name, procs, host, port, log)
-    check = memcached_answers if ready == "memcached" else policy_answers
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while not check(host, port) or (copies > 1 and not _all_listening(server)):
-        if not server.alive() or time.monotonic() > deadline:
-            server.stop()
-            raise ServerError(f"{name} did not start ({' '.join(argv)}):\n{server.log_tail()}")
-        time.sleep(0.05)
+    server = Server(name, [], host, port, log)
+    try:  # whatever goes wrong (a failed copy, Ctrl-C), no copy is left behind
+        with open(log, "ab") as out:
+            for _ in range(copies):
+                server.procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                                     stderr=subprocess.STDOUT, cwd=ROOT))
+        check = memcached_answers if ready == "memcached" else policy_answers
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while not check(host, port) or (copies > 1 and not _all_listening(server)):
+            if not server.alive() or time.monotonic() > deadline:
+                raise ServerError(
+                    f"{name} did not start ({' '.join(argv)}):\n{server.log_tail()}")
+            time.sleep(0.05)
+    except BaseException:
+        server.stop()
+        raise
     return server
 
 
