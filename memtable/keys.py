@@ -248,9 +248,9 @@ class KeyPipeline:
         # on its own anyway).
         if fold:
             name = fold_case(name, self._utf8)
-        expanded: str | None = name
+        expanded: str | None
         if self._identity:
-            pass
+            expanded = name
         elif self._template is not None:
             expanded = self._template % ((name,) * self._uses)
         else:

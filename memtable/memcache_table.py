@@ -27,7 +27,6 @@ from memtable.errors import (
     ValueTooLongError,
 )
 from memtable.keys import SILENT_SKIPS, KeyPipeline
-from memtable.limits import MEMCACHED_RELATIVE_TTL_MAX
 from memtable.table import Table
 from memtable.ttl import wire_exptime
 from memtable.wire import MemcacheWire
@@ -52,8 +51,6 @@ class MemcacheTable(Table):
         self.fold = fold
         self.pipeline = pipeline
         self.backup = backup
-        self._data_size_limit = config.data_size_limit
-        self._ttl = config.ttl
         self.wire = wire or MemcacheWire(
             config.memcache,
             timeout=config.timeout,
@@ -96,7 +93,7 @@ class MemcacheTable(Table):
         """The value's bytes and exptime; ValueTooLongError (logged) over
         data_size_limit, ConfigError for a ttl memcached cannot hold."""
         data = value.encode(_ENCODING, _ERRORS)
-        if len(data) > self._data_size_limit:
+        if len(data) > self.config.data_size_limit:
             log.warning("database %s: data for key %s is too long (data_size_limit=%d) "
                         "-- not stored", self.spec, key.decode(_ENCODING, _ERRORS),
                         self.config.data_size_limit)
@@ -104,12 +101,7 @@ class MemcacheTable(Table):
                 f"{self.spec}: value of {len(data)} bytes for key "
                 f"{key.decode(_ENCODING, _ERRORS)} exceeds data_size_limit="
                 f"{self.config.data_size_limit}")
-        if ttl is None:
-            ttl = self._ttl
-        # wire_exptime for the usual small ttl, without the call.
-        if 0 <= ttl <= MEMCACHED_RELATIVE_TTL_MAX:
-            return data, ttl
-        return data, wire_exptime(ttl)
+        return data, wire_exptime(self.config.ttl if ttl is None else ttl)
 
     # -- Table -----------------------------------------------------------
 

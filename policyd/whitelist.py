@@ -82,9 +82,6 @@ class ClientWhitelist:
     def __len__(self) -> int:
         return len(self.names) + len(self.networks) + len(self.regexes)
 
-    def __bool__(self) -> bool:
-        return bool(self.names or self.networks.by_prefix or self.regexes)
-
     def matches(self, ip: IPAddress | None, client_name: str) -> bool:
         if not self:  # every request asks: no work for an empty list
             return False
@@ -121,9 +118,6 @@ class RecipientWhitelist:
 
     def __len__(self) -> int:
         return len(self.addresses) + len(self.users) + len(self.domains) + len(self.regexes)
-
-    def __bool__(self) -> bool:
-        return bool(self.addresses or self.users or self.domains or self.regexes)
 
     def matches(self, recipient: str) -> bool:
         if not self:  # every request asks: no work for an empty list
