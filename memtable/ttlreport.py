@@ -29,6 +29,8 @@ VERIFY_TTLS = ("address_verify_positive_expire_time", "address_verify_negative_e
 CLEANUP = {"postscreen": "postscreen_cache_cleanup_interval",
            "verify": "address_verify_cache_cleanup_interval"}
 MAPS = {"postscreen": "postscreen_cache_map", "verify": "address_verify_map"}
+RETESTED = {"postscreen": "clients are tested again",
+            "verify": "addresses are probed again"}
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,14 @@ class TtlReport:
 
 
 def read_postconf(config_dir: str | None, names: Sequence[str]) -> dict[str, str]:
-    """Parameter values from ``postconf`` (empty when Postfix is not installed)."""
+    """Parameter values from ``postconf -x`` (empty when Postfix is not
+    installed): expanded, as Postfix uses them, so that a default such as
+    postscreen_dnsbl_max_ttl's ``${postscreen_dnsbl_ttl?...}h`` is a time."""
     postconf = shutil.which("postconf") or ("/usr/sbin/postconf"
                                             if os.path.exists("/usr/sbin/postconf") else None)
     if postconf is None:
         return {}
-    cmd = [postconf] + (["-c", config_dir] if config_dir else []) + list(names)
+    cmd = [postconf, "-x"] + (["-c", config_dir] if config_dir else []) + list(names)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True,
                               timeout=POSTCONF_TIMEOUT_SECONDS, check=False)
@@ -85,11 +89,14 @@ def report(path: str, postfix: dict[str, str]) -> TtlReport:
                      + ", ".join(f"{p} = {postfix.get(p)}" for p in known))
         if known:
             longest_param, longest = max(known.items(), key=lambda kv: kv[1])
-            if config.ttl != 0 and config.ttl < longest:
+            # Over 30 days the ttl cannot follow (next warning): only ask
+            # for what a relative ttl can hold.
+            wanted = min(longest, MEMCACHED_RELATIVE_TTL_MAX)
+            if config.ttl != 0 and config.ttl < wanted:
                 warnings.append(
                     f"ttl {config.ttl}s is shorter than {longest_param} ({longest}s): "
-                    f"{role} entries vanish before they expire, so clients are tested again; "
-                    f"set ttl = {min(longest, MEMCACHED_RELATIVE_TTL_MAX)}")
+                    f"{role} entries vanish before they expire, so {RETESTED[role]}; "
+                    f"set ttl = {wanted}")
             if longest > MEMCACHED_RELATIVE_TTL_MAX:
                 warnings.append(
                     f"{longest_param} is over 30 days: the table ttl cannot cover it with "

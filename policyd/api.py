@@ -19,13 +19,16 @@ class Decision:
     ``action`` is an access(5) action such as ``DUNNO``,
     ``DEFER_IF_PERMIT Greylisted ...`` or ``PREPEND X-Greylist: ...``.
     When ``disconnect`` is true the server sends no reply and closes the
-    connection (Postfix then retries later).
+    connection (Postfix then retries later).  ``reason`` is one word (the
+    log line's and the metrics' ``reason``); ``detail``, when given, is free
+    text the log line adds as ``detail="..."``.
     """
 
     action: str
     reason: str
     delay: float | None = None  # seconds the mail was delayed, on pass
     disconnect: bool = False
+    detail: str | None = None
 
 
 class Policy(Protocol):

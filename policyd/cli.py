@@ -23,6 +23,7 @@ from collections.abc import Callable
 from memtable.errors import ConfigError, MemtableError
 from policyd.config import DEFAULT_CONFIG_PATH, PolicydConfig
 from policyd.errors import PolicydError
+from policyd.logsetup import error_line
 
 log = logging.getLogger("policyd")
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = args.overrides + getattr(args, "late_overrides", [])
         config = PolicydConfig.from_file(args.config, overrides)
     except ConfigError as exc:
-        print(f"policyd: {exc}", file=sys.stderr)
+        print(error_line(f"policyd: {exc}"), file=sys.stderr)
         return 1
     if args.check_config:
         return _check_config(config)
@@ -93,7 +94,7 @@ def _check_config(config: PolicydConfig) -> int:
     try:
         policy = build_policy(config)
     except (MemtableError, OSError) as exc:
-        print(f"policyd: {exc}", file=sys.stderr)
+        print(error_line(f"policyd: {exc}"), file=sys.stderr)
         return 1
     asyncio.run(policy.aclose())
     return 0

@@ -10,7 +10,8 @@ Each decision is ONE logfmt-style line (logger ``policyd.decision``):
     sender=a@example.org recipient=b@example.com delay=- queue_id=-
 
 (on one line).  A decision to close without reply shows
-``action=disconnect``.  A missing or empty value is ``-`` (the null sender is
+``action=disconnect``; a decision with a ``detail`` (a policy failure says
+what failed) ends with ``detail="..."``.  A missing or empty value is ``-`` (the null sender is
 ``<>``); values holding white space, ``"``, ``=``, ``\\`` or control
 characters are double-quoted with ``\\"``, ``\\\\`` and ``\\xNN`` escapes, so a
 client cannot forge fields or lines.  ``delay`` is whole seconds.
@@ -53,6 +54,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
            "warning": logging.WARNING, "error": logging.ERROR}
 _PREFIXES = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
              logging.CRITICAL: "fatal: "}
+# sd-daemon(3) priority prefixes, for stderr lines that go to the journal.
+_JOURNAL_PRIORITIES = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>",
+                       logging.ERROR: "<3>", logging.CRITICAL: "<2>"}
 
 _installed: list[logging.Handler] = []
 _root = logging.getLogger()
@@ -93,8 +97,11 @@ def format_decision(request: Mapping[str, str], decision: Decision) -> str:
     if (client and name and sender and recipient and _NEEDS_QUOTES.search(
             f"{client}{name}{sender}{recipient}{queue_id or ''}") is None):
         # Nearly every request: every value present and none needs quotes.
-        return (f"{head} client={client} client_name={name} sender={sender} "
+        line = (f"{head} client={client} client_name={name} sender={sender} "
                 f"recipient={recipient} delay={delay} queue_id={queue_id or '-'}")
+        if decision.detail is None:
+            return line
+        return f"{line} detail={logfmt_value(decision.detail)}"
     parts = [head]
     for field, value in (("client", client), ("client_name", name), ("sender", sender),
                          ("recipient", recipient)):
@@ -104,6 +111,8 @@ def format_decision(request: Mapping[str, str], decision: Decision) -> str:
             parts.append(f"{field}={logfmt_value(value)}")
     parts.append(f"delay={delay}")
     parts.append(f"queue_id={logfmt_value(queue_id)}")
+    if decision.detail is not None:
+        parts.append(f"detail={logfmt_value(decision.detail)}")
     return " ".join(parts)
 
 
@@ -152,18 +161,28 @@ def _msecs(created: float) -> float:
 class _PostfixFormatter(logging.Formatter):
     """``[time ]policyd[pid]: [severity: ]message``: Postfix's severity
     prefix (none for info); the time stamp (logging's default format)
-    formatted once per second."""
+    formatted once per second.  For the journal (``journal=True``):
+    ``<N>[severity: ]message``, the priority prefix systemd reads (so that
+    ``journalctl -p warning`` works) and neither time nor tag, which the
+    journal adds itself."""
 
     _second = -1
     _stamp = ""
 
-    def __init__(self, with_time: bool) -> None:
-        prefix = "%(asctime)s " if with_time else ""
-        super().__init__(prefix + "policyd[%(process)d]: %(severity)s%(message)s")
-        self.with_time = with_time
+    def __init__(self, with_time: bool, journal: bool = False) -> None:
+        if journal:
+            fmt = "%(priority)s%(severity)s%(message)s"
+        else:
+            fmt = ("%(asctime)s " if with_time else "") + \
+                "policyd[%(process)d]: %(severity)s%(message)s"
+        super().__init__(fmt)
+        self.with_time = with_time and not journal
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         record.severity = _PREFIXES.get(record.levelno, "")
+        if self.journal:
+            record.priority = _JOURNAL_PRIORITIES.get(record.levelno, "<6>")
         if record.process is None:  # logging.logProcesses is off: see setup_logging
             record.process = _pid
         return super().format(record)
@@ -171,6 +190,8 @@ class _PostfixFormatter(logging.Formatter):
     def info_line(self, message: str, created: float) -> str:
         """What format() makes of an info record of ``message`` created at
         ``created`` (plain text, no exception), without the record."""
+        if self.journal:
+            return f"<6>{message}"
         if self.with_time:
             return f"{self._time(created, _msecs(created))} policyd[{_pid}]: {message}"
         return f"policyd[{_pid}]: {message}"
@@ -264,6 +285,25 @@ class _QuietSysLogHandler(logging.handlers.SysLogHandler):
         self.handle(_info_record(message, created))
 
 
+def stderr_is_journal() -> bool:
+    """Whether stderr is systemd's journal stream: $JOURNAL_STREAM names its
+    device and inode (systemd.exec(5)), and still matches stderr (a child
+    whose stderr was redirected inherits the variable, not the stream)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+def error_line(message: str) -> str:
+    """An error line printed before logging is set up (configuration errors):
+    with the journal's error priority when stderr is the journal."""
+    return f"{_JOURNAL_PRIORITIES[logging.ERROR]}{message}" if stderr_is_journal() else message
+
+
 def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     """Send log lines to stderr and, when configured, to syslog.
 
@@ -282,7 +322,7 @@ def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     _installed.clear()
 
     stderr = _BatchingStreamHandler(sys.stderr)
-    stderr.setFormatter(_PostfixFormatter(with_time=True))
+    stderr.setFormatter(_PostfixFormatter(with_time=True, journal=stderr_is_journal()))
     _installed.append(stderr)
 
     problem = ""

@@ -63,10 +63,8 @@ def action_label(action: str) -> str:
 
 
 def reason_label(reason: str) -> str:
-    """The bounded label for a Decision.reason (``policy failure: ...`` ->
-    ``policy-failure``)."""
-    head = reason.split(":", 1)[0].strip().lower().replace(" ", "-")
-    return head if head in REASONS else OTHER
+    """The bounded label for a Decision.reason (one of REASONS, else other)."""
+    return _bounded(reason, REASONS)
 
 
 def _bounded(value: str, allowed: frozenset[str]) -> str:

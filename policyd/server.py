@@ -553,7 +553,8 @@ class PolicyServer:
                 raise exc
         self.stats.policy_failures += 1
         disconnect = config.store_failure_action == "disconnect"
-        failure = Decision(action="DUNNO", reason=f"policy failure: {why}", disconnect=disconnect)
+        failure = Decision(action="DUNNO", reason="policy-failure", disconnect=disconnect,
+                           detail=why)
         _decision_log.warning("%s", format_decision(attrs, failure))
         self._metrics.observe_decision(failure)
         return None if disconnect else _DUNNO_REPLY

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -41,6 +42,19 @@ class Memcached:
             s = socket.create_connection((self.host, self.port))
         s.settimeout(5)
         return s
+
+    def pause(self) -> None:
+        """Stop memcached (SIGSTOP: it accepts connections, never answers),
+        and wait until the kernel says it is stopped: on a busy machine a
+        thread may otherwise still answer the next request."""
+        self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.proc.pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return
+            time.sleep(0.005)
+        raise AssertionError(f"memcached {self.proc.pid} did not stop")
 
     def raw(self, command: bytes) -> bytes:
         """Send one command and return the reply up to its terminator."""

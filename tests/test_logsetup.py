@@ -7,6 +7,8 @@ import logging
 import os
 import shlex
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +45,16 @@ def test_decision_line_delay_null_sender_missing_and_disconnect() -> None:
                     "recipient=- delay=313 queue_id=-")
     line = format_decision(request, Decision("DUNNO", "store", disconnect=True))
     assert line.startswith("action=disconnect reason=store ")
+
+
+@pytest.mark.parametrize("request_", [REQUEST, {"client_address": "192.0.2.1", "sender": ""}])
+def test_decision_line_detail_comes_last_quoted(request_: dict[str, str]) -> None:
+    # Both ways of building the line (every field plain, or some missing).
+    decision = Decision("DUNNO", "policy-failure", detail='no "decision" in 1s')
+    line = format_decision(request_, decision)
+    assert line.startswith("action=DUNNO reason=policy-failure client=192.0.2.1 ")
+    assert line.endswith(r' detail="no \"decision\" in 1s"')
+    assert line.count("detail=") == 1
 
 
 @pytest.mark.parametrize(("value", "shown"), [
@@ -159,3 +171,59 @@ def test_decision_line_without_record_matches_logging(
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3 and lines[0] == lines[1] == lines[2]
     assert lines[0].startswith(f"2026-11-21 12:34:56,789 policyd[{os.getpid()}]: action=")
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+@pytest.mark.parametrize("journal", [True, False])
+def test_stderr_to_the_journal_carries_priorities(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journal: bool) -> None:
+    """systemd says which stream is the journal's in $JOURNAL_STREAM; lines
+    on it get sd-daemon(3) priority prefixes instead of time and tag, so
+    that `journalctl -p warning` selects warnings.  On any other stream
+    (a redirected child inherits the variable) lines are as before."""
+    out = tmp_path / "stderr"
+    other = tmp_path / "other"
+    other.touch()
+    with out.open("w") as stream:
+        st = os.fstat(stream.fileno()) if journal else os.stat(other)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        monkeypatch.setattr("sys.stderr", stream)
+        root = logging.getLogger()
+        handlers = setup_logging(PolicydConfig(log_level="info"))
+        monkeypatch.setattr(root, "handlers", list(handlers))  # without pytest's capture
+        logging.getLogger("policyd.test").warning("disk %s", "full")
+        logging.getLogger("policyd.test").error("broken")
+        log_decision(REQUEST, Decision("DUNNO", "new"))              # the shortcut
+        logging.getLogger(DECISION_LOGGER).addFilter(logging.Filter())
+        try:
+            log_decision(REQUEST, Decision("DUNNO", "new"))          # logging's path
+        finally:
+            logging.getLogger(DECISION_LOGGER).filters.clear()
+        print(logsetup.error_line("policyd: bad.cf, line 1: oops"), file=stream)
+        for handler in handlers:
+            handler.flush()
+    lines = out.read_text().splitlines()
+    decision = format_decision(REQUEST, Decision("DUNNO", "new"))
+    if journal:
+        assert lines == ["<4>warning: disk full", "<3>error: broken", f"<6>{decision}",
+                         f"<6>{decision}", "<3>policyd: bad.cf, line 1: oops"]
+    else:
+        tag = f"policyd[{os.getpid()}]: "
+        assert [line.split(tag, 1)[1] for line in lines[:4]] == [
+            "warning: disk full", "error: broken", decision, decision]
+        assert lines[4] == "policyd: bad.cf, line 1: oops"
+
+
+def test_config_error_to_the_journal_is_an_error(tmp_path: Path) -> None:
+    """The real command: a configuration error before logging is set up."""
+    cf = tmp_path / "policyd.cf"
+    cf.write_text("no_such_parameter = 1\n")
+    err = tmp_path / "err"
+    with err.open("w") as stream:
+        st = os.fstat(stream.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        done = subprocess.run([sys.executable, "-m", "policyd", "-c", str(cf), "--check-config"],
+                              stderr=stream, stdout=subprocess.DEVNULL, env=env, timeout=60)
+    assert done.returncode == 1
+    text = err.read_text()
+    assert text.startswith(f"<3>policyd: {cf}, line 1: "), text

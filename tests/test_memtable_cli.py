@@ -119,6 +119,52 @@ def test_ttl_command_checks_postscreen_ttls(tmp_path: Path) -> None:
     assert "postscreen_cache_cleanup_interval should be 0" in done.stdout
 
 
+def test_ttl_command_reads_expanded_postfix_values(tmp_path: Path) -> None:
+    """postscreen_dnsbl_max_ttl's default is ``${postscreen_dnsbl_ttl?...}h``:
+    only postconf -x turns it into the time Postfix uses."""
+    cf = tmp_path / "ps.cf"
+    cf.write_text("ttl = 2592000\n")
+    conf = tmp_path / "postfix"
+    conf.mkdir()
+    (conf / "main.cf").write_text(
+        f"compatibility_level = 3.6\npostscreen_cache_map = memcache:{cf}\n"
+        "postscreen_cache_cleanup_interval = 0\n")
+    done = run("ttl", "-c", str(conf), f"memcache:{cf}")
+    assert done.returncode == 0, done.stderr
+    assert "postscreen_dnsbl_max_ttl = 1h" in done.stdout
+    assert "warning" not in done.stdout
+
+
+@pytest.mark.parametrize(("ttl", "expire", "warned"), [
+    # Postfix's default 31d cannot be covered: lower it, not the ttl.
+    (2592000, "", ["address_verify_positive_expire_time is over 30 days"]),
+    (86400, "", ["ttl 86400s is shorter than address_verify_positive_expire_time "
+                 "(2678400s): verify entries vanish before they expire, so addresses "
+                 "are probed again; set ttl = 2592000",
+                 "address_verify_positive_expire_time is over 30 days"]),
+    (86400, "address_verify_positive_expire_time = 20d\n",
+     ["ttl 86400s is shorter than address_verify_positive_expire_time (1728000s): "
+      "verify entries vanish before they expire, so addresses are probed again; "
+      "set ttl = 1728000"]),
+    (1728000, "address_verify_positive_expire_time = 20d\n", []),
+])
+def test_ttl_command_verify_advice(tmp_path: Path, ttl: int, expire: str,
+                                   warned: list[str]) -> None:
+    cf = tmp_path / "verify.cf"
+    cf.write_text(f"ttl = {ttl}\n")
+    conf = tmp_path / "postfix"
+    conf.mkdir()
+    (conf / "main.cf").write_text(
+        f"compatibility_level = 3.6\naddress_verify_map = memcache:{cf}\n"
+        f"address_verify_cache_cleanup_interval = 0\n{expire}")
+    done = run("ttl", "-c", str(conf), f"memcache:{cf}")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == len(warned), done.stdout
+    for line, text in zip(warnings, warned, strict=True):
+        assert text in line
+
+
 def test_missing_lmdb_file_is_fatal_not_temporary(tmp_path: Path) -> None:
     """As postmap: a table file that cannot be opened exits 1 (fatal), not 75."""
     done = run("-q", "k", f"lmdb:{tmp_path / 'missing'}")

@@ -150,9 +150,10 @@ def test_action_label(action: str, label: str) -> None:
 @pytest.mark.parametrize(("reason", "label"), [
     ("new", "new"),
     ("early-retry", "early-retry"),
-    ("policy failure: TimeoutError: no decision within decision_timeout (20s)",
-     "policy-failure"),
-    ("Store-Failure", "store-failure"),
+    ("policy-failure", "policy-failure"),
+    ("store-failure", "store-failure"),
+    ("Store-Failure", "other"),
+    ("policy failure: no decision within decision_timeout (20s)", "other"),
     ("", "other"),
     ("something else", "other"),
 ])

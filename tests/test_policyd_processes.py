@@ -140,7 +140,7 @@ def test_hung_memcached_does_not_stall_policyd(tmp_path: Path,
         assert p.ask(**triplet(5)).startswith("DEFER_IF_PERMIT")
         time.sleep(DELAY + 0.3)
         assert p.ask(**triplet(5)).startswith("PREPEND")
-        server.proc.send_signal(signal.SIGSTOP)
+        server.pause()
         started = time.monotonic()
         answers = [p.ask(**triplet(5)) for _ in range(10)]
         answers.append(p.ask(**triplet(6)))

@@ -248,7 +248,7 @@ def test_hung_server_costs_timeouts_then_is_ejected(cluster: Cluster) -> None:
     table = cluster.table(max_try=1)
     placed = fill(cluster, table, count=30)
     hung = placed[next(iter(placed))]
-    os.kill(cluster.servers[hung].proc.pid, signal.SIGSTOP)
+    cluster.servers[hung].pause()
     failed = 0
     started = time.monotonic()
     for key, owner in placed.items():

@@ -274,9 +274,13 @@ def test_policy_failure(start_server: StartServer, failure: dict[str, str],
         else:
             assert reply == b""
             assert is_closed(sock)
-    lines = [r.getMessage() for r in caplog.records if "policy failure" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "reason=policy-failure" in r.getMessage()]
     assert len(lines) == 1
-    assert ("decision_timeout" if "test_sleep" in failure else "store down") in lines[0]
+    detail = ('detail="no decision within decision_timeout (0.2s)"' if "test_sleep" in failure
+              else 'detail="RuntimeError: store down"')
+    assert lines[0].endswith(detail), lines[0]
+    action = "disconnect" if store_failure_action == "disconnect" else "DUNNO"
+    assert lines[0].startswith(f"action={action} reason=policy-failure "), lines[0]
     assert "client=192.0.2.1" in lines[0]
     assert srv.server.stats.policy_failures == 1
 
