@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from memtable.errors import ConfigError
+from memtable.files import read_regular_file
 from memtable.limits import CF_INT_MAX, CF_MAX_FILE_BYTES, CF_MAX_LOGICAL_LINE_BYTES
 from memtable.syntax import readllines
 
@@ -50,8 +51,7 @@ def parse_cf_text(text: str, path: str) -> dict[str, CfEntry]:
 def read_cf(path: str) -> dict[str, CfEntry]:
     """Read and parse a .cf file; unreadable or oversized files are ConfigErrors."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(CF_MAX_FILE_BYTES + 1)
+        data, _ = read_regular_file(path, CF_MAX_FILE_BYTES)
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror or exc}", path) from None
     if len(data) > CF_MAX_FILE_BYTES:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from memtable.cf import split_list
 from memtable.errors import ConfigError, MemtableError, TemporaryError
+from memtable.files import read_regular_file
 from memtable.limits import (
     CF_MAX_LOGICAL_LINE_BYTES,
     DOMAIN_LIST_MAX_FILE_DEPTH,
@@ -184,8 +185,7 @@ class _Builder:
             raise ConfigError(f"domain: pattern files nested deeper than "
                               f"{DOMAIN_LIST_MAX_FILE_DEPTH} levels", path)
         try:
-            with open(path, "rb") as fh:
-                data = fh.read(LOOKUP_FILE_MAX_BYTES + 1)
+            data, _ = read_regular_file(path, LOOKUP_FILE_MAX_BYTES)
         except OSError as exc:
             raise ConfigError(f"domain: cannot read pattern file: {exc.strerror or exc}",
                               path) from None

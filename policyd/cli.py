@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -103,6 +104,11 @@ def _check_config(config: PolicydConfig) -> int:
 def _run(config: PolicydConfig, args: argparse.Namespace) -> int:
     from policyd.logsetup import setup_logging
 
+    # SIGHUP's default action ends the process: a reload asked for while
+    # policyd starts (reading large whitelists takes a while) is remembered
+    # and done once the server runs, instead.
+    _hangups.clear()
+    signal.signal(signal.SIGHUP, _early_hangup)
     setup_logging(config)
     loop_factory = _uvloop_factory() if args.uvloop else None
     try:
@@ -114,6 +120,13 @@ def _run(config: PolicydConfig, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # SIGINT before the handlers were installed
         return 1
     return 0
+
+
+_hangups: list[int] = []
+
+
+def _early_hangup(signum: int, frame: object) -> None:
+    _hangups.append(signum)
 
 
 async def _serve(config: PolicydConfig) -> None:
@@ -134,11 +147,14 @@ async def _serve(config: PolicydConfig) -> None:
         await server.start()
         server.install_signal_handlers()
         log.info("policyd started (%s)", config.path)
+        if _hangups:
+            server.reload()  # asked for while starting
         try:
             await server.serve_forever()
         finally:
             await server.shutdown()
             server.remove_signal_handlers()
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # stopping: nothing to reload
     finally:
         await policy.aclose()
         metrics.close()

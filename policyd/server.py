@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import signal
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -406,7 +409,7 @@ class PolicyServer:
 
     async def _reload(self) -> None:
         try:
-            await asyncio.to_thread(self._policy.reload)
+            await _in_daemon_thread(self._policy.reload, "policyd-reload")
         except Exception as exc:
             log.error("reload failed, keeping the previous state: %s: %s",
                       type(exc).__name__, exc)
@@ -449,8 +452,14 @@ class PolicyServer:
             await asyncio.wait(waiting, timeout=limits.SHUTDOWN_CANCEL_WAIT_SECONDS)
         if self._reload_task is not None and not self._reload_task.done():
             # The policy's files are being read in a thread; let it finish
-            # (bounded) before the policy is closed.
+            # (bounded) before the policy is closed.  A read stuck in the
+            # kernel (a hung network filesystem) is left behind: its thread
+            # is a daemon thread and does not keep the process alive.
             await asyncio.wait([self._reload_task], timeout=limits.SHUTDOWN_CANCEL_WAIT_SECONDS)
+            if not self._reload_task.done():
+                log.warning("reload still reading its files after %ss; not waiting for it",
+                            limits.SHUTDOWN_CANCEL_WAIT_SECONDS)
+                self._reload_task.cancel()
         log.info("stopped")
         if self._stopped is not None:
             self._stopped.set()
@@ -558,3 +567,32 @@ class PolicyServer:
         _decision_log.warning("%s", format_decision(attrs, failure))
         self._metrics.observe_decision(failure)
         return None if disconnect else _DUNNO_REPLY
+
+
+async def _in_daemon_thread(function: Callable[[], None], name: str) -> None:
+    """function() in a daemon thread of its own.  asyncio.to_thread's
+    executor threads are joined at exit without a bound, so a call stuck in
+    the kernel would keep a stopped policyd alive."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():  # cancelled by shutdown meanwhile
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            function()
+        except BaseException as exc:  # delivered to the awaiting task
+            error = exc
+        # RuntimeError: the loop closed meanwhile, nobody is waiting.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    await done

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from memtable.errors import ConfigError
+from memtable.files import read_regular_file
 from policyd import limits
 from policyd.triplet import IPAddress, parse_client_address, split_address
 
@@ -180,8 +181,7 @@ def _network(text: str, path: str, line: int) -> ipaddress.IPv4Network | ipaddre
 def _read_lines(path: str) -> list[tuple[int, str]]:
     """(line number, entry) for each non-empty line, comments removed."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(limits.WHITELIST_FILE_MAX_BYTES + 1)
+        data, _ = read_regular_file(path, limits.WHITELIST_FILE_MAX_BYTES)
     except OSError as exc:
         raise ConfigError(f"cannot read whitelist: {exc.strerror or exc}", path) from None
     if len(data) > limits.WHITELIST_FILE_MAX_BYTES:

@@ -5,6 +5,8 @@ own event loop, and a blocking policy-protocol client with timeouts."""
 from __future__ import annotations
 
 import asyncio
+import os
+import pathlib
 import socket
 import threading
 import time
@@ -43,13 +45,26 @@ class ScriptedPolicy:
 
     def reload(self) -> None:
         self.reloads += 1
+        hang = os.environ.get("TEST_RELOAD_HANGS")
+        if hang:
+            # A whitelist on a network filesystem that stopped answering.
+            pathlib.Path(hang).touch()
+            threading.Event().wait()
 
     async def aclose(self) -> None:
         self.closed = True
 
 
 def build_policy(config: PolicydConfig, metrics: object = None) -> ScriptedPolicy:
-    """Stand-in for policyd.greylist.build_policy in CLI subprocess tests."""
+    """Stand-in for policyd.greylist.build_policy in CLI subprocess tests.
+    With TEST_BUILD_GATE=PATH it creates PATH.started, then waits (at most
+    WAIT) for PATH to exist: a start that reads large files."""
+    gate = os.environ.get("TEST_BUILD_GATE")
+    if gate:
+        pathlib.Path(gate + ".started").touch()
+        deadline = time.monotonic() + WAIT
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
     return ScriptedPolicy()
 
 

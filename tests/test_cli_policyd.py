@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from policyd.cli import main
 from policyd.config import DEFAULT_CONFIG_PATH
+from policyd.limits import SHUTDOWN_CANCEL_WAIT_SECONDS
 from tests.policyd_helpers import WAIT, ask, is_closed, request
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,9 +185,10 @@ def listening() -> Iterator[socket.socket]:
     sock.close()
 
 
-def spawn(wrapper: Path, cf: Path, *args: str,
-          listen_fd: socket.socket | None = None) -> subprocess.Popen[str]:
+def spawn(wrapper: Path, cf: Path, *args: str, listen_fd: socket.socket | None = None,
+          extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    env.update(extra_env or {})
     pass_fds: tuple[int, ...] = ()
     if listen_fd is not None:
         env["TEST_LISTEN_FD"] = str(listen_fd.fileno())
@@ -228,6 +231,62 @@ def test_socket_activation_signals_and_clean_exit(tmp_path: Path, wrapper: Path,
     assert "SIGTERM received: shutting down" in err
     assert 'action="OK from fd 3" reason=test client=192.0.2.1' in err  # decisions on stderr
     assert "Traceback" not in err
+
+
+def wait_for(path: Path) -> None:
+    deadline = time.monotonic() + WAIT * 2
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_sighup_while_starting_is_a_reload_once_started(tmp_path: Path, wrapper: Path,
+                                                       listening: socket.socket) -> None:
+    """SIGHUP's default action would end the process; while policyd starts
+    (reading its files) a SIGHUP is remembered and done once it runs."""
+    gate = tmp_path / "gate"
+    cf = write_cf(tmp_path, "listen = inet:127.0.0.1:0\n")
+    proc = spawn(wrapper, cf, listen_fd=listening, extra_env={"TEST_BUILD_GATE": str(gate)})
+    try:
+        wait_for(Path(f"{gate}.started"))
+        proc.send_signal(signal.SIGHUP)
+        gate.touch()
+        with socket.create_connection(listening.getsockname(), timeout=WAIT * 2) as sock:
+            assert ask(sock, request()) == b"action=DUNNO\n\n"
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+    assert code == 0, err
+    assert "reloading policy (SIGHUP)" in err
+    assert err.index("policyd started") < err.index("reloading policy (SIGHUP)")
+
+
+def test_sigterm_does_not_wait_for_a_stuck_reload(tmp_path: Path, wrapper: Path,
+                                                  listening: socket.socket) -> None:
+    """A reload stuck reading a file (a hung network filesystem) must not
+    keep a stopped policyd alive: it is waited for a bounded time."""
+    stuck = tmp_path / "stuck"
+    cf = write_cf(tmp_path, "listen = inet:127.0.0.1:0\n")
+    proc = spawn(wrapper, cf, listen_fd=listening, extra_env={"TEST_RELOAD_HANGS": str(stuck)})
+    try:
+        with socket.create_connection(listening.getsockname(), timeout=WAIT * 2) as sock:
+            assert ask(sock, request()) == b"action=DUNNO\n\n"
+        proc.send_signal(signal.SIGHUP)
+        wait_for(stuck)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc)
+        elapsed = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+    assert code == 0, err
+    assert elapsed < SHUTDOWN_CANCEL_WAIT_SECONDS + WAIT, elapsed
+    assert "not waiting for it" in err
 
 
 def test_socket_activation_refuses_a_non_listening_socket(tmp_path: Path,

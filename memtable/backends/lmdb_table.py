@@ -38,6 +38,7 @@ import fcntl
 import functools
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -119,7 +120,9 @@ class LmdbTable(Table):
         # minus umask); a read-only open of a missing file is an error.
         flags = (os.O_RDWR | os.O_CREAT) if self.read_write else os.O_RDONLY
         try:
-            fd = os.open(self.db_path, flags | os.O_CLOEXEC, 0o644)
+            # O_NONBLOCK: a FIFO in the file's place must not block open();
+            # this descriptor only carries the fcntl locks.
+            fd = os.open(self.db_path, flags | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
         except OSError as exc:
             raise OpenError(f"{self.spec}: open database {self.db_path}: "
                             f"{exc.strerror}") from None
@@ -129,6 +132,9 @@ class LmdbTable(Table):
         except OSError as exc:
             os.close(fd)
             raise OpenError(f"{self.spec}: stat {self.db_path}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise OpenError(f"{self.spec}: open database {self.db_path}: not a regular file")
         deadline = self._deadline()
         with _registry_lock:
             shared = _registry.get(key)
@@ -189,7 +195,9 @@ class LmdbTable(Table):
                              readonly=not writable, lock=False, max_dbs=0,
                              mode=0o644, create=writable)
         except lmdb.Error as exc:
-            raise OpenError(f"{self.spec}: open database {self.db_path}: {exc}") from None
+            # py-lmdb's text starts with the path, which the message has already.
+            text = str(exc).removeprefix(f"{self.db_path}: ")
+            raise OpenError(f"{self.spec}: open database {self.db_path}: {text}") from None
         finally:
             self._unlock_fd(fd)
 

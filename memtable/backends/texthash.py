@@ -10,12 +10,12 @@ DICT_FLAG_DUP_WARN).  The file size is bounded by LOOKUP_FILE_MAX_BYTES.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 
 from memtable import clock, limits
 from memtable.domainlist import fold_case
 from memtable.errors import AccessError, ConfigError
+from memtable.files import read_regular_file
 from memtable.syntax import parse_key_value, readllines
 from memtable.table import Table
 
@@ -56,14 +56,12 @@ class TexthashTable(Table):
     def _read(self) -> tuple[bytes, int]:
         limit = limits.LOOKUP_FILE_MAX_BYTES
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(limit + 1)
-                mtime = int(os.fstat(f.fileno()).st_mtime)
+            data, st = read_regular_file(self.path, limit)
         except OSError as exc:
             raise ConfigError(f"open database {self.path}: {exc.strerror}") from None
         if len(data) > limit:
             raise ConfigError(f"{self.spec}: file is larger than {limit} bytes")
-        return data, mtime
+        return data, int(st.st_mtime)
 
     def _parse(self, data: bytes) -> dict[str, str]:
         entries: dict[str, str] = {}
