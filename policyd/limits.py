@@ -66,6 +66,12 @@ MAX_INHERITED_FDS = MAX_LISTENERS
 UNIX_PROBE_TIMEOUT_SECONDS = 1.0
 # After shutdown_grace, how long cancelled connections get to finish.
 SHUTDOWN_CANCEL_WAIT_SECONDS = 2.0
+# Then how long each store's worker gets to finish what is queued and close
+# its table before it is abandoned (its thread is a daemon; an lmdb commit
+# cut short by the exit is rolled back by LMDB).  A stop therefore takes at
+# most shutdown_grace + SHUTDOWN_CANCEL_WAIT_SECONDS + this, which the
+# units' TimeoutStopSec=30s covers with the default shutdown_grace (10s).
+STORE_CLOSE_WAIT_SECONDS = 10.0
 
 # --- report and cleanup (policyd.report, policyd.cleanup, policyd.storewalk) -
 # Entries `policyd report` reads per table: memory stays bounded (one int per

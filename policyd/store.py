@@ -65,10 +65,6 @@ from policyd.metrics import Metrics, NullMetrics
 
 log = logging.getLogger(__name__)
 
-# How long close() waits for the worker to finish what is queued and close
-# the table (memtable bounds every operation by its own timeouts).
-STORE_CLOSE_TIMEOUT = 30.0
-
 
 class StoreError(PolicydError):
     """A store could not answer now (memcached down, timeout, backup failure,
@@ -362,10 +358,11 @@ class Store:
             self._close_future = op.future
             self._worker._submit(op)  # never refused: the bound is for gets and puts
         try:
-            await asyncio.wait_for(asyncio.shield(self._close_future), STORE_CLOSE_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(self._close_future),
+                                   limits.STORE_CLOSE_WAIT_SECONDS)
         except TimeoutError:
             log.warning("%s: worker did not finish within %ss; abandoning it",
-                        self.spec, STORE_CLOSE_TIMEOUT)
+                        self.spec, limits.STORE_CLOSE_WAIT_SECONDS)
 
     # --- run by the worker thread ------------------------------------------
 

@@ -4,7 +4,9 @@ coalesced lookups, error translation and bounded queues."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,9 @@ import pytest
 from memtable.backends import LmdbTable
 from memtable.errors import BackupError, KeySkippedError, MemtableError
 from memtable.registry import open_table
+from policyd import limits
 from policyd.store import Store, StoreError, StoreWorker
-from tests.conftest import Memcached
+from tests.conftest import Memcached, start_memcached
 from tests.greylist_helpers import DictTable, run, write
 
 WAIT = 5.0  # bound on every wait in these tests
@@ -65,6 +68,33 @@ def test_roundtrip_with_real_memcached(tmp_path: Path, memcached: Memcached) -> 
     meta = memcached.meta("192.0.2.0/a@x/b@y")
     assert meta is not None and meta["value"] == "1,2,0"
     assert 590 <= int(meta["ttl"]) <= 600  # type: ignore[call-overload]
+
+
+def test_close_abandons_a_worker_stuck_on_a_hung_memcached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stop must not wait for memcached's timeouts (up to max_try x
+    timeout): close() waits STORE_CLOSE_WAIT_SECONDS, then leaves the
+    worker (a daemon thread) behind."""
+    monkeypatch.setattr(limits, "STORE_CLOSE_WAIT_SECONDS", 0.3)
+    server = start_memcached(tmp_path)
+    try:
+        cf = write(tmp_path / "t.cf", f"memcache = {server.spec}\ntimeout = 20\n")
+        store = Store.open(f"memcache:{cf}", read_write=True)
+        server.pause()
+
+        async def main() -> float:
+            pending = store.get("key")  # the worker now waits for memcached
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            await store.close()
+            pending.cancel()
+            return time.monotonic() - started
+        assert run(main()) < 5
+        assert "worker did not finish within 0.3s; abandoning it" in caplog.text
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
 
 
 def test_unreachable_memcached_is_a_store_error(tmp_path: Path) -> None:
