@@ -72,6 +72,10 @@ SHUTDOWN_CANCEL_WAIT_SECONDS = 2.0
 # most shutdown_grace + SHUTDOWN_CANCEL_WAIT_SECONDS + this, which the
 # units' TimeoutStopSec=30s covers with the default shutdown_grace (10s).
 STORE_CLOSE_WAIT_SECONDS = 10.0
+# The metrics endpoint: scrapes served at once (one thread each; more are
+# closed at once), and how long a scrape may take to send its request.
+METRICS_MAX_CONNECTIONS = 8
+METRICS_READ_TIMEOUT_SECONDS = 10.0
 
 # --- report and cleanup (policyd.report, policyd.cleanup, policyd.storewalk) -
 # Entries `policyd report` reads per table: memory stays bounded (one int per

@@ -13,10 +13,14 @@ process (tests) and nothing leaks into prometheus_client's global one.
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
 import threading
 from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from memtable.endpoint import Endpoint
+from policyd import limits
 from policyd.api import Decision
 from policyd.errors import PolicydError
 
@@ -216,11 +220,13 @@ class Metrics:
             raise PolicydError(f"metrics_listen = {endpoint}: only inet:host:port is "
                                "supported (Prometheus scrapes over TCP)")
         try:
-            server, thread = self._prom.start_http_server(
-                endpoint.port, addr=endpoint.host, registry=self.registry)
+            server = _BoundedWSGIServer.start(endpoint.host, endpoint.port,
+                                              self._prom.make_wsgi_app(self.registry))
         except OSError as exc:
             raise PolicydError(f"metrics_listen = {endpoint}: cannot listen: "
                                f"{exc.strerror or exc}") from None
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
         self._server, self._thread = server, thread
         host, port = server.server_address[:2]
         self.address = (str(host), int(port))
@@ -235,6 +241,60 @@ class Metrics:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape would drown the decision lines
+
+
+class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    """prometheus_client's start_http_server, bounded: at most
+    METRICS_MAX_CONNECTIONS scrapes at once (a thread each; further
+    connections are closed at once) and METRICS_READ_TIMEOUT_SECONDS for each
+    socket operation, so idle or slow connections cannot pile up threads."""
+
+    daemon_threads = True
+
+    @classmethod
+    def start(cls, host: str, port: int, app: Any) -> _BoundedWSGIServer:
+        # The address family of what the host resolves to, as
+        # prometheus_client picks it (an IPv6 host needs an IPv6 socket).
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type(cls.__name__, (cls,), {"address_family": family})
+        server: _BoundedWSGIServer = make_server(host, port, app, server_class,
+                                                 handler_class=_QuietHandler)
+        return server
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(limits.METRICS_MAX_CONNECTIONS)
+        super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        sock.settimeout(limits.METRICS_READ_TIMEOUT_SECONDS)
+        return sock, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr (a read timeout, a peer
+        # that went away): one debug line is enough.
+        log.debug("metrics: connection from %s failed", client_address, exc_info=True)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def _url_host(address: tuple[str, int]) -> str:

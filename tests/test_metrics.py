@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from memtable.endpoint import parse_endpoint
+from policyd import limits
 from policyd.api import Decision
 from policyd.errors import PolicydError
 from policyd.metrics import (
@@ -181,6 +184,41 @@ def test_close_stops_serving() -> None:
     m.close()  # idempotent
     with pytest.raises(OSError), socket.create_connection(address, timeout=SCRAPE_TIMEOUT):
         pass
+
+
+def test_idle_connections_are_bounded(monkeypatch: pytest.MonkeyPatch,
+                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """Connections that never finish their request hold at most
+    METRICS_MAX_CONNECTIONS threads, further ones are closed at once, and
+    each is closed after METRICS_READ_TIMEOUT_SECONDS, quietly; then scrapes
+    work again."""
+    monkeypatch.setattr(limits, "METRICS_MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(limits, "METRICS_READ_TIMEOUT_SECONDS", 1.5)
+    m = start_metrics(parse_endpoint("inet:127.0.0.1:0"))
+    assert m.address is not None
+    before = threading.active_count()
+    idle = [socket.create_connection(m.address, timeout=SCRAPE_TIMEOUT) for _ in range(10)]
+    try:
+        for sock in idle:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the blank line
+        time.sleep(0.3)  # the server has accepted them all
+        closed = [sock for sock in idle if select.select([sock], [], [], 0)[0]]
+        assert len(closed) == 7
+        assert all(sock.recv(1) == b"" for sock in closed)
+        assert threading.active_count() == before + 3
+        held = [sock for sock in idle if sock not in closed]
+        for sock in held:  # closed by the server after its read timeout
+            assert sock.recv(65536) == b""
+        deadline = time.monotonic() + SCRAPE_TIMEOUT
+        while threading.active_count() > before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert threading.active_count() == before
+        assert ("policyd_connections_total", ()) in scrape(m)
+    finally:
+        for sock in idle:
+            sock.close()
+        m.close()
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_port_in_use_is_a_clear_error() -> None:
