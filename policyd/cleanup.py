@@ -84,8 +84,9 @@ def cleanup(stores: Stores, config: PolicydConfig, now: int, *, dry_run: bool = 
             max_entries: int = limits.CLEANUP_MAX_ENTRIES,
             batch_keys: int = limits.CLEANUP_BATCH_KEYS) -> dict[str, Counts]:
     """Delete (unless dry_run) what is expired at ``now``; counts by table.
-    WalkError on a store failure (what was deleted so far stays deleted)."""
-    counts = {TRIPLETS: Counts(), CLIENTS: Counts()}
+    WalkError on a store failure (what was deleted so far stays deleted);
+    its counts hold only the tables the walk reached."""
+    counts: dict[str, Counts] = {}
     try:
         _walk(stores, config, now, counts, dry_run=dry_run, max_entries=max_entries,
               batch_keys=batch_keys)
@@ -96,7 +97,10 @@ def cleanup(stores: Stores, config: PolicydConfig, now: int, *, dry_run: bool = 
 
 def _walk(stores: Stores, config: PolicydConfig, now: int, counts: dict[str, Counts], *,
           dry_run: bool, max_entries: int, batch_keys: int) -> None:
+    shared = len(stores.kinds()) == 1
     for kind in stores.kinds():
+        for name in (TRIPLETS, CLIENTS) if shared else (kind,):
+            counts[name] = Counts()
         batch: list[Entry] = []
         for entry in stores.walk(kind, max_entries):
             count = counts[entry.kind]
@@ -118,7 +122,7 @@ def _walk(stores: Stores, config: PolicydConfig, now: int, counts: dict[str, Cou
         if batch:
             delete_batch(stores, config, now, batch, counts)
         if stores.stats[kind].capped:
-            for name in ((TRIPLETS, CLIENTS) if len(stores.kinds()) == 1 else (kind,)):
+            for name in (TRIPLETS, CLIENTS) if shared else (kind,):
                 counts[name].capped = True
 
 
@@ -155,7 +159,9 @@ def render(config: PolicydConfig, counts: dict[str, Counts], *, dry_run: bool,
            shared: bool) -> str:
     lines = []
     for kind, spec in ((TRIPLETS, config.triplet_table), (CLIENTS, config.client_table)):
-        c = counts[kind]
+        c = counts.get(kind)
+        if c is None:
+            continue  # not reached: the walk failed before it
         if kind == TRIPLETS:
             expired = (f"{c.expired_pending + c.expired_passed} expired "
                        f"({c.expired_pending} pending past retry_window, "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from freezegun import freeze_time
 from memtable import limits as memtable_limits
 from memtable.errors import BackupError
 from memtable.registry import open_table
-from policyd.cleanup import CleanupError, Counts, cleanup, delete_batch
+from policyd.cleanup import CleanupError, Counts, cleanup, delete_batch, render
 from policyd.cli import main
 from policyd.config import PolicydConfig
 from policyd.greylist import TripletRecord
@@ -243,6 +244,30 @@ def test_a_failing_store_stops_with_the_counts_so_far(tmp_path: Path) -> None:
     assert caught.value.counts["triplets"].deleted == 19
     assert caught.value.counts["clients"].deleted == 0
     assert dump(tspec) == live_triplets()
+
+
+def test_a_table_not_reached_is_not_reported(tmp_path: Path) -> None:
+    """A triplet table that fails while it is walked stops the run before the
+    clients: the output has no "0 examined" line for a table never walked."""
+    class FailingWalk(DictTable):
+        def sequence(self) -> Iterator[tuple[str, str]]:
+            yield from list(super().sequence())[:3]
+            raise BackupError("lmdb:/var/lib/policyd/triplets: MDB_CORRUPTED")
+
+    triplet_table = FailingWalk("dict:triplets")
+    for key, value in triplets().items():
+        triplet_table.update(key, value)
+    cspec = f"lmdb:{tmp_path}/clients"
+    fill(cspec, clients())
+    config = PolicydConfig.from_file(policyd_cf(tmp_path, "dict:triplets", cspec))
+    stores = Stores(config, triplet_table, open_table(cspec, read_write=True))
+    with stores, pytest.raises(CleanupError, match="MDB_CORRUPTED") as caught:
+        cleanup(stores, config, NOW)
+    assert set(caught.value.counts) == {"triplets"}
+    assert caught.value.counts["triplets"].examined == 3
+    lines = render(config, caught.value.counts, dry_run=False, shared=False).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("policyd cleanup: triplets ")
+    assert dump(cspec) == clients()  # untouched
 
 
 # --- systemd units --------------------------------------------------------------
