@@ -7,6 +7,16 @@ try again later) is never confused with "not found" (a plain None result).
 
 from __future__ import annotations
 
+from memtable.limits import MESSAGE_QUOTE_MAX_CHARS
+
+
+def clip(text: str, limit: int = MESSAGE_QUOTE_MAX_CHARS) -> str:
+    """``text`` as a message quotes it: at most ``limit`` characters, with
+    how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 class MemtableError(Exception):
     """Root of every error raised by memtable."""
@@ -62,7 +72,7 @@ class KeySkippedError(MemtableError):
     def __init__(self, key: str, reason: str):
         self.key = key
         self.reason = reason
-        super().__init__(f'skipping update for name "{key}": {reason}')
+        super().__init__(f'skipping update for name "{clip(key)}": {reason}')
 
 
 class ValueTooLongError(MemtableError):

@@ -79,6 +79,9 @@ TEXTHASH_HOT_PAUSE_SECONDS = 0.3
 
 # `memtable ttl`: how long to wait for postconf.
 POSTCONF_TIMEOUT_SECONDS = 10.0
+# How much of a text from outside (a key, another program's message) one
+# log line or error message quotes: a 64 KiB key is not a 64 KiB line.
+MESSAGE_QUOTE_MAX_CHARS = 300
 
 # A memcached that timed out on every attempt is not asked again for this
 # long (calls fail at once; tables with a backup answer from it).

@@ -25,6 +25,7 @@ from memtable.errors import (
     SequenceUnsupportedError,
     TemporaryError,
     ValueTooLongError,
+    clip,
 )
 from memtable.keys import SILENT_SKIPS, KeyPipeline
 from memtable.table import Table
@@ -80,7 +81,8 @@ class MemcacheTable(Table):
         """Log a skipped name; raise KeySkippedError for an update."""
         loud = operation == "update" or reason not in SILENT_SKIPS
         log.log(logging.WARNING if loud else logging.DEBUG,
-                '%s: skipping %s for name "%s": %s', self.config.path, operation, name, reason)
+                '%s: skipping %s for name "%s": %s', self.config.path, operation, clip(name),
+                reason)
         if operation == "update":
             raise KeySkippedError(name, reason)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from memtable import ttl as ttl_rule
 from memtable.cf import split_list, time_seconds
 from memtable.config import MemcacheConfig
-from memtable.errors import ConfigError
+from memtable.errors import ConfigError, clip
 from memtable.limits import MEMCACHED_RELATIVE_TTL_MAX, POSTCONF_TIMEOUT_SECONDS
 
 # Postfix parameters that matter, with the unit Postfix assumes when none is given.
@@ -47,17 +47,26 @@ class TtlReport:
 def read_postconf(config_dir: str | None, names: Sequence[str]) -> dict[str, str]:
     """Parameter values from ``postconf -x`` (empty when Postfix is not
     installed): expanded, as Postfix uses them, so that a default such as
-    postscreen_dnsbl_max_ttl's ``${postscreen_dnsbl_ttl?...}h`` is a time."""
+    postscreen_dnsbl_max_ttl's ``${postscreen_dnsbl_ttl?...}h`` is a time.
+    ConfigError when postconf runs but fails (a missing ``-c`` directory, a
+    broken main.cf): its own message says why."""
     postconf = shutil.which("postconf") or ("/usr/sbin/postconf"
                                             if os.path.exists("/usr/sbin/postconf") else None)
     if postconf is None:
         return {}
     cmd = [postconf, "-x"] + (["-c", config_dir] if config_dir else []) + list(names)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True,
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
                               timeout=POSTCONF_TIMEOUT_SECONDS, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot run {postconf}: {exc.strerror or exc}") from None
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"{postconf} did not answer within "
+                          f"{POSTCONF_TIMEOUT_SECONDS} s") from None
+    if proc.returncode != 0:
+        # postconf's own "postconf: fatal: ..." line (its warnings come first).
+        why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise ConfigError(clip(why))
     values = {}
     for line in proc.stdout.splitlines():
         name, sep, value = line.partition("=")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from memtable.limits import MESSAGE_QUOTE_MAX_CHARS
 from tests.conftest import Memcached, free_port
 from tests.postfixlab import run_postmap
 
@@ -163,6 +164,28 @@ def test_ttl_command_verify_advice(tmp_path: Path, ttl: int, expire: str,
     assert len(warnings) == len(warned), done.stdout
     for line, text in zip(warnings, warned, strict=True):
         assert text in line
+
+
+def test_ttl_command_says_why_postconf_failed(tmp_path: Path) -> None:
+    cf = tmp_path / "t.cf"
+    cf.write_text("ttl = 3600\n")
+    done = run("ttl", "-c", str(tmp_path / "missing"), f"memcache:{cf}")
+    assert done.returncode == 1
+    assert "postconf: fatal: open " in done.stderr and "main.cf" in done.stderr
+    assert "not available" not in done.stdout + done.stderr
+
+
+def test_a_huge_key_is_not_echoed_whole(table: str) -> None:
+    """A key too long for memcached is skipped with a warning that quotes
+    only the start of it."""
+    key = "k" * 65000
+    done = run("-i", table, stdin=f"{key} value\n")
+    assert done.returncode == 1
+    warning = [line for line in done.stderr.splitlines() if "skipping update" in line]
+    assert len(warning) == 1 and len(warning[0]) < 1000, done.stderr[:2000]
+    shown = "k" * MESSAGE_QUOTE_MAX_CHARS
+    left = len(key) - MESSAGE_QUOTE_MAX_CHARS
+    assert f'"{shown}... ({left} more characters)"' in warning[0]
 
 
 def test_missing_lmdb_file_is_fatal_not_temporary(tmp_path: Path) -> None:
