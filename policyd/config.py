@@ -130,9 +130,15 @@ def _endpoints(entry: cf.CfEntry) -> tuple[Endpoint, ...]:
     if len(items) > limits.MAX_LISTENERS:
         raise entry.error(f"more than {limits.MAX_LISTENERS} listeners")
     try:
-        return tuple(parse_endpoint(item) for item in items)
+        endpoints = tuple(parse_endpoint(item) for item in items)
     except ConfigError as exc:
         raise entry.error(exc.message) from None
+    for endpoint in endpoints:
+        # A relative path would be relative to wherever policyd was started
+        # ("/" under systemd): never what was meant.
+        if endpoint.kind == "unix" and not endpoint.path.startswith("/"):
+            raise entry.error(f"unix:{endpoint.path}: a UNIX socket path must be absolute")
+    return endpoints
 
 
 def _optional_endpoint(entry: cf.CfEntry) -> Endpoint | None:

@@ -92,6 +92,8 @@ def test_check_config_opens_tables_and_whitelists(
     ("listen = inet:127.0.0.1:10025\nbogus = 1\n", "line 2: unknown parameter bogus"),
     ("max_connections = 0\n", "line 1: max_connections = 0"),
     ("listen = ftp:x\n", "line 1: listen"),
+    ("listen = inet:127.0.0.1:10025, unix:rel.sock\n",
+     "unix:rel.sock: a UNIX socket path must be absolute"),
     ("no equals sign here\n", "line 1:"),
 ])
 def test_check_config_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str],
