@@ -24,6 +24,7 @@ from memtable.errors import (
     SequenceUnsupportedError,
     TemporaryError,
     ValueTooLongError,
+    clip,
 )
 from memtable.limits import CF_MAX_LOGICAL_LINE_BYTES, CLI_MAX_INPUT_LINE_BYTES
 from memtable.registry import open_table
@@ -214,6 +215,11 @@ def _insert(args: argparse.Namespace, inp: IO[str], fold: bool) -> int:
                     tables.get(spec).update(key, value)
                 except (KeySkippedError, ValueTooLongError):
                     status = EX_NOTFOUND  # the table has logged why
+                except MemtableError:
+                    # Stops here: say where, so the rest can be fed again.
+                    logging.error("stdin, line %d: key \"%s\" not stored in %s; "
+                                  "the lines before it were", logical.first, clip(key), spec)
+                    raise
         return status
     finally:
         tables.close()

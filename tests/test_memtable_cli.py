@@ -188,6 +188,16 @@ def test_a_huge_key_is_not_echoed_whole(table: str) -> None:
     assert f'"{shown}... ({left} more characters)"' in warning[0]
 
 
+def test_insert_that_fails_says_which_line_stopped_it(tmp_path: Path) -> None:
+    cf = tmp_path / "t.cf"
+    cf.write_text(f"memcache = inet:127.0.0.1:{free_port()}\n")  # nobody listens
+    done = run("-i", f"memcache:{cf}", stdin="\n# comment\nfirst value\nsecond value\n")
+    assert done.returncode == 75
+    assert f'memtable: error: stdin, line 3: key "first" not stored in memcache:{cf}' \
+        in done.stderr
+    assert "memtable: temporary failure: " in done.stderr
+
+
 def test_missing_lmdb_file_is_fatal_not_temporary(tmp_path: Path) -> None:
     """As postmap: a table file that cannot be opened exits 1 (fatal), not 75."""
     done = run("-q", "k", f"lmdb:{tmp_path / 'missing'}")
