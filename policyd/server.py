@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from policyd import limits
+from policyd import limits, sdnotify
 from policyd.api import Decision, Policy
 from policyd.config import PolicydConfig
 from policyd.errors import PolicyProtocolError
@@ -367,6 +367,11 @@ class PolicyServer:
             self._close_listeners()
             raise
 
+    def status(self) -> str:
+        """One line for systemd's STATUS= (shown by systemctl status)."""
+        names = ", ".join(listener.name for listener in self._listeners or ())
+        return f"listening on {names}"
+
     async def serve_forever(self) -> None:
         """Serve until shutdown() (or SIGTERM/SIGINT) has completed."""
         await self.start()
@@ -405,6 +410,7 @@ class PolicyServer:
             log.info("reload already in progress; SIGHUP ignored")
             return
         log.info("reloading policy (SIGHUP)")
+        sdnotify.reloading()
         self._reload_task = asyncio.get_running_loop().create_task(self._reload())
 
     async def _reload(self) -> None:
@@ -413,6 +419,9 @@ class PolicyServer:
         except Exception as exc:
             log.error("reload failed, keeping the previous state: %s: %s",
                       type(exc).__name__, exc)
+        finally:
+            if not self._closing:
+                sdnotify.ready(self.status())
 
     # --- shutdown --------------------------------------------------------
 
@@ -423,6 +432,7 @@ class PolicyServer:
 
     async def _shutdown(self) -> None:
         self._closing = True
+        sdnotify.stopping()
         loop = asyncio.get_running_loop()
         for server in self._servers:
             server.close()

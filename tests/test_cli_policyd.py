@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from policyd import sdnotify
 from policyd.cli import main
 from policyd.config import DEFAULT_CONFIG_PATH
 from policyd.limits import SHUTDOWN_CANCEL_WAIT_SECONDS
@@ -289,6 +290,55 @@ def test_sigterm_does_not_wait_for_a_stuck_reload(tmp_path: Path, wrapper: Path,
     assert code == 0, err
     assert elapsed < SHUTDOWN_CANCEL_WAIT_SECONDS + WAIT, elapsed
     assert "not waiting for it" in err
+
+
+def test_tells_systemd_ready_reloading_and_stopping(tmp_path: Path, wrapper: Path,
+                                                    listening: socket.socket) -> None:
+    """Type=notify: READY=1 once policyd listens, RELOADING=1 then READY=1
+    around a SIGHUP's reload, STOPPING=1 on SIGTERM (sd_notify(3)), sent to
+    the datagram socket named by $NOTIFY_SOCKET."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(WAIT * 2)
+        cf = write_cf(tmp_path, "listen = inet:127.0.0.1:0\n")
+        proc = spawn(wrapper, cf, listen_fd=listening,
+                     extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        try:
+            ready = notify.recv(4096).decode().split("\n")
+            assert ready[0] == "READY=1"
+            assert ready[1].startswith("STATUS=listening on fd 3 inet:127.0.0.1:")
+            with socket.create_connection(listening.getsockname(), timeout=WAIT * 2) as sock:
+                assert ask(sock, request()) == b"action=DUNNO\n\n"
+            proc.send_signal(signal.SIGHUP)
+            assert notify.recv(4096).decode().startswith("RELOADING=1\nMONOTONIC_USEC=")
+            assert notify.recv(4096).decode().startswith("READY=1\n")
+            proc.send_signal(signal.SIGTERM)
+            assert notify.recv(4096) == b"STOPPING=1"
+            code, err = finish(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(WAIT)
+    assert code == 0, err
+
+
+def test_sd_notify_addresses_and_absent_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sdnotify.notify_address(None) is None
+    assert sdnotify.notify_address("") is None
+    assert sdnotify.notify_address("/run/systemd/notify") == "/run/systemd/notify"
+    assert sdnotify.notify_address("@abstract/name") == "\0abstract/name"
+    assert sdnotify.notify_address("vsock:2:1234") is None
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sdnotify.ready("x") is False  # outside systemd: nothing to tell
+    name = f"policyd-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind("\0" + name)
+        listener.settimeout(WAIT)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert sdnotify.stopping() is True
+        assert listener.recv(100) == b"STOPPING=1"
+    # The supervisor went away: no exception, just False.
+    assert sdnotify.stopping() is False
 
 
 def test_socket_activation_refuses_a_non_listening_socket(tmp_path: Path,
