@@ -4,6 +4,7 @@ a small wrapper that swaps in the scripted test policy."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -201,6 +202,19 @@ def spawn(wrapper: Path, cf: Path, *args: str, listen_fd: socket.socket | None =
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
+@contextlib.contextmanager
+def running(wrapper: Path, cf: Path, *args: str, listen_fd: socket.socket | None = None,
+            extra_env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """spawn(), and the process killed on the way out if a test left it running."""
+    proc = spawn(wrapper, cf, *args, listen_fd=listen_fd, extra_env=extra_env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+
+
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
     try:
         _, err = proc.communicate(timeout=WAIT * 2)
@@ -215,8 +229,7 @@ def test_socket_activation_signals_and_clean_exit(tmp_path: Path, wrapper: Path,
                                                   listening: socket.socket) -> None:
     # `listen` names a place that cannot be bound: only fd 3 can work.
     cf = write_cf(tmp_path, f"listen = unix:{tmp_path}/no/such/dir/p.sock\n")
-    proc = spawn(wrapper, cf, "--uvloop", listen_fd=listening)
-    try:
+    with running(wrapper, cf, "--uvloop", listen_fd=listening) as proc:
         with socket.create_connection(listening.getsockname(), timeout=WAIT * 2) as sock:
             assert ask(sock, request(test_action="OK from fd 3")) == b"action=OK from fd 3\n\n"
             proc.send_signal(signal.SIGHUP)
@@ -224,10 +237,6 @@ def test_socket_activation_signals_and_clean_exit(tmp_path: Path, wrapper: Path,
             proc.send_signal(signal.SIGTERM)
             assert is_closed(sock)
         code, err = finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT)
     assert code == 0, err
     assert "listening on fd 3 inet:127.0.0.1:" in err
     assert "reloading policy (SIGHUP)" in err
@@ -249,8 +258,8 @@ def test_sighup_while_starting_is_a_reload_once_started(tmp_path: Path, wrapper:
     (reading its files) a SIGHUP is remembered and done once it runs."""
     gate = tmp_path / "gate"
     cf = write_cf(tmp_path, "listen = inet:127.0.0.1:0\n")
-    proc = spawn(wrapper, cf, listen_fd=listening, extra_env={"TEST_BUILD_GATE": str(gate)})
-    try:
+    env = {"TEST_BUILD_GATE": str(gate)}
+    with running(wrapper, cf, listen_fd=listening, extra_env=env) as proc:
         wait_for(Path(f"{gate}.started"))
         proc.send_signal(signal.SIGHUP)
         gate.touch()
@@ -258,10 +267,6 @@ def test_sighup_while_starting_is_a_reload_once_started(tmp_path: Path, wrapper:
             assert ask(sock, request()) == b"action=DUNNO\n\n"
         proc.send_signal(signal.SIGTERM)
         code, err = finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT)
     assert code == 0, err
     assert "reloading policy (SIGHUP)" in err
     assert err.index("policyd started") < err.index("reloading policy (SIGHUP)")
@@ -273,8 +278,8 @@ def test_sigterm_does_not_wait_for_a_stuck_reload(tmp_path: Path, wrapper: Path,
     keep a stopped policyd alive: it is waited for a bounded time."""
     stuck = tmp_path / "stuck"
     cf = write_cf(tmp_path, "listen = inet:127.0.0.1:0\n")
-    proc = spawn(wrapper, cf, listen_fd=listening, extra_env={"TEST_RELOAD_HANGS": str(stuck)})
-    try:
+    env = {"TEST_RELOAD_HANGS": str(stuck)}
+    with running(wrapper, cf, listen_fd=listening, extra_env=env) as proc:
         with socket.create_connection(listening.getsockname(), timeout=WAIT * 2) as sock:
             assert ask(sock, request()) == b"action=DUNNO\n\n"
         proc.send_signal(signal.SIGHUP)
@@ -283,10 +288,6 @@ def test_sigterm_does_not_wait_for_a_stuck_reload(tmp_path: Path, wrapper: Path,
         proc.send_signal(signal.SIGTERM)
         code, err = finish(proc)
         elapsed = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT)
     assert code == 0, err
     assert elapsed < SHUTDOWN_CANCEL_WAIT_SECONDS + WAIT, elapsed
     assert "not waiting for it" in err
@@ -301,9 +302,8 @@ def test_tells_systemd_ready_reloading_and_stopping(tmp_path: Path, wrapper: Pat
         notify.bind(str(tmp_path / "notify"))
         notify.settimeout(WAIT * 2)
         cf = write_cf(tmp_path, "listen = inet:127.0.0.1:0\n")
-        proc = spawn(wrapper, cf, listen_fd=listening,
-                     extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
-        try:
+        env = {"NOTIFY_SOCKET": str(tmp_path / "notify")}
+        with running(wrapper, cf, listen_fd=listening, extra_env=env) as proc:
             ready = notify.recv(4096).decode().split("\n")
             assert ready[0] == "READY=1"
             assert ready[1].startswith("STATUS=listening on fd 3 inet:127.0.0.1:")
@@ -315,10 +315,6 @@ def test_tells_systemd_ready_reloading_and_stopping(tmp_path: Path, wrapper: Pat
             proc.send_signal(signal.SIGTERM)
             assert notify.recv(4096) == b"STOPPING=1"
             code, err = finish(proc)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(WAIT)
     assert code == 0, err
 
 

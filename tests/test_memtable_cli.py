@@ -101,19 +101,26 @@ def test_ttl_command_explains_and_warns(tmp_path: Path) -> None:
     assert "warning: ttl 7776000 is over 30 days" in done.stdout
 
 
+def ttl_report(tmp_path: Path, ttl: int, main_cf: str) -> subprocess.CompletedProcess[str]:
+    """`memtable ttl` of a table with ``ttl``, against a Postfix configuration
+    directory whose main.cf is ``main_cf`` (``{table}`` names the table)."""
+    cf = tmp_path / "t.cf"
+    cf.write_text(f"ttl = {ttl}\n")
+    conf = tmp_path / "postfix"
+    conf.mkdir()
+    (conf / "main.cf").write_text("compatibility_level = 3.6\n"
+                                  + main_cf.format(table=f"memcache:{cf}"))
+    done = run("ttl", "-c", str(conf), f"memcache:{cf}")
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_ttl_command_checks_postscreen_ttls(tmp_path: Path) -> None:
     """With Postfix's configuration, `memtable ttl` finds the table in
     postscreen_cache_map and warns that its ttl is shorter than the
     postscreen ttls it has to keep."""
-    cf = tmp_path / "ps.cf"
-    cf.write_text("ttl = 3600\n")
-    conf = tmp_path / "postfix"
-    conf.mkdir()
-    (conf / "main.cf").write_text(
-        f"compatibility_level = 3.6\npostscreen_cache_map = memcache:{cf}\n"
-        "postscreen_pipelining_ttl = 30d\npostscreen_cache_cleanup_interval = 12h\n")
-    done = run("ttl", "-c", str(conf), f"memcache:{cf}")
-    assert done.returncode == 0, done.stderr
+    done = ttl_report(tmp_path, 3600, "postscreen_cache_map = {table}\n"
+                      "postscreen_pipelining_ttl = 30d\npostscreen_cache_cleanup_interval = 12h\n")
     assert "postscreen_cache_map uses this table" in done.stdout
     assert "shorter than postscreen_pipelining_ttl" in done.stdout
     assert "set ttl = 2592000" in done.stdout
@@ -123,15 +130,8 @@ def test_ttl_command_checks_postscreen_ttls(tmp_path: Path) -> None:
 def test_ttl_command_reads_expanded_postfix_values(tmp_path: Path) -> None:
     """postscreen_dnsbl_max_ttl's default is ``${postscreen_dnsbl_ttl?...}h``:
     only postconf -x turns it into the time Postfix uses."""
-    cf = tmp_path / "ps.cf"
-    cf.write_text("ttl = 2592000\n")
-    conf = tmp_path / "postfix"
-    conf.mkdir()
-    (conf / "main.cf").write_text(
-        f"compatibility_level = 3.6\npostscreen_cache_map = memcache:{cf}\n"
-        "postscreen_cache_cleanup_interval = 0\n")
-    done = run("ttl", "-c", str(conf), f"memcache:{cf}")
-    assert done.returncode == 0, done.stderr
+    done = ttl_report(tmp_path, 2592000, "postscreen_cache_map = {table}\n"
+                      "postscreen_cache_cleanup_interval = 0\n")
     assert "postscreen_dnsbl_max_ttl = 1h" in done.stdout
     assert "warning" not in done.stdout
 
@@ -151,15 +151,8 @@ def test_ttl_command_reads_expanded_postfix_values(tmp_path: Path) -> None:
 ])
 def test_ttl_command_verify_advice(tmp_path: Path, ttl: int, expire: str,
                                    warned: list[str]) -> None:
-    cf = tmp_path / "verify.cf"
-    cf.write_text(f"ttl = {ttl}\n")
-    conf = tmp_path / "postfix"
-    conf.mkdir()
-    (conf / "main.cf").write_text(
-        f"compatibility_level = 3.6\naddress_verify_map = memcache:{cf}\n"
-        f"address_verify_cache_cleanup_interval = 0\n{expire}")
-    done = run("ttl", "-c", str(conf), f"memcache:{cf}")
-    assert done.returncode == 0, done.stderr
+    done = ttl_report(tmp_path, ttl, "address_verify_map = {table}\n"
+                      f"address_verify_cache_cleanup_interval = 0\n{expire}")
     warnings = [line for line in done.stdout.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == len(warned), done.stdout
     for line, text in zip(warnings, warned, strict=True):
