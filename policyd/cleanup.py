@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from memtable import clock
 from policyd import limits
 from policyd.config import PolicydConfig
+from policyd.logsetup import error_line
 from policyd.storewalk import (
     CLIENTS,
     TRIPLETS,
@@ -200,7 +201,7 @@ def command(config: PolicydConfig, args: argparse.Namespace) -> int:
                                         shared=shared))
                 raise
     except WalkError as exc:
-        print(f"policyd: cleanup: {exc}", file=sys.stderr)
+        print(error_line(f"policyd: cleanup: {exc}"), file=sys.stderr)
         return 1
     sys.stdout.write(render(config, counts, dry_run=args.dry_run, shared=shared))
     return 0

@@ -108,18 +108,22 @@ def _run(config: PolicydConfig, args: argparse.Namespace) -> int:
     # policyd starts (reading large whitelists takes a while) is remembered
     # and done once the server runs, instead.
     _hangups.clear()
-    signal.signal(signal.SIGHUP, _early_hangup)
-    setup_logging(config)
-    loop_factory = _uvloop_factory() if args.uvloop else None
+    previous = signal.signal(signal.SIGHUP, _early_hangup)
     try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_serve(config))
-    except (MemtableError, PolicydError, OSError, ImportError) as exc:
-        log.critical("%s", exc)
-        return 1
-    except KeyboardInterrupt:  # SIGINT before the handlers were installed
-        return 1
-    return 0
+        setup_logging(config)
+        loop_factory = _uvloop_factory() if args.uvloop else None
+        try:
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                runner.run(_serve(config))
+        except (MemtableError, PolicydError, OSError, ImportError) as exc:
+            log.critical("%s", exc)
+            return 1
+        except KeyboardInterrupt:  # SIGINT before the handlers were installed
+            return 1
+        return 0
+    finally:
+        # None: the handler was not set from Python; the default is what was.
+        signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
 
 
 _hangups: list[int] = []

@@ -68,14 +68,25 @@ UNIX_PROBE_TIMEOUT_SECONDS = 1.0
 SHUTDOWN_CANCEL_WAIT_SECONDS = 2.0
 # Then how long each store's worker gets to finish what is queued and close
 # its table before it is abandoned (its thread is a daemon; an lmdb commit
-# cut short by the exit is rolled back by LMDB).  A stop therefore takes at
-# most shutdown_grace + SHUTDOWN_CANCEL_WAIT_SECONDS + this, which the
-# units' TimeoutStopSec=30s covers with the default shutdown_grace (10s).
-STORE_CLOSE_WAIT_SECONDS = 10.0
+# cut short by the exit is rolled back by LMDB).  The stores close together.
+STORE_CLOSE_WAIT_SECONDS = 5.0
 # The metrics endpoint: scrapes served at once (one thread each; more are
-# closed at once), and how long a scrape may take to send its request.
+# closed at once), how long one connection may last in all, and how long a
+# stop waits for its serving thread.
 METRICS_MAX_CONNECTIONS = 8
-METRICS_READ_TIMEOUT_SECONDS = 10.0
+METRICS_CONNECTION_SECONDS = 10.0
+METRICS_CLOSE_WAIT_SECONDS = 2.0
+# How long telling systemd a state change (sd_notify) may wait for room.
+SD_NOTIFY_TIMEOUT_SECONDS = 2.0
+
+
+def longest_stop_seconds(shutdown_grace: float) -> float:
+    """The longest a stop (SIGTERM) takes: requests in flight get
+    shutdown_grace, cancelled ones and a reload in progress each
+    SHUTDOWN_CANCEL_WAIT_SECONDS, then the stores and the metrics endpoint
+    close.  The units' TimeoutStopSec must exceed it."""
+    return (shutdown_grace + 2 * SHUTDOWN_CANCEL_WAIT_SECONDS + STORE_CLOSE_WAIT_SECONDS
+            + METRICS_CLOSE_WAIT_SECONDS)
 
 # --- report and cleanup (policyd.report, policyd.cleanup, policyd.storewalk) -
 # Entries `policyd report` reads per table: memory stays bounded (one int per

@@ -121,18 +121,16 @@ def _bind(endpoint: Endpoint, unix_mode: int, reuse_port: bool = False) -> Liste
     try:
         if endpoint.kind == "unix":
             return _bind_unix(endpoint.path, unix_mode)
-        return _bind_inet(endpoint, reuse_port)
+        return bind_inet(endpoint, reuse_port)
     except OSError as exc:
         raise ListenerError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from None
 
 
-def _bind_inet(endpoint: Endpoint, reuse_port: bool = False) -> Listener:
-    family = endpoint.family
-    try:
-        infos = socket.getaddrinfo(endpoint.host, endpoint.port, family, socket.SOCK_STREAM,
-                                   0, socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ListenerError(f"cannot listen on {endpoint}: {exc.strerror}") from None
+def bind_inet(endpoint: Endpoint, reuse_port: bool = False) -> Listener:
+    """A listening TCP socket on an inet endpoint (also the metrics
+    endpoint's); OSError (socket.gaierror for a name) when it cannot be had."""
+    infos = socket.getaddrinfo(endpoint.host, endpoint.port, endpoint.family,
+                               socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:

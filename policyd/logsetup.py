@@ -181,11 +181,14 @@ class _PostfixFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         record.severity = _PREFIXES.get(record.levelno, "")
-        if self.journal:
-            record.priority = _JOURNAL_PRIORITIES.get(record.levelno, "<6>")
         if record.process is None:  # logging.logProcesses is off: see setup_logging
             record.process = _pid
-        return super().format(record)
+        if not self.journal:
+            return super().format(record)
+        priority = record.priority = _JOURNAL_PRIORITIES.get(record.levelno, "<6>")
+        # The journal reads each line on its own: a traceback's lines need
+        # the priority too, or `journalctl -p err` shows only the first.
+        return super().format(record).replace("\n", "\n" + priority)
 
     def info_line(self, message: str, created: float) -> str:
         """What format() makes of an info record of ``message`` created at

@@ -12,17 +12,19 @@ process (tests) and nothing leaks into prometheus_client's global one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import socketserver
 import threading
 from typing import Any, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from memtable.endpoint import Endpoint
 from policyd import limits
 from policyd.api import Decision
 from policyd.errors import PolicydError
+from policyd.listeners import bind_inet
 
 log = logging.getLogger("policyd.metrics")
 
@@ -220,11 +222,11 @@ class Metrics:
             raise PolicydError(f"metrics_listen = {endpoint}: only inet:host:port is "
                                "supported (Prometheus scrapes over TCP)")
         try:
-            server = _BoundedWSGIServer.start(endpoint.host, endpoint.port,
-                                              self._prom.make_wsgi_app(self.registry))
+            listener = bind_inet(endpoint)
         except OSError as exc:
             raise PolicydError(f"metrics_listen = {endpoint}: cannot listen: "
                                f"{exc.strerror or exc}") from None
+        server = _BoundedWSGIServer(listener.sock, self._prom.make_wsgi_app(self.registry))
         thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
         thread.start()
         self._server, self._thread = server, thread
@@ -239,7 +241,7 @@ class Metrics:
             server.shutdown()
             server.server_close()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=limits.METRICS_CLOSE_WAIT_SECONDS)
             self._thread = None
 
 
@@ -251,29 +253,26 @@ class _QuietHandler(WSGIRequestHandler):
 class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     """prometheus_client's start_http_server, bounded: at most
     METRICS_MAX_CONNECTIONS scrapes at once (a thread each; further
-    connections are closed at once) and METRICS_READ_TIMEOUT_SECONDS for each
-    socket operation, so idle or slow connections cannot pile up threads."""
+    connections are closed at once), each connection closed after
+    METRICS_CONNECTION_SECONDS in all, so idle or slow connections cannot
+    pile up threads or hold every slot."""
 
     daemon_threads = True
 
-    @classmethod
-    def start(cls, host: str, port: int, app: Any) -> _BoundedWSGIServer:
-        # The address family of what the host resolves to, as
-        # prometheus_client picks it (an IPv6 host needs an IPv6 socket).
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        server_class = type(cls.__name__, (cls,), {"address_family": family})
-        server: _BoundedWSGIServer = make_server(host, port, app, server_class,
-                                                 handler_class=_QuietHandler)
-        return server
-
-    def server_activate(self) -> None:
+    def __init__(self, sock: socket.socket, app: Any) -> None:
+        # The socket comes bound and listening from policyd.listeners (one
+        # way to bind inet endpoints: address family, IPV6_V6ONLY), which
+        # also skips HTTPServer.server_bind's unbounded getfqdn() lookup.
+        super().__init__(sock.getsockname(), _QuietHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.address_family = sock.family
+        self.server_address = sock.getsockname()
+        self.server_name, self.server_port = str(self.server_address[0]), int(
+            self.server_address[1])
+        self.setup_environ()
+        self.set_app(app)
         self._slots = threading.BoundedSemaphore(limits.METRICS_MAX_CONNECTIONS)
-        super().server_activate()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, address = super().get_request()
-        sock.settimeout(limits.METRICS_READ_TIMEOUT_SECONDS)
-        return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -291,10 +290,23 @@ class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
         log.debug("metrics: connection from %s failed", client_address, exc_info=True)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # The whole connection is bounded, not each read: a client sending a
+        # byte now and then must not keep its slot.  Shutting the socket
+        # down ends the handler's next (or current) read.
+        request.settimeout(limits.METRICS_CONNECTION_SECONDS)
+        watchdog = threading.Timer(limits.METRICS_CONNECTION_SECONDS, _shut, (request,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            watchdog.cancel()
             self._slots.release()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _url_host(address: tuple[str, int]) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 from memtable import clock
 from policyd import limits
 from policyd.config import PolicydConfig
+from policyd.logsetup import error_line
 from policyd.storewalk import (
     CLIENTS,
     TRIPLETS,
@@ -456,7 +457,7 @@ def write_plot(report: Report, path: str) -> None:
 
 def command(config: PolicydConfig, args: argparse.Namespace) -> int:
     def fail(message: str) -> int:
-        print(f"policyd: report: {message}", file=sys.stderr)
+        print(error_line(f"policyd: report: {message}"), file=sys.stderr)
         return 1
 
     if not 0 <= args.top <= limits.REPORT_MAX_TOP_CLIENTS:

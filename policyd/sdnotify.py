@@ -4,8 +4,9 @@ With ``Type=notify`` systemd starts Postfix (``Before=postfix.service``) and
 returns from ``systemctl start`` only once policyd said READY=1, i.e. once
 it listens; ``systemctl reload`` waits for a reload to end; a stop is shown
 as stopping.  Outside systemd ($NOTIFY_SOCKET unset) every call is a no-op.
-A message that cannot be sent is logged at debug level: the service must
-not fail because its supervisor went away.
+A message that cannot be sent within SD_NOTIFY_TIMEOUT_SECONDS (systemd
+busy, its queue full) is logged as a warning and otherwise ignored: the
+service must not fail because its supervisor is slow or went away.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import socket
 
 from memtable import clock
+from policyd import limits
 
 log = logging.getLogger("policyd.sdnotify")
 
@@ -38,10 +40,12 @@ def notify(*fields: str) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.settimeout(0)  # a full queue must not stall the event loop
+            # A full queue (systemd busy at boot) drains in time; waiting
+            # briefly beats losing READY=1, which would make systemd kill us.
+            sock.settimeout(limits.SD_NOTIFY_TIMEOUT_SECONDS)
             sock.sendto("\n".join(fields).encode(), address)
     except OSError as exc:
-        log.debug("sd_notify %s: %s", fields, exc)
+        log.warning("cannot tell systemd %s: %s", fields[0], exc.strerror or exc)
         return False
     return True
 

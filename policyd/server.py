@@ -406,6 +406,9 @@ class PolicyServer:
         """Ask the policy to re-read its files (SIGHUP), in a thread: reading
         and compiling large whitelists must not stall the event loop.  One
         reload at a time; errors are logged and the old state kept."""
+        if self._closing:
+            log.info("stopping; SIGHUP ignored")
+            return
         if self._reload_task is not None and not self._reload_task.done():
             log.info("reload already in progress; SIGHUP ignored")
             return
@@ -598,6 +601,8 @@ async def _in_daemon_thread(function: Callable[[], None], name: str) -> None:
         error: BaseException | None = None
         try:
             function()
+        except StopIteration as exc:  # a Future refuses it (TypeError)
+            error = RuntimeError(f"StopIteration: {exc}")
         except BaseException as exc:  # delivered to the awaiting task
             error = exc
         # RuntimeError: the loop closed meanwhile, nobody is waiting.

@@ -10,13 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from policyd import sdnotify
+from policyd import limits, sdnotify
 from policyd.cli import main
 from policyd.config import DEFAULT_CONFIG_PATH
 from policyd.limits import SHUTDOWN_CANCEL_WAIT_SECONDS
@@ -335,6 +336,26 @@ def test_sd_notify_addresses_and_absent_supervisor(monkeypatch: pytest.MonkeyPat
         assert listener.recv(100) == b"STOPPING=1"
     # The supervisor went away: no exception, just False.
     assert sdnotify.stopping() is False
+
+
+def test_sd_notify_waits_for_room_in_a_full_queue(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """systemd busy (its datagram queue full): READY=1 waits for room
+    rather than being lost; past SD_NOTIFY_TIMEOUT_SECONDS a warning."""
+    path = str(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setattr(limits, "SD_NOTIFY_TIMEOUT_SECONDS", 0.3)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(path)
+        sent = 0
+        while sdnotify.notify("X=1"):  # fill the queue; the last send times out
+            sent += 1
+            assert sent < 10_000
+        assert "cannot tell systemd X=1" in caplog.text
+        monkeypatch.setattr(limits, "SD_NOTIFY_TIMEOUT_SECONDS", WAIT)
+        threading.Timer(0.2, systemd.recv, (100,)).start()  # systemd reads one
+        assert sdnotify.ready("listening") is True
 
 
 def test_socket_activation_refuses_a_non_listening_socket(tmp_path: Path,

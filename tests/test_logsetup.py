@@ -200,9 +200,20 @@ def test_stderr_to_the_journal_carries_priorities(
         finally:
             logging.getLogger(DECISION_LOGGER).filters.clear()
         print(logsetup.error_line("policyd: bad.cf, line 1: oops"), file=stream)
+        try:
+            raise ValueError("with a traceback")
+        except ValueError:
+            logging.getLogger("policyd.test").exception("failed")
         for handler in handlers:
             handler.flush()
     lines = out.read_text().splitlines()
+    traceback = lines[5:]
+    lines = lines[:5]
+    assert traceback[0].endswith("failed") and traceback[-1].endswith(
+        "ValueError: with a traceback")
+    if journal:
+        # Every line of the record at its priority: the journal reads lines.
+        assert all(line.startswith("<3>") for line in traceback), traceback
     decision = format_decision(REQUEST, Decision("DUNNO", "new"))
     if journal:
         assert lines == ["<4>warning: disk full", "<3>error: broken", f"<6>{decision}",

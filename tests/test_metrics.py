@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -186,14 +186,30 @@ def test_close_stops_serving() -> None:
         pass
 
 
+def wait_until(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + SCRAPE_TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def scrapes(metrics: Metrics) -> bool:
+    try:
+        return ("policyd_connections_total", ()) in scrape(metrics)
+    except OSError:  # refused while the slots are taken
+        return False
+
+
 def test_idle_connections_are_bounded(monkeypatch: pytest.MonkeyPatch,
                                       capfd: pytest.CaptureFixture[str]) -> None:
     """Connections that never finish their request hold at most
     METRICS_MAX_CONNECTIONS threads, further ones are closed at once, and
-    each is closed after METRICS_READ_TIMEOUT_SECONDS, quietly; then scrapes
+    each is closed after METRICS_CONNECTION_SECONDS, quietly; then scrapes
     work again."""
     monkeypatch.setattr(limits, "METRICS_MAX_CONNECTIONS", 3)
-    monkeypatch.setattr(limits, "METRICS_READ_TIMEOUT_SECONDS", 1.5)
+    monkeypatch.setattr(limits, "METRICS_CONNECTION_SECONDS", 1.5)
     m = start_metrics(parse_endpoint("inet:127.0.0.1:0"))
     assert m.address is not None
     before = threading.active_count()
@@ -201,24 +217,49 @@ def test_idle_connections_are_bounded(monkeypatch: pytest.MonkeyPatch,
     try:
         for sock in idle:
             sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the blank line
-        time.sleep(0.3)  # the server has accepted them all
-        closed = [sock for sock in idle if select.select([sock], [], [], 0)[0]]
-        assert len(closed) == 7
-        assert all(sock.recv(1) == b"" for sock in closed)
-        assert threading.active_count() == before + 3
-        held = [sock for sock in idle if sock not in closed]
-        for sock in held:  # closed by the server after its read timeout
+
+        def closed() -> list[socket.socket]:
+            return [sock for sock in idle if select.select([sock], [], [], 0)[0]]
+        assert wait_until(lambda: len(closed()) == 7)
+        assert all(sock.recv(1) == b"" for sock in closed())
+        # A handler thread and its watchdog timer per held connection.
+        assert threading.active_count() <= before + 2 * 3
+        for sock in idle:  # the held ones, closed by the server in time
             assert sock.recv(65536) == b""
-        deadline = time.monotonic() + SCRAPE_TIMEOUT
-        while threading.active_count() > before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert threading.active_count() == before
+        assert wait_until(lambda: threading.active_count() == before)
         assert ("policyd_connections_total", ()) in scrape(m)
     finally:
         for sock in idle:
             sock.close()
         m.close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_dripping_client_is_closed_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound is on the whole connection, not on each read: a client
+    sending a byte now and then does not keep its slot."""
+    monkeypatch.setattr(limits, "METRICS_MAX_CONNECTIONS", 1)
+    monkeypatch.setattr(limits, "METRICS_CONNECTION_SECONDS", 1.0)
+    m = start_metrics(parse_endpoint("inet:127.0.0.1:0"))
+    assert m.address is not None
+    try:
+        with socket.create_connection(m.address, timeout=SCRAPE_TIMEOUT) as sock:
+            started = time.monotonic()
+            sent = 0
+            for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"x" * 100:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    break
+                sent += 1
+                if select.select([sock], [], [], 0.2)[0]:
+                    break  # the server closed it
+            assert sock.recv(65536) == b""
+            assert time.monotonic() - started < 1.0 + SCRAPE_TIMEOUT / 2
+            assert sent < 30  # a byte every 0.2 s for 1 s, not the whole request
+        assert wait_until(lambda: scrapes(m))  # the slot is free again
+    finally:
+        m.close()
 
 
 def test_port_in_use_is_a_clear_error() -> None:

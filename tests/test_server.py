@@ -23,7 +23,7 @@ from policyd import limits
 from policyd.config import PolicydConfig
 from policyd.errors import ListenerError
 from policyd.listeners import open_listeners
-from policyd.server import PolicyServer
+from policyd.server import PolicyServer, _in_daemon_thread
 from tests.policyd_helpers import (
     WAIT,
     ScriptedPolicy,
@@ -384,6 +384,40 @@ def test_signals_in_process(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_reload_while_stopping_is_ignored(tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A SIGHUP during shutdown_grace must not start a reload of a policy
+    about to be closed."""
+    caplog.set_level(logging.INFO, logger="policyd")
+    policy = ScriptedPolicy()
+    config = PolicydConfig(listen=(Endpoint("unix", path=str(tmp_path / "s.sock")),))
+
+    async def scenario() -> None:
+        server = PolicyServer(config, policy)
+        await server.start()
+        await server.shutdown()
+        server.reload()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert policy.reloads == 0
+    assert "stopping; SIGHUP ignored" in caplog.text
+
+
+def test_daemon_thread_calls_deliver_results_and_any_error() -> None:
+    async def scenario() -> None:
+        results: list[int] = []
+        await _in_daemon_thread(lambda: results.append(1), "t")
+        assert results == [1]
+        with pytest.raises(ValueError, match="bad"):
+            await _in_daemon_thread(lambda: int("bad"), "t")
+        # A Future refuses StopIteration itself: it must still end the wait.
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await _in_daemon_thread(lambda: next(iter([])), "t")
+
+    asyncio.run(asyncio.wait_for(scenario(), WAIT))
 
 
 def test_request_before_half_close_is_answered(server: ServerThread) -> None:
