@@ -152,7 +152,7 @@ async def _serve(config: PolicydConfig) -> None:
         await server.start()
         server.install_signal_handlers()
         log.info("policyd started (%s)", config.path)
-        sdnotify.ready(server.status())
+        sdnotify.ready(server.status(), wait=True)
         if _hangups:
             server.reload()  # asked for while starting
         try:

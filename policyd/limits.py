@@ -76,6 +76,8 @@ STORE_CLOSE_WAIT_SECONDS = 5.0
 METRICS_MAX_CONNECTIONS = 8
 METRICS_CONNECTION_SECONDS = 10.0
 METRICS_CLOSE_WAIT_SECONDS = 2.0
+# How often the metrics server's loop looks for a stop (a stop may wait one).
+METRICS_POLL_SECONDS = 0.5
 # How long telling systemd a state change (sd_notify) may wait for room.
 SD_NOTIFY_TIMEOUT_SECONDS = 2.0
 
@@ -84,9 +86,10 @@ def longest_stop_seconds(shutdown_grace: float) -> float:
     """The longest a stop (SIGTERM) takes: requests in flight get
     shutdown_grace, cancelled ones and a reload in progress each
     SHUTDOWN_CANCEL_WAIT_SECONDS, then the stores and the metrics endpoint
-    close.  The units' TimeoutStopSec must exceed it."""
+    close (STOPPING=1 to systemd never waits).  The units' TimeoutStopSec
+    must exceed it."""
     return (shutdown_grace + 2 * SHUTDOWN_CANCEL_WAIT_SECONDS + STORE_CLOSE_WAIT_SECONDS
-            + METRICS_CLOSE_WAIT_SECONDS)
+            + METRICS_POLL_SECONDS + METRICS_CLOSE_WAIT_SECONDS)
 
 # --- report and cleanup (policyd.report, policyd.cleanup, policyd.storewalk) -
 # Entries `policyd report` reads per table: memory stays bounded (one int per

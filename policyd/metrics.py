@@ -226,9 +226,14 @@ class Metrics:
         except OSError as exc:
             raise PolicydError(f"metrics_listen = {endpoint}: cannot listen: "
                                f"{exc.strerror or exc}") from None
-        server = _BoundedWSGIServer(listener.sock, self._prom.make_wsgi_app(self.registry))
-        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
-        thread.start()
+        try:
+            server = _BoundedWSGIServer(listener.sock, self._prom.make_wsgi_app(self.registry))
+            thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True,
+                                      args=(limits.METRICS_POLL_SECONDS,))
+            thread.start()
+        except BaseException:
+            listener.sock.close()
+            raise
         self._server, self._thread = server, thread
         host, port = server.server_address[:2]
         self.address = (str(host), int(port))
@@ -273,6 +278,7 @@ class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
         self.setup_environ()
         self.set_app(app)
         self._slots = threading.BoundedSemaphore(limits.METRICS_MAX_CONNECTIONS)
+        self._watchdogs: dict[socket.socket, _Watchdog] = {}
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -290,23 +296,47 @@ class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
         log.debug("metrics: connection from %s failed", client_address, exc_info=True)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        # The whole connection is bounded, not each read: a client sending a
-        # byte now and then must not keep its slot.  Shutting the socket
-        # down ends the handler's next (or current) read.
-        request.settimeout(limits.METRICS_CONNECTION_SECONDS)
-        watchdog = threading.Timer(limits.METRICS_CONNECTION_SECONDS, _shut, (request,))
-        watchdog.daemon = True
-        watchdog.start()
         try:
+            try:
+                # The whole connection is bounded, not each read: a client
+                # sending a byte now and then must not keep its slot.
+                self._watchdogs[request] = _Watchdog(request)
+            except BaseException:  # its timer thread could not start
+                self.shutdown_request(request)
+                raise
             super().process_request_thread(request, client_address)
         finally:
-            watchdog.cancel()
             self._slots.release()
 
+    def shutdown_request(self, request: Any) -> None:
+        watchdog = self._watchdogs.pop(request, None)
+        if watchdog is None:
+            super().shutdown_request(request)
+            return
+        with watchdog.lock:  # never while the watchdog shuts it down
+            watchdog.closed = True
+            watchdog.timer.cancel()
+            super().shutdown_request(request)
 
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
+
+class _Watchdog:
+    """Shuts a metrics connection down after METRICS_CONNECTION_SECONDS,
+    which ends the handler's current or next read; a lock and a flag keep it
+    off a socket (and a reused descriptor) once the server closed it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.closed = False
+        self.timer = threading.Timer(limits.METRICS_CONNECTION_SECONDS, self._shut)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _shut(self) -> None:
+        with self.lock:
+            if not self.closed:
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
 
 
 def _url_host(address: tuple[str, int]) -> str:

@@ -2,11 +2,12 @@
 
 With ``Type=notify`` systemd starts Postfix (``Before=postfix.service``) and
 returns from ``systemctl start`` only once policyd said READY=1, i.e. once
-it listens; ``systemctl reload`` waits for a reload to end; a stop is shown
-as stopping.  Outside systemd ($NOTIFY_SOCKET unset) every call is a no-op.
-A message that cannot be sent within SD_NOTIFY_TIMEOUT_SECONDS (systemd
-busy, its queue full) is logged as a warning and otherwise ignored: the
-service must not fail because its supervisor is slow or went away.
+it listens; ``systemctl status`` shows a reload in progress and a stop.
+Outside systemd ($NOTIFY_SOCKET unset) every call is a no-op.  The first
+READY=1 waits up to SD_NOTIFY_TIMEOUT_SECONDS for room in systemd's queue
+(lost, systemd would kill policyd at TimeoutStartSec); later messages run on
+the event loop while it serves, so they never wait.  A message that cannot
+be sent is logged as a warning and otherwise ignored.
 """
 
 from __future__ import annotations
@@ -33,25 +34,27 @@ def notify_address(value: str | None) -> str | None:
     return None  # vsock and other forms: not used by the units shipped here
 
 
-def notify(*fields: str) -> bool:
-    """Send ``NAME=value`` fields as one message; True when it was sent."""
+def notify(*fields: str, wait: bool = False) -> bool:
+    """Send ``NAME=value`` fields as one message; True when it was sent.
+    ``wait``: wait up to SD_NOTIFY_TIMEOUT_SECONDS for room in the queue."""
     address = notify_address(os.environ.get("NOTIFY_SOCKET"))
     if address is None:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            # A full queue (systemd busy at boot) drains in time; waiting
-            # briefly beats losing READY=1, which would make systemd kill us.
-            sock.settimeout(limits.SD_NOTIFY_TIMEOUT_SECONDS)
-            sock.sendto("\n".join(fields).encode(), address)
+            # Connected: an unconnected datagram socket always polls as
+            # writable, so a timed send would spin instead of sleeping.
+            sock.settimeout(limits.SD_NOTIFY_TIMEOUT_SECONDS if wait else 0)
+            sock.connect(address)
+            sock.send("\n".join(fields).encode())
     except OSError as exc:
         log.warning("cannot tell systemd %s: %s", fields[0], exc.strerror or exc)
         return False
     return True
 
 
-def ready(status: str) -> bool:
-    return notify("READY=1", f"STATUS={status}")
+def ready(status: str, wait: bool = False) -> bool:
+    return notify("READY=1", f"STATUS={status}", wait=wait)
 
 
 def reloading() -> bool:

@@ -383,6 +383,7 @@ class PolicyServer:
         requests in flight finish for up to shutdown_grace seconds, then
         cancel the rest.  Safe to call more than once."""
         if self._shutdown_task is None:
+            self._closing = True  # at once: a SIGHUP handled next must not reload
             self._shutdown_task = asyncio.create_task(self._shutdown())
         await asyncio.shield(self._shutdown_task)
 
@@ -431,6 +432,7 @@ class PolicyServer:
     def _on_stop_signal(self, signum: int) -> None:
         if self._shutdown_task is None:
             log.info("%s received: shutting down", signal.Signals(signum).name)
+            self._closing = True  # at once: a SIGHUP handled next must not reload
             self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown())
 
     async def _shutdown(self) -> None:

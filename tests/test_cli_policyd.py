@@ -341,21 +341,26 @@ def test_sd_notify_addresses_and_absent_supervisor(monkeypatch: pytest.MonkeyPat
 def test_sd_notify_waits_for_room_in_a_full_queue(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    """systemd busy (its datagram queue full): READY=1 waits for room
-    rather than being lost; past SD_NOTIFY_TIMEOUT_SECONDS a warning."""
+    """systemd busy (its datagram queue full): messages sent while serving
+    never wait (a warning); the first READY=1 waits for room, sleeping (not
+    spinning), up to SD_NOTIFY_TIMEOUT_SECONDS."""
     path = str(tmp_path / "notify")
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     monkeypatch.setattr(limits, "SD_NOTIFY_TIMEOUT_SECONDS", 0.3)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
         systemd.bind(path)
         sent = 0
-        while sdnotify.notify("X=1"):  # fill the queue; the last send times out
+        while sdnotify.notify("X=1"):  # fill the queue; the next send fails at once
             sent += 1
             assert sent < 10_000
         assert "cannot tell systemd X=1" in caplog.text
+        wall, cpu = time.monotonic(), time.process_time()
+        assert sdnotify.ready("listening", wait=True) is False
+        assert time.monotonic() - wall >= 0.25  # it waited ...
+        assert time.process_time() - cpu < 0.15  # ... asleep
         monkeypatch.setattr(limits, "SD_NOTIFY_TIMEOUT_SECONDS", WAIT)
         threading.Timer(0.2, systemd.recv, (100,)).start()  # systemd reads one
-        assert sdnotify.ready("listening") is True
+        assert sdnotify.ready("listening", wait=True) is True
 
 
 def test_socket_activation_refuses_a_non_listening_socket(tmp_path: Path,

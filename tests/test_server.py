@@ -397,13 +397,16 @@ def test_reload_while_stopping_is_ignored(tmp_path: Path,
     async def scenario() -> None:
         server = PolicyServer(config, policy)
         await server.start()
+        # SIGTERM and SIGHUP handled in one loop iteration: the stop wins.
+        server._on_stop_signal(signal.SIGTERM)
+        server.reload()
         await server.shutdown()
         server.reload()
         await asyncio.sleep(0.05)
 
     asyncio.run(scenario())
     assert policy.reloads == 0
-    assert "stopping; SIGHUP ignored" in caplog.text
+    assert caplog.text.count("stopping; SIGHUP ignored") == 2
 
 
 def test_daemon_thread_calls_deliver_results_and_any_error() -> None:
