@@ -11,8 +11,8 @@ Each decision is ONE logfmt-style line (logger ``policyd.decision``):
 
 (on one line).  A decision to close without reply shows
 ``action=disconnect``; a decision with a ``detail`` (a policy failure says
-what failed) ends with ``detail="..."``.  A missing or empty value is ``-`` (the null sender is
-``<>``); values holding white space, ``"``, ``=``, ``\\`` or control
+what failed) ends with ``detail="..."``.  A missing or empty value is ``-``
+(the null sender is ``<>``); values holding white space, ``"``, ``=``, ``\\`` or control
 characters are double-quoted with ``\\"``, ``\\\\`` and ``\\xNN`` escapes, so a
 client cannot forge fields or lines.  ``delay`` is whole seconds.
 
@@ -99,21 +99,20 @@ def format_decision(request: Mapping[str, str], decision: Decision) -> str:
         # Nearly every request: every value present and none needs quotes.
         line = (f"{head} client={client} client_name={name} sender={sender} "
                 f"recipient={recipient} delay={delay} queue_id={queue_id or '-'}")
-        if decision.detail is None:
-            return line
-        return f"{line} detail={logfmt_value(decision.detail)}"
-    parts = [head]
-    for field, value in (("client", client), ("client_name", name), ("sender", sender),
-                         ("recipient", recipient)):
-        if field == "sender" and value == "":
-            parts.append("sender=<>")
-        else:
-            parts.append(f"{field}={logfmt_value(value)}")
-    parts.append(f"delay={delay}")
-    parts.append(f"queue_id={logfmt_value(queue_id)}")
-    if decision.detail is not None:
-        parts.append(f"detail={logfmt_value(decision.detail)}")
-    return " ".join(parts)
+    else:
+        parts = [head]
+        for field, value in (("client", client), ("client_name", name), ("sender", sender),
+                             ("recipient", recipient)):
+            if field == "sender" and value == "":
+                parts.append("sender=<>")
+            else:
+                parts.append(f"{field}={logfmt_value(value)}")
+        parts.append(f"delay={delay}")
+        parts.append(f"queue_id={logfmt_value(queue_id)}")
+        line = " ".join(parts)
+    if decision.detail is None:
+        return line
+    return f"{line} detail={logfmt_value(decision.detail)}"
 
 
 # Few distinct actions (the greylist text varies with the wait and the

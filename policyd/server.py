@@ -382,10 +382,7 @@ class PolicyServer:
         """Stop gracefully: stop listening, close idle connections, let
         requests in flight finish for up to shutdown_grace seconds, then
         cancel the rest.  Safe to call more than once."""
-        if self._shutdown_task is None:
-            self._closing = True  # at once: a SIGHUP handled next must not reload
-            self._shutdown_task = asyncio.create_task(self._shutdown())
-        await asyncio.shield(self._shutdown_task)
+        await asyncio.shield(self._begin_shutdown())
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT -> shutdown(); SIGHUP -> reload().  Needs the main
@@ -432,11 +429,16 @@ class PolicyServer:
     def _on_stop_signal(self, signum: int) -> None:
         if self._shutdown_task is None:
             log.info("%s received: shutting down", signal.Signals(signum).name)
+            self._begin_shutdown()
+
+    def _begin_shutdown(self) -> asyncio.Task[None]:
+        """The shutdown task, started on the first call."""
+        if self._shutdown_task is None:
             self._closing = True  # at once: a SIGHUP handled next must not reload
             self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown())
+        return self._shutdown_task
 
     async def _shutdown(self) -> None:
-        self._closing = True
         sdnotify.stopping()
         loop = asyncio.get_running_loop()
         for server in self._servers:
