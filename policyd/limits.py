@@ -91,6 +91,17 @@ def longest_stop_seconds(shutdown_grace: float) -> float:
     return (shutdown_grace + 2 * SHUTDOWN_CANCEL_WAIT_SECONDS + STORE_CLOSE_WAIT_SECONDS
             + METRICS_POLL_SECONDS + METRICS_CLOSE_WAIT_SECONDS)
 
+# --- DNS (policyd.dns) --------------------------------------------------------
+# dns_timeout's default: one query, all servers and retries included.
+DNS_TIMEOUT_DEFAULT_SECONDS = 2.0
+# asyncio's own bound on a query, beyond the resolver's lifetime (which
+# dnspython checks between its steps, not inside them).
+DNS_TIMEOUT_SLACK_SECONDS = 0.5
+# Answers kept in the cache (each for its DNS TTL; least recently used out).
+DNS_CACHE_MAX_ENTRIES = 50_000
+# Records of one answer that policyd looks at; more is not a real zone.
+DNS_MAX_RECORDS = 100
+
 # --- report and cleanup (policyd.report, policyd.cleanup, policyd.storewalk) -
 # Entries `policyd report` reads per table: memory stays bounded (one int per
 # passed triplet, a heap of the top clients); beyond this the report says so.

@@ -1,0 +1,125 @@
+"""Asynchronous DNS for policyd: one resolver on the event loop, every
+query bounded in time, answers cached for their DNS TTL in a bounded cache.
+
+Everything DNS-aware in policyd (DNSBL/DNSWL scores, SPF) asks through
+``Resolver.query``, which never raises for a DNS outcome: a name that does
+not exist, a name without records of the type, and a failure (timeout,
+SERVFAIL, REFUSED, a malformed name) are answers of their own, so callers
+decide what "unknown" means.  dnspython's asyncio resolver does the wire
+work (see pyproject.toml for why dnspython).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from policyd import limits
+
+# The record types policyd asks for, and how each becomes text.
+RDTYPES = ("A", "AAAA", "TXT", "MX", "PTR")
+
+
+class Status(enum.Enum):
+    """The outcome of one query."""
+
+    OK = "ok"               # records of the type exist (``records`` holds them)
+    NXDOMAIN = "nxdomain"   # the name does not exist
+    NODATA = "nodata"       # the name exists, without records of the type
+    FAILURE = "failure"     # no answer: timeout, SERVFAIL, REFUSED, bad name
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One query's outcome.  ``records`` as text: A/AAAA addresses; TXT
+    strings of one record joined without separator (RFC 7208 3.3); MX
+    exchanges, most preferred first; PTR targets; names without the
+    trailing dot.  ``reason`` says why for FAILURE (for logs)."""
+
+    status: Status
+    records: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+    @property
+    def failed(self) -> bool:
+        return self.status is Status.FAILURE
+
+
+def _text(rdtype: str, rrset: Sequence[object]) -> tuple[str, ...]:
+    if rdtype in ("A", "AAAA"):
+        return tuple(r.address for r in rrset)  # type: ignore[attr-defined]
+    if rdtype == "TXT":
+        # Bytes as they are: latin-1 maps each byte to one character, so
+        # SPF's ASCII syntax checks see every byte (UTF-8 is not SPF).
+        return tuple(b"".join(r.strings).decode("latin-1") for r in rrset)  # type: ignore[attr-defined]
+    if rdtype == "MX":
+        ordered = sorted(rrset, key=lambda r: r.preference)  # type: ignore[attr-defined]
+        return tuple(r.exchange.to_text(omit_final_dot=True) for r in ordered)  # type: ignore[attr-defined]
+    if rdtype == "PTR":
+        return tuple(r.target.to_text(omit_final_dot=True) for r in rrset)  # type: ignore[attr-defined]
+    raise ValueError(f"unsupported record type {rdtype}")
+
+
+class Resolver:
+    """Bounded, cached DNS queries on the running event loop.
+
+    ``servers``: (address, port) pairs; ``None`` reads the system's
+    resolv.conf.  ``timeout`` bounds each query as a whole (all servers and
+    retries).  ``cache_entries`` bounds the cache (least recently used out).
+    """
+
+    def __init__(self, servers: Sequence[tuple[str, int]] | None = None, *,
+                 timeout: float = limits.DNS_TIMEOUT_DEFAULT_SECONDS,
+                 cache_entries: int = limits.DNS_CACHE_MAX_ENTRIES) -> None:
+        resolver = dns.asyncresolver.Resolver(configure=servers is None)
+        if servers is not None:
+            resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                                    for host, port in servers]
+        resolver.lifetime = timeout
+        resolver.timeout = timeout
+        resolver.cache = dns.resolver.LRUCache(cache_entries)
+        self._resolver = resolver
+        self.timeout = timeout
+
+    async def query(self, name: str, rdtype: str) -> Answer:
+        """Ask for ``rdtype`` records of ``name``; never raises for a DNS
+        outcome, never waits longer than ``timeout``."""
+        if rdtype not in RDTYPES:
+            raise ValueError(f"unsupported record type {rdtype}")
+        try:
+            qname = dns.name.from_text(name)
+        except (dns.exception.DNSException, ValueError, UnicodeError) as e:
+            return Answer(Status.FAILURE, reason=f"bad name: {e}")
+        try:
+            # The resolver's lifetime bounds it already; asyncio's own
+            # timeout makes the bound hold whatever the library does.
+            async with asyncio.timeout(self.timeout + limits.DNS_TIMEOUT_SLACK_SECONDS):
+                answer = await self._resolver.resolve(
+                    qname, rdtype, search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return Answer(Status.NXDOMAIN)
+        except (dns.exception.Timeout, TimeoutError):
+            return Answer(Status.FAILURE, reason="timeout")
+        except dns.resolver.NoNameservers as e:
+            return Answer(Status.FAILURE, reason=f"no server answered: {e}")
+        except (dns.exception.DNSException, OSError, ValueError) as e:
+            return Answer(Status.FAILURE, reason=f"{type(e).__name__}: {e}")
+        if answer.rrset is None:
+            return Answer(Status.NODATA)
+        records = _text(rdtype, list(answer.rrset))
+        if len(records) > limits.DNS_MAX_RECORDS:
+            records = records[:limits.DNS_MAX_RECORDS]
+        return Answer(Status.OK, records)

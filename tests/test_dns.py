@@ -1,0 +1,67 @@
+"""policyd.dns against a real DNS server (nsd on a loopback port)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+
+from policyd.dns import Resolver, Status
+from tests.dnslab import Nsd, silent_dns_server
+
+ZONE = """
+@ 60 IN TXT "v=spf1 ip4:192.0.2.0/24 " "-all"
+@ 60 IN MX 10 mail
+@ 60 IN MX 5 mx2
+mail 60 IN A 192.0.2.10
+mx2 60 IN AAAA 2001:db8::1
+"""
+
+
+def test_answers_by_kind(nsd_factory: Callable[[Mapping[str, str]], Nsd]) -> None:
+    nsd = nsd_factory({"example.org": ZONE})
+
+    async def ask() -> list[tuple[Status, tuple[str, ...]]]:
+        r = Resolver([nsd.server], timeout=2.0)
+        queries = [("example.org", "TXT"), ("example.org", "MX"), ("mail.example.org", "A"),
+                   ("mx2.example.org", "AAAA"), ("nope.example.org", "A"),
+                   ("mail.example.org", "TXT"), ("a..b.example.org", "A"), ("elsewhere.test", "A")]
+        return [((a := await r.query(n, t)).status, a.records) for n, t in queries]
+
+    assert asyncio.run(ask()) == [
+        (Status.OK, ("v=spf1 ip4:192.0.2.0/24 -all",)),   # strings joined (RFC 7208 3.3)
+        (Status.OK, ("mx2.example.org", "mail.example.org")),  # by preference
+        (Status.OK, ("192.0.2.10",)),
+        (Status.OK, ("2001:db8::1",)),
+        (Status.NXDOMAIN, ()),
+        (Status.NODATA, ()),
+        (Status.FAILURE, ()),   # empty label: never sent
+        (Status.FAILURE, ()),   # REFUSED by an authoritative server
+    ]
+
+
+def test_answers_are_cached(nsd_factory: Callable[[Mapping[str, str]], Nsd]) -> None:
+    nsd = nsd_factory({"example.org": ZONE})
+
+    async def ask() -> tuple[Status, Status]:
+        r = Resolver([nsd.server], timeout=2.0)
+        first = await r.query("mail.example.org", "A")
+        nsd.proc.terminate()
+        nsd.proc.wait(5)
+        return first.status, (await r.query("mail.example.org", "A")).status
+
+    assert asyncio.run(ask()) == (Status.OK, Status.OK)
+
+
+def test_a_server_that_never_answers_costs_the_timeout_and_is_a_failure() -> None:
+    with silent_dns_server() as server:
+        async def ask() -> tuple[Status, str, float]:
+            r = Resolver([server], timeout=0.5)
+            start = time.monotonic()
+            answer = await r.query("example.org", "TXT")
+            return answer.status, answer.reason, time.monotonic() - start
+
+        status, reason, took = asyncio.run(ask())
+    assert (status, reason) == (Status.FAILURE, "timeout")
+    assert took >= 0.5  # it did wait for the server, and then gave up
+    assert took < 0.5 + 2.0  # bounded (a generous margin for a busy machine)
