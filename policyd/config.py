@@ -7,6 +7,7 @@ file and line: a policy server must not start with a setting it ignores.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -67,6 +68,15 @@ class PolicydConfig:
     auto_whitelist_clients: int = 5
     postscreen_cache: str = ""
     postscreen_skip: bool = True
+    # --- DNS ----------------------------------------------------------------
+    # (address, port) pairs; empty: the system's resolv.conf.
+    dns_servers: tuple[tuple[str, int], ...] = ()
+    dns_timeout: int = int(limits.DNS_TIMEOUT_DEFAULT_SECONDS)
+
+    @property
+    def uses_dns(self) -> bool:
+        """Does any setting need DNS answers?  (No resolver otherwise.)"""
+        return False
 
     @property
     def effective_hostname(self) -> str:
@@ -120,6 +130,9 @@ def _render_value(name: str, value: object) -> str:
         return f"{value:04o}"
     if value is None:
         return ""
+    if name == "dns_servers":
+        return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+                         for h, p in value)  # type: ignore[attr-defined]
     if isinstance(value, tuple):
         return ", ".join(str(v) for v in value)
     return str(value)
@@ -190,6 +203,31 @@ def _action(entry: cf.CfEntry) -> str:
     return value
 
 
+def _dns_servers(entry: cf.CfEntry) -> tuple[tuple[str, int], ...]:
+    """``address`` or ``address:port`` (``[v6]:port``), port 53 by default:
+    addresses, not names (a resolver's own servers cannot need one)."""
+    servers = []
+    for item in cf.split_list(entry.value):
+        host, port_text = item, "53"
+        if item.startswith("["):
+            host, sep, rest = item[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise entry.error(f'"{item}": expected [address]:port')
+            port_text = rest[1:] or "53"
+        elif item.count(":") == 1:
+            host, port_text = item.split(":")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise entry.error(f'"{item}": not an IP address') from None
+        if not port_text.isdigit() or not 0 < int(port_text[:6]) < 65536:
+            raise entry.error(f'"{item}": bad port')
+        servers.append((str(address), int(port_text)))
+    if len(servers) > limits.DNS_MAX_SERVERS:
+        raise entry.error(f"more than {limits.DNS_MAX_SERVERS} DNS servers")
+    return tuple(servers)
+
+
 def _files(entry: cf.CfEntry) -> tuple[str, ...]:
     return tuple(cf.split_list(entry.value))
 
@@ -230,6 +268,8 @@ _PARSERS: dict[str, Callable[[cf.CfEntry], Any]] = {
     "auto_whitelist_clients": _int(0, 1_000_000),
     "postscreen_cache": _text,
     "postscreen_skip": cf.parse_bool,
+    "dns_servers": _dns_servers,
+    "dns_timeout": _time(1, limits.DNS_TIMEOUT_MAX_SECONDS),
 }
 
 assert set(_PARSERS) == {f.name for f in fields(PolicydConfig)} - {"path"}

@@ -45,6 +45,7 @@ from memtable.table import Table
 from policyd import limits
 from policyd.api import Decision
 from policyd.config import PolicydConfig
+from policyd.dns import Resolver
 from policyd.metrics import Metrics, NullMetrics
 from policyd.reputation import ClientRecord, load_client_record, postscreen_verified
 from policyd.store import Store, StoreError, StoreWorker
@@ -113,12 +114,14 @@ class GreylistPolicy:
     """policyd.api.Policy implementation for greylisting."""
 
     def __init__(self, config: PolicydConfig, triplets: Store, clients: Store,
-                 postscreen: Store | None, whitelist: Whitelists) -> None:
+                 postscreen: Store | None, whitelist: Whitelists,
+                 resolver: Resolver | None = None) -> None:
         self.config = config
         self.triplets = triplets
         self.clients = clients
         self.postscreen = postscreen
         self.whitelist = whitelist
+        self.resolver = resolver
         self.keys = KeyMaker.from_config(config)
         # socket.getfqdn() may wait on DNS: once, here, not per request.
         self.hostname = config.effective_hostname
@@ -347,4 +350,7 @@ def build_policy(config: PolicydConfig,
     stores = [Store(table, name=name, metrics=metrics, worker=worker)
               for name, table in zip(names, tables, strict=False)]
     postscreen = stores[2] if len(stores) > 2 else None
-    return GreylistPolicy(config, stores[0], stores[1], postscreen, whitelist)
+    resolver = None
+    if config.uses_dns:
+        resolver = Resolver(config.dns_servers or None, timeout=config.dns_timeout)
+    return GreylistPolicy(config, stores[0], stores[1], postscreen, whitelist, resolver)

@@ -99,6 +99,9 @@ DNS_TIMEOUT_DEFAULT_SECONDS = 2.0
 DNS_TIMEOUT_SLACK_SECONDS = 0.5
 # Answers kept in the cache (each for its DNS TTL; least recently used out).
 DNS_CACHE_MAX_ENTRIES = 50_000
+# dns_timeout's upper bound, and how many dns_servers may be named.
+DNS_TIMEOUT_MAX_SECONDS = 60
+DNS_MAX_SERVERS = 8
 # Records of one answer that policyd looks at; more is not a real zone.
 DNS_MAX_RECORDS = 100
 
