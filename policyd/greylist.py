@@ -4,9 +4,10 @@ A triplet (client key, normalised sender, normalised recipient) seen for the
 first time is deferred; a retry after ``greylist_delay`` and within
 ``retry_window`` passes, and the passed triplet is then let through for
 ``max_age`` after it was last seen.  Clients that passed often enough
-(``auto_whitelist_clients``), that postscreen verified, or that the
-whitelists name skip greylisting.  The stores are reached through
-policyd.store, so nothing here blocks the event loop.
+(``auto_whitelist_clients``), that came back after postscreen's after-220
+tests (``postscreen_skip``), or that the whitelists name skip greylisting.
+The stores are reached through policyd.store, so nothing here blocks the
+event loop.
 
 Triplet record, stored as ``first_seen,last_seen,passed,passed_at``
 (passed 0/1; passed_at the UNIX time of the retry that ended greylisting, 0
@@ -47,7 +48,7 @@ from policyd.api import Decision
 from policyd.config import PolicydConfig
 from policyd.dns import Resolver
 from policyd.metrics import Metrics, NullMetrics
-from policyd.reputation import ClientRecord, load_client_record, postscreen_verified
+from policyd.reputation import ClientRecord, load_client_record, postscreen_proves_return
 from policyd.store import Store, StoreError, StoreWorker
 from policyd.triplet import (
     KeyMaker,
@@ -175,7 +176,7 @@ class GreylistPolicy:
         # All lookups at once: queued together, they go out in one batch.
         postscreen = self._postscreen_lookup(address)
         got = await _wait_all(self.triplets.get(tkey), self.clients.get(ckey))
-        verified = await self._postscreen_verified(postscreen, address, now)
+        came_back = await self._postscreen_proves_return(postscreen, address, now)
         # Every result is in before the first error is raised: none is lost.
         triplet_value, client_value = _ok(got[0]), _ok(got[1])
         record = load_client_record(client_value, now, config.max_age) or ClientRecord.new(now)
@@ -184,7 +185,7 @@ class GreylistPolicy:
             if record.needs_refresh(now):
                 await self.clients.put(ckey, record.seen(now).serialise(), config.max_age)
             return Decision(DUNNO, "auto-whitelisted")
-        if verified:
+        if came_back:
             return Decision(DUNNO, "postscreen")
 
         triplet = self._load_triplet(triplet_value, now)
@@ -257,10 +258,10 @@ class GreylistPolicy:
             return None
         return self.postscreen.get(address)
 
-    async def _postscreen_verified(self, lookup: asyncio.Future[str | None] | None,
-                                   address: str, now: int) -> bool:
-        """postscreen's cache is advice: a failing cache only means "not
-        verified", never a store failure of the request."""
+    async def _postscreen_proves_return(self, lookup: asyncio.Future[str | None] | None,
+                                        address: str, now: int) -> bool:
+        """postscreen's cache is advice: a failing cache only means "no
+        proof", never a store failure of the request."""
         if lookup is None:
             return False
         try:
@@ -268,7 +269,7 @@ class GreylistPolicy:
         except StoreError as exc:
             log.warning("postscreen cache lookup failed: %s", exc)
             return False
-        return postscreen_verified(value, now, address)
+        return postscreen_proves_return(value, now, address)
 
     def _first_for_message(self, instance: str | None) -> bool:
         """One X-Greylist header per message, not one per recipient."""

@@ -3,9 +3,9 @@
 A client record counts greylisting outcomes per client key; after
 ``auto_whitelist_clients`` passes (counted at most once per hour, as
 postgrey's --auto-whitelist-clients) the client skips greylisting.  The
-postscreen part reads Postfix postscreen's cache: a client that passed every
-enabled postscreen test recently is no spam bot, and greylisting it again
-only delays mail.
+postscreen part reads Postfix postscreen's cache: an entry whose after-220
+test passed shows that the client came back after postscreen's 4xx, which is
+what greylisting would check again (docs/design.md has the reasoning).
 """
 
 from __future__ import annotations
@@ -98,16 +98,21 @@ def load_client_record(value: str | None, now: int, max_age: int) -> ClientRecor
 
 
 # ---------------------------------------------------------------------------
-# postscreen's cache
+# postscreen's cache (Postfix src/postscreen/postscreen_tests.c)
 
 POSTSCREEN_TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp", "bare_newline")
-_NEVER_PASSED = 0  # PSC_TIME_STAMP_NEW
-_DISABLED = 1  # PSC_TIME_STAMP_DISABLED
+_DNSBL = POSTSCREEN_TESTS.index("dnsbl")
+# The after-220 ("deep protocol") tests.  postscreen runs them in its own
+# SMTP engine, which rejects every RCPT (450 4.3.2) and never hands the
+# session to smtpd: whoever passed one had to connect again to deliver mail.
+_AFTER_220 = tuple(POSTSCREEN_TESTS.index(t) for t in ("pipelining", "non_smtp", "bare_newline"))
+_DISABLED = 1  # PSC_TIME_STAMP_DISABLED; 0 is PSC_TIME_STAMP_NEW, never passed
 
 
 @dataclass(frozen=True)
 class PostscreenEntry:
-    """The expiry time of each test, in POSTSCREEN_TESTS order."""
+    """The expiry time of each test, in POSTSCREEN_TESTS order: 0 never
+    passed, 1 disabled when the entry was written, else passed until then."""
 
     expiry: tuple[int, ...]
 
@@ -128,20 +133,30 @@ class PostscreenEntry:
         times += [_DISABLED] * (len(POSTSCREEN_TESTS) - len(times))
         return cls(tuple(times))
 
-    def verified(self, now: float) -> bool:
-        """Every enabled test passed and has not expired, and at least one
-        test is enabled.  postscreen redoes a test when now > its expiry."""
-        enabled = [t for t in self.expiry if t != _DISABLED]
-        return bool(enabled) and all(t != _NEVER_PASSED and now <= t for t in enabled)
+    def proves_return(self, now: float) -> bool:
+        """True when an after-220 test passed and has not expired (postscreen
+        redoes a test once now > its expiry), so the client now talking to
+        smtpd came back after postscreen's 450.
+
+        Pregreet and DNSBL never count: they pass in the very session that
+        postscreen then hands to smtpd.  Nor does an after-220 time that is
+        not later than the DNSBL time: that is what
+        postscreen_dnsbl_allowlist_threshold writes into every test, unrun,
+        when a DNS allowlist vouches for the client.
+        """
+        dnsbl = self.expiry[_DNSBL]
+        return any(t > _DISABLED and now <= t and t > dnsbl
+                   for t in (self.expiry[i] for i in _AFTER_220))
 
 
-def postscreen_verified(value: str | None, now: float, client: str = "") -> bool:
-    """True when postscreen's cache ``value`` shows a verified client;
-    absent or malformed values (logged) are not verified."""
+def postscreen_proves_return(value: str | None, now: float, client: str = "") -> bool:
+    """True when postscreen's cache ``value`` shows that the client came back
+    after an after-220 test (PostscreenEntry.proves_return); absent or
+    malformed values (logged) prove nothing."""
     if value is None:
         return False
     try:
-        return PostscreenEntry.parse(value).verified(now)
+        return PostscreenEntry.parse(value).proves_return(now)
     except ValueError as exc:
         log.warning("ignoring postscreen cache entry for %s: %s", client or "client", exc)
         return False

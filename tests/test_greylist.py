@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 from freezegun import freeze_time
 
-from memtable.registry import open_table
 from policyd import limits
 from policyd.api import Decision
 from policyd.greylist import GreylistPolicy, TripletRecord, build_policy, expand
-from policyd.reputation import ClientRecord
+from policyd.reputation import ClientRecord, postscreen_proves_return
 from policyd.whitelist import Whitelists
 from tests.conftest import Memcached, free_port
 from tests.greylist_helpers import DictTable, config, make_policy, request, run, write
@@ -231,32 +230,51 @@ def test_privacy_stores_no_addresses() -> None:
     assert all(len(k) == 64 for t in (triplets, clients) for k in t.data)
 
 
-@pytest.mark.parametrize(("value", "skipped"), [
-    (f"{START + DAY};{START + DAY};1;1;1", True),  # enabled tests passed
-    (f"{START + DAY};1;1;1;1", True),  # disabled tests do not count
-    (f"{START + DAY}", True),  # an older postscreen: missing tests disabled
-    (f"{START + DAY};{START - 1};1;1;1", False),  # one expired
-    (f"{START + DAY};0;1;1;1", False),  # one never passed
-    ("1;1;1;1;1", False),  # nothing enabled
-    ("garbage", False),
-    ("1;2;x;4;5", False),
-    ("", False),
-    (None, False),
+# postscreen cache values as postscreen writes them (pregreet;dnsbl;pipelining;
+# non_smtp;bare_newline expiry times, 0 never passed, 1 disabled), read at START.
+PREGREET = START + DAY  # postscreen_greet_ttl 1d
+DNSBL = START + HOUR  # postscreen_dnsbl_max_ttl 1h
+DEEP = START + 30 * DAY  # postscreen_*_ttl 30d
+
+
+@pytest.mark.parametrize(("value", "came_back"), [
+    # Postfix's defaults: only pregreet runs, passed on the first connection.
+    (f"{PREGREET};1;1;1;1", False),
+    (f"{PREGREET};{DNSBL};1;1;1", False),  # pregreet and DNSBL passes alone
+    (f"{PREGREET};{DNSBL};0;0;0", False),  # after-220 tests on, not passed yet
+    (f"{PREGREET};1;{DEEP};1;1", True),  # pipelining passed: it came back
+    (f"{PREGREET};{DNSBL};{DEEP};{DEEP};{DEEP}", True),
+    (f"1;1;1;1;{DEEP}", True),  # bare_newline alone
+    (f"{PREGREET};1;1;{DEEP};0", True),  # non_smtp passed, bare_newline turned on since
+    (f"{PREGREET};1;{START};1;1", True),  # expires this second: postscreen still counts it
+    (f"{PREGREET};1;{START - 1};1;1", False),  # expired: postscreen tests it again
+    (f"{START - 1};{START - 1};{DEEP};1;1", True),  # expired pregreet/DNSBL do not matter
+    # postscreen_dnsbl_allowlist_threshold: every test gets the DNSBL expiry
+    # (or a little less: set when the DNS reply came), none was run.
+    (f"{DNSBL};{DNSBL};{DNSBL};{DNSBL};{DNSBL}", False),
+    (f"{PREGREET};{DNSBL};{DNSBL - 2};{DNSBL - 2};{DNSBL - 2}", False),
+    (f"{PREGREET};{DNSBL};{DEEP};{DNSBL};{DNSBL}", True),  # a real pass kept its expiry
+    (f"{PREGREET}", False),  # an older postscreen: missing tests disabled
+    (f"{PREGREET};1;{DEEP}", True),
+    ("1;1;1;1;1", False),
+    (f"{PREGREET};1;{DEEP};1;1;7", True),  # fields of a newer postscreen ignored
 ])
-def test_postscreen_cache(value: str | None, skipped: bool,
-                          caplog: pytest.LogCaptureFixture) -> None:
-    ps = DictTable("dict:postscreen")
-    if value is not None:
-        ps.data["192.0.2.10"] = (value, None)
+def test_postscreen_entry_proves_return_only_after_an_after_220_test(
+        value: str, came_back: bool) -> None:
+    assert postscreen_proves_return(value, START, "192.0.2.10") is came_back
+
+
+@pytest.mark.parametrize("value", ["garbage", f"{PREGREET};1;x;1;1", "", "1;-1;1;1;1",
+                                   ";".join([str(DEEP)] * 60)])
+def test_malformed_postscreen_entry_proves_nothing(value: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        (decision,), _, _ = scenario(config(), [(0, request())], postscreen=ps)
-    assert decision.reason == ("postscreen" if skipped else "new")
-    if value in ("garbage", "1;2;x;4;5", ""):
-        assert "postscreen cache entry for 192.0.2.10" in caplog.text
-    # postscreen_skip = no: never consulted
-    (decision,), _, _ = scenario(config(postscreen_skip=False), [(0, request())],
-                                 postscreen=ps)
-    assert decision.reason == "new"
+        assert postscreen_proves_return(value, START, "192.0.2.10") is False
+    assert "ignoring postscreen cache entry for 192.0.2.10" in caplog.text
+
+
+def test_absent_postscreen_entry_proves_nothing() -> None:
+    assert postscreen_proves_return(None, START) is False
 
 
 @pytest.mark.parametrize(("attrs", "reason"), [
@@ -311,23 +329,16 @@ def _cf(tmp_path: Path, name: str, server: str, extra: str = "") -> str:
 
 def test_build_policy_with_real_memcached(tmp_path: Path, memcached: Memcached) -> None:
     cfg = config(triplet_table=_cf(tmp_path, "t", memcached.spec, "key_format = t:%s\n"),
-                 client_table=_cf(tmp_path, "c", memcached.spec, "key_format = c:%s\n"),
-                 postscreen_cache=_cf(tmp_path, "ps", memcached.spec,
-                                      "key_format = postscreen:%s\n"))
-    # postscreen (as Postfix would write it) verified 203.0.113.7
-    with open_table(cfg.postscreen_cache, read_write=True) as ps:
-        ps.update("203.0.113.7", "4000000000;1;1;1;1")
+                 client_table=_cf(tmp_path, "c", memcached.spec, "key_format = c:%s\n"))
 
-    async def main() -> list[Decision]:
+    async def main() -> Decision:
         policy = build_policy(cfg)
         assert isinstance(policy, GreylistPolicy)
-        out = [await policy.decide(request()),
-               await policy.decide(request(client_address="203.0.113.7"))]
+        decision = await policy.decide(request())
         await policy.aclose()
-        return out
+        return decision
 
-    new, verified = run(main())
-    assert new.reason == "new" and verified.reason == "postscreen"
+    assert run(main()).reason == "new"
     stored = memcached.meta("t:192.0.2.0/alice@example.org/bob@example.com")
     assert stored is not None and str(stored["value"]).endswith(",0")
     assert 0 < int(stored["ttl"]) <= 2 * DAY  # type: ignore[call-overload]

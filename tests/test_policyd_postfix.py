@@ -9,7 +9,7 @@ from pathlib import Path
 from tests import postfixlab
 from tests.conftest import Memcached
 from tests.policyd_proc import PolicydProcess
-from tests.postfixlab import PostfixFactory, smtp_rcpt, smtp_send, smtp_session
+from tests.postfixlab import PostfixFactory, PostfixInstance, smtp_rcpt, smtp_send
 
 DELAY = 2
 SENDER = "sender@client.example"
@@ -66,38 +66,101 @@ def test_whitelisted_client_passes_at_once(tmp_path: Path, memcached: Memcached,
     assert "reason=whitelisted" in policyd.log_text()
 
 
+# postscreen as Postfix ships it, except that 127.0.0.1 must not be
+# allowlisted (postscreen_access_list, emptied by postfixlab) and the greet
+# wait is short (postfixlab: 1s).  Postfix's postscreen_greet_action is ignore.
+POSTSCREEN_DEFAULTS = ["postscreen_greet_action = ignore"]
+# The after-220 ("deep protocol") tests, each enforced (Postfix's default action).
+POSTSCREEN_DEEP_TESTS = [
+    "postscreen_pipelining_enable = yes", "postscreen_pipelining_action = enforce",
+    "postscreen_non_smtp_command_enable = yes", "postscreen_non_smtp_command_action = enforce",
+    "postscreen_bare_newline_enable = yes", "postscreen_bare_newline_action = enforce",
+]
+
+
+def postscreen_with_policyd(tmp_path: Path, memcached: Memcached,
+                            postfix_instance: PostfixFactory,
+                            policyd_factory: type[PolicydProcess],
+                            postscreen_cf: list[str]) -> tuple[PostfixInstance, PolicydProcess]:
+    """postscreen in front of smtpd, its cache in memcached, and a started
+    policyd (greylist_delay DELAY) that reads the very table file postscreen
+    writes through."""
+    ps_cf = f"memcache = {memcached.spec}\nkey_format = postscreen:%s\nttl = 2592000\n"
+    policyd = policyd_factory(tmp_path / "policyd", memcached.spec,
+                              extra=f"greylist_delay = {DELAY}s\n")
+    pf = postfix_instance(["postscreen_cache_map = memcache:$config_directory/ps.cf",
+                           *postscreen_cf, *policy_restrictions(policyd.port)],
+                          postscreen=True, files={"ps.cf": ps_cf})
+    with policyd.config.open("a") as cf:
+        cf.write(f"postscreen_cache = memcache:{pf.dir / 'ps.cf'}\npostscreen_skip = yes\n")
+    return pf, policyd.start()
+
+
+def postscreen_fields(memcached: Memcached) -> list[str]:
+    """postscreen's cache entry for 127.0.0.1, as postscreen wrote it."""
+    entry = memcached.meta("postscreen:127.0.0.1")
+    assert entry is not None
+    return str(entry["value"]).split(";")
+
+
 @postfixlab.requires_postfix
-def test_client_that_passed_postscreen_is_not_greylisted(
+def test_postscreen_at_its_defaults_leaves_greylisting_on(
         tmp_path: Path, memcached: Memcached, postfix_instance: PostfixFactory,
         policyd_factory: type[PolicydProcess]) -> None:
-    ps_cf = f"memcache = {memcached.spec}\nkey_format = postscreen:%s\nttl = 86400\n"
-    skip = policyd_factory(tmp_path / "skip", memcached.spec)
-    pf = postfix_instance(
-        ["postscreen_cache_map = memcache:$config_directory/ps.cf",
-         *policy_restrictions(skip.port)],
-        postscreen=True, files={"ps.cf": ps_cf})
+    """Only the pregreet test runs: a new client passes it on its first
+    connection, before its first RCPT reaches policyd, so that entry cannot
+    say whether the client retries.  It is greylisted like any other."""
+    pf, policyd = postscreen_with_policyd(tmp_path, memcached, postfix_instance,
+                                          policyd_factory, POSTSCREEN_DEFAULTS)
     assert pf.postscreen_port is not None
-    # policyd reads the very table file postscreen writes through.
-    skip.config.write_text(skip.config.read_text()
-                           + f"postscreen_cache = memcache:{pf.dir / 'ps.cf'}\n"
-                           + "postscreen_skip = yes\n")
-    skip.start()
 
-    # Through postscreen: the client waits for the greeting, passes, and
-    # postscreen caches it in memcached before smtpd sees RCPT TO.
-    with smtp_session(pf.postscreen_port) as client:
-        assert client.mail(SENDER)[0] == 250
-        code, text = client.rcpt(RCPT)
-    assert code == 250, text
-    assert memcached.meta("postscreen:127.0.0.1") is not None
-    assert "reason=postscreen" in skip.log_text()
+    first = smtp_rcpt(pf.postscreen_port, SENDER, RCPT)
+    assert first.code == 450, first
+    assert "Greylisted, please try again in" in first.text
+    # postscreen's entry was there before the RCPT: pregreet passed, the
+    # after-220 tests off.
+    fields = postscreen_fields(memcached)
+    assert int(fields[0]) > time.time() and fields[2:] == ["1", "1", "1"], fields
+    assert "reason=new client=127.0.0.1" in policyd.log_text()
 
-    # The same client with postscreen_skip = no is greylisted.
-    skip.stop()
-    skip.config.write_text(skip.config.read_text().replace("postscreen_skip = yes",
-                                                           "postscreen_skip = no"))
-    skip.start()
-    with smtp_session(pf.postscreen_port) as client:
-        assert client.mail(SENDER)[0] == 250
-        code, _ = client.rcpt("other@example.com")
-    assert code == 450
+    time.sleep(DELAY + 0.5)
+    retry = smtp_rcpt(pf.postscreen_port, SENDER, RCPT)
+    assert retry.code == 250, retry
+    log = policyd.log_text()
+    assert "reason=passed client=127.0.0.1" in log
+    assert "reason=postscreen" not in log
+
+
+@postfixlab.requires_postfix
+def test_client_that_came_back_after_postscreen_deep_tests_is_not_greylisted(
+        tmp_path: Path, memcached: Memcached, postfix_instance: PostfixFactory,
+        policyd_factory: type[PolicydProcess]) -> None:
+    """With the after-220 tests on, postscreen itself rejects the new
+    client's RCPT with 450 and never hands that session to smtpd; the client
+    that connects again has proved what greylisting checks."""
+    pf, policyd = postscreen_with_policyd(tmp_path, memcached, postfix_instance,
+                                          policyd_factory,
+                                          [*POSTSCREEN_DEFAULTS, *POSTSCREEN_DEEP_TESTS])
+    assert pf.postscreen_port is not None
+
+    first = smtp_rcpt(pf.postscreen_port, SENDER, RCPT)
+    assert first.code == 450, first
+    assert "4.3.2 Service currently unavailable" in first.text  # postscreen's, not policyd's
+    pf.wait_log(r"PASS NEW \[127\.0\.0\.1\]")
+    assert "reason=" not in policyd.log_text()  # policyd never saw that session
+    fields = postscreen_fields(memcached)
+    assert all(int(f) > time.time() + 29 * 86400 for f in fields[2:]), fields
+
+    # The client comes back: postscreen hands it to smtpd, policyd skips it.
+    again = smtp_rcpt(pf.postscreen_port, SENDER, RCPT)
+    assert again.code == 250, again
+    assert "action=DUNNO reason=postscreen client=127.0.0.1" in policyd.log_text()
+
+    # postscreen_skip = no: the same client is greylisted after all.
+    policyd.stop()
+    policyd.config.write_text(policyd.config.read_text().replace(
+        "postscreen_skip = yes", "postscreen_skip = no"))
+    policyd.start()
+    other = smtp_rcpt(pf.postscreen_port, SENDER, "other@example.com")
+    assert other.code == 450 and "Greylisted" in other.text, other
+
