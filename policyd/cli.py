@@ -1,7 +1,8 @@
 """The ``policyd`` command.
 
     policyd [-c FILE] [-o NAME=VALUE ...] [--uvloop] [run]   run the server (default)
-    policyd [-c FILE] --check-config        print the effective configuration
+    policyd [-c FILE] --check-config        print the effective configuration, check
+                                            what would break at run time
 
     policyd [-c FILE] report [--json] [--plot FILE.png]   figures and ttl advice
     policyd [-c FILE] cleanup [--dry-run]   delete expired records (daily)
@@ -86,22 +87,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_config(config: PolicydConfig) -> int:
-    """Print the effective configuration, then open what it names (table
-    .cf files, backups, whitelist files) so their errors show now rather
-    than at start.  memcached itself is not contacted."""
-    from policyd.greylist import build_policy
+    """Print the effective configuration, then check what would break at
+    run time (policyd.preflight): one line per problem, exit status 1.
+    Nothing is created or changed; memcached is asked once (a warning when
+    it does not answer)."""
+    from policyd import preflight
+    from policyd.logsetup import command_logging
 
     sys.stdout.write(config.render())
-    try:
-        policy = build_policy(config)
-    except (MemtableError, OSError) as exc:
-        print(error_line(f"policyd: {exc}"), file=sys.stderr)
-        return 1
-    asyncio.run(policy.aclose())
-    return 0
+    sys.stdout.flush()
+    with command_logging():
+        problems = preflight.errors(config) + preflight.probe(config)
+    for problem in problems:
+        print(error_line(f"policyd: {problem}"), file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _run(config: PolicydConfig, args: argparse.Namespace) -> int:
+    from policyd import preflight
     from policyd.logsetup import setup_logging
 
     # SIGHUP's default action ends the process: a reload asked for while
@@ -111,6 +114,12 @@ def _run(config: PolicydConfig, args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGHUP, _early_hangup)
     try:
         setup_logging(config)
+        # What would fail later, or silently misbehave, stops the start now.
+        problems = preflight.errors(config)
+        for problem in problems:
+            log.critical("%s", problem)
+        if problems:
+            return 1
         loop_factory = _uvloop_factory() if args.uvloop else None
         try:
             with asyncio.Runner(loop_factory=loop_factory) as runner:

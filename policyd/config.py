@@ -8,6 +8,7 @@ file and line: a policy server must not start with a setting it ignores.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -196,10 +197,46 @@ def _text(entry: cf.CfEntry) -> str:
     return entry.value
 
 
+# access(5) actions that make Postfix's smtpd defer the recipient when
+# followed by text (smtpd_check.c, check_table_result: names compared
+# without case; "4NN text"); REJECT and 5NN refuse for good, DEFER_IF_REJECT
+# defers only what is rejected anyway, and any other word is taken as a
+# restriction name: Postfix answers 451 4.3.5 "Server configuration error".
+GREYLIST_ACTIONS = ("DEFER_IF_PERMIT", "DEFER")
+# The % escapes of each text parameter (policyd.greylist expands them).
+TEXT_ESCAPES = {"greylist_text": "sr", "greylist_header_text": "thd"}
+_ESCAPE = re.compile(r"%(.?)", re.DOTALL)
+# Postfix's is_header(): a name of printable characters but ":", then ":".
+_HEADER = re.compile(r"[\x21-\x39\x3b-\x7e]+:")
+
+
 def _action(entry: cf.CfEntry) -> str:
+    value = _text(entry).strip()
+    for action in GREYLIST_ACTIONS:
+        if value.upper() == action:
+            return action
+    if re.fullmatch(r"4[0-9][0-9]", value):
+        return value
+    raise entry.error(f'"{value}" is not an access(5) action with which Postfix defers the '
+                      f"recipient: expected {', '.join(GREYLIST_ACTIONS)} or an SMTP code 4NN")
+
+
+def _escaped_text(entry: cf.CfEntry) -> str:
     value = _text(entry)
-    if not value:
-        raise entry.error("empty action")
+    valid = TEXT_ESCAPES[entry.name]
+    for match in _ESCAPE.finditer(value):
+        if not match[1] or match[1] not in valid:
+            shown = f"%{match[1]}" if match[1] else "% at the end"
+            raise entry.error(f"unknown escape {shown} (valid: "
+                              + ", ".join(f"%{c}" for c in valid) + ")")
+    return value
+
+
+def _header_text(entry: cf.CfEntry) -> str:
+    value = _escaped_text(entry)
+    if not _HEADER.match(value):
+        # Postfix ignores a PREPEND that is not a header, with a warning.
+        raise entry.error('not a header: expected "Name: text"')
     return value
 
 
@@ -254,9 +291,9 @@ _PARSERS: dict[str, Callable[[cf.CfEntry], Any]] = {
     "retry_window": _time(1),
     "max_age": _time(1),
     "greylist_action": _action,
-    "greylist_text": _text,
+    "greylist_text": _escaped_text,
     "greylist_header": cf.parse_bool,
-    "greylist_header_text": _text,
+    "greylist_header_text": _header_text,
     "hostname": _text,
     "client_key": _choice(CLIENT_KEYS),
     "ipv4_prefix": _int(0, 32),

@@ -1,15 +1,19 @@
-"""``make run``: memcached on loopback plus policyd with the example config.
+"""``./dev run``: a private memcached plus policyd with the example config.
 
 Writes a working configuration under a state directory (deploy/'s files
-with paths moved there), starts memcached on 127.0.0.1:11211 unless one
-already answers there, and runs policyd in the foreground on
-inet:127.0.0.1:10023 until interrupted.
+with paths moved there), starts a memcached of its own on a free loopback
+port (never the 127.0.0.1:11211 a production install uses: the dev
+instance must not answer from, or write into, production's triplets), points
+the state directory's table files at it, and runs policyd in the
+foreground on inet:127.0.0.1:10023 (``-o listen=...`` to change) until
+interrupted; the memcached stops with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,8 +23,10 @@ import time
 from pathlib import Path
 
 MEMCACHED_HOST = "127.0.0.1"
-MEMCACHED_PORT = 11211
+# What deploy/'s table files name, and so what a production install uses.
+PRODUCTION_MEMCACHE = "127.0.0.1:11211"
 STARTUP_WAIT_SECONDS = 10.0
+START_ATTEMPTS = 3  # a free port may be taken between probe and bind
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "policyd"
 
 
@@ -33,60 +39,76 @@ def memcached_answers(host: str, port: int) -> bool:
         return False
 
 
-def start_memcached(state: Path) -> subprocess.Popen[bytes] | None:
-    if memcached_answers(MEMCACHED_HOST, MEMCACHED_PORT):
-        print(f"using the memcached already on {MEMCACHED_HOST}:{MEMCACHED_PORT}")
-        return None
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((MEMCACHED_HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def start_memcached(state: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A memcached of this dev instance's own on a free loopback port."""
     binary = shutil.which("memcached") or "/usr/bin/memcached"
     user = ["-u", "root"] if os.geteuid() == 0 else []
-    proc = subprocess.Popen([binary, *user, "-l", MEMCACHED_HOST, "-p", str(MEMCACHED_PORT),
-                             "-U", "0", "-m", "64"],
-                            stdout=open(state / "memcached.log", "ab"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + STARTUP_WAIT_SECONDS
-    while not memcached_answers(MEMCACHED_HOST, MEMCACHED_PORT):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            sys.exit(f"memcached did not start; see {state / 'memcached.log'}")
-        time.sleep(0.05)
-    print(f"started memcached on {MEMCACHED_HOST}:{MEMCACHED_PORT} (pid {proc.pid})")
-    return proc
+    for _ in range(START_ATTEMPTS):
+        port = _free_port()
+        proc = subprocess.Popen([binary, *user, "-l", MEMCACHED_HOST, "-p", str(port),
+                                 "-U", "0", "-m", "64"],
+                                stdout=open(state / "memcached.log", "ab"),  # noqa: SIM115
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + STARTUP_WAIT_SECONDS
+        while proc.poll() is None and time.monotonic() < deadline:
+            if memcached_answers(MEMCACHED_HOST, port):
+                return proc, port
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    sys.exit(f"memcached did not start; see {state / 'memcached.log'}")
 
 
-def write_config(state: Path) -> Path:
-    """deploy/policyd/*.cf with /etc/policyd and /var/lib/policyd moved to state."""
+def write_config(state: Path, memcache: str) -> Path:
+    """deploy/policyd/*.cf with /etc/policyd and /var/lib/policyd moved to
+    state, and the tables on the memcached ``memcache``."""
     for name in ("policyd.cf", "triplets.cf", "clients.cf"):
         text = (DEPLOY / name).read_text()
         text = text.replace("/etc/policyd", str(state)).replace("/var/lib/policyd", str(state))
+        text = re.sub(r"(?m)^memcache\s*=.*$", f"memcache = {memcache}", text)
         (state / name).write_text(text)
     return state / "policyd.cf"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state", default=".run", help="directory for config and lmdb files")
+    parser.add_argument("-o", dest="overrides", action="append", default=[],
+                        metavar="NAME=VALUE", help="passed to policyd (repeatable)")
     args = parser.parse_args(argv)
     state = Path(args.state).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    memcached = start_memcached(state)
-    config = write_config(state)
-    print(f"policyd -c {config}  (Postfix: check_policy_service inet:127.0.0.1:10023)")
-    print(f"query the cache: memtable -q KEY memcache:{state / 'triplets.cf'}")
-    policyd = subprocess.Popen([sys.executable, "-m", "policyd", "-c", str(config)])
-
-    def stop(signum: int, frame: object) -> None:
-        policyd.send_signal(signal.SIGTERM)  # policyd shuts down gracefully
-
-    # Ctrl-C reaches policyd itself (same process group); SIGTERM to us is
-    # passed on.  Either way we wait for policyd, then stop our memcached.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    memcached, port = start_memcached(state)
+    memcache = f"inet:{MEMCACHED_HOST}:{port}"
     try:
+        config = write_config(state, memcache)
+        print(f"started a private memcached on {MEMCACHED_HOST}:{port} (pid {memcached.pid}) "
+              f"for this dev instance; {PRODUCTION_MEMCACHE} is not used", flush=True)
+        overrides = [arg for o in args.overrides for arg in ("-o", o)]
+        print(f"policyd -c {config} {' '.join(overrides)}".rstrip(), flush=True)
+        print(f"its cache: memtable -s memcache:{state / 'triplets.cf'}", flush=True)
+        policyd = subprocess.Popen([sys.executable, "-m", "policyd", "-c", str(config),
+                                    *overrides])
+
+        def stop(signum: int, frame: object) -> None:
+            policyd.send_signal(signal.SIGTERM)  # policyd shuts down gracefully
+
+        # Ctrl-C reaches policyd itself (same process group); SIGTERM to us
+        # is passed on.  Either way we wait for policyd, then stop memcached.
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         return policyd.wait()
     finally:
-        if memcached is not None:
-            memcached.terminate()
-            memcached.wait()
+        memcached.terminate()
+        memcached.wait()
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -117,3 +117,10 @@ CLEANUP_MAX_ENTRIES = 10_000_000
 # Expired keys collected before they are deleted: the walk's memory stays
 # bounded and deletes interleave with policyd's own writes.
 CLEANUP_BATCH_KEYS = 1000
+
+# --- checks before start (policyd.preflight) ----------------------------------
+# Postfix's default smtpd_policy_service_timeout, used when postconf cannot
+# tell (no Postfix configuration on this host): decision_timeout must be below.
+POSTFIX_POLICY_TIMEOUT_DEFAULT_SECONDS = 100
+# Where Postfix reads main.cf when MAIL_CONFIG is not set (Debian's build).
+POSTFIX_CONFIG_DIRECTORY = "/etc/postfix"

@@ -28,6 +28,7 @@ and for warnings and errors).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import logging.handlers
@@ -36,7 +37,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TextIO
 
 from policyd import limits
@@ -344,3 +345,26 @@ def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     if problem:
         logging.getLogger("policyd").warning("%s", problem)
     return list(_installed)
+
+
+class _CommandFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"policyd: {_PREFIXES.get(record.levelno, '')}{record.getMessage()}"
+
+
+@contextlib.contextmanager
+def command_logging() -> Iterator[None]:
+    """Warnings of a one-shot command (--check-config) to stderr, as
+    Postfix's commands write them: ``policyd: warning: ...``; the handlers
+    before it are back afterwards."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CommandFormatter())
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)

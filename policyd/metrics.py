@@ -124,17 +124,24 @@ class NullMetrics:
         pass
 
 
+def require_prometheus_client() -> Any:
+    """The prometheus_client module; PolicydError when it is not installed
+    (at start and from --check-config: policyd.preflight)."""
+    try:
+        import prometheus_client
+    except ImportError:
+        raise PolicydError(
+            "metrics_listen is set but prometheus-client is not installed "
+            "(pip install 'memtable-policyd[metrics]')") from None
+    return prometheus_client
+
+
 class Metrics:
     """policyd's metrics in a private registry (thread-safe: stores report
     from their worker threads, the server from the event loop)."""
 
     def __init__(self) -> None:
-        try:
-            import prometheus_client as prom
-        except ImportError:
-            raise PolicydError(
-                "metrics_listen is set but prometheus-client is not installed "
-                "(pip install 'memtable-policyd[metrics]')") from None
+        prom = require_prometheus_client()
         self._prom: Any = prom
         self.registry: Any = prom.CollectorRegistry(auto_describe=True)
         reg = self.registry

@@ -10,6 +10,8 @@ whitelist_recipients:
   ``postmaster@``           that local part (and +extension) at any domain;
   ``example.com``           any address at that domain or one of its subdomains;
   ``/regex/``               searched in the recipient, case-insensitively.
+A missing file is an error, except one whose name ends in ``.local``
+(postgrey's local additions, which Debian does not ship): a warning.
 
 Matching is by sets and per-prefix-length network sets, not by trying every
 entry; only regular expressions are tried one by one.  A bad entry is a
@@ -179,10 +181,18 @@ def _network(text: str, path: str, line: int) -> ipaddress.IPv4Network | ipaddre
 
 
 def _read_lines(path: str) -> list[tuple[int, str]]:
-    """(line number, entry) for each non-empty line, comments removed."""
+    """(line number, entry) for each non-empty line, comments removed; no
+    lines, with a warning, for a missing optional (``.local``) file."""
     try:
         data, _ = read_regular_file(path, limits.WHITELIST_FILE_MAX_BYTES)
     except OSError as exc:
+        # postgrey's rule: a *.local file is the site's optional addition to
+        # the distribution's list (Debian ships none).  postgrey is silent;
+        # a warning tells a typo from "none yet".
+        if isinstance(exc, FileNotFoundError) and path.endswith(".local"):
+            log.warning("%s: whitelist not found, skipped (a missing .local file is "
+                        "allowed, as in postgrey)", path)
+            return []
         raise ConfigError(f"cannot read whitelist: {exc.strerror or exc}", path) from None
     if len(data) > limits.WHITELIST_FILE_MAX_BYTES:
         raise ConfigError(f"whitelist larger than {limits.WHITELIST_FILE_MAX_BYTES} bytes", path)

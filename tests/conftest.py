@@ -1,5 +1,14 @@
 """Fixtures shared by the whole suite: real memcached servers started on
-loopback ports or UNIX sockets in a temporary directory."""
+loopback ports or UNIX sockets in a temporary directory.
+
+And the test run's isolation from the host's mail configuration, set up
+before any test runs: reading /etc/postfix or /etc/policyd fails in the
+pytest process and in every Python process a test starts
+(tests/hostguard), and MAIL_CONFIG points Postfix programs run without
+``-c`` (postconf, postmap) at an empty directory, so they fail with
+"open .../main.cf" instead of reading the host's.  A test that depends on
+the host therefore fails on every machine, not only on a fresh one.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +26,23 @@ from pathlib import Path
 import pytest
 
 MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
+HOSTGUARD_DIR = Path(__file__).resolve().parent / "hostguard"
+_empty_mail_config: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from tests.hostguard import sitecustomize  # noqa: F401  # installs the guard here
+
+    empty = tempfile.mkdtemp(prefix="tests-empty-mail-config.")
+    _empty_mail_config.append(empty)
+    os.environ["MAIL_CONFIG"] = empty
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(HOSTGUARD_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for empty in _empty_mail_config:
+        shutil.rmtree(empty, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -64,7 +64,9 @@ POSTFIX = _tool("postfix")
 POSTCAT = _tool("postcat")
 POSTQUEUE = _tool("postqueue")
 POSTCONF = _tool("postconf")
-DIST_MASTER_CF = Path("/etc/postfix/master.cf")
+# The package's pristine master.cf, not the host's /etc/postfix/master.cf
+# (the host's configuration is off limits: tests/hostguard).
+DIST_MASTER_CF = Path("/usr/share/postfix/master.cf.dist")
 
 HAVE_POSTMAP = bool(POSTMAP)
 # A private instance needs root (set-permissions, master runs as root).

@@ -132,6 +132,31 @@ def test_instance_template_is_the_service_plus_reuse_port() -> None:
             assert "%i" in line
 
 
+DEBIAN_UNITS = Path("/lib/systemd/system")
+
+
+def _starts_postfix(path: Path) -> bool:
+    """A Postfix unit that really starts Postfix (not Debian's /bin/true
+    postfix.service, which only groups the instances)."""
+    starts = unit(path).get("Service", {}).get("ExecStart", [])
+    return any(re.search(r"\bpost(?:fix|multi)\b.*\bstart\b", line) for line in starts)
+
+
+@pytest.mark.parametrize("path", [SERVICE, TEMPLATE], ids=lambda p: p.name)
+def test_units_start_before_the_postfix_that_runs_smtpd(path: Path) -> None:
+    """Postfix must find policyd listening.  On Debian 12 postfix.service is a
+    oneshot running /bin/true; smtpd comes from postfix@-.service, the
+    default instance of postfix@.service: the units order before both."""
+    before = set(" ".join(unit(path)["Unit"]["Before"]).split())
+    assert {"postfix.service", "postfix@-.service"} <= before
+    # The installed postfix package agrees: each unit of it that starts
+    # Postfix is one we order before (a template by its default instance).
+    shipped = sorted(DEBIAN_UNITS.glob("postfix*.service"))
+    for postfix_unit in filter(_starts_postfix, shipped):
+        name = postfix_unit.name.replace("@.service", "@-.service")
+        assert name in before, postfix_unit
+
+
 @requires_systemd
 def test_systemd_analyze_reports_a_broken_unit(tmp_path: Path) -> None:
     # The check above can fail: a misspelt hardening option is reported.

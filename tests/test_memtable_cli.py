@@ -93,12 +93,21 @@ def test_sequence_without_backup_warns_and_prints_nothing(tmp_path: Path,
 
 
 def test_ttl_command_explains_and_warns(tmp_path: Path) -> None:
-    cf = tmp_path / "ps.cf"
-    cf.write_text("ttl = 7776000\n")
-    done = run("ttl", f"memcache:{cf}")
-    assert done.returncode == 0
+    # A private Postfix configuration (-c): the host's may not exist.
+    done = ttl_report(tmp_path, 7776000, "")
     assert "absolute" in done.stdout and "1970" in done.stdout
     assert "warning: ttl 7776000 is over 30 days" in done.stdout
+
+
+def test_ttl_command_without_c_reads_mail_config_not_the_hosts(tmp_path: Path) -> None:
+    """Without -c, postconf reads $MAIL_CONFIG/main.cf, as every Postfix
+    program; the test run points it at an empty directory (conftest), so
+    the host's /etc/postfix is never what a test sees."""
+    cf = tmp_path / "t.cf"
+    cf.write_text("ttl = 3600\n")
+    done = run("ttl", f"memcache:{cf}")
+    assert done.returncode == 1
+    assert f"postconf: fatal: open {os.environ['MAIL_CONFIG']}/main.cf" in done.stderr
 
 
 def ttl_report(tmp_path: Path, ttl: int, main_cf: str) -> subprocess.CompletedProcess[str]:

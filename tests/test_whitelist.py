@@ -156,3 +156,37 @@ def test_reload_replaces_lists_and_keeps_old_ones_on_error(
     path.unlink()
     assert not wl.reload()
     assert wl.client_whitelisted("192.0.2.1", "new.example")
+
+
+def test_missing_local_file_is_skipped_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The docs' `whitelist_clients = .../whitelist_clients,
+    .../whitelist_clients.local`: Debian ships no .local file, and postgrey
+    skips a missing one (``unless $f =~ /\\.local$/``); policyd warns."""
+    main = write(tmp_path / "whitelist_clients", "main.example\n")
+    local = tmp_path / "whitelist_clients.local"
+    with caplog.at_level(logging.WARNING):
+        wl = Whitelists.load([main, str(local)], [str(tmp_path / "whitelist_recipients.local")])
+    assert wl.client_whitelisted("192.0.2.1", "main.example")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"{local}: whitelist not found, skipped (a missing .local file is "
+                      "allowed, as in postgrey)",
+                      f"{tmp_path / 'whitelist_recipients.local'}: whitelist not found, "
+                      "skipped (a missing .local file is allowed, as in postgrey)"]
+    # Once it exists it is read, at a reload as well.
+    local.write_text("local.example\n")
+    assert wl.reload()
+    assert wl.client_whitelisted("192.0.2.1", "local.example")
+
+
+def test_missing_main_list_beside_a_local_file_is_still_an_error(tmp_path: Path) -> None:
+    local = write(tmp_path / "whitelist_clients.local", "local.example\n")
+    missing = str(tmp_path / "whitelist_clients")
+    with pytest.raises(ConfigError) as err:
+        Whitelists.load([missing, local], [])
+    assert err.value.path == missing
+    # Only a missing .local file is optional: one that cannot be read is not.
+    unreadable = tmp_path / "dir.local"
+    unreadable.mkdir()
+    with pytest.raises(ConfigError, match="Is a directory"):
+        Whitelists.load([str(unreadable)], [])

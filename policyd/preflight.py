@@ -1,0 +1,168 @@
+"""What would break policyd at run time, found before it runs.
+
+One implementation for two callers:
+
+- ``errors(config)``: problems that make a running policyd fail or
+  misbehave silently (metrics_listen without prometheus-client, a
+  decision_timeout Postfix does not wait for, a table .cf whose ``domain`` or
+  ``key_format`` skips every policyd key).  policyd does not start with one,
+  and ``--check-config`` reports each on one line.
+- ``probe(config)``: for ``--check-config`` only, what start-up would open,
+  opened without creating or changing anything (a check run as root must
+  leave no root-owned lmdb file behind): whitelists, table files, existing
+  lmdb backups (read-only), the directories of missing ones (policyd creates
+  them at start); memcached is asked once, and a memcached that does not
+  answer is a warning (policyd then answers from the backup).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from memtable import cf
+from memtable.config import MemcacheConfig
+from memtable.errors import ConfigError, MemtableError, TemporaryError
+from memtable.keys import KeyFormat
+from memtable.registry import open_table, split_spec
+from memtable.ttlreport import read_postconf
+from memtable.wire import MemcacheWire
+from policyd import limits
+from policyd.config import PolicydConfig
+from policyd.errors import PolicydError
+from policyd.whitelist import Whitelists
+
+log = logging.getLogger(__name__)
+
+Problem = MemtableError | PolicydError
+POLICY_TIMEOUT = "smtpd_policy_service_timeout"
+# A key no policyd table holds: asking for it only tells whether memcached answers.
+_PROBE_KEY = b"policyd-check-config"
+
+
+def _tables(config: PolicydConfig) -> list[tuple[str, str]]:
+    named = [("triplet_table", config.triplet_table), ("client_table", config.client_table),
+             ("postscreen_cache", config.postscreen_cache)]
+    return [(param, spec) for param, spec in named if spec]
+
+
+def postfix_policy_timeout() -> tuple[int, str]:
+    """Postfix's smtpd_policy_service_timeout in seconds, and where it came
+    from: postconf, when this host has a Postfix configuration ($MAIL_CONFIG,
+    else /etc/postfix), else Postfix's default.  postconf is not required."""
+    config_dir = os.environ.get("MAIL_CONFIG") or limits.POSTFIX_CONFIG_DIRECTORY
+    default = limits.POSTFIX_POLICY_TIMEOUT_DEFAULT_SECONDS
+    # Without main.cf postconf fails, and a Postfix fatal error costs a second.
+    if not os.path.exists(os.path.join(config_dir, "main.cf")):
+        return default, "Postfix's default"
+    try:
+        value = read_postconf(config_dir, [POLICY_TIMEOUT]).get(POLICY_TIMEOUT, "")
+    except ConfigError as exc:
+        log.warning("cannot read %s from postconf (%s); assuming Postfix's default %ds",
+                    POLICY_TIMEOUT, exc, default)
+        return default, "Postfix's default"
+    seconds = cf.time_seconds(value)
+    if seconds is None:
+        return default, "Postfix's default"
+    return seconds, f"postconf -c {config_dir}"
+
+
+def _key_problem(param: str, spec: str) -> ConfigError | None:
+    """A memcache table whose domain or key_format skips policyd's keys
+    (client networks, triplets, IP addresses: never user@domain)."""
+    try:
+        type_, path = split_spec(spec)
+        entries = cf.read_cf(path) if type_ == "memcache" else {}
+    except ConfigError:
+        return None  # opening the table says what is wrong
+    domain = entries.get("domain")
+    if domain is not None and domain.value.strip():
+        return domain.error(f"memcache tables then take only user@domain keys, and the keys "
+                            f"of {param} are not addresses: every update would be skipped; "
+                            "remove this line")
+    key_format = entries.get("key_format")
+    if key_format is None:
+        return None
+    try:
+        fmt = KeyFormat.compile(key_format.value)
+    except ValueError:
+        return None
+    if fmt.uses_user or fmt.uses_domain or fmt.labels:
+        return key_format.error(f"needs user@domain keys, and the keys of {param} are not "
+                                "addresses: every update would be skipped; use a prefix and "
+                                "%s (e.g. policyd-triplet:%s)")
+    return None
+
+
+def errors(config: PolicydConfig) -> list[Problem]:
+    """What stops policyd at start (and fails --check-config), one each."""
+    from policyd.metrics import require_prometheus_client
+
+    found: list[Problem] = []
+    if config.metrics_listen is not None:
+        try:
+            require_prometheus_client()
+        except PolicydError as exc:
+            found.append(exc)
+    limit, source = postfix_policy_timeout()
+    if config.decision_timeout >= limit:
+        found.append(ConfigError(
+            f"decision_timeout ({config.decision_timeout}s) must be below Postfix's "
+            f"{POLICY_TIMEOUT} ({limit}s, {source}): Postfix would give up on policyd "
+            "before it decides", config.path))
+    for param, spec in _tables(config):
+        problem = _key_problem(param, spec)
+        if problem is not None:
+            found.append(problem)
+    return found
+
+
+def probe(config: PolicydConfig) -> list[Problem]:
+    """Open what start-up opens, creating nothing (--check-config)."""
+    found: list[Problem] = []
+    try:
+        Whitelists.load(config.whitelist_clients, config.whitelist_recipients)
+    except MemtableError as exc:
+        found.append(exc)
+    for _, spec in _tables(config):
+        try:
+            _probe_table(spec)
+        except (MemtableError, OSError) as exc:
+            found.append(exc if isinstance(exc, MemtableError) else ConfigError(str(exc)))
+    return found
+
+
+def _probe_table(spec: str) -> None:
+    type_, name = split_spec(spec)
+    if type_ == "memcache":
+        config = MemcacheConfig.from_file(name)
+        if config.backup:
+            try:
+                _probe_table(config.backup)
+            except ConfigError as exc:
+                raise type(exc)(f"backup = {config.backup}: {exc}", name) from None
+        _ask_memcached(config)
+    elif type_ == "lmdb" and not os.path.exists(name + ".lmdb"):
+        # policyd creates it at start (as the service's user): only its
+        # directory must exist.
+        directory = os.path.dirname(name) or "."
+        if not os.path.isdir(directory):
+            raise ConfigError(f"{spec}: directory {directory} does not exist "
+                              "(policyd creates the file at start, not the directory)")
+    else:
+        open_table(spec, read_write=False).close()
+
+
+def _ask_memcached(config: MemcacheConfig) -> None:
+    wire = MemcacheWire(config.memcache, timeout=config.timeout, max_try=config.max_try,
+                        retry_pause=config.retry_pause,
+                        line_size_limit=config.line_size_limit,
+                        data_size_limit=config.data_size_limit,
+                        name=f"memcache:{config.path}")
+    try:
+        wire.get(_PROBE_KEY)
+    except TemporaryError as exc:
+        fallback = "answers from the backup" if config.backup else "has no backup"
+        log.warning("%s; until it answers, policyd %s", exc, fallback)
+    finally:
+        wire.close()
