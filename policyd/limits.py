@@ -103,3 +103,18 @@ CLEANUP_MAX_ENTRIES = 10_000_000
 # Expired keys collected before they are deleted: the walk's memory stays
 # bounded and deletes interleave with policyd's own writes.
 CLEANUP_BATCH_KEYS = 1000
+
+# --- import-postgrey (policyd.postgrey) ---------------------------------------
+# A line of `db_dump -p` output: postgrey cuts each request attribute at 512
+# characters, so a triplet key is under 1600 bytes, at most 3 characters each
+# in the dump (\xx); longer is not postgrey's.
+POSTGREY_DUMP_LINE_MAX_BYTES = 8192
+# Records read from each of postgrey's two databases; beyond, the import
+# stops before writing anything and says so.
+POSTGREY_MAX_ENTRIES = 10_000_000
+# How long copying, recovering (db_recover) or dumping (db_dump) postgrey's
+# database may take, each.
+POSTGREY_TOOL_TIMEOUT_SECONDS = 600
+# Records looked up and written per batch (one memcached round trip, one
+# lmdb transaction each way).
+POSTGREY_BATCH_KEYS = 1000
