@@ -624,7 +624,7 @@ def _write_table(spec: str, path: Path, name: str, mapper: Callable[[bytes, byte
 
 
 def _prefix_text(prefix: int, version: int) -> str:
-    return "address" if prefix == (32 if version == 4 else 128) else f"/{prefix} network"
+    return "addresses" if prefix == (32 if version == 4 else 128) else f"/{prefix} networks"
 
 
 def carry_notes(options: PostgreyOptions, config: PolicydConfig, result: Result) -> list[str]:
@@ -648,7 +648,7 @@ def carry_notes(options: PostgreyOptions, config: PolicydConfig, result: Result)
             "imported (by network) serves clients without a verified name only, the others "
             "are greylisted once more and count their passes again")
     per = ("address" if policyd_prefix(config, 4) == 32 else
-           f"/{config.ipv4_prefix} and /{config.ipv6_prefix} network")
+           f"/{config.ipv4_prefix} and /{config.ipv6_prefix} networks")
     notes.append(
         f"auto-whitelist: postgrey counts passes per address, policyd per client ({per}); "
         "the addresses of one network make one client record with the highest count among "

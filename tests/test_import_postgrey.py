@@ -272,7 +272,7 @@ def test_mismatch_is_reported_before_anything_is_written(tmp_path: Path) -> None
     import_postgrey(dbdir, DEFAULTS, config, dry_run=False, out=out)
     report = "\n".join(line for line, _ in seen)
     assert ("does not carry over: triplets of IPv6 clients: postgrey keyed them by /64 "
-            "network, policyd by /80 network") in report
+            "networks, policyd by /80 networks") in report
     assert "carries over: triplets of IPv4 clients" in report
     assert "carries over in part: client_key = smart" in report
     assert ("does not carry over: 1 triplets and 1 auto-whitelist entries are SHA1 hashes "
