@@ -86,11 +86,14 @@ def _import_postgrey_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--delay", type=_positive_seconds, default=300, metavar="N",
                        help="postgrey's --delay (default 300)")
     lookup = group.add_mutually_exclusive_group()
-    lookup.add_argument("--lookup-by-host", action="store_true")
+    lookup.add_argument("--lookup-by-host", action="store_true",
+                        help="postgrey keyed triplets by the client's address")
     lookup.add_argument("--lookup-by-subnet", action="store_true",
-                        help="the default")
-    group.add_argument("--ipv4cidr", type=_bounded(32), default=24, metavar="N")
-    group.add_argument("--ipv6cidr", type=_bounded(128), default=64, metavar="N")
+                        help="... by its network (postgrey's default)")
+    group.add_argument("--ipv4cidr", type=_bounded(32), default=24, metavar="N",
+                       help="postgrey's IPv4 network prefix (default 24)")
+    group.add_argument("--ipv6cidr", type=_bounded(128), default=64, metavar="N",
+                       help="postgrey's IPv6 network prefix (default 64)")
 
 
 def _positive_seconds(text: str) -> int:

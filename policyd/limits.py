@@ -112,8 +112,8 @@ POSTGREY_DUMP_LINE_MAX_BYTES = 8192
 # Records read from each of postgrey's two databases; beyond, the import
 # stops before writing anything and says so.
 POSTGREY_MAX_ENTRIES = 10_000_000
-# How long copying, recovering (db_recover) or dumping (db_dump) postgrey's
-# database may take, each.
+# How long replaying the log of postgrey's copied database (db_recover) or
+# dumping it (db_dump) may take, each.
 POSTGREY_TOOL_TIMEOUT_SECONDS = 600
 # Records looked up and written per batch (one memcached round trip, one
 # lmdb transaction each way).

@@ -297,11 +297,18 @@ def _ttl(record: TripletRecord | ClientRecord, now: int, config: PolicydConfig) 
 def merge_triplet(old: TripletRecord | None, new: TripletRecord) -> TripletRecord | None:
     """The record to store when ``old`` is stored and ``new`` is imported;
     None to keep ``old``: it passed while ``new`` did not, or was seen at
-    the same time or later (several postgrey triplets can be one policyd
-    triplet, e.g. user+a and user+b: the furthest along wins)."""
-    if old is None or (new.passed, new.last_seen) > (old.passed, old.last_seen):
+    the same time or later.  Several postgrey triplets can be one policyd
+    triplet (user+a@ and user+b@): the one furthest along wins, and when
+    ``old`` had passed already its first sight and pass stay, with the
+    later last sighting."""
+    if old is None:
         return new
-    return None
+    if (new.passed, new.last_seen) <= (old.passed, old.last_seen):
+        return None
+    if old.passed:
+        # Seen later by postgrey: policyd's own pass (and its delay) stays.
+        return TripletRecord(old.first_seen, new.last_seen, True, old.passed_at)
+    return new
 
 
 def merge_client(old: ClientRecord | None, new: ClientRecord) -> ClientRecord | None:
@@ -525,18 +532,20 @@ class _Writer(Generic[R]):
             if front is not None:
                 backup = getattr(self.table, "backup", None)
                 tables = [front] if backup is None else [front, backup]
-        try:
-            for table in tables:
-                missing = [key for key, value in found.items() if value is None]
-                if not missing:
-                    break
+        for n, table in enumerate(tables):
+            missing = [key for key, value in found.items() if value is None]
+            if not missing:
+                break
+            try:
                 lookup_many = getattr(table, "lookup_many", None)
                 if lookup_many is not None:
                     found.update(lookup_many(missing))
                 else:
                     found.update((key, table.lookup(key)) for key in missing)
-        except (MemtableError, OSError) as exc:
-            raise PostgreyImportError(f"{self.table.spec}: {exc}") from None
+            except (MemtableError, OSError) as exc:
+                if n + 1 < len(tables):
+                    continue  # memcached down: the backup answers, as in lookup()
+                raise PostgreyImportError(f"{self.table.spec}: {exc}") from None
         return found
 
 

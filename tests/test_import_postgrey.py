@@ -31,6 +31,7 @@ from policyd.postgrey import (
     map_client,
     map_triplet,
     merge_client,
+    merge_triplet,
     parse_dump,
 )
 from policyd.reputation import ClientRecord
@@ -188,6 +189,19 @@ def test_client_records() -> None:
                       keys=keys, now=now).outcome == "expired"
 
 
+def test_a_triplet_record_is_replaced_only_by_one_further_along() -> None:
+    pending = TripletRecord(1000, 1100)
+    passed = TripletRecord(1000, 2000, True)
+    assert merge_triplet(None, pending) == pending
+    assert merge_triplet(pending, passed) == passed
+    assert merge_triplet(passed, pending) is None
+    assert merge_triplet(passed, passed) is None  # a second run: nothing to write
+    assert merge_triplet(TripletRecord(1000, 3000, True), passed) is None  # policyd's newer
+    # policyd's own pass and its delay stay; postgrey's later sighting is added.
+    mine = TripletRecord(1500, 1800, True, 1700)
+    assert merge_triplet(mine, passed) == TripletRecord(1500, 2000, True, 1700)
+
+
 def test_addresses_of_one_network_combine_to_the_highest_count() -> None:
     # 3 passes from .1 and 2 from .2: policyd, counting the network's passes
     # at most once an hour, counted at least 3 and perhaps no more (the
@@ -230,7 +244,8 @@ def test_network_combination_idempotence_and_newer_records(tmp_path: Path) -> No
     triplets, clients = contents(config.triplet_table), contents(config.client_table)
     key = KeyMaker().triplet_key
     assert triplets == {
-        key("192.0.2.0", "a@x.org", "b@y.org"): f"{now - 5000},{now - 4000},1,0",
+        # b+1@ and b@: first seen with the one, last seen with the other.
+        key("192.0.2.0", "a@x.org", "b@y.org"): f"{now - 7000},{now - 4000},1,0",
         key("198.51.100.0", "c@x.org", "d@y.org"): f"{now - 5000},{now - 10},1,{now - 4900}"}
     assert clients == {"203.0.113.0": f"{now - 300},{now - 100},0,4,{now - 100}"}
     # A second run changes nothing.
