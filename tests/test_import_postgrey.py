@@ -294,6 +294,9 @@ def test_mismatch_is_reported_before_anything_is_written(tmp_path: Path) -> None
             "(postgrey --privacy)") in report
     assert ("triplets: 4 read: 2 passed, 0 pending, 0 expired, 2 skipped (1 hashed, "
             "1 not carried over, 0 malformed)") in report
+    # --privacy: the plain auto-whitelist entry carries over, the hashed one cannot.
+    assert ("clients: 2 read: 1 addresses in 1 client records (1 auto-whitelisted with "
+            "auto_whitelist_clients = 5), 0 expired, 1 skipped (1 hashed, 0 malformed)") in report
     assert ("warning: 1 triplets name a client that is not a network address of --delay=300 "
             "--lookup-by-subnet --ipv4cidr=24 --ipv6cidr=64") in report
     # Everything but the last line was said while the store was still empty.
