@@ -196,9 +196,10 @@ def start_null(workdir: Path) -> Server:
                   workdir / "null.log", "127.0.0.1", port)
 
 
-def start_postgrey(workdir: Path) -> Server:
+def start_postgrey(workdir: Path, extra: tuple[str, ...] = ()) -> Server:
     """postgrey with its own database and empty whitelists (as policyd's
-    default config has none), logging to a file instead of syslog."""
+    default config has none), logging to a file instead of syslog; ``extra``
+    postgrey options go last (a later --delay wins)."""
     if not os.access(POSTGREY, os.X_OK):
         raise ServerError(f"{POSTGREY} not found (Debian package postgrey)")
     port = free_port()
@@ -209,7 +210,7 @@ def start_postgrey(workdir: Path) -> Server:
     empty.write_text("")
     argv = [POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={dbdir}",
             f"--delay={GREYLIST_DELAY}", f"--whitelist-clients={empty}",
-            f"--whitelist-recipients={empty}", "--listen-queue-size=999"]
+            f"--whitelist-recipients={empty}", "--listen-queue-size=999", *extra]
     if os.geteuid() == 0:
         # postgrey drops root to its own user; that user must reach dbdir.
         user = "postgrey"

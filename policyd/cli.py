@@ -6,6 +6,7 @@
 
     policyd [-c FILE] report [--json] [--plot FILE.png]   figures and ttl advice
     policyd [-c FILE] cleanup [--dry-run]   delete expired records (daily)
+    policyd [-c FILE] import-postgrey [--dry-run] DBDIR   carry postgrey's database over
 
 -c and -o may also follow the command (``policyd report -o max_age=40d``).
 
@@ -23,6 +24,7 @@ import sys
 from collections.abc import Callable
 
 from memtable.errors import ConfigError, MemtableError
+from memtable.limits import CF_INT_MAX
 from policyd.config import DEFAULT_CONFIG_PATH, PolicydConfig
 from policyd.errors import PolicydError
 from policyd.logsetup import error_line
@@ -49,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
                             "suggested greylist_delay / retry_window / max_age")
     cleanup = sub.add_parser("cleanup", help="delete expired and malformed records from "
                              "the stores (run daily)")
-    for command in (run, report, cleanup):
+    import_postgrey = sub.add_parser(
+        "import-postgrey", help="import postgrey's passed triplets and auto-whitelist "
+        "(run before switching from postgrey)")
+    for command in (run, report, cleanup, import_postgrey):
         # `policyd report -c FILE` as well as `policyd -c FILE report`.
         command.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                              help="policyd.cf to read")
@@ -67,7 +72,45 @@ def _parser() -> argparse.ArgumentParser:
                         help="read at most N entries per table (default: the limit)")
     cleanup.add_argument("--dry-run", action="store_true",
                          help="count what would be deleted, delete nothing")
+    _import_postgrey_arguments(import_postgrey)
     return parser
+
+
+def _import_postgrey_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dbdir", metavar="DBDIR",
+                        help="postgrey's --dbdir (Debian: /var/lib/postgrey)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="report what would be imported, write nothing")
+    group = parser.add_argument_group(
+        "postgrey's options", "the ones postgrey runs with (Debian: POSTGREY_OPTS in "
+        "/etc/default/postgrey); they decide what its records mean")
+    group.add_argument("--delay", type=_positive_seconds, default=300, metavar="N",
+                       help="postgrey's --delay (default 300)")
+    lookup = group.add_mutually_exclusive_group()
+    lookup.add_argument("--lookup-by-host", action="store_true",
+                        help="postgrey keyed triplets by the client's address")
+    lookup.add_argument("--lookup-by-subnet", action="store_true",
+                        help="... by its network (postgrey's default)")
+    group.add_argument("--ipv4cidr", type=_bounded(32), default=24, metavar="N",
+                       help="postgrey's IPv4 network prefix (default 24)")
+    group.add_argument("--ipv6cidr", type=_bounded(128), default=64, metavar="N",
+                       help="postgrey's IPv6 network prefix (default 64)")
+
+
+def _positive_seconds(text: str) -> int:
+    value = int(text)
+    if not 0 < value <= CF_INT_MAX:
+        raise argparse.ArgumentTypeError(f"{text}: not a positive number of seconds")
+    return value
+
+
+def _bounded(top: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 0 <= value <= top:
+            raise argparse.ArgumentTypeError(f"{text}: not between 0 and {top}")
+        return value
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,5 +240,11 @@ def _cleanup(config: PolicydConfig, args: argparse.Namespace) -> int:
     return command(config, args)
 
 
+def _import_postgrey(config: PolicydConfig, args: argparse.Namespace) -> int:
+    from policyd.postgrey import command
+
+    return command(config, args)
+
+
 _COMMANDS: dict[str, Callable[[PolicydConfig, argparse.Namespace], int]] = {
-    "run": _run, "report": _report, "cleanup": _cleanup}
+    "run": _run, "report": _report, "cleanup": _cleanup, "import-postgrey": _import_postgrey}

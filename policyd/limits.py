@@ -124,3 +124,18 @@ CLEANUP_BATCH_KEYS = 1000
 POSTFIX_POLICY_TIMEOUT_DEFAULT_SECONDS = 100
 # Where Postfix reads main.cf when MAIL_CONFIG is not set (Debian's build).
 POSTFIX_CONFIG_DIRECTORY = "/etc/postfix"
+
+# --- import-postgrey (policyd.postgrey) ---------------------------------------
+# A line of `db_dump -p` output: postgrey cuts each request attribute at 512
+# characters, so a triplet key is under 1600 bytes, at most 3 characters each
+# in the dump (\xx); longer is not postgrey's.
+POSTGREY_DUMP_LINE_MAX_BYTES = 8192
+# Records read from each of postgrey's two databases; beyond, the import
+# stops before writing anything and says so.
+POSTGREY_MAX_ENTRIES = 10_000_000
+# How long replaying the log of postgrey's copied database (db_recover) or
+# dumping it (db_dump) may take, each.
+POSTGREY_TOOL_TIMEOUT_SECONDS = 600
+# Records looked up and written per batch (one memcached round trip, one
+# lmdb transaction each way).
+POSTGREY_BATCH_KEYS = 1000

@@ -184,12 +184,9 @@ class Stores:
         table (None otherwise, when memcached has none, or cannot answer).
         With several hosts sharing memcached, it may be newer than this
         host's backup."""
-        table = self.table(kind)
-        if not isinstance(table, MemcacheTable):
+        front = memcache_front(self.table(kind))
+        if front is None:
             return None
-        # The same table without its backup: a miss is a miss, no write-back.
-        front = MemcacheTable(table.config, read_write=False, fold=table.fold,
-                              pipeline=table.pipeline, backup=None, wire=table.wire)
         try:
             value = front.lookup(key)
         except MemtableError:
@@ -231,6 +228,16 @@ class Stores:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def memcache_front(table: Table) -> MemcacheTable | None:
+    """A memcache table's memcached alone, read-only: the same table
+    without its backup, so a miss is a miss and nothing is written back
+    from the backup.  None when ``table`` is not a memcache table."""
+    if not isinstance(table, MemcacheTable):
+        return None
+    return MemcacheTable(table.config, read_write=False, fold=table.fold,
+                         pipeline=table.pipeline, backup=None, wire=table.wire)
 
 
 def triplet_expired(record: TripletRecord, now: int, config: PolicydConfig) -> bool:

@@ -1,0 +1,735 @@
+"""``policyd import-postgrey``: carry postgrey's database over to policyd.
+
+    policyd -c FILE import-postgrey [--dry-run] [--delay N] [--lookup-by-host]
+            [--ipv4cidr N] [--ipv6cidr N] DBDIR
+
+postgrey (1.37, /usr/sbin/postgrey) keeps two BerkeleyDB btrees in a
+transactional environment in its --dbdir:
+
+- ``postgrey.db``: key ``lc "CLIENT/SENDER/RECIPIENT"``, CLIENT the network
+  address of the client's /ipv4cidr or /ipv6cidr (NetAddr::IP's text:
+  IPv6 uncompressed, ``2001:db8:0:0:0:0:0:0``), or the address itself with
+  --lookup-by-host; SENDER with its BATV tag, ``+extension`` and
+  whole-word numbers folded; RECIPIENT as given.  Value
+  ``first_seen,last_seen`` (older versions appended a host part); the
+  triplet passed when last_seen - first_seen >= --delay.
+- ``postgrey_clients.db`` (the auto-whitelist): key the client's address,
+  value ``count,last_seen``; count passes, each at most once an hour.
+
+With --privacy both keys are SHA1 hex digests: they cannot be turned back
+into addresses, so they cannot become policyd keys.
+
+Reading: a copy, never postgrey's files in place.  postgrey holds an
+exclusive flock on ``postgrey.lock`` while it runs and writes through a
+BerkeleyDB cache whose pages reach ``postgrey.db`` only at its hourly
+checkpoint; what it wrote since is in its log files.  So the database files
+and then the log files are copied into a private directory (BerkeleyDB's
+hot-backup order), and ``db_recover -c`` replays the log there, giving every
+committed write.  When postgrey is not running, its lock is held (shared)
+during the copy so that it cannot start meanwhile.  The recovered copy is
+read with ``db_dump -p`` (Debian's db5.3-util) and its printable output
+parsed here, rather than through a compiled Python binding of libdb.
+
+Writing: each record becomes the record policyd would have written for the
+same requests, under policyd's configuration (keys through
+policyd.triplet's functions and KeyMaker), with the ttl policyd would have
+given it: pending triplets expire ``retry_window`` after their first sight,
+passed triplets and client records ``max_age`` after they were last seen.
+A policyd record as new or newer is kept, so a second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Generic, TypeVar
+
+from memtable import clock
+from memtable.errors import MemtableError
+from memtable.table import Table
+from policyd import limits
+from policyd.config import PolicydConfig
+from policyd.errors import PolicydError
+from policyd.greylist import TripletRecord
+from policyd.logsetup import error_line
+from policyd.reputation import ClientRecord
+from policyd.storewalk import memcache_front
+from policyd.triplet import (
+    KeyMaker,
+    client_key,
+    normalise_recipient,
+    normalise_sender,
+    parse_client_address,
+)
+
+TRIPLET_DB = "postgrey.db"
+CLIENT_DB = "postgrey_clients.db"
+LOCK_FILE = "postgrey.lock"
+# Debian's db5.3-util names the tools after the version; db-util adds the
+# plain names.
+DUMP_TOOLS = ("db5.3_dump", "db_dump")
+RECOVER_TOOLS = ("db5.3_recover", "db_recover")
+
+# first_seen,last_seen[,host part of older postgrey versions]
+_TRIPLET_VALUE = re.compile(r"(\d{1,18}),(\d{1,18})(?:,[^,]*)?", re.ASCII)
+# count,last_seen
+_CLIENT_VALUE = re.compile(r"(\d{1,18}),(\d{1,18})", re.ASCII)
+_SHA1_HEX = re.compile(r"[0-9a-f]{40}")
+_ESCAPE = re.compile(rb"\\(\\|[0-9a-fA-F]{2})")
+R = TypeVar("R", TripletRecord, ClientRecord)
+
+
+class PostgreyImportError(PolicydError):
+    """postgrey's database cannot be read, or a store failed; one line."""
+
+
+@dataclass(frozen=True)
+class PostgreyOptions:
+    """The postgrey options that shaped its database (postgrey's defaults)."""
+
+    delay: int = 300
+    lookup_by_host: bool = False
+    ipv4cidr: int = 24
+    ipv6cidr: int = 64
+
+    def prefix(self, version: int) -> int:
+        """postgrey's client prefix length for IP version ``version``."""
+        if self.lookup_by_host:
+            return 32 if version == 4 else 128
+        return self.ipv4cidr if version == 4 else self.ipv6cidr
+
+    def render(self) -> str:
+        lookup = ("--lookup-by-host" if self.lookup_by_host else
+                  f"--lookup-by-subnet --ipv4cidr={self.ipv4cidr} --ipv6cidr={self.ipv6cidr}")
+        return f"--delay={self.delay} {lookup}"
+
+
+def policyd_prefix(config: PolicydConfig, version: int) -> int:
+    """The prefix length policyd keys clients of IP ``version`` by (``smart``:
+    for clients without a verified name)."""
+    if config.client_key == "host":
+        return 32 if version == 4 else 128
+    return config.ipv4_prefix if version == 4 else config.ipv6_prefix
+
+
+def carries(options: PostgreyOptions, config: PolicydConfig, version: int) -> bool:
+    """postgrey's triplets of IP ``version`` clients map to policyd keys: its
+    networks are no larger than policyd's (a network cannot be split)."""
+    return policyd_prefix(config, version) <= options.prefix(version)
+
+
+# ---------------------------------------------------------------------------
+# db_dump -p output
+
+
+def _unescape(text: bytes, where: str) -> bytes:
+    """db_dump -p's printable form: ``\\\\`` is a backslash, ``\\xx`` a byte."""
+    if b"\\" not in text:
+        return text
+    if _ESCAPE.sub(b"", text).count(b"\\"):
+        raise PostgreyImportError(f"{where}: bad escape in {text[:80]!r}")
+    return _ESCAPE.sub(lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1], 16)]), text)
+
+
+def parse_dump(stream: BinaryIO, name: str,
+               max_entries: int = limits.POSTGREY_MAX_ENTRIES) -> Iterator[tuple[bytes, bytes]]:
+    """The (key, value) pairs of one database in ``db_dump -p`` output.
+
+    PostgreyImportError naming ``name`` and the line on anything else: no
+    ``format=print`` header, a data line without its leading space, a key
+    without a value, a line over POSTGREY_DUMP_LINE_MAX_BYTES, more than
+    ``max_entries`` pairs, a second database, no ``DATA=END``.
+    """
+    lineno = 0
+
+    def read() -> bytes | None:
+        nonlocal lineno
+        line = stream.readline(limits.POSTGREY_DUMP_LINE_MAX_BYTES + 1)
+        if not line:
+            return None
+        lineno += 1
+        if len(line) > limits.POSTGREY_DUMP_LINE_MAX_BYTES:
+            raise PostgreyImportError(
+                f"{name}, line {lineno}: longer than {limits.POSTGREY_DUMP_LINE_MAX_BYTES} bytes")
+        return line.rstrip(b"\n")
+
+    header: dict[bytes, bytes] = {}
+    while (line := read()) != b"HEADER=END":
+        if line is None:
+            raise PostgreyImportError(f"{name}: no HEADER=END: not db_dump output")
+        item, eq, value = line.partition(b"=")
+        if not eq:
+            raise PostgreyImportError(f"{name}, line {lineno}: not a header line: "
+                                      f"{line[:80]!r}")
+        header[item] = value
+    if header.get(b"format") != b"print":
+        raise PostgreyImportError(f"{name}: format is not print: not db_dump -p output")
+    entries = 0
+    while True:
+        line = read()
+        if line is None:
+            raise PostgreyImportError(f"{name}, line {lineno}: ends without DATA=END "
+                                      "(db_dump cut short?)")
+        if line == b"DATA=END":
+            break
+        if not line.startswith(b" "):
+            raise PostgreyImportError(f"{name}, line {lineno}: expected a key line "
+                                      f"(a space, then the key), got {line[:80]!r}")
+        key = _unescape(line[1:], f"{name}, line {lineno}")
+        value_at = lineno + 1
+        value_line = read()
+        if value_line is None or not value_line.startswith(b" "):
+            raise PostgreyImportError(f"{name}, line {value_at}: key without a value")
+        if entries >= max_entries:
+            raise PostgreyImportError(
+                f"{name}: more than {max_entries} records; nothing was written")
+        entries += 1
+        yield key, _unescape(value_line[1:], f"{name}, line {value_at}")
+    if read() is not None:
+        raise PostgreyImportError(f"{name}, line {lineno}: more than one database in "
+                                  "the dump: postgrey's files hold one each")
+
+
+# ---------------------------------------------------------------------------
+# postgrey's records as policyd's
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """What one postgrey record becomes.  ``outcome``: ``passed``,
+    ``pending``, ``client`` (carried over: ``key`` and ``record`` set),
+    ``expired``, ``hashed`` (--privacy), ``malformed``, ``not-carried``."""
+
+    outcome: str
+    key: str = ""
+    record: TripletRecord | ClientRecord | None = None
+    host_bits: bool = False  # client part is no network address of postgrey's prefix
+
+
+def _text(data: bytes) -> str | None:
+    # policyd reads requests as strict UTF-8: other bytes can never match.
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def map_triplet(key: bytes, value: bytes, *, options: PostgreyOptions, config: PolicydConfig,
+                keys: KeyMaker, now: int) -> Mapped:
+    """postgrey.db's ``key``/``value`` as a policyd triplet record."""
+    text, value_text = _text(key), _text(value)
+    if text is None or value_text is None:
+        return Mapped("malformed")
+    if "/" not in text and _SHA1_HEX.fullmatch(text):
+        return Mapped("hashed")
+    match = _TRIPLET_VALUE.fullmatch(value_text)
+    client, slash, rest = text.partition("/")
+    if match is None or not slash or "/" not in rest:
+        return Mapped("malformed")
+    # Addresses rarely hold a '/'; when one does, it is taken to be the sender's.
+    sender, _, recipient = rest.rpartition("/")
+    try:
+        ip = parse_client_address(client)
+    except ValueError:
+        return Mapped("malformed")
+    if not carries(options, config, ip.version):
+        return Mapped("not-carried")
+    first, last = int(match[1]), int(match[2])
+    passed = last - first >= options.delay
+    record = TripletRecord(first, last, passed)
+    if ((not passed and first > now)
+            or record.expired(now, config.retry_window, config.max_age)
+            or _ttl(record, now, config) <= 0):
+        return Mapped("expired")
+    network = ipaddress.ip_network(f"{ip}/{options.prefix(ip.version)}", strict=False)
+    # The client part through policyd's own function, as for a request
+    # from that network (client_name unknown: postgrey never recorded one).
+    policyd_key = keys.triplet_key(client_key(config, ip, "unknown"),
+                                   normalise_sender(sender), normalise_recipient(recipient))
+    return Mapped("passed" if passed else "pending", policyd_key, record,
+                  host_bits=network.network_address != ip)
+
+
+def map_client(key: bytes, value: bytes, *, config: PolicydConfig, keys: KeyMaker,
+               now: int) -> Mapped:
+    """postgrey_clients.db's ``key``/``value`` as a policyd client record: the
+    count is policyd's count of passes, last_seen its last pass."""
+    text, value_text = _text(key), _text(value)
+    if text is None or value_text is None:
+        return Mapped("malformed")
+    if _SHA1_HEX.fullmatch(text):
+        return Mapped("hashed")
+    match = _CLIENT_VALUE.fullmatch(value_text)
+    if match is None:
+        return Mapped("malformed")
+    try:
+        ip = parse_client_address(text)
+    except ValueError:
+        return Mapped("malformed")
+    count, last = int(match[1]), int(match[2])
+    record = ClientRecord(last, last, 0, count, last)
+    if record.expired(now, config.max_age) or _ttl(record, now, config) <= 0:
+        return Mapped("expired")
+    return Mapped("client", keys.client_record_key(client_key(config, ip, "unknown")), record)
+
+
+def _ttl(record: TripletRecord | ClientRecord, now: int, config: PolicydConfig) -> int:
+    """The ttl policyd would have given ``record`` when it wrote it, counted
+    from now: pending triplets live retry_window from their first sight,
+    passed ones and client records max_age from their last sight."""
+    if isinstance(record, TripletRecord) and not record.passed:
+        return min(record.first_seen + config.retry_window - now, config.retry_window)
+    return min(record.last_seen + config.max_age - now, config.max_age)
+
+
+def merge_triplet(old: TripletRecord | None, new: TripletRecord) -> TripletRecord | None:
+    """The record to store when ``old`` is stored and ``new`` is imported;
+    None to keep ``old``: it passed while ``new`` did not, or was seen at
+    the same time or later.  Several postgrey triplets can be one policyd
+    triplet (user+a@ and user+b@): the one furthest along wins, and when
+    ``old`` had passed already its first sight and pass stay, with the
+    later last sighting."""
+    if old is None:
+        return new
+    if (new.passed, new.last_seen) <= (old.passed, old.last_seen):
+        return None
+    if old.passed:
+        # Seen later by postgrey: policyd's own pass (and its delay) stays.
+        return TripletRecord(old.first_seen, new.last_seen, True, old.passed_at)
+    return new
+
+
+def merge_client(old: ClientRecord | None, new: ClientRecord) -> ClientRecord | None:
+    """One client record for several addresses of one network, or for a
+    policyd record and an imported one: the HIGHEST count of passes (not
+    the sum: postgrey counts each address's passes at most once an hour,
+    policyd the network's, so passes of two addresses in one hour are one
+    for policyd; the highest is what policyd would have counted at least),
+    the latest sighting and pass.  None when ``old`` already holds it."""
+    if old is None:
+        return new
+    merged = ClientRecord(min(old.first_seen, new.first_seen), max(old.last_seen, new.last_seen),
+                          old.deferred, max(old.passed, new.passed),
+                          max(old.last_pass, new.last_pass))
+    return None if merged == old else merged
+
+
+# ---------------------------------------------------------------------------
+# reading a consistent copy of postgrey's database
+
+
+def _tool(names: tuple[str, ...]) -> str:
+    for name in names:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    raise PostgreyImportError(f"{names[0]} not found: install Debian's db5.3-util "
+                              "(./dev deps does)")
+
+
+def _run(argv: list[str], stdout: BinaryIO | None = None) -> None:
+    try:
+        done = subprocess.run(argv, stdout=stdout if stdout is not None else subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              timeout=limits.POSTGREY_TOOL_TIMEOUT_SECONDS, check=False)
+    except subprocess.TimeoutExpired:
+        raise PostgreyImportError(f"{os.path.basename(argv[0])}: no result within "
+                                  f"{limits.POSTGREY_TOOL_TIMEOUT_SECONDS}s") from None
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise PostgreyImportError(f"{' '.join(argv)}: {lines[-1] if lines else 'failed'}")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Dumps of a recovered copy of postgrey's database."""
+
+    triplets: Path
+    clients: Path | None  # None: no auto-whitelist database
+    running: bool  # postgrey held its lock: a hot copy was read
+
+
+@contextlib.contextmanager
+def snapshot(dbdir: Path) -> Iterator[Snapshot]:
+    """Copy, recover and dump postgrey's database in a private directory,
+    removed afterwards.  PostgreyImportError when it cannot."""
+    dump, recover = _tool(DUMP_TOOLS), _tool(RECOVER_TOOLS)
+    if not (dbdir / TRIPLET_DB).is_file():
+        raise PostgreyImportError(f"{dbdir}: no {TRIPLET_DB} (postgrey's --dbdir, by "
+                                  "default /var/lib/postgrey)")
+    with tempfile.TemporaryDirectory(prefix="policyd-import-postgrey-") as tmp:
+        work = Path(tmp)
+        copy = work / "db"
+        copy.mkdir()
+        try:
+            with _postgrey_lock(dbdir) as running:
+                databases = [n for n in (TRIPLET_DB, CLIENT_DB) if (dbdir / n).is_file()]
+                # Databases first, then the logs: the log then covers every
+                # change made while the databases were copied.
+                for name in databases:
+                    shutil.copyfile(dbdir / name, copy / name)
+                for log in sorted(dbdir.glob("log.*")):
+                    shutil.copyfile(log, copy / log.name)
+        except OSError as exc:
+            raise PostgreyImportError(f"{dbdir}: cannot copy postgrey's database: "
+                                      f"{exc.strerror or exc}") from None
+        if any(copy.glob("log.*")):
+            _run([recover, "-c", "-h", str(copy)])
+        dumps: dict[str, Path] = {}
+        for name in databases:
+            out = work / f"{name}.dump"
+            with open(out, "wb") as stream:
+                _run([dump, "-p", str(copy / name)], stdout=stream)
+            dumps[name] = out
+        yield Snapshot(dumps[TRIPLET_DB], dumps.get(CLIENT_DB), running)
+
+
+@contextlib.contextmanager
+def _postgrey_lock(dbdir: Path) -> Iterator[bool]:
+    """Hold postgrey's lock (shared) when it is free, so that postgrey does
+    not start during the copy; yields True when postgrey holds it (runs)."""
+    try:
+        fd = os.open(dbdir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield False  # never started (or not from this directory)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+            yield True
+            return
+        yield False
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# ---------------------------------------------------------------------------
+# the import
+
+
+@dataclass
+class Counts:
+    read: int = 0
+    passed: int = 0
+    pending: int = 0
+    clients: int = 0  # auto-whitelist entries carried over
+    expired: int = 0
+    hashed: int = 0
+    malformed: int = 0
+    not_carried: int = 0
+    host_bits: int = 0
+    written: int = 0
+    kept: int = 0  # policyd's record as new or newer
+    networks: dict[str, int] = field(default_factory=dict)  # client key: highest count
+
+    def add(self, mapped: Mapped) -> None:
+        self.read += 1
+        if mapped.outcome == "client":
+            self.clients += 1
+            assert isinstance(mapped.record, ClientRecord)
+            self.networks[mapped.key] = max(self.networks.get(mapped.key, 0),
+                                            mapped.record.passed)
+            return
+        attr = mapped.outcome.replace("-", "_")
+        setattr(self, attr, getattr(self, attr) + 1)
+        self.host_bits += mapped.host_bits
+
+    @property
+    def skipped(self) -> int:
+        return self.hashed + self.malformed + self.not_carried
+
+
+class _Writer(Generic[R]):
+    """Batches of records merged with what the table holds, then written
+    (unless dry_run: then remembered, so that later batches see them)."""
+
+    def __init__(self, table: Table | None, config: PolicydConfig, now: int, counts: Counts,
+                 merge: Callable[[R | None, R], R | None], parse: Callable[[str], R], *,
+                 dry_run: bool) -> None:
+        self.table, self.config, self.now, self.counts = table, config, now, counts
+        self.merge: Callable[[R | None, R], R | None] = merge
+        self.parse: Callable[[str], R] = parse
+        self.dry_run = dry_run
+        self.batch: dict[str, R] = {}
+        self.shadow: dict[str, str] = {}  # dry run: what would have been written
+
+    def add(self, key: str, record: R) -> None:
+        held = self.batch.get(key)
+        merged = self.merge(held, record) if held is not None else record
+        if merged is not None:
+            self.batch[key] = merged
+        if len(self.batch) >= limits.POSTGREY_BATCH_KEYS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        batch, self.batch = self.batch, {}
+        stored = self._lookup(list(batch))
+        items: list[tuple[str, str, int | None]] = []
+        for key, record in batch.items():
+            old = self._load(stored.get(key))
+            merged = self.merge(old, record)
+            if merged is None:
+                self.counts.kept += 1
+                continue
+            items.append((key, merged.serialise(), _ttl(merged, self.now, self.config)))
+        self.counts.written += len(items)
+        if self.dry_run or self.table is None:
+            self.shadow.update((key, value) for key, value, _ in items)
+            return
+        try:
+            update_many = getattr(self.table, "update_many", None)
+            if update_many is None:
+                for item in items:
+                    self.table.update(*item)
+                return
+            for error in update_many(items):
+                if error is not None:
+                    raise error
+        except (MemtableError, OSError) as exc:
+            raise PostgreyImportError(f"{self.table.spec}: {exc}") from None
+
+    def _load(self, value: str | None) -> R | None:
+        """A stored record policyd would still use, or None."""
+        if value is None:
+            return None
+        try:
+            record = self.parse(value)
+        except ValueError:
+            return None  # malformed: policyd ignores it too
+        if isinstance(record, TripletRecord):
+            expired = record.expired(self.now, self.config.retry_window, self.config.max_age)
+        else:
+            expired = record.expired(self.now, self.config.max_age)
+        return None if expired else record
+
+    def _lookup(self, keys: list[str]) -> dict[str, str | None]:
+        """The stored values, as policyd would read them.  A dry run reads
+        memcached and the backup apart: a memcache table's lookup writes a
+        backup entry back to memcached."""
+        found: dict[str, str | None] = {key: self.shadow.get(key) for key in keys}
+        if self.table is None:
+            return found
+        tables: list[Table] = [self.table]
+        if self.dry_run:
+            front = memcache_front(self.table)
+            if front is not None:
+                backup = getattr(self.table, "backup", None)
+                tables = [front] if backup is None else [front, backup]
+        for n, table in enumerate(tables):
+            missing = [key for key, value in found.items() if value is None]
+            if not missing:
+                break
+            try:
+                lookup_many = getattr(table, "lookup_many", None)
+                if lookup_many is not None:
+                    found.update(lookup_many(missing))
+                else:
+                    found.update((key, table.lookup(key)) for key in missing)
+            except (MemtableError, OSError) as exc:
+                if n + 1 < len(tables):
+                    continue  # memcached down: the backup answers, as in lookup()
+                raise PostgreyImportError(f"{self.table.spec}: {exc}") from None
+        return found
+
+
+@dataclass
+class Result:
+    triplets: Counts
+    clients: Counts
+    running: bool
+    notes: list[str] = field(default_factory=list)  # said after the writes
+
+
+def _mapped(path: Path, name: str, mapper: Callable[[bytes, bytes], Mapped]) -> Iterator[Mapped]:
+    with open(path, "rb") as stream:
+        for key, value in parse_dump(stream, name):
+            yield mapper(key, value)
+
+
+def survey(snap: Snapshot, dbdir: Path, options: PostgreyOptions, config: PolicydConfig,
+           now: int) -> Result:
+    """Read both dumps and count what each record becomes (nothing written)."""
+    keys = KeyMaker.from_config(config)
+    result = Result(Counts(), Counts(), snap.running)
+    for mapped in _mapped(snap.triplets, str(dbdir / TRIPLET_DB), _triplet_mapper(
+            options, config, keys, now)):
+        result.triplets.add(mapped)
+    if snap.clients is not None:
+        for mapped in _mapped(snap.clients, str(dbdir / CLIENT_DB),
+                              _client_mapper(config, keys, now)):
+            result.clients.add(mapped)
+    return result
+
+
+def _triplet_mapper(options: PostgreyOptions, config: PolicydConfig, keys: KeyMaker,
+                    now: int) -> Callable[[bytes, bytes], Mapped]:
+    return lambda k, v: map_triplet(k, v, options=options, config=config, keys=keys, now=now)
+
+
+def _client_mapper(config: PolicydConfig, keys: KeyMaker,
+                   now: int) -> Callable[[bytes, bytes], Mapped]:
+    return lambda k, v: map_client(k, v, config=config, keys=keys, now=now)
+
+
+def write(snap: Snapshot, dbdir: Path, options: PostgreyOptions, config: PolicydConfig,
+          now: int, result: Result, *, dry_run: bool) -> None:
+    """Write (or, dry_run, count) the records into policyd's tables;
+    result's written/kept counts are filled in."""
+    keys = KeyMaker.from_config(config)
+    _write_table(config.triplet_table, snap.triplets, str(dbdir / TRIPLET_DB),
+                 _triplet_mapper(options, config, keys, now), TripletRecord, merge_triplet,
+                 config, now, result.triplets, result.notes, dry_run=dry_run)
+    if snap.clients is not None:
+        _write_table(config.client_table, snap.clients, str(dbdir / CLIENT_DB),
+                     _client_mapper(config, keys, now), ClientRecord, merge_client,
+                     config, now, result.clients, result.notes,
+                     dry_run=dry_run)
+
+
+def _write_table(spec: str, path: Path, name: str, mapper: Callable[[bytes, bytes], Mapped],
+                 kind: type[R], merge: Callable[[R | None, R], R | None],
+                 config: PolicydConfig, now: int, counts: Counts, notes: list[str], *,
+                 dry_run: bool) -> None:
+    from memtable.registry import open_table
+
+    table: Table | None = None
+    try:
+        table = open_table(spec, read_write=not dry_run)
+    except (MemtableError, OSError) as exc:
+        if not dry_run:
+            raise PostgreyImportError(str(exc)) from None
+        # Read-only, a store policyd has not created yet cannot be opened.
+        notes.append(f"dry run: cannot read {spec} ({exc}): counted as empty")
+    try:
+        writer = _Writer(table, config, now, counts, merge, kind.parse, dry_run=dry_run)
+        for mapped in _mapped(path, name, mapper):
+            if isinstance(mapped.record, kind):
+                writer.add(mapped.key, mapped.record)
+        writer.flush()
+    finally:
+        if table is not None:
+            table.close()
+
+
+# ---------------------------------------------------------------------------
+# the report
+
+
+def _prefix_text(prefix: int, version: int) -> str:
+    return "addresses" if prefix == (32 if version == 4 else 128) else f"/{prefix} networks"
+
+
+def carry_notes(options: PostgreyOptions, config: PolicydConfig, result: Result) -> list[str]:
+    """What carries over and what does not, under these options and config."""
+    notes = []
+    for version in (4, 6):
+        theirs, ours = options.prefix(version), policyd_prefix(config, version)
+        what = (f"triplets of IPv{version} clients: postgrey keyed them by "
+                f"{_prefix_text(theirs, version)}, policyd by {_prefix_text(ours, version)}")
+        if ours > theirs:
+            notes.append(f"does not carry over: {what}; a network cannot be split into "
+                         "smaller ones: they are greylisted once more")
+        elif ours < theirs:
+            notes.append(f"carries over: {what}; several postgrey triplets become one")
+        else:
+            notes.append(f"carries over: {what}")
+    if config.client_key == "smart":
+        notes.append(
+            "carries over in part: client_key = smart: policyd keys a client whose name "
+            "verifies by its registrable domain, which postgrey did not record; what is "
+            "imported (by network) serves clients without a verified name only, the others "
+            "are greylisted once more and count their passes again")
+    per = ("address" if policyd_prefix(config, 4) == 32 else
+           f"/{config.ipv4_prefix} and /{config.ipv6_prefix} networks")
+    notes.append(
+        f"auto-whitelist: postgrey counts passes per address, policyd per client ({per}); "
+        "the addresses of one network make one client record with the highest count among "
+        "them (passes of two addresses in one hour are one pass for policyd)")
+    if result.triplets.hashed or result.clients.hashed:
+        notes.append(
+            f"does not carry over: {result.triplets.hashed} triplets and "
+            f"{result.clients.hashed} auto-whitelist entries are SHA1 hashes (postgrey "
+            "--privacy): they cannot be turned into policyd keys")
+    if result.triplets.host_bits:
+        notes.append(
+            f"warning: {result.triplets.host_bits} triplets name a client that is not a "
+            f"network address of {options.render()}: did postgrey run with other options? "
+            "Give import-postgrey the options postgrey runs with")
+    if options.delay != config.greylist_delay:
+        notes.append(
+            f"postgrey's --delay={options.delay} decides which triplets passed; pending ones "
+            f"wait greylist_delay = {config.greylist_delay}s from their first sight")
+    return notes
+
+
+def render_survey(dbdir: Path, options: PostgreyOptions, config: PolicydConfig,
+                  result: Result) -> list[str]:
+    t, c = result.triplets, result.clients
+    how = ("postgrey is running: read a copy" if result.running
+           else "postgrey is not running: read a copy under its lock")
+    lines = [f"{dbdir}: {how}, recovered from its log; assuming postgrey {options.render()}"]
+    lines += carry_notes(options, config, result)
+    lines.append(
+        f"triplets: {t.read} read: {t.passed} passed, {t.pending} pending, {t.expired} expired, "
+        f"{t.skipped} skipped ({t.hashed} hashed, {t.not_carried} not carried over, "
+        f"{t.malformed} malformed)")
+    threshold = config.auto_whitelist_clients
+    whitelisted = sum(1 for n in c.networks.values() if threshold and n >= threshold)
+    lines.append(
+        f"clients: {c.read} read: {c.clients} addresses in {len(c.networks)} client records "
+        f"({whitelisted} auto-whitelisted with auto_whitelist_clients = {threshold}), "
+        f"{c.expired} expired, {c.skipped} skipped ({c.hashed} hashed, {c.malformed} malformed)")
+    return lines
+
+
+def render_written(config: PolicydConfig, result: Result, *, dry_run: bool) -> list[str]:
+    verb = "would write" if dry_run else "wrote"
+    line = (f"{verb} {result.triplets.written} triplets to {config.triplet_table} and "
+            f"{result.clients.written} client records to {config.client_table}; kept "
+            f"{result.triplets.kept + result.clients.kept} records where policyd's is as new "
+            "or newer")
+    return [*result.notes, line + ("; dry run: nothing written" if dry_run else "")]
+
+
+def import_postgrey(dbdir: Path, options: PostgreyOptions, config: PolicydConfig, *,
+                    dry_run: bool, out: Callable[[str], None]) -> Result:
+    """The whole import; ``out`` gets each line of the report, the survey
+    (what carries over, counts) before anything is written."""
+    now = int(clock.now())
+    with snapshot(dbdir) as snap:
+        result = survey(snap, dbdir, options, config, now)
+        for line in render_survey(dbdir, options, config, result):
+            out(line)
+        write(snap, dbdir, options, config, now, result, dry_run=dry_run)
+    for line in render_written(config, result, dry_run=dry_run):
+        out(line)
+    return result
+
+
+def command(config: PolicydConfig, args: argparse.Namespace) -> int:
+    options = PostgreyOptions(delay=args.delay, lookup_by_host=args.lookup_by_host,
+                              ipv4cidr=args.ipv4cidr, ipv6cidr=args.ipv6cidr)
+    try:
+        import_postgrey(Path(args.dbdir), options, config, dry_run=args.dry_run,
+                        out=lambda line: print(f"policyd import-postgrey: {line}", flush=True))
+    except PostgreyImportError as exc:
+        print(error_line(f"policyd: import-postgrey: {exc}"), file=sys.stderr)
+        return 1
+    return 0
