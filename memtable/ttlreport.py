@@ -39,9 +39,12 @@ class TtlReport:
     warnings: list[str]
 
     def render(self) -> str:
-        out = list(self.lines)
-        out += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(out) + "\n"
+        """The report for standard output (warnings go to standard error)."""
+        return "\n".join(self.lines) + "\n"
+
+    def render_warnings(self) -> str:
+        """``memtable: warning: ...`` lines, as Postfix's programs warn."""
+        return "".join(f"memtable: warning: {w}\n" for w in self.warnings)
 
 
 def read_postconf(config_dir: str | None, names: Sequence[str]) -> dict[str, str]:
@@ -82,8 +85,10 @@ def report(path: str, postfix: dict[str, str]) -> TtlReport:
     warnings: list[str] = []
     if config.ttl > MEMCACHED_RELATIVE_TTL_MAX:
         warnings.append(
-            f"ttl {config.ttl} is over 30 days: entries that Postfix itself writes expire at "
-            f"once; use ttl <= {MEMCACHED_RELATIVE_TTL_MAX} if Postfix writes this table")
+            f"ttl {config.ttl} is over 30 days: harmless for a table only memtable and policyd "
+            "write (they send an absolute time), but entries that Postfix itself writes "
+            f"(postscreen, verify) expire at once; use ttl <= {MEMCACHED_RELATIVE_TTL_MAX} "
+            "if Postfix writes this table")
     used_by = [role for role, param in MAPS.items()
                if _names_table(postfix.get(param, ""), path)]
     if not postfix:
@@ -144,5 +149,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"memtable: fatal: {exc}", file=sys.stderr)
         return 1
-    print(result.render(), end="")
+    sys.stdout.write(result.render())
+    sys.stdout.flush()
+    sys.stderr.write(result.render_warnings())
     return 0

@@ -98,7 +98,7 @@ def test_ttl_command_explains_and_warns(tmp_path: Path) -> None:
     done = run("ttl", f"memcache:{cf}")
     assert done.returncode == 0
     assert "absolute" in done.stdout and "1970" in done.stdout
-    assert "warning: ttl 7776000 is over 30 days" in done.stdout
+    assert "memtable: warning: ttl 7776000 is over 30 days" in done.stderr
 
 
 def ttl_report(tmp_path: Path, ttl: int, main_cf: str) -> subprocess.CompletedProcess[str]:
@@ -122,9 +122,9 @@ def test_ttl_command_checks_postscreen_ttls(tmp_path: Path) -> None:
     done = ttl_report(tmp_path, 3600, "postscreen_cache_map = {table}\n"
                       "postscreen_pipelining_ttl = 30d\npostscreen_cache_cleanup_interval = 12h\n")
     assert "postscreen_cache_map uses this table" in done.stdout
-    assert "shorter than postscreen_pipelining_ttl" in done.stdout
-    assert "set ttl = 2592000" in done.stdout
-    assert "postscreen_cache_cleanup_interval should be 0" in done.stdout
+    assert "shorter than postscreen_pipelining_ttl" in done.stderr
+    assert "set ttl = 2592000" in done.stderr
+    assert "memtable: warning: postscreen_cache_cleanup_interval should be 0" in done.stderr
 
 
 def test_ttl_command_reads_expanded_postfix_values(tmp_path: Path) -> None:
@@ -133,7 +133,7 @@ def test_ttl_command_reads_expanded_postfix_values(tmp_path: Path) -> None:
     done = ttl_report(tmp_path, 2592000, "postscreen_cache_map = {table}\n"
                       "postscreen_cache_cleanup_interval = 0\n")
     assert "postscreen_dnsbl_max_ttl = 1h" in done.stdout
-    assert "warning" not in done.stdout
+    assert "warning" not in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize(("ttl", "expire", "warned"), [
@@ -153,8 +153,9 @@ def test_ttl_command_verify_advice(tmp_path: Path, ttl: int, expire: str,
                                    warned: list[str]) -> None:
     done = ttl_report(tmp_path, ttl, "address_verify_map = {table}\n"
                       f"address_verify_cache_cleanup_interval = 0\n{expire}")
-    warnings = [line for line in done.stdout.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == len(warned), done.stdout
+    warnings = [line for line in done.stderr.splitlines()
+                if line.startswith("memtable: warning: ")]
+    assert len(warnings) == len(warned), done.stderr
     for line, text in zip(warnings, warned, strict=True):
         assert text in line
 
