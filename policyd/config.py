@@ -7,6 +7,7 @@ file and line: a policy server must not start with a setting it ignores.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -70,7 +71,9 @@ class PolicydConfig:
 
     @property
     def effective_hostname(self) -> str:
-        return self.hostname or socket.getfqdn()
+        """``hostname``, else Postfix's myhostname, else the FQDN (asks
+        postconf, maybe DNS: read it once, at start)."""
+        return self.hostname or default_hostname()
 
     @classmethod
     def from_file(cls, path: str, overrides: Sequence[str] = ()) -> PolicydConfig:
@@ -111,6 +114,23 @@ class PolicydConfig:
                 continue
             lines.append(f"{f.name} = {_render_value(f.name, getattr(self, f.name))}")
         return "\n".join(lines) + "\n"
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def default_hostname() -> str:
+    """Postfix's ``myhostname`` when ``postconf`` can tell it (honouring
+    MAIL_CONFIG, waiting at most POSTCONF_TIMEOUT_SECONDS), else the FQDN:
+    the X-Greylist header then names the host Postfix's own Received:
+    header names.  A fresh install has no main.cf, and postconf fails."""
+    from memtable.ttlreport import read_postconf
+
+    try:
+        name = read_postconf(None, ["myhostname"]).get("myhostname", "")
+    except ConfigError:
+        name = ""
+    return name if _HOST_NAME.fullmatch(name) else socket.getfqdn()
 
 
 def _render_value(name: str, value: object) -> str:

@@ -120,7 +120,7 @@ class GreylistPolicy:
         self.postscreen = postscreen
         self.whitelist = whitelist
         self.keys = KeyMaker.from_config(config)
-        # socket.getfqdn() may wait on DNS: once, here, not per request.
+        # postconf and socket.getfqdn() may take a while: once, here, not per request.
         self.hostname = config.effective_hostname
         self._instances: OrderedDict[str, None] = OrderedDict()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,8 @@ from memtable.registry import open_table
 from tests.conftest import Memcached, free_port, start_memcached
 from tests.policyd_helpers import wait_until
 from tests.policyd_proc import WAIT, PolicydProcess
+from tests.postfixcf import postfix_config_dir
+from tests.postfixlab import requires_postmap
 
 DELAY = 1  # greylist_delay in these tests: real processes, real time
 FAST = f"greylist_delay = {DELAY}s\nauto_whitelist_clients = 0\n"
@@ -158,3 +161,33 @@ def test_hung_memcached_does_not_stall_policyd(tmp_path: Path,
     finally:
         server.proc.send_signal(signal.SIGCONT)
         server.stop()
+
+
+@requires_postmap
+def test_x_greylist_names_postfix_myhostname(tmp_path: Path,
+                                             policyd_factory: type[PolicydProcess]) -> None:
+    """Without ``hostname``, the header names Postfix's myhostname, read with
+    postconf from the configuration directory MAIL_CONFIG names."""
+    postfix = postfix_config_dir(tmp_path)  # myhostname = postmap.example
+    policyd = policyd_factory(tmp_path / "p", None, hostname=None,
+                              extra="greylist_delay = 0\n",
+                              env={"MAIL_CONFIG": str(postfix)}).start()
+    header = policyd.ask(**triplet(1))
+    assert header.startswith("PREPEND X-Greylist: delayed 0 seconds by policyd at "
+                             "postmap.example; "), header
+
+
+@requires_postmap
+def test_x_greylist_names_the_fqdn_without_a_postfix_configuration(
+        tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
+    """A fresh machine: postconf fails (no main.cf); policyd starts and
+    names the host's FQDN."""
+    empty = tmp_path / "no-main-cf"
+    empty.mkdir()
+    policyd = policyd_factory(tmp_path / "p", None, hostname=None,
+                              extra="greylist_delay = 0\n",
+                              env={"MAIL_CONFIG": str(empty)}).start()
+    header = policyd.ask(**triplet(1))
+    assert header.startswith("PREPEND X-Greylist: delayed 0 seconds by policyd at "
+                             f"{socket.getfqdn()}; "), header
+    assert "postconf" not in policyd.log_text()
