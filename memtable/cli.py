@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None, out: IO[str] | None = None,
     if argv[:1] == ["ttl"]:
         from memtable import ttlreport
 
+        _setup_logging(0)  # the .cf file's warnings: "memtable: warning: ..."
         return ttlreport.main(argv[1:])
     try:
         args = _parser().parse_args(argv)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from memtable.errors import ConfigError, MemtableError
 from policyd.config import DEFAULT_CONFIG_PATH, PolicydConfig
 from policyd.errors import PolicydError
-from policyd.logsetup import error_line
+from policyd.logsetup import end_command_logging, error_line, setup_command_logging
 
 log = logging.getLogger("policyd")
 
@@ -71,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Warnings while the configuration is read (a parameter set twice, an
+    # unknown one in a table .cf) carry "policyd: warning:" as Postfix's do.
+    setup_command_logging()
+    try:
+        return _main(args)
+    finally:
+        end_command_logging()
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         # Given before and after the command: in command-line order, later wins.
         overrides = args.overrides + getattr(args, "late_overrides", [])

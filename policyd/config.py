@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from memtable import cf
@@ -68,6 +68,10 @@ class PolicydConfig:
     auto_whitelist_clients: int = 5
     postscreen_cache: str = ""
     postscreen_skip: bool = True
+    # Where each parameter was set (file and line, or -o): errors about what
+    # a parameter names (a missing table file) say which setting named it.
+    sources: Mapping[str, cf.CfEntry] = field(default_factory=dict, compare=False,
+                                              repr=False)
 
     @property
     def effective_hostname(self) -> str:
@@ -86,12 +90,22 @@ class PolicydConfig:
     @classmethod
     def from_entries(cls, path: str, entries: dict[str, cf.CfEntry]) -> PolicydConfig:
         cf.reject_unknown(entries, frozenset(_PARSERS))
-        values: dict[str, Any] = {"path": path}
+        values: dict[str, Any] = {"path": path, "sources": dict(entries)}
         for name, entry in entries.items():
             values[name] = _PARSERS[name](entry)
         config = cls(**values)
         config._check_together(entries)
         return config
+
+    def parameter_error(self, name: str, message: str) -> ConfigError:
+        """An error about parameter ``name``: ``FILE, line N: name = value:
+        message`` where it was set, ``FILE: name = value (default): message``
+        where it was not."""
+        entry = self.sources.get(name)
+        if entry is not None:
+            return entry.error(message)
+        value = _render_value(name, getattr(self, name))
+        return ConfigError(f"{name} = {value} (default): {message}", self.path)
 
     def _check_together(self, entries: dict[str, cf.CfEntry]) -> None:
         """Rules that involve more than one parameter."""
@@ -110,7 +124,7 @@ class PolicydConfig:
         """The effective configuration as policyd.cf text (--check-config)."""
         lines = [f"# effective configuration from {self.path}"]
         for f in fields(self):
-            if f.name == "path":
+            if f.name not in PARAMETERS:
                 continue
             lines.append(f"{f.name} = {_render_value(f.name, getattr(self, f.name))}")
         return "\n".join(lines) + "\n"
@@ -252,4 +266,7 @@ _PARSERS: dict[str, Callable[[cf.CfEntry], Any]] = {
     "postscreen_skip": cf.parse_bool,
 }
 
-assert set(_PARSERS) == {f.name for f in fields(PolicydConfig)} - {"path"}
+# Every policyd.cf parameter, in PolicydConfig's order (fields that are not
+# parameters: path, sources).
+PARAMETERS = tuple(f.name for f in fields(PolicydConfig) if f.name in _PARSERS)
+assert set(_PARSERS) == {f.name for f in fields(PolicydConfig)} - {"path", "sources"}

@@ -11,6 +11,7 @@ import pytest
 
 from memtable.limits import MESSAGE_QUOTE_MAX_CHARS
 from tests.conftest import Memcached, free_port
+from tests.postfixcf import postfix_config_dir
 from tests.postfixlab import run_postmap
 
 MEMTABLE = [sys.executable, "-m", "memtable.cli"]
@@ -250,3 +251,12 @@ def test_insert_reads_bytes_whatever_the_locale(tmp_path: Path, io_encoding: str
     q = subprocess.run([*MEMTABLE, "-q", "-", f"lmdb:{tmp_path / 'db'}"], input=b"ok\nbad\n",
                        capture_output=True, timeout=30, check=False)
     assert q.stdout == "ok\tvé\n".encode()
+
+
+def test_ttl_command_warnings_carry_the_memtable_prefix(tmp_path: Path) -> None:
+    """The table file's own warnings too, as every other memtable command's."""
+    cf = tmp_path / "t.cf"
+    cf.write_text("ttl = 3600\nbogus = 1\n")
+    done = run("ttl", "-c", str(postfix_config_dir(tmp_path)), f"memcache:{cf}")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"memtable: warning: {cf}, line 2: unknown parameter bogus ignored\n"
