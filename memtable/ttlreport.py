@@ -8,6 +8,7 @@ postscreen or verify ttls they carry (the manual's ttl NOTE 1).
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -31,6 +32,15 @@ CLEANUP = {"postscreen": "postscreen_cache_cleanup_interval",
 MAPS = {"postscreen": "postscreen_cache_map", "verify": "address_verify_map"}
 RETESTED = {"postscreen": "clients are tested again",
             "verify": "addresses are probed again"}
+
+
+# `memtable ttl -h`: plain text (the module docstring is for programmers).
+TTL_HELP = ("Explain a memcache table's ttl: what memtable and Postfix send to "
+            "memcached for it (a ttl over 30 days is an absolute time to memcached). "
+            "When Postfix's configuration uses the table as postscreen_cache_map or "
+            "address_verify_map, warn where the ttl is shorter than the postscreen or "
+            "verify ttls its entries carry, and when a cleanup interval is not 0.  "
+            "The explanation goes to standard output, warnings to standard error.")
 
 
 @dataclass(frozen=True)
@@ -132,13 +142,20 @@ def _names_table(value: str, path: str) -> bool:
     return False
 
 
-def main(argv: list[str]) -> int:
-    import argparse
+def parser() -> argparse.ArgumentParser:
+    """``memtable ttl``'s command line."""
+    parser = argparse.ArgumentParser(
+        prog="memtable ttl", description=TTL_HELP,
+        epilog="Exit status: 0 (warnings too), 1 on an error.  Manual: memtable(1).")
+    parser.add_argument("-c", metavar="DIR", dest="config_dir",
+                        help="the Postfix configuration directory postconf reads (postconf -c "
+                             "DIR); default: postconf's own (MAIL_CONFIG or /etc/postfix)")
+    parser.add_argument("table", metavar="memcache:FILE.cf", help="the table to explain")
+    return parser
 
-    parser = argparse.ArgumentParser(prog="memtable ttl", description=__doc__)
-    parser.add_argument("-c", dest="config_dir", help="Postfix configuration directory")
-    parser.add_argument("table", help="memcache:/path/file.cf")
-    args = parser.parse_args(argv)
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
     type_, _, path = args.table.partition(":")
     if type_ != "memcache" or not path:
         print("memtable: fatal: ttl needs a memcache:/path/file.cf table", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -191,3 +192,14 @@ def test_x_greylist_names_the_fqdn_without_a_postfix_configuration(
     assert header.startswith("PREPEND X-Greylist: delayed 0 seconds by policyd at "
                              f"{socket.getfqdn()}; "), header
     assert "postconf" not in policyd.log_text()
+
+
+def test_lmdb_files_are_not_world_readable_whatever_the_umask(
+        tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
+    """Started by hand with umask 0 (or 022), the backups policyd creates
+    are still 0640: triplets hold addresses."""
+    policyd = policyd_factory(tmp_path / "p", None, umask=0).start()
+    policyd.ask(**triplet(1))
+    for name in ("triplets", "clients"):
+        mode = stat.S_IMODE((tmp_path / "p" / f"{name}.lmdb").stat().st_mode)
+        assert mode == 0o640, (name, oct(mode))
