@@ -49,10 +49,9 @@ memcache_table(5) files of the stores
 
 
 def roff_escape(text: str) -> str:
-    """Plain text for roff: backslashes and hyphens escaped, and a leading
-    dot or quote kept from starting a request."""
-    text = text.replace("\\", "\\e").replace("-", "\\-")
-    return text
+    """Plain text for roff: backslashes and hyphens escaped (a leading dot
+    or quote is _line's business)."""
+    return text.replace("\\", "\\e").replace("-", "\\-")
 
 
 def inline(text: str) -> str:
