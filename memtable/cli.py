@@ -30,6 +30,7 @@ from memtable.limits import CF_MAX_LOGICAL_LINE_BYTES, CLI_MAX_INPUT_LINE_BYTES
 from memtable.registry import open_table
 from memtable.syntax import parse_key_value, readllines
 from memtable.table import Table
+from memtable.version import version
 
 EX_OK = 0
 EX_NOTFOUND = 1
@@ -52,13 +53,26 @@ class _Parser(argparse.ArgumentParser):
         raise _Fatal(message)
 
 
+USAGE = """\
+memtable [-fjv] -q KEY|- TABLE...
+       memtable [-fv] -d KEY|- TABLE...
+       memtable [-fjv] -s TABLE
+       memtable [-fv] -i TABLE... <lines
+       memtable ttl [-c DIR] memcache:FILE.cf
+       memtable --version"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
+        usage=USAGE,
         description="Query and update Postfix memcache: tables (and their backups) "
-                    "exactly as Postfix does.",
-        epilog="Exit status: 0 found, 1 not found or error, 75 temporary failure. "
-               "'memtable ttl TABLE' explains a table's ttl.")
+                    "exactly as Postfix does.  'memtable ttl [-c DIR] TABLE' explains "
+                    "a memcache table's ttl and checks it against the postscreen and "
+                    "verify ttls of the Postfix configuration in DIR (default: postconf's); "
+                    "-c DIR is used only there (see 'memtable ttl -h').",
+        epilog="Exit status: 0 found, 1 not found or error, 75 temporary failure.  "
+               "Manual: memtable(1).")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("-q", metavar="KEY", dest="query",
                       help='look KEY up; "-" reads keys from standard input')
@@ -70,10 +84,13 @@ def _parser() -> argparse.ArgumentParser:
                       help='read "key value" lines from standard input and store them')
     p.add_argument("-f", action="store_true", dest="no_fold",
                    help="do not fold keys to lower case")
-    p.add_argument("-j", action="store_true", dest="json", help="JSON output, as postmap -j")
+    p.add_argument("-j", action="store_true", dest="json",
+                   help='JSON output: one {"key": "value"} object a line')
     p.add_argument("-v", action="count", default=0, help="verbose logging")
     p.add_argument("-c", metavar="DIR", dest="config_dir",
-                   help="accepted for postmap compatibility; unused")
+                   help="accepted and ignored, as postmap -c, so postmap command lines work; "
+                        "'memtable ttl -c DIR' reads Postfix's configuration from DIR")
+    p.add_argument("--version", action="version", version=f"{PROG} {version()}")
     p.add_argument("tables", nargs="+", metavar="TABLE",
                    help="type:name, e.g. memcache:/etc/postfix/cache.cf or lmdb:/path")
     return p
@@ -233,6 +250,7 @@ def main(argv: list[str] | None = None, out: IO[str] | None = None,
     if argv[:1] == ["ttl"]:
         from memtable import ttlreport
 
+        _setup_logging(0)  # the .cf file's warnings: "memtable: warning: ..."
         return ttlreport.main(argv[1:])
     try:
         args = _parser().parse_args(argv)

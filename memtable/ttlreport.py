@@ -8,6 +8,7 @@ postscreen or verify ttls they carry (the manual's ttl NOTE 1).
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -33,15 +34,27 @@ RETESTED = {"postscreen": "clients are tested again",
             "verify": "addresses are probed again"}
 
 
+# `memtable ttl -h`: plain text (the module docstring is for programmers).
+TTL_HELP = ("Explain a memcache table's ttl: what memtable and Postfix send to "
+            "memcached for it (a ttl over 30 days is an absolute time to memcached). "
+            "When Postfix's configuration uses the table as postscreen_cache_map or "
+            "address_verify_map, warn where the ttl is shorter than the postscreen or "
+            "verify ttls its entries carry, and when a cleanup interval is not 0.  "
+            "The explanation goes to standard output, warnings to standard error.")
+
+
 @dataclass(frozen=True)
 class TtlReport:
     lines: list[str]
     warnings: list[str]
 
     def render(self) -> str:
-        out = list(self.lines)
-        out += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(out) + "\n"
+        """The report for standard output (warnings go to standard error)."""
+        return "\n".join(self.lines) + "\n"
+
+    def render_warnings(self) -> str:
+        """``memtable: warning: ...`` lines, as Postfix's programs warn."""
+        return "".join(f"memtable: warning: {w}\n" for w in self.warnings)
 
 
 def read_postconf(config_dir: str | None, names: Sequence[str]) -> dict[str, str]:
@@ -82,8 +95,10 @@ def report(path: str, postfix: dict[str, str]) -> TtlReport:
     warnings: list[str] = []
     if config.ttl > MEMCACHED_RELATIVE_TTL_MAX:
         warnings.append(
-            f"ttl {config.ttl} is over 30 days: entries that Postfix itself writes expire at "
-            f"once; use ttl <= {MEMCACHED_RELATIVE_TTL_MAX} if Postfix writes this table")
+            f"ttl {config.ttl} is over 30 days: harmless for a table only memtable and policyd "
+            "write (they send an absolute time), but entries that Postfix itself writes "
+            f"(postscreen, verify) expire at once; use ttl <= {MEMCACHED_RELATIVE_TTL_MAX} "
+            "if Postfix writes this table")
     used_by = [role for role, param in MAPS.items()
                if _names_table(postfix.get(param, ""), path)]
     if not postfix:
@@ -127,13 +142,20 @@ def _names_table(value: str, path: str) -> bool:
     return False
 
 
-def main(argv: list[str]) -> int:
-    import argparse
+def parser() -> argparse.ArgumentParser:
+    """``memtable ttl``'s command line."""
+    parser = argparse.ArgumentParser(
+        prog="memtable ttl", description=TTL_HELP,
+        epilog="Exit status: 0 (warnings too), 1 on an error.  Manual: memtable(1).")
+    parser.add_argument("-c", metavar="DIR", dest="config_dir",
+                        help="the Postfix configuration directory postconf reads (postconf -c "
+                             "DIR); default: postconf's own (MAIL_CONFIG or /etc/postfix)")
+    parser.add_argument("table", metavar="memcache:FILE.cf", help="the table to explain")
+    return parser
 
-    parser = argparse.ArgumentParser(prog="memtable ttl", description=__doc__)
-    parser.add_argument("-c", dest="config_dir", help="Postfix configuration directory")
-    parser.add_argument("table", help="memcache:/path/file.cf")
-    args = parser.parse_args(argv)
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
     type_, _, path = args.table.partition(":")
     if type_ != "memcache" or not path:
         print("memtable: fatal: ttl needs a memcache:/path/file.cf table", file=sys.stderr)
@@ -144,5 +166,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"memtable: fatal: {exc}", file=sys.stderr)
         return 1
-    print(result.render(), end="")
+    sys.stdout.write(result.render())
+    sys.stdout.flush()
+    sys.stderr.write(result.render_warnings())
     return 0

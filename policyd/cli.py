@@ -7,6 +7,7 @@
     policyd [-c FILE] report [--json] [--plot FILE.png]   figures and ttl advice
     policyd [-c FILE] cleanup [--dry-run]   delete expired records (daily)
     policyd [-c FILE] import-postgrey [--dry-run] DBDIR   carry postgrey's database over
+    policyd --version
 
 -c and -o may also follow the command (``policyd report -o max_age=40d``).
 
@@ -19,22 +20,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
 
 from memtable.errors import ConfigError, MemtableError
 from memtable.limits import CF_INT_MAX
+from memtable.version import version
 from policyd.config import DEFAULT_CONFIG_PATH, PolicydConfig
 from policyd.errors import PolicydError
-from policyd.logsetup import error_line
+from policyd.logsetup import end_command_logging, error_line, setup_command_logging
 
 log = logging.getLogger("policyd")
+# Bits always added to the umask (see _restrict_umask).
+UMASK_RESTRICT = 0o027
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="policyd", description="Postfix SMTPD policy server (greylisting).")
+        prog="policyd", description="Postfix SMTPD policy server (greylisting).",
+        epilog="Manuals: policyd(8), policyd.cf(5).")
+    parser.add_argument("--version", action="version", version=f"policyd {version()}")
     parser.add_argument("-c", "--config", metavar="FILE", default=DEFAULT_CONFIG_PATH,
                         help=f"policyd.cf to read (default {DEFAULT_CONFIG_PATH})")
     parser.add_argument("-o", dest="overrides", action="append", default=[],
@@ -115,6 +122,29 @@ def _bounded(top: int) -> Callable[[str], int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    umask = _restrict_umask()
+    # Warnings while the configuration is read (a parameter set twice, an
+    # unknown one in a table .cf) carry "policyd: warning:" as Postfix's do.
+    setup_command_logging()
+    try:
+        return _main(args)
+    finally:
+        end_command_logging()
+        os.umask(umask)  # main() called in a longer-lived process (tests)
+
+
+def _restrict_umask() -> int:
+    """Files policyd creates (the lmdb backups hold addresses, the report's
+    plot) are not world-readable, whoever starts it: add 027 to the umask
+    (the units set UMask=0027; by hand it is often 022 or 0).  lmdb files
+    are then 0640 (0644 minus the umask, as Postfix creates them).
+    Returns the umask before."""
+    previous = os.umask(UMASK_RESTRICT)
+    os.umask(previous | UMASK_RESTRICT)
+    return previous
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         # Given before and after the command: in command-line order, later wins.
         overrides = args.overrides + getattr(args, "late_overrides", [])

@@ -10,8 +10,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from memtable import cf
@@ -78,10 +78,16 @@ class PolicydConfig:
     def uses_dns(self) -> bool:
         """Does any setting need DNS answers?  (No resolver otherwise.)"""
         return False
+    # Where each parameter was set (file and line, or -o): errors about what
+    # a parameter names (a missing table file) say which setting named it.
+    sources: Mapping[str, cf.CfEntry] = field(default_factory=dict, compare=False,
+                                              repr=False)
 
     @property
     def effective_hostname(self) -> str:
-        return self.hostname or socket.getfqdn()
+        """``hostname``, else Postfix's myhostname, else the FQDN (asks
+        postconf, maybe DNS: read it once, at start)."""
+        return self.hostname or default_hostname()
 
     @classmethod
     def from_file(cls, path: str, overrides: Sequence[str] = ()) -> PolicydConfig:
@@ -94,12 +100,22 @@ class PolicydConfig:
     @classmethod
     def from_entries(cls, path: str, entries: dict[str, cf.CfEntry]) -> PolicydConfig:
         cf.reject_unknown(entries, frozenset(_PARSERS))
-        values: dict[str, Any] = {"path": path}
+        values: dict[str, Any] = {"path": path, "sources": dict(entries)}
         for name, entry in entries.items():
             values[name] = _PARSERS[name](entry)
         config = cls(**values)
         config._check_together(entries)
         return config
+
+    def parameter_error(self, name: str, message: str) -> ConfigError:
+        """An error about parameter ``name``: ``FILE, line N: name = value:
+        message`` where it was set, ``FILE: name = value (default): message``
+        where it was not."""
+        entry = self.sources.get(name)
+        if entry is not None:
+            return entry.error(message)
+        value = _render_value(name, getattr(self, name))
+        return ConfigError(f"{name} = {value} (default): {message}", self.path)
 
     def _check_together(self, entries: dict[str, cf.CfEntry]) -> None:
         """Rules that involve more than one parameter."""
@@ -118,10 +134,27 @@ class PolicydConfig:
         """The effective configuration as policyd.cf text (--check-config)."""
         lines = [f"# effective configuration from {self.path}"]
         for f in fields(self):
-            if f.name == "path":
+            if f.name not in PARAMETERS:
                 continue
             lines.append(f"{f.name} = {_render_value(f.name, getattr(self, f.name))}")
         return "\n".join(lines) + "\n"
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def default_hostname() -> str:
+    """Postfix's ``myhostname`` when ``postconf`` can tell it (honouring
+    MAIL_CONFIG, waiting at most POSTCONF_TIMEOUT_SECONDS), else the FQDN:
+    the X-Greylist header then names the host Postfix's own Received:
+    header names.  A fresh install has no main.cf, and postconf fails."""
+    from memtable.ttlreport import read_postconf
+
+    try:
+        name = read_postconf(None, ["myhostname"]).get("myhostname", "")
+    except ConfigError:
+        name = ""
+    return name if _HOST_NAME.fullmatch(name) else socket.getfqdn()
 
 
 def _render_value(name: str, value: object) -> str:
@@ -309,4 +342,7 @@ _PARSERS: dict[str, Callable[[cf.CfEntry], Any]] = {
     "dns_timeout": _time(1, limits.DNS_TIMEOUT_MAX_SECONDS),
 }
 
-assert set(_PARSERS) == {f.name for f in fields(PolicydConfig)} - {"path"}
+# Every policyd.cf parameter, in PolicydConfig's order (fields that are not
+# parameters: path, sources).
+PARAMETERS = tuple(f.name for f in fields(PolicydConfig) if f.name in _PARSERS)
+assert set(_PARSERS) == {f.name for f in fields(PolicydConfig)} - {"path", "sources"}

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from memtable import clock
+from memtable.errors import ConfigError, OpenError
 from memtable.table import Table
 from policyd import limits
 from policyd.api import Decision
@@ -65,6 +66,10 @@ log = logging.getLogger(__name__)
 DUNNO = "DUNNO"
 GREYLIST_DSN = "4.2.0"
 T = TypeVar("T")
+# Which list matched, in postgrey's words ("reason=client whitelist"), so
+# the same grep finds both; the reason stays one word for the metrics.
+CLIENT_WHITELISTED = Decision(DUNNO, "whitelisted", detail="client whitelist")
+RECIPIENT_WHITELISTED = Decision(DUNNO, "whitelisted", detail="recipient whitelist")
 _PERCENT = re.compile(r"%[a-z]")
 # first_seen,last_seen,passed[,passed_at]: ASCII decimal numbers, passed 0 or 1.
 _TRIPLET_RECORD = re.compile(r"(\d+),(\d+),([01])(?:,(\d+))?", re.ASCII)
@@ -124,7 +129,7 @@ class GreylistPolicy:
         self.whitelist = whitelist
         self.resolver = resolver
         self.keys = KeyMaker.from_config(config)
-        # socket.getfqdn() may wait on DNS: once, here, not per request.
+        # postconf and socket.getfqdn() may take a while: once, here, not per request.
         self.hostname = config.effective_hostname
         self._instances: OrderedDict[str, None] = OrderedDict()
 
@@ -146,9 +151,10 @@ class GreylistPolicy:
         if not recipient:
             log.warning("no recipient in RCPT request")
             return Decision(DUNNO, "bad-request")
-        if (self.whitelist.clients.matches(ip, client_name)
-                or self.whitelist.recipient_whitelisted(recipient)):
-            return Decision(DUNNO, "whitelisted")
+        if self.whitelist.clients.matches(ip, client_name):
+            return CLIENT_WHITELISTED
+        if self.whitelist.recipient_whitelisted(recipient):
+            return RECIPIENT_WHITELISTED
         client = client_key(self.config, ip, client_name)
         try:
             return await self._greylist(request, address, client, recipient)
@@ -331,15 +337,20 @@ def build_policy(config: PolicydConfig,
                  metrics: Metrics | NullMetrics | None = None) -> GreylistPolicy:
     """Read the whitelists and open the stores of ``config`` (blocking: call
     at start-up).  ConfigError (and memtable's open errors) propagate."""
-    from memtable.registry import open_table
-
-    whitelist = Whitelists.load(config.whitelist_clients, config.whitelist_recipients)
+    try:
+        whitelist = Whitelists.load(config.whitelist_clients, config.whitelist_recipients)
+    except ConfigError as exc:
+        if exc.line is not None:
+            raise  # names the whitelist's own file and line
+        name = ("whitelist_recipients" if exc.path in config.whitelist_recipients
+                else "whitelist_clients")
+        raise config.parameter_error(name, str(exc)) from None
     tables: list[Table] = []
     try:
-        tables.append(open_table(config.triplet_table, read_write=True))
-        tables.append(open_table(config.client_table, read_write=True))
+        tables.append(_open(config, "triplet_table", read_write=True))
+        tables.append(_open(config, "client_table", read_write=True))
         if config.postscreen_cache:
-            tables.append(open_table(config.postscreen_cache, read_write=False))
+            tables.append(_open(config, "postscreen_cache", read_write=False))
     except BaseException:
         for table in tables:
             table.close()
@@ -355,3 +366,18 @@ def build_policy(config: PolicydConfig,
     if config.uses_dns:
         resolver = Resolver(config.dns_servers or None, timeout=config.dns_timeout)
     return GreylistPolicy(config, stores[0], stores[1], postscreen, whitelist, resolver)
+
+
+def _open(config: PolicydConfig, name: str, *, read_write: bool) -> Table:
+    """Open the table parameter ``name`` names.  A file that cannot be
+    opened (a missing .cf or backup) is an error that also names the
+    setting that refers to it; an error at a line of the table's own .cf
+    file names that line, which says enough."""
+    from memtable.registry import open_table
+
+    try:
+        return open_table(getattr(config, name), read_write=read_write)
+    except (ConfigError, OpenError) as exc:
+        if isinstance(exc, ConfigError) and exc.line is not None:
+            raise
+        raise config.parameter_error(name, str(exc)) from None

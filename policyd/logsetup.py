@@ -307,6 +307,42 @@ def error_line(message: str) -> str:
     return f"{_JOURNAL_PRIORITIES[logging.ERROR]}{message}" if stderr_is_journal() else message
 
 
+class _CommandHandler(logging.Handler):
+    """Warnings and errors before setup_logging, and in the commands that
+    never call it (--check-config, report, cleanup): one line on stderr,
+    ``policyd: warning: ...`` as Postfix's commands print them (with the
+    journal's priority when stderr is the journal).  sys.stderr is looked up
+    at each line, so a replaced stderr (tests) gets them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = f"policyd: {_PREFIXES.get(record.levelno, '')}{record.getMessage()}"
+            if stderr_is_journal():
+                line = _JOURNAL_PRIORITIES.get(record.levelno, "<6>") + line
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+_command_handlers: list[logging.Handler] = []
+
+
+def setup_command_logging() -> None:
+    """Install _CommandHandler (replacing an earlier one) for warnings and
+    errors; setup_logging replaces it with the server's handlers."""
+    end_command_logging()
+    handler = _CommandHandler(logging.WARNING)
+    _command_handlers.append(handler)
+    _root.addHandler(handler)
+
+
+def end_command_logging() -> None:
+    for handler in _command_handlers:
+        _root.removeHandler(handler)
+    _command_handlers.clear()
+
+
 def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     """Send log lines to stderr and, when configured, to syslog.
 
@@ -315,6 +351,7 @@ def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     reported on stderr and does not stop policyd.  Returns the handlers installed.
     """
     root = logging.getLogger()
+    end_command_logging()
     # No getpid() and thread lookup per record: the formatters add the pid
     # (_PostfixFormatter), and no policyd format shows the thread.
     logging.logProcesses = False

@@ -18,12 +18,15 @@ The analysis (Analyser, Report) is pure: entries in, figures out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import itertools
 import json
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -465,23 +468,48 @@ def command(config: PolicydConfig, args: argparse.Namespace) -> int:
     max_entries = limits.REPORT_MAX_ENTRIES if args.max_entries is None else args.max_entries
     if not 1 <= max_entries <= limits.REPORT_MAX_ENTRIES:
         return fail(f"--max-entries must be 1..{limits.REPORT_MAX_ENTRIES}")
-    if args.plot:
-        try:  # before the walk, not after it
-            import matplotlib  # noqa: F401
-        except ImportError:
-            return fail("--plot needs matplotlib, which is not installed "
-                        "(pip install matplotlib)")
-    try:
-        report = collect(config, top=args.top, max_entries=max_entries)
-    except WalkError as exc:
-        return fail(str(exc))
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        sys.stdout.write(report.render())
-    if args.plot:
+    with _plot_cache_dirs() if args.plot else contextlib.nullcontext():
+        if args.plot:
+            try:  # before the walk, not after it
+                import matplotlib  # noqa: F401
+            except ImportError:
+                return fail("--plot needs matplotlib, which is not installed "
+                            "(pip install matplotlib)")
         try:
-            write_plot(report, args.plot)
-        except OSError as exc:
-            return fail(f"cannot write {args.plot}: {exc.strerror or exc}")
+            report = collect(config, top=args.top, max_entries=max_entries)
+        except WalkError as exc:
+            return fail(str(exc))
+        if args.json:
+            print(json.dumps(report.to_json(), indent=2))
+        else:
+            sys.stdout.write(report.render())
+        if args.plot:
+            try:
+                write_plot(report, args.plot)
+            except OSError as exc:
+                return fail(f"cannot write {args.plot}: {exc.strerror or exc}")
     return 0
+
+
+@contextlib.contextmanager
+def _plot_cache_dirs() -> Iterator[None]:
+    """matplotlib writes its configuration and font cache under $HOME
+    (MPLCONFIGDIR, else ~/.config and ~/.cache/matplotlib) and fontconfig
+    under ~/.cache/fontconfig; the policyd user's home is its state
+    directory, /var/lib/policyd.  Point them at a temporary directory,
+    removed afterwards, unless the operator chose MPLCONFIGDIR."""
+    if os.environ.get("MPLCONFIGDIR"):
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in ("MPLCONFIGDIR", "XDG_CACHE_HOME")}
+    with tempfile.TemporaryDirectory(prefix="policyd-report-") as tmp:
+        os.environ["MPLCONFIGDIR"] = tmp
+        os.environ["XDG_CACHE_HOME"] = tmp
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value

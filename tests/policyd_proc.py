@@ -23,7 +23,9 @@ class PolicydProcess:
     """One policyd process with its own config directory."""
 
     def __init__(self, directory: Path, memcache: str | None, *, backup: bool = True,
-                 extra: str = "", port: int | None = None) -> None:
+                 extra: str = "", port: int | None = None,
+                 hostname: str | None = "mx.test.example",
+                 env: dict[str, str] | None = None, umask: int = -1) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.dir = directory
         self.port = port or free_port()
@@ -45,7 +47,9 @@ class PolicydProcess:
             f"listen = inet:127.0.0.1:{self.port}\n"
             f"triplet_table = {tables['triplets']}\n"
             f"client_table = {tables['clients']}\n"
-            "hostname = mx.test.example\n" + extra)
+            + (f"hostname = {hostname}\n" if hostname is not None else "") + extra)
+        self.env = env or {}
+        self.umask = umask  # the umask policyd starts with (-1: this process's)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> PolicydProcess:
@@ -53,7 +57,7 @@ class PolicydProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "policyd", "-c", str(self.config)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, umask=self.umask)
         deadline = time.monotonic() + START_WAIT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

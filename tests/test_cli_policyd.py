@@ -382,3 +382,52 @@ def test_startup_error_is_one_line(tmp_path: Path, wrapper: Path,
     assert code == 1
     assert f"fatal: cannot listen on inet:127.0.0.1:{port}" in err
     assert "Traceback" not in err
+
+
+# --- messages operators grep for ---------------------------------------------
+
+def test_configuration_warnings_carry_the_policyd_prefix(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As Postfix's own: "policyd: warning: FILE, line N: ...", for
+    policyd.cf and for the table .cf files it names."""
+    table_cf = tmp_path / "triplets.cf"
+    table_cf.write_text(f"backup = lmdb:{tmp_path}/t\nbogus = 1\n"
+                        "memcache = inet:127.0.0.1:11211\n")
+    cf = write_cf(tmp_path, "max_age = 35d\nmax_age = 36d\n"
+                            f"triplet_table = memcache:{table_cf}\n"
+                            f"client_table = lmdb:{tmp_path}/clients\n")
+    assert main(["--check-config", "-c", str(cf)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"policyd: warning: {cf}, line 2: max_age is set again; the later value wins",
+                   f"policyd: warning: {table_cf}, line 2: unknown parameter bogus ignored"]
+
+
+@pytest.mark.parametrize("name", ["triplet_table", "client_table", "postscreen_cache"])
+def test_a_missing_table_file_names_the_setting_that_refers_to_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    missing = tmp_path / "missing.cf"
+    tables = {"triplet_table": f"lmdb:{tmp_path}/t", "client_table": f"lmdb:{tmp_path}/c",
+              "postscreen_cache": ""}
+    tables[name] = f"memcache:{missing}"
+    cf = write_cf(tmp_path, "".join(f"{k} = {v}\n" for k, v in tables.items()))
+    line = list(tables).index(name) + 1
+    assert main(["--check-config", "-c", str(cf)]) == 1
+    assert capsys.readouterr().err == (
+        f"policyd: {cf}, line {line}: {name} = memcache:{missing}: "
+        f"{missing}: cannot read: No such file or directory\n")
+    # Set with -o: the message names the -o setting.
+    assert main(["--check-config", "-c", str(cf), "-o", f"{name}=memcache:{missing}"]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"policyd: -o {name}=memcache:{missing}: {name} = memcache:{missing}: {missing}: ")
+
+
+def test_a_missing_whitelist_names_the_setting_that_refers_to_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "whitelist_recipients"
+    cf = write_cf(tmp_path, f"triplet_table = lmdb:{tmp_path}/t\n"
+                            f"client_table = lmdb:{tmp_path}/c\n"
+                            f"whitelist_recipients = {missing}\n")
+    assert main(["--check-config", "-c", str(cf)]) == 1
+    assert capsys.readouterr().err == (
+        f"policyd: {cf}, line 3: whitelist_recipients = {missing}: {missing}: "
+        "cannot read whitelist: No such file or directory\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from freezegun import freeze_time
 from policyd import limits
 from policyd.api import Decision
 from policyd.greylist import GreylistPolicy, TripletRecord, build_policy, expand
+from policyd.logsetup import format_decision
 from policyd.reputation import ClientRecord, postscreen_proves_return
 from policyd.whitelist import Whitelists
 from tests.conftest import Memcached, free_port
@@ -301,7 +303,14 @@ def test_whitelisted_clients_and_recipients(tmp_path: Path) -> None:
              (0, request(client_name="unknown"))]
     decisions, triplets, _ = scenario(config(), steps, whitelist=wl)
     assert [d.reason for d in decisions] == ["whitelisted"] * 3 + ["new"]
+    # Which list matched, in postgrey's words.
+    assert [d.detail for d in decisions[:3]] == ["client whitelist"] * 2 + [
+        "recipient whitelist"]
     assert triplets.lookups == 1
+    # The log line: the reason stays one greppable word, the detail follows.
+    line = format_decision(steps[2][1], decisions[2])
+    assert re.findall(r"reason=[a-z-]*", line) == ["reason=whitelisted"]
+    assert line.endswith(' detail="recipient whitelist"'), line
 
 
 def test_reload_reads_whitelists_again(tmp_path: Path) -> None:

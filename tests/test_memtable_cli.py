@@ -11,6 +11,7 @@ import pytest
 
 from memtable.limits import MESSAGE_QUOTE_MAX_CHARS
 from tests.conftest import Memcached, free_port
+from tests.postfixcf import postfix_config_dir
 from tests.postfixlab import run_postmap
 
 MEMTABLE = [sys.executable, "-m", "memtable.cli"]
@@ -96,7 +97,7 @@ def test_ttl_command_explains_and_warns(tmp_path: Path) -> None:
     # A private Postfix configuration (-c): the host's may not exist.
     done = ttl_report(tmp_path, 7776000, "")
     assert "absolute" in done.stdout and "1970" in done.stdout
-    assert "warning: ttl 7776000 is over 30 days" in done.stdout
+    assert "memtable: warning: ttl 7776000 is over 30 days" in done.stderr
 
 
 def test_ttl_command_without_c_reads_mail_config_not_the_hosts(tmp_path: Path) -> None:
@@ -131,9 +132,9 @@ def test_ttl_command_checks_postscreen_ttls(tmp_path: Path) -> None:
     done = ttl_report(tmp_path, 3600, "postscreen_cache_map = {table}\n"
                       "postscreen_pipelining_ttl = 30d\npostscreen_cache_cleanup_interval = 12h\n")
     assert "postscreen_cache_map uses this table" in done.stdout
-    assert "shorter than postscreen_pipelining_ttl" in done.stdout
-    assert "set ttl = 2592000" in done.stdout
-    assert "postscreen_cache_cleanup_interval should be 0" in done.stdout
+    assert "shorter than postscreen_pipelining_ttl" in done.stderr
+    assert "set ttl = 2592000" in done.stderr
+    assert "memtable: warning: postscreen_cache_cleanup_interval should be 0" in done.stderr
 
 
 def test_ttl_command_reads_expanded_postfix_values(tmp_path: Path) -> None:
@@ -142,7 +143,7 @@ def test_ttl_command_reads_expanded_postfix_values(tmp_path: Path) -> None:
     done = ttl_report(tmp_path, 2592000, "postscreen_cache_map = {table}\n"
                       "postscreen_cache_cleanup_interval = 0\n")
     assert "postscreen_dnsbl_max_ttl = 1h" in done.stdout
-    assert "warning" not in done.stdout
+    assert "warning" not in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize(("ttl", "expire", "warned"), [
@@ -162,8 +163,9 @@ def test_ttl_command_verify_advice(tmp_path: Path, ttl: int, expire: str,
                                    warned: list[str]) -> None:
     done = ttl_report(tmp_path, ttl, "address_verify_map = {table}\n"
                       f"address_verify_cache_cleanup_interval = 0\n{expire}")
-    warnings = [line for line in done.stdout.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == len(warned), done.stdout
+    warnings = [line for line in done.stderr.splitlines()
+                if line.startswith("memtable: warning: ")]
+    assert len(warnings) == len(warned), done.stderr
     for line, text in zip(warnings, warned, strict=True):
         assert text in line
 
@@ -258,3 +260,12 @@ def test_insert_reads_bytes_whatever_the_locale(tmp_path: Path, io_encoding: str
     q = subprocess.run([*MEMTABLE, "-q", "-", f"lmdb:{tmp_path / 'db'}"], input=b"ok\nbad\n",
                        capture_output=True, timeout=30, check=False)
     assert q.stdout == "ok\tvé\n".encode()
+
+
+def test_ttl_command_warnings_carry_the_memtable_prefix(tmp_path: Path) -> None:
+    """The table file's own warnings too, as every other memtable command's."""
+    cf = tmp_path / "t.cf"
+    cf.write_text("ttl = 3600\nbogus = 1\n")
+    done = run("ttl", "-c", str(postfix_config_dir(tmp_path)), f"memcache:{cf}")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"memtable: warning: {cf}, line 2: unknown parameter bogus ignored\n"

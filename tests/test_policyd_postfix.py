@@ -63,7 +63,8 @@ def test_whitelisted_client_passes_at_once(tmp_path: Path, memcached: Memcached,
     pf = postfix_instance(policy_restrictions(policyd.port))
     reply = smtp_rcpt(pf.port, SENDER, RCPT)
     assert reply.code == 250, reply
-    assert "reason=whitelisted" in policyd.log_text()
+    assert 'reason=whitelisted' in policyd.log_text()
+    assert 'detail="client whitelist"' in policyd.log_text()
 
 
 # postscreen as Postfix ships it, except that 127.0.0.1 must not be

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +16,8 @@ from memtable.registry import open_table
 from tests.conftest import Memcached, free_port, start_memcached
 from tests.policyd_helpers import wait_until
 from tests.policyd_proc import WAIT, PolicydProcess
+from tests.postfixcf import postfix_config_dir
+from tests.postfixlab import requires_postmap
 
 DELAY = 1  # greylist_delay in these tests: real processes, real time
 FAST = f"greylist_delay = {DELAY}s\nauto_whitelist_clients = 0\n"
@@ -158,3 +162,44 @@ def test_hung_memcached_does_not_stall_policyd(tmp_path: Path,
     finally:
         server.proc.send_signal(signal.SIGCONT)
         server.stop()
+
+
+@requires_postmap
+def test_x_greylist_names_postfix_myhostname(tmp_path: Path,
+                                             policyd_factory: type[PolicydProcess]) -> None:
+    """Without ``hostname``, the header names Postfix's myhostname, read with
+    postconf from the configuration directory MAIL_CONFIG names."""
+    postfix = postfix_config_dir(tmp_path)  # myhostname = postmap.example
+    policyd = policyd_factory(tmp_path / "p", None, hostname=None,
+                              extra="greylist_delay = 0\n",
+                              env={"MAIL_CONFIG": str(postfix)}).start()
+    header = policyd.ask(**triplet(1))
+    assert header.startswith("PREPEND X-Greylist: delayed 0 seconds by policyd at "
+                             "postmap.example; "), header
+
+
+@requires_postmap
+def test_x_greylist_names_the_fqdn_without_a_postfix_configuration(
+        tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
+    """A fresh machine: postconf fails (no main.cf); policyd starts and
+    names the host's FQDN."""
+    empty = tmp_path / "no-main-cf"
+    empty.mkdir()
+    policyd = policyd_factory(tmp_path / "p", None, hostname=None,
+                              extra="greylist_delay = 0\n",
+                              env={"MAIL_CONFIG": str(empty)}).start()
+    header = policyd.ask(**triplet(1))
+    assert header.startswith("PREPEND X-Greylist: delayed 0 seconds by policyd at "
+                             f"{socket.getfqdn()}; "), header
+    assert "postconf" not in policyd.log_text()
+
+
+def test_lmdb_files_are_not_world_readable_whatever_the_umask(
+        tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
+    """Started by hand with umask 0 (or 022), the backups policyd creates
+    are still 0640: triplets hold addresses."""
+    policyd = policyd_factory(tmp_path / "p", None, umask=0).start()
+    policyd.ask(**triplet(1))
+    for name in ("triplets", "clients"):
+        mode = stat.S_IMODE((tmp_path / "p" / f"{name}.lmdb").stat().st_mode)
+        assert mode == 0o640, (name, oct(mode))

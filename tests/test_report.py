@@ -5,6 +5,8 @@ policyd.cli.main at a frozen time; and the triplet record's passed_at."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -323,3 +325,23 @@ def test_o_before_and_after_the_command_both_apply(tmp_path: Path,
     config = json.loads(out)["config"]
     assert (config["greylist_delay"], config["retry_window"], config["max_age"]) == \
         (600, 3 * 86400, 40 * 86400)
+
+
+def test_plot_writes_no_cache_into_the_home_directory(tmp_path: Path) -> None:
+    """The policyd user's home is /var/lib/policyd: matplotlib's and
+    fontconfig's caches go to a temporary directory, removed afterwards."""
+    cf = lmdb_setup(tmp_path)
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
+    env.update(HOME=str(home), TMPDIR=str(tmp))
+    png = tmp_path / "delays.png"
+    done = subprocess.run([sys.executable, "-m", "policyd", "report", "-c", cf,
+                           "--plot", str(png)], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+    assert list(tmp.iterdir()) == []
