@@ -16,7 +16,7 @@ from typing import Any
 
 from memtable import cf
 from memtable.endpoint import Endpoint, parse_endpoint
-from memtable.errors import ConfigError
+from memtable.errors import ConfigError, MemtableError
 from memtable.limits import CF_INT_MAX
 from policyd import limits
 
@@ -116,6 +116,19 @@ class PolicydConfig:
             return entry.error(message)
         value = _render_value(name, getattr(self, name))
         return ConfigError(f"{name} = {value} (default): {message}", self.path)
+
+    def blame(self, name: str, exc: MemtableError) -> MemtableError:
+        """``exc``, raised while opening what parameter ``name`` names, as
+        operators should see it: an error at a line of the named file's own
+        says enough; any other (a missing file) also names the setting."""
+        if isinstance(exc, ConfigError) and exc.line is not None:
+            return exc
+        return self.parameter_error(name, str(exc))
+
+    def whitelist_parameter(self, path: str | None) -> str:
+        """The parameter that names whitelist file ``path``."""
+        return ("whitelist_recipients" if path in self.whitelist_recipients
+                else "whitelist_clients")
 
     def _check_together(self, entries: dict[str, cf.CfEntry]) -> None:
         """Rules that involve more than one parameter."""

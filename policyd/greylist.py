@@ -340,11 +340,7 @@ def build_policy(config: PolicydConfig,
     try:
         whitelist = Whitelists.load(config.whitelist_clients, config.whitelist_recipients)
     except ConfigError as exc:
-        if exc.line is not None:
-            raise  # names the whitelist's own file and line
-        name = ("whitelist_recipients" if exc.path in config.whitelist_recipients
-                else "whitelist_clients")
-        raise config.parameter_error(name, str(exc)) from None
+        raise config.blame(config.whitelist_parameter(exc.path), exc) from None
     tables: list[Table] = []
     try:
         tables.append(_open(config, "triplet_table", read_write=True))
@@ -378,6 +374,4 @@ def _open(config: PolicydConfig, name: str, *, read_write: bool) -> Table:
     try:
         return open_table(getattr(config, name), read_write=read_write)
     except (ConfigError, OpenError) as exc:
-        if isinstance(exc, ConfigError) and exc.line is not None:
-            raise
-        raise config.parameter_error(name, str(exc)) from None
+        raise config.blame(name, exc) from None

@@ -122,13 +122,14 @@ def probe(config: PolicydConfig) -> list[Problem]:
     found: list[Problem] = []
     try:
         Whitelists.load(config.whitelist_clients, config.whitelist_recipients)
-    except MemtableError as exc:
-        found.append(exc)
-    for _, spec in _tables(config):
+    except ConfigError as exc:
+        found.append(config.blame(config.whitelist_parameter(exc.path), exc))
+    for param, spec in _tables(config):
         try:
             _probe_table(spec)
         except (MemtableError, OSError) as exc:
-            found.append(exc if isinstance(exc, MemtableError) else ConfigError(str(exc)))
+            error = exc if isinstance(exc, MemtableError) else ConfigError(str(exc))
+            found.append(config.blame(param, error))
     return found
 
 

@@ -21,6 +21,7 @@ from policyd import limits, sdnotify
 from policyd.cli import main
 from policyd.config import DEFAULT_CONFIG_PATH
 from policyd.limits import SHUTDOWN_CANCEL_WAIT_SECONDS
+from tests.conftest import Memcached
 from tests.policyd_helpers import WAIT, ask, is_closed, request
 
 REPO = Path(__file__).resolve().parent.parent
@@ -387,12 +388,12 @@ def test_startup_error_is_one_line(tmp_path: Path, wrapper: Path,
 # --- messages operators grep for ---------------------------------------------
 
 def test_configuration_warnings_carry_the_policyd_prefix(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], memcached: Memcached) -> None:
     """As Postfix's own: "policyd: warning: FILE, line N: ...", for
     policyd.cf and for the table .cf files it names."""
     table_cf = tmp_path / "triplets.cf"
     table_cf.write_text(f"backup = lmdb:{tmp_path}/t\nbogus = 1\n"
-                        "memcache = inet:127.0.0.1:11211\n")
+                        f"memcache = {memcached.spec}\n")
     cf = write_cf(tmp_path, "max_age = 35d\nmax_age = 36d\n"
                             f"triplet_table = memcache:{table_cf}\n"
                             f"client_table = lmdb:{tmp_path}/clients\n")

@@ -74,7 +74,9 @@ def test_missing_backup_directory_is_an_error(tmp_path: Path, memcached: Memcach
     cf = policyd_cf(tmp_path, f"triplet_table = memcache:{triplets}\n")
     code, err = check(cf, capsys)
     assert code == 1
-    assert err == (f"policyd: {triplets}: backup = lmdb:{tmp_path}/none/triplets: "
+    # Names the setting that named the table, then the table's own words.
+    assert err == (f"policyd: {cf}, line 3: triplet_table = memcache:{triplets}: "
+                   f"{triplets}: backup = lmdb:{tmp_path}/none/triplets: "
                    f"lmdb:{tmp_path}/none/triplets: directory {tmp_path}/none does not exist "
                    "(policyd creates the file at start, not the directory)\n")
     assert not (tmp_path / "none").exists()
@@ -231,5 +233,6 @@ def test_missing_local_whitelist_is_a_warning_line(tmp_path: Path,
     main_list.unlink()
     code, err = check(cf, capsys)
     assert code == 1
-    assert err.splitlines()[-1] == (f"policyd: {main_list}: cannot read whitelist: "
-                                    "No such file or directory")
+    assert err.splitlines()[-1] == (
+        f"policyd: {cf}, line 3: whitelist_clients = {main_list}, {main_list}.local: "
+        f"{main_list}: cannot read whitelist: No such file or directory")
