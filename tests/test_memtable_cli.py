@@ -249,3 +249,16 @@ def test_insert_reads_bytes_whatever_the_locale(tmp_path: Path, io_encoding: str
     q = subprocess.run([*MEMTABLE, "-q", "-", f"lmdb:{tmp_path / 'db'}"], input=b"ok\nbad\n",
                        capture_output=True, timeout=30, check=False)
     assert q.stdout == "ok\tvé\n".encode()
+
+
+def test_impossible_memcache_host_is_fatal_with_file_and_line(tmp_path: Path) -> None:
+    """A typo in the host name (empty label) is a configuration error naming
+    the file and line: no traceback, and not a run-time failure that would
+    leave the backup unused."""
+    cf = tmp_path / "t.cf"
+    cf.write_text(f"backup = lmdb:{tmp_path / 'bk'}\nmemcache = inet:mc..example.com:11211\n")
+    assert run("-i", f"lmdb:{tmp_path / 'bk'}", stdin="key value\n").returncode == 0
+    done = run("-q", "key", f"memcache:{cf}")
+    assert done.returncode == 1
+    assert done.stderr == (f"memtable: fatal: {cf}, line 2: memcache = inet:mc..example.com:11211"
+                           ': impossible host name "mc..example.com": empty label\n')
