@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +23,11 @@ class PolicydProcess:
     """One policyd process with its own config directory."""
 
     def __init__(self, directory: Path, memcache: str | None, *, backup: bool = True,
-                 extra: str = "", port: int | None = None) -> None:
+                 extra: str = "", port: int | None = None,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        # wrap: the command line around policyd's (a private resolver, ...).
+        self.wrap = wrap or (lambda argv: argv)
         self.dir = directory
         self.port = port or free_port()
         self.log = directory / "policyd.log"
@@ -51,7 +54,7 @@ class PolicydProcess:
     def start(self) -> PolicydProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "policyd", "-c", str(self.config)],
+                self.wrap([sys.executable, "-m", "policyd", "-c", str(self.config)]),
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + START_WAIT
