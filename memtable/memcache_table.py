@@ -472,10 +472,11 @@ class MemcacheTable(Table):
         if self._stale:
             some = ", ".join(clip(key, 60) for key, _ in itertools.islice(
                 self._stale.values(), 3))
-            log.warning("%s: %d keys were written to the backup only and memcached may serve "
+            count = len(self._stale)
+            log.warning("%s: %d %s written to the backup only and memcached may serve "
                         "older values for them until they expire or are written again (%s%s)",
-                        self.spec, len(self._stale), some,
-                        ", ..." if len(self._stale) > 3 else "")
+                        self.spec, count, "key was" if count == 1 else "keys were", some,
+                        ", ..." if count > 3 else "")
             self._stale.clear()
         self.wire.close()
         if self.pipeline.domain is not None:

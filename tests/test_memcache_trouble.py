@@ -124,7 +124,7 @@ def test_keys_still_stale_at_close_are_named(tmp_path: Path, server: Memcached,
     table.update("k", "new")
     with caplog.at_level(logging.WARNING, logger="memtable"):
         table.close()
-    assert "1 keys were written to the backup only and memcached may serve older values " \
+    assert "1 key was written to the backup only and memcached may serve older values " \
         "for them until they expire or are written again (k)" in caplog.text
 
 
