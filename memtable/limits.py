@@ -96,7 +96,8 @@ MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS = 60.0
 # failed or refused the write, so it may hold an older value): remembered,
 # at most this many (the oldest are forgotten first, with a warning), so
 # that memcached's stale copy is never served and is rewritten from the
-# backup once memcached takes writes again.  About 300 bytes each.
+# backup once memcached takes writes again.  About 350 bytes each (policyd's
+# keys), 35 MB at the bound.
 MEMCACHE_STALE_KEYS_MAX = 100_000
 # Stale keys rewritten per table operation (one pipelined round trip).
 MEMCACHE_STALE_REPAIR_BATCH = 256
