@@ -219,3 +219,26 @@ def test_a_pass_recorded_during_a_memcached_hang_is_not_undone(
     finally:
         server.proc.send_signal(signal.SIGCONT)
         server.stop()
+
+
+def test_a_memcached_outage_is_logged_once_per_table(
+        tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
+    """memcached dies: every request is answered from the backup, and the
+    log gets one warning per table for the outage, not several per request."""
+    server = start_memcached(tmp_path)
+    try:
+        p = policyd_factory(tmp_path / "p", server.spec, extra=FAST).start()
+        assert p.ask(**triplet(11)).startswith("DEFER_IF_PERMIT")
+        server.stop()
+        answers = [p.ask(**triplet(n)) for n in range(12, 42)]
+        assert all(a.startswith("DEFER_IF_PERMIT") for a in answers), answers
+        warnings = [line for line in p.log_text().splitlines() if "warning:" in line]
+        assert len(warnings) == 2, warnings
+        for name in ("clients", "triplets"):
+            table = tmp_path / "p" / name
+            assert any(line.endswith(
+                f"(memcache:{table}.cf): unavailable: connect: Connection refused (after 1 "
+                f"attempt); answering from the backup lmdb:{table}") for line in warnings), \
+                warnings
+    finally:
+        server.stop()
