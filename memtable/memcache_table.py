@@ -82,7 +82,7 @@ class MemcacheTable(Table):
             fallback=backup.spec if backup is not None else "",
         )
         # memcache key -> (the original key, its absolute expiry or 0 for
-        # none) of keys written to the backup only (see the module docstring).
+        # none) of keys changed in the backup only (see the module docstring).
         self._stale: dict[bytes, tuple[str, float]] = {}
         self._forgotten = 0              # stale keys dropped over the bound ...
         self._forgotten_logged = -math.inf  # ... and when that was last said
@@ -145,7 +145,7 @@ class MemcacheTable(Table):
             self._forgotten += 1
             now = clock.monotonic()
             if now - self._forgotten_logged >= MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS:
-                log.warning("%s: more than %d keys written to the backup only: %d of the "
+                log.warning("%s: more than %d keys changed in the backup only: %d of the "
                             "oldest forgotten; memcached may serve their older values until "
                             "they expire or are written again", self.spec,
                             MEMCACHE_STALE_KEYS_MAX, self._forgotten)
@@ -174,7 +174,8 @@ class MemcacheTable(Table):
                 lookup_many(keys) if lookup_many is not None
                 else {key: self.backup.lookup(key) for key in keys})
         except MemtableError as exc:
-            log.warning("%s: cannot read the backup to rewrite stale keys: %s", self.spec, exc)
+            # The operation that follows reads the backup too, and reports.
+            log.debug("%s: cannot read the backup to rewrite stale keys: %s", self.spec, exc)
             return
         now = clock.now()
         sets: list[tuple[bytes, bytes, int, int]] = []
@@ -473,7 +474,7 @@ class MemcacheTable(Table):
             some = ", ".join(clip(key, 60) for key, _ in itertools.islice(
                 self._stale.values(), 3))
             count = len(self._stale)
-            log.warning("%s: %d %s written to the backup only and memcached may serve "
+            log.warning("%s: %d %s changed in the backup only and memcached may serve "
                         "older values for them until they expire or are written again (%s%s)",
                         self.spec, count, "key was" if count == 1 else "keys were", some,
                         ", ..." if count > 3 else "")

@@ -68,7 +68,7 @@ class OutageLog:
             earlier = self._failures - 1
             log.warning("memcache server %s: %s: %s%s%s", self.subject, self.trouble, reason,
                         f"; {self.fallback}" if self.fallback else "",
-                        f" ({earlier} failed commands in brief troubles before)"
+                        f" ({earlier} more failed commands since the last report)"
                         if earlier else "")
         else:
             answered = (f", {self._answered} operations answered from the backup"

@@ -111,7 +111,7 @@ def test_stale_keys_over_the_bound_are_forgotten_with_a_warning(
                 table.update(key, "new")
         server.proc.send_signal(signal.SIGCONT)
         shift_clock(MEMCACHE_DOWN_HOLD_SECONDS)
-        assert "more than 2 keys written to the backup only: 1 of the oldest forgotten" \
+        assert "more than 2 keys changed in the backup only: 1 of the oldest forgotten" \
             in caplog.text
         assert table.lookup_many(["a", "b", "c"]) == {"a": "old", "b": "new", "c": "new"}
 
@@ -124,7 +124,7 @@ def test_keys_still_stale_at_close_are_named(tmp_path: Path, server: Memcached,
     table.update("k", "new")
     with caplog.at_level(logging.WARNING, logger="memtable"):
         table.close()
-    assert "1 key was written to the backup only and memcached may serve older values " \
+    assert "1 key was changed in the backup only and memcached may serve older values " \
         "for them until they expire or are written again (k)" in caplog.text
 
 
@@ -209,7 +209,7 @@ def test_a_full_memcached_that_refuses_writes_costs_no_retry_pause(
                                       "writes: SERVER_ERROR out of memory")
         assert warnings[0].endswith(f"writing to the backup lmdb:{tmp_path / 'bk'} only")
         # memcached never took them: named when the table closes.
-        assert warnings[1].startswith(f"{table.spec}: 51 keys were written to the backup only")
+        assert warnings[1].startswith(f"{table.spec}: 51 keys were changed in the backup only")
     finally:
         full.stop()
 
@@ -224,3 +224,31 @@ def test_a_value_too_long_for_memcached_does_not_leave_the_older_one_there(
         table.update("k", "x" * 11)  # the backup only, with a warning
         assert table.lookup("k") == "x" * 11
     assert memcached.meta("k") is None
+
+
+def test_a_flapping_server_is_announced_at_most_once_per_interval(
+        shift_clock: Callable[[float], None], caplog: pytest.LogCaptureFixture) -> None:
+    """Troubles that start again within the interval after the last line
+    are not announced (nor their ends): their failures are counted into the
+    next line."""
+    from memtable.outage import OutageLog
+
+    trouble = OutageLog("inet:mc:11211 (t.cf)", trouble="unavailable",
+                        fallback="answering from the backup lmdb:bk",
+                        recovered="available again")
+    with caplog.at_level(logging.WARNING, logger="memtable.wire"):
+        for _ in range(50):
+            trouble.failed("SERVER_ERROR busy")
+            trouble.answered_by_backup(1)
+            trouble.succeeded()
+            shift_clock(1)
+        shift_clock(MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS)
+        trouble.failed("SERVER_ERROR busy")
+    assert [r.getMessage() for r in caplog.records] == [
+        "memcache server inet:mc:11211 (t.cf): unavailable: SERVER_ERROR busy; answering from "
+        "the backup lmdb:bk",
+        "memcache server inet:mc:11211 (t.cf): available again after 0 s, 1 operations "
+        "answered from the backup",
+        "memcache server inet:mc:11211 (t.cf): unavailable: SERVER_ERROR busy; answering from "
+        "the backup lmdb:bk (49 more failed commands since the last report)",
+    ]
