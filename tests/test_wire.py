@@ -593,3 +593,20 @@ def test_set_many_meanwhile_runs_once_across_attempts(
         wire.close()
     assert server.connections == 2
     assert calls == [1]
+
+
+def test_any_failure_to_look_the_host_up_is_unavailable(
+        make_wire: Callable[..., MemcacheWire]) -> None:
+    """A name Python cannot even encode (an empty label: UnicodeError, not
+    OSError) is an unavailable server, so a backup answers; configuration
+    files never get this far (memtable.endpoint refuses such names)."""
+    from memtable.endpoint import Endpoint
+
+    wire = MemcacheWire(Endpoint("inet", host="mc..example.com", port=11211), timeout=2,
+                        max_try=2, retry_pause=PAUSE, line_size_limit=1024,
+                        data_size_limit=10240, name="test.cf")
+    with pytest.raises(ServerUnavailableError, match="host lookup failed: UnicodeError"):
+        wire.get(b"k")
+    with pytest.raises(ServerUnavailableError, match="held down"):
+        wire.get(b"k")
+    wire.close()
