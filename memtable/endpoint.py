@@ -8,6 +8,8 @@ servers (the ``memcache`` table parameter) and policyd listeners (``listen``,
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from typing import Literal
@@ -69,7 +71,44 @@ def parse_endpoint(spec: str) -> Endpoint:
             raise ConfigError(f'"{spec}": put an IPv6 address in brackets: inet:[addr]:port')
     if not host:
         raise ConfigError(f'"{spec}": empty host name')
+    problem = _impossible_host(host)
+    if problem:
+        raise ConfigError(f'impossible host name "{host}": {problem}')
     return Endpoint("inet", host=host, port=_parse_port(port_text, spec))
+
+
+# DNS limits (RFC 1035): 63 octets a label, 253 a name (without the final dot).
+_LABEL_MAX = 63
+_NAME_MAX = 253
+_BLANK_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
+def _impossible_host(host: str) -> str:
+    """Why no resolver can look host up ("" when it may exist).
+
+    Such a name is a typo; caught here, it is a configuration error with the
+    file and line instead of an error at the first connect (Python's IDNA
+    encoding raises UnicodeError, not OSError, for an empty or long label).
+    """
+    try:
+        ipaddress.ip_address(host)
+        return ""
+    except ValueError:
+        pass
+    if _BLANK_OR_CONTROL.search(host):
+        return "white space or control characters"
+    labels = host.removesuffix(".").split(".")
+    if any(not label for label in labels):
+        return "empty label"
+    if any(len(label) > _LABEL_MAX for label in labels if label.isascii()):
+        return f"a label longer than {_LABEL_MAX} bytes"
+    try:
+        encoded = host.removesuffix(".").encode("idna")
+    except UnicodeError as exc:
+        return f"not a valid international name ({exc.__cause__ or exc})"
+    if len(encoded) > _NAME_MAX:
+        return f"longer than {_NAME_MAX} bytes"
+    return ""
 
 
 def _parse_port(text: str, spec: str) -> int:

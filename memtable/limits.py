@@ -83,6 +83,21 @@ POSTCONF_TIMEOUT_SECONDS = 10.0
 # log line or error message quotes: a 64 KiB key is not a 64 KiB line.
 MESSAGE_QUOTE_MAX_CHARS = 300
 
-# A memcached that timed out on every attempt is not asked again for this
-# long (calls fail at once; tables with a backup answer from it).
+# A memcached that timed out on every attempt, or whose host name could not
+# be looked up, is not asked again for this long (calls fail at once; tables
+# with a backup answer from it).
 MEMCACHE_DOWN_HOLD_SECONDS = 5.0
+# While a memcached stays unavailable (or refuses writes), memtable logs at
+# most one line per this many seconds about it, with counts
+# (memtable.outage), besides one line when the trouble starts and one when
+# it ends.
+MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS = 60.0
+# Keys a memcache table with a backup wrote to the backup only (memcached
+# failed or refused the write, so it may hold an older value): remembered,
+# at most this many (the oldest are forgotten first, with a warning), so
+# that memcached's stale copy is never served and is rewritten from the
+# backup once memcached takes writes again.  About 350 bytes each (policyd's
+# keys), 35 MB at the bound.
+MEMCACHE_STALE_KEYS_MAX = 100_000
+# Stale keys rewritten per table operation (one pipelined round trip).
+MEMCACHE_STALE_REPAIR_BATCH = 256

@@ -7,16 +7,30 @@ backup; update_many() does the same for a batch with one pipelined round
 trip of ``set`` commands and one backup batch (one lmdb transaction).
 delete: both, the backup's result wins.  sequence: through the
 backup only.  With a backup, the backup's outcome is the result and memcache
-errors are only logged, as in Postfix.
+errors are only logged, as in Postfix (once per outage, memtable.outage).
+
+Where memtable goes further than Postfix: a key whose memcache write (or
+delete) failed while its backup write succeeded is remembered as *stale*
+(memcached may still hold the older value).  It is never read from
+memcached: its lookups go to the backup and write the value back; and once
+memcached takes writes again, every table operation first rewrites a batch
+of stale keys from the backup (limits.MEMCACHE_STALE_REPAIR_BATCH), so that
+other readers of memcached (other MX hosts) see the newer values too.  At
+most limits.MEMCACHE_STALE_KEYS_MAX keys are remembered, the oldest
+forgotten first, with a warning; the memory is the process's own, so keys
+still stale when it exits are named in a warning by close().
 
 A MemcacheTable is not thread-safe: use one per thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections.abc import Iterator, Sequence
 
+from memtable import clock
 from memtable.config import MemcacheConfig
 from memtable.errors import (
     ConfigError,
@@ -28,6 +42,11 @@ from memtable.errors import (
     clip,
 )
 from memtable.keys import SILENT_SKIPS, KeyPipeline
+from memtable.limits import (
+    MEMCACHE_STALE_KEYS_MAX,
+    MEMCACHE_STALE_REPAIR_BATCH,
+    MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS,
+)
 from memtable.table import Table
 from memtable.ttl import wire_exptime
 from memtable.wire import MemcacheWire
@@ -60,7 +79,13 @@ class MemcacheTable(Table):
             line_size_limit=config.line_size_limit,
             data_size_limit=config.data_size_limit,
             name=self.spec,
+            fallback=backup.spec if backup is not None else "",
         )
+        # memcache key -> (the original key, its absolute expiry or 0 for
+        # none) of keys changed in the backup only (see the module docstring).
+        self._stale: dict[bytes, tuple[str, float]] = {}
+        self._forgotten = 0              # stale keys dropped over the bound ...
+        self._forgotten_logged = -math.inf  # ... and when that was last said
 
     # -- helpers ---------------------------------------------------------
 
@@ -91,19 +116,92 @@ class MemcacheTable(Table):
         data, exptime = self._item(key, value, ttl)
         self.wire.set(key, data, flags=self.config.flags, exptime=exptime)
 
-    def _item(self, key: bytes, value: str, ttl: int | None) -> tuple[bytes, int]:
-        """The value's bytes and exptime; ValueTooLongError (logged) over
-        data_size_limit, ConfigError for a ttl memcached cannot hold."""
+    def _item(self, key: bytes, value: str, ttl: int | None, *,
+              warn: bool = True) -> tuple[bytes, int]:
+        """The value's bytes and exptime; ValueTooLongError (logged unless
+        ``warn`` is false) over data_size_limit, ConfigError for a ttl
+        memcached cannot hold."""
         data = value.encode(_ENCODING, _ERRORS)
         if len(data) > self.config.data_size_limit:
-            log.warning("database %s: data for key %s is too long (data_size_limit=%d) "
-                        "-- not stored", self.spec, key.decode(_ENCODING, _ERRORS),
-                        self.config.data_size_limit)
+            log.log(logging.WARNING if warn else logging.DEBUG,
+                    "database %s: data for key %s is too long (data_size_limit=%d) "
+                    "-- not stored", self.spec, key.decode(_ENCODING, _ERRORS),
+                    self.config.data_size_limit)
             raise ValueTooLongError(
                 f"{self.spec}: value of {len(data)} bytes for key "
                 f"{key.decode(_ENCODING, _ERRORS)} exceeds data_size_limit="
                 f"{self.config.data_size_limit}")
         return data, wire_exptime(self.config.ttl if ttl is None else ttl)
+
+    # -- stale keys ------------------------------------------------------
+
+    def _mark_stale(self, mc_key: bytes, key: str, ttl: int | None) -> None:
+        """memcached may hold an older value of key than the backup now does."""
+        ttl = self.config.ttl if ttl is None else ttl
+        self._stale.pop(mc_key, None)  # re-inserted last: the oldest go first
+        self._stale[mc_key] = (key, clock.now() + ttl if ttl > 0 else 0.0)
+        if len(self._stale) > MEMCACHE_STALE_KEYS_MAX:
+            del self._stale[next(iter(self._stale))]
+            self._forgotten += 1
+            now = clock.monotonic()
+            if now - self._forgotten_logged >= MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS:
+                log.warning("%s: more than %d keys changed in the backup only: %d of the "
+                            "oldest forgotten; memcached may serve their older values until "
+                            "they expire or are written again", self.spec,
+                            MEMCACHE_STALE_KEYS_MAX, self._forgotten)
+                self._forgotten_logged = now
+                self._forgotten = 0
+
+    def _stale_ttl(self, mc_key: bytes) -> int | None:
+        """The ttl left to a stale key (None: not stale, use the table's)."""
+        entry = self._stale.get(mc_key)
+        if entry is None:
+            return None
+        expires = entry[1]
+        return max(1, math.ceil(expires - clock.now())) if expires else 0
+
+    def _repair(self) -> None:
+        """Rewrite a batch of stale keys in memcached from the backup (delete
+        those the backup no longer has or that have expired), once memcached
+        takes writes again."""
+        if not self._stale or not self.wire.writable or self.backup is None:
+            return
+        batch = list(itertools.islice(self._stale.items(), MEMCACHE_STALE_REPAIR_BATCH))
+        keys = [key for _, (key, _) in batch]
+        try:
+            lookup_many = getattr(self.backup, "lookup_many", None)
+            values: dict[str, str | None] = (
+                lookup_many(keys) if lookup_many is not None
+                else {key: self.backup.lookup(key) for key in keys})
+        except MemtableError as exc:
+            # The operation that follows reads the backup too, and reports.
+            log.debug("%s: cannot read the backup to rewrite stale keys: %s", self.spec, exc)
+            return
+        now = clock.now()
+        sets: list[tuple[bytes, bytes, int, int]] = []
+        deletes: list[bytes] = []
+        for mc_key, (key, expires) in batch:
+            value = values.get(key)
+            if value is None or 0 < expires <= now:
+                deletes.append(mc_key)
+                continue
+            ttl = math.ceil(expires - now) if expires else 0
+            try:
+                data, exptime = self._item(mc_key, value, ttl, warn=False)
+            except (ValueTooLongError, ConfigError):  # warned about when written
+                deletes.append(mc_key)
+                continue
+            sets.append((mc_key, data, self.config.flags, exptime))
+        try:
+            if sets:
+                self.wire.set_many(sets)
+            if deletes:
+                self.wire.delete_many(deletes)
+        except TemporaryError:
+            return  # logged by the wire; they stay stale
+        for mc_key, entry in batch:
+            if self._stale.get(mc_key) is entry:
+                del self._stale[mc_key]
 
     # -- Table -----------------------------------------------------------
 
@@ -111,6 +209,9 @@ class MemcacheTable(Table):
         mc_key = self._key(key, "lookup")
         if mc_key is None:
             return None
+        self._repair()
+        if mc_key in self._stale:
+            return self._backup_only(key, mc_key)  # memcached's copy is older
         error: TemporaryError | None = None
         try:
             hit = self.wire.get(mc_key)
@@ -123,7 +224,7 @@ class MemcacheTable(Table):
                 raise error
             return None
         if error is not None:
-            log.warning("%s", error)
+            self.wire.answered_by_backup()
         return self._backup_only(key, mc_key)
 
     def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
@@ -133,7 +234,9 @@ class MemcacheTable(Table):
         write-back); policyd's store worker uses it to coalesce requests.
         """
         prepared = {key: self._key(key, "lookup") for key in keys}
-        wanted = [k for k in dict.fromkeys(prepared.values()) if k is not None]
+        self._repair()
+        wanted = [k for k in dict.fromkeys(prepared.values())
+                  if k is not None and k not in self._stale]
         error: TemporaryError | None = None
         hits: dict[bytes, tuple[int, bytes]] = {}
         if wanted:
@@ -144,7 +247,7 @@ class MemcacheTable(Table):
         if error is not None and self.backup is None:
             raise error
         if error is not None:
-            log.warning("%s", error)
+            self.wire.answered_by_backup(len(wanted))
         results: dict[str, str | None] = {}
         misses: dict[str, bytes] = {}
         for key, mc_key in prepared.items():
@@ -177,28 +280,36 @@ class MemcacheTable(Table):
             if value is None:
                 continue
             try:
-                data, exptime = self._item(mc_key, value, None)
+                data, exptime = self._item(mc_key, value, self._stale_ttl(mc_key))
             except (ValueTooLongError, ConfigError) as exc:
                 log.warning("%s: write-back to memcache failed: %s", self.spec, exc)
                 continue
             write_back.append((mc_key, data, self.config.flags, exptime))
         if write_back:
-            # Best effort, as in _backup_only: the lookups have their answers.
+            # Best effort, as in _backup_only: the lookups have their answers
+            # (a failure is logged by the wire, once per outage).
             try:
                 self.wire.set_many(write_back)
-            except TemporaryError as exc:
-                log.warning("%s: write-back to memcache failed: %s", self.spec, exc)
+            except TemporaryError:
+                return
+            for mc_key, _, _, _ in write_back:
+                self._stale.pop(mc_key, None)
 
     def _backup_only(self, key: str, mc_key: bytes) -> str | None:
         """Look the ORIGINAL key up in the backup; write a hit back to memcache."""
         assert self.backup is not None
         value = self.backup.lookup(key)
         if value is not None:
-            # Write-back is best effort: the lookup has its answer already.
+            # Write-back is best effort: the lookup has its answer already
+            # (a memcache failure is logged by the wire, once per outage).
             try:
-                self._store(mc_key, value, None)
-            except (TemporaryError, ValueTooLongError) as exc:
+                self._store(mc_key, value, self._stale_ttl(mc_key))
+            except TemporaryError:
+                pass
+            except ValueTooLongError as exc:
                 log.warning("%s: write-back to memcache failed: %s", self.spec, exc)
+            else:
+                self._stale.pop(mc_key, None)
         return value
 
     def update(self, key: str, value: str, ttl: int | None = None) -> None:
@@ -207,15 +318,22 @@ class MemcacheTable(Table):
         self._check_writable()
         mc_key = self._key(key, "update")
         assert mc_key is not None  # skipped updates raise
+        self._repair()
+        stored = False
         try:
             self._store(mc_key, value, ttl)
+            stored = True
         except (TemporaryError, ValueTooLongError) as exc:
             if self.backup is None:
                 raise
             if isinstance(exc, TemporaryError):
-                log.warning("%s", exc)
+                self.wire.answered_by_backup()
         if self.backup is not None:
             self.backup.update(key, value)
+            if not stored:
+                self._mark_stale(mc_key, key, ttl)
+        if stored:
+            self._stale.pop(mc_key, None)
 
     def update_many(self, items: Sequence[tuple[str, str, int | None]]
                     ) -> list[MemtableError | None]:
@@ -234,7 +352,9 @@ class MemcacheTable(Table):
         error.  AccessError (read-only table) is raised, nothing is stored.
         """
         self._check_writable()
+        self._repair()
         results: list[MemtableError | None] = [None] * len(items)
+        mc_keys: dict[int, bytes] = {}  # item index -> memcache key
         sets: list[tuple[bytes, bytes, int, int]] = []
         set_at: list[int] = []      # item index of each set
         to_backup: list[int] = []   # item indexes that go on to the backup
@@ -243,6 +363,7 @@ class MemcacheTable(Table):
             try:
                 mc_key = self._key(key, "update")
                 assert mc_key is not None  # skipped updates raise
+                mc_keys[i] = mc_key
                 data, exptime = self._item(mc_key, value, ttl)
             except ValueTooLongError as exc:
                 if self.backup is None:
@@ -267,20 +388,30 @@ class MemcacheTable(Table):
             except Exception as exc:
                 failed.append(exc)
 
+        stored = False
         if sets:
             try:
                 # The backup batch is written while memcached answers.
                 self.wire.set_many(sets, meanwhile=write_backup if backup else None)
+                stored = True
             except TemporaryError as exc:
                 if self.backup is None:
                     for i in set_at:
                         results[i] = exc
                 else:
-                    log.warning("%s", exc)
+                    self.wire.answered_by_backup(len(set_at))
         elif backup:
             write_backup()
         if failed:
             raise failed[0]
+        if stored:
+            for i in set_at:
+                self._stale.pop(mc_keys[i], None)
+        if backup:
+            in_memcache = set(set_at) if stored else set()
+            for i in to_backup:
+                if results[i] is None and i not in in_memcache:
+                    self._mark_stale(mc_keys[i], items[i][0], items[i][2])
         return results
 
     def _backup_updates(self, items: Sequence[tuple[str, str, int | None]],
@@ -309,12 +440,17 @@ class MemcacheTable(Table):
         mc_key = self._key(key, "delete")
         if mc_key is None:
             return False
+        self._repair()
         try:
             deleted = self.wire.delete(mc_key)
         except TemporaryError:
             if self.backup is None:
                 raise
-            deleted = False
+            self.wire.answered_by_backup()
+            found = self.backup.delete(key)
+            self._mark_stale(mc_key, key, None)  # memcached may still hold it
+            return found
+        self._stale.pop(mc_key, None)
         if self.backup is not None:
             return self.backup.delete(key)
         return deleted
@@ -327,6 +463,22 @@ class MemcacheTable(Table):
         return self.backup.sequence()
 
     def close(self) -> None:
+        """Close; a last try to rewrite the stale keys first (when memcached
+        takes writes), and a warning naming what is left."""
+        while self._stale and self.wire.writable:
+            left = len(self._stale)
+            self._repair()
+            if len(self._stale) >= left:
+                break
+        if self._stale:
+            some = ", ".join(clip(key, 60) for key, _ in itertools.islice(
+                self._stale.values(), 3))
+            count = len(self._stale)
+            log.warning("%s: %d %s changed in the backup only and memcached may serve "
+                        "older values for them until they expire or are written again (%s%s)",
+                        self.spec, count, "key was" if count == 1 else "keys were", some,
+                        ", ..." if count > 3 else "")
+            self._stale.clear()
         self.wire.close()
         if self.pipeline.domain is not None:
             self.pipeline.domain.close()

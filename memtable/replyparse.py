@@ -88,14 +88,14 @@ class ReplyGuard:
               keys: Collection[bytes] | None = None) -> None:
         """Expect the reply to a command of ``kind``.
 
-        ``replies``: how many pipelined storage commands were sent (one reply
-        line each).  ``keys``: the keys a ``get`` asked for; a VALUE for any
+        ``replies``: how many pipelined storage or delete commands were
+        sent (one reply line each).  ``keys``: the keys a ``get`` asked for; a VALUE for any
         other key is a protocol error (None: not checked).
         """
         code = _KINDS.get(kind)
         if code is None:
             raise ValueError(f"unknown command kind {kind!r}")
-        if replies < 1 or (replies != 1 and code != _STORAGE):
+        if replies < 1 or (replies != 1 and code == _GET):
             raise ValueError(f"bad reply count {replies} for {kind}")
         self._kind = code
         self._keys = keys
@@ -158,13 +158,13 @@ class ReplyGuard:
                         self._reply_done()
                         continue
                 elif line == b"DELETED" or line == b"NOT_FOUND":
-                    self._state = _DONE
+                    self._reply_done()
                     continue
                 if not _is_error_line(line):
                     name = ("get", "storage", "delete")[kind]
                     self._fail(f"unexpected reply to {name}: {_show(line)}")
-                if kind == _STORAGE:
-                    # One pipelined storage command failed; the others still reply.
+                if kind != _GET:
+                    # One pipelined command failed; the others still reply.
                     self._reply_done()
                 else:
                     self._state = _DONE

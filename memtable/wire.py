@@ -22,10 +22,24 @@ would keep the value); ``timeout = 0`` (no limit to Postfix) is bounded by
 limits.MEMCACHE_UNLIMITED_TIMEOUT_SECONDS.  Like Postfix's event loop
 (auto_clnt_event), an idle connection that the server closed or wrote to
 is dropped before reuse, without costing an attempt.  A server that timed
-out on every attempt is "held down": calls fail at once for
-limits.MEMCACHE_DOWN_HOLD_SECONDS, so a hung (not dead) memcached costs one
-timeout per hold period rather than one per call; callers with a backup
-answer from it meanwhile.
+out on every attempt, or whose host name could not be looked up, is "held
+down": calls fail at once for limits.MEMCACHE_DOWN_HOLD_SECONDS, so a hung
+(not dead) memcached costs one timeout per hold period rather than one per
+call; callers with a backup answer from it meanwhile.
+
+The host name is looked up at every new connection in a worker thread
+(_HostLookup), within the attempt's deadline: getaddrinfo() cannot be
+interrupted, and a DNS server that never answers would hold it for as long
+as resolv.conf allows (30 s and more).  Any failure of the lookup is an
+unavailable server, never another exception.
+
+With a ``fallback`` (the table's backup), a write that memcached refuses
+(``SERVER_ERROR out of memory ...``, NOT_STORED) is not retried: a full
+memcached would otherwise cost every write ``retry_pause``, and the backup
+has the value.  Without one, Postfix's retries apply.
+
+Failures are logged once per trouble, not per command (memtable.outage);
+the attempts themselves are logged at debug level.
 
 Keys must already be valid memcache keys (1..250 bytes, no white space or
 control characters: the table's key checks come first); anything else is a
@@ -36,11 +50,13 @@ A MemcacheWire is NOT thread-safe: use one per thread.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import select
 import socket
 import struct
+import threading
 from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -66,6 +82,7 @@ from memtable.limits import (
     MEMCACHED_MAX_KEY_BYTES,
     RECV_CHUNK_BYTES,
 )
+from memtable.outage import OutageLog
 from memtable.replyparse import Kind, ReplyGuard
 
 log = logging.getLogger("memtable.wire")
@@ -122,6 +139,73 @@ class _Once:
         work, self.work = self.work, None
         if work is not None:
             work()
+
+
+class _LookupTimeout(TimeoutError):
+    """The resolver did not answer within the attempt's deadline."""
+
+
+class _Lookup:
+    """One getaddrinfo() call running in a worker thread."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: list[Any] = []
+        self.error: Exception | None = None
+
+
+class _HostLookup:
+    """The addresses of one host:port, looked up within a deadline.
+
+    The lookup runs in a daemon thread and the caller waits for it until
+    its deadline; a lookup that outlives the wait stays in flight, and the
+    next call waits for that same lookup instead of starting another, so at
+    most one thread per connection target is ever stuck in the resolver.
+    An IP address needs no resolver and is converted in the caller's thread.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout  # for messages: the deadlines are the caller's
+        try:
+            ipaddress.ip_address(host)
+            self.numeric = True
+        except ValueError:
+            self.numeric = False
+        self._pending: _Lookup | None = None
+
+    def addresses(self, deadline: float) -> list[Any]:
+        """getaddrinfo()'s answer; _LookupTimeout when it did not come by
+        the deadline, socket.gaierror for any failure of the lookup."""
+        if self.numeric:
+            return socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC,
+                                      socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        lookup = self._pending
+        if lookup is None:
+            lookup = self._pending = _Lookup()
+            threading.Thread(target=self._run, args=(lookup,), daemon=True,
+                             name=f"memtable lookup {self.host}").start()
+        if not lookup.done.wait(max(deadline - clock.monotonic(), 0.0)):
+            raise _LookupTimeout(f"host lookup of {self.host}: no answer within "
+                                 f"{self.timeout:g} s")
+        self._pending = None
+        if lookup.error is not None:
+            raise lookup.error
+        return lookup.result
+
+    def _run(self, lookup: _Lookup) -> None:
+        try:
+            lookup.result = socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC,
+                                               socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            lookup.error = exc
+        except Exception as exc:  # UnicodeError ...: still "no address"
+            lookup.error = socket.gaierror(socket.EAI_FAIL, f"{type(exc).__name__}: {exc}")
+        finally:
+            lookup.done.set()
 
 
 class _GuardedSocket:
@@ -204,11 +288,15 @@ class MemcacheWire:
     Every method raises ServerUnavailableError (connect, timeout, EOF, I/O,
     server-side failure) or ProtocolError (the last attempt's reply broke
     the protocol or a limit) when all attempts fail.  Not thread-safe.
+
+    ``fallback`` names what answers when memcached cannot (a table's
+    backup): the log lines say so, and writes memcached refuses are not
+    retried.
     """
 
     def __init__(self, endpoint: Endpoint, *, timeout: float, max_try: int,
                  retry_pause: float, line_size_limit: int, data_size_limit: int,
-                 name: str = "") -> None:
+                 name: str = "", fallback: str = "") -> None:
         if max_try < 1:
             raise ValueError(f"max_try must be at least 1, not {max_try}")
         if retry_pause < 0 or timeout < 0:
@@ -225,7 +313,31 @@ class MemcacheWire:
                        else (endpoint.host, endpoint.port))
         self._client = _Client(server, serde=_ValueSerde(), default_noreply=False)
         self._conn: _GuardedSocket | None = None
+        self._lookup = (_HostLookup(endpoint.host, endpoint.port, self.timeout)
+                        if endpoint.kind == "inet" else None)
         self._down_until = 0.0  # monotonic time until which the server is held down
+        self._down_reason = ""
+        self.fallback = fallback
+        subject = f"{endpoint} ({self.name})"
+        self._outage = OutageLog(
+            subject, trouble="unavailable", recovered="available again",
+            fallback=f"answering from the backup {fallback}" if fallback else "")
+        self._refusal = OutageLog(
+            subject, trouble="refusing writes", recovered="taking writes again",
+            fallback=f"writing to the backup {fallback} only" if fallback else "")
+
+    @property
+    def writable(self) -> bool:
+        """False while memcached is unavailable or refusing writes (from a
+        failure until a command, or a write, succeeds): no moment to
+        rewrite what went to the backup only."""
+        return not (self._outage.active or self._refusal.active)
+
+    def answered_by_backup(self, count: int = 1) -> None:
+        """Count operations the backup answered because a command failed
+        (reported when the trouble ends)."""
+        trouble = self._refusal if self._refusal.active else self._outage
+        trouble.answered_by_backup(count)
 
     # -- public API --------------------------------------------------------
 
@@ -321,6 +433,20 @@ class MemcacheWire:
         deleted: bool = self._run("delete", lambda: self._client.delete(key, noreply=False))
         return deleted
 
+    def delete_many(self, keys: Sequence[bytes]) -> None:
+        """Remove keys, pipelined as set_many (DELETED and NOT_FOUND both
+        count as done); a failed batch is sent again whole."""
+        for key in keys:
+            self._check_key(key)
+        commands = [b"delete %b\r\n" % key for key in keys]
+        for start in range(0, len(commands), MEMCACHE_PIPELINE_MAX_COMMANDS):
+            batch = commands[start:start + MEMCACHE_PIPELINE_MAX_COMMANDS]
+
+            def attempt(batch: list[bytes] = batch) -> None:
+                self._client._misc_cmd(batch, b"delete", False)
+
+            self._run("delete", attempt, replies=len(batch))
+
     def close(self) -> None:
         """Drop the connection (the next command opens a new one)."""
         self._drop()
@@ -354,13 +480,17 @@ class MemcacheWire:
 
     def _run(self, kind: Kind, op: Callable[[], T], *, replies: int = 1,
              keys: Collection[bytes] | None = None) -> T:
-        if self._down_until and clock.monotonic() < self._down_until:
-            raise ServerUnavailableError(
-                f"memcache server {self.endpoint} ({self.name}): held down after a timeout "
-                f"(next try in {self._down_until - clock.monotonic():.1f} s)")
+        if self._down_until:
+            left = self._down_until - clock.monotonic()
+            if left > 0:
+                message = (f"held down for {left:.1f} s more after: {self._down_reason}")
+                self._outage.failed(message)
+                raise ServerUnavailableError(
+                    f"memcache server {self.endpoint} ({self.name}): {message}")
         reason = "no attempt made"
         protocol = False
-        timed_out = False
+        hold = False      # hold the server down: timeout, failed host lookup
+        refused = False   # memcached answered a write with a failure
         attempts = 0
         for count in range(self.max_try):
             if count > 0:
@@ -372,27 +502,33 @@ class MemcacheWire:
             except OSError as exc:
                 # Postfix: no stream from auto_clnt_access() ends the loop.
                 reason, protocol = f"connect: {_oserror(exc)}", False
-                timed_out = isinstance(exc, TimeoutError)
-                log.warning("connect to %s: %s", self.endpoint, _oserror(exc))
+                hold = isinstance(exc, TimeoutError | socket.gaierror)
+                log.debug("connect to %s: %s", self.endpoint, _oserror(exc))
                 break
             conn.deadline = deadline
             conn.guard.start(kind, replies=replies, keys=keys)
+            refused = hold = False
             try:
                 result = op()
                 if conn.guard.done:
+                    self._outage.succeeded()
+                    if kind == "storage":
+                        self._refusal.succeeded()
                     return result
                 reason, protocol = "reply not read to its end", True
             except ProtocolError as exc:
                 reason, protocol = str(exc), True
             except _AttemptFailed as exc:
                 reason, protocol = exc.reason, exc.protocol
+                refused = kind == "storage" and not exc.protocol
             except MemcacheUnexpectedCloseError:
                 reason, protocol = "connection closed by server", False
             except TimeoutError:
                 reason, protocol = f"timeout after {self.timeout:g} s", False
-                timed_out = True
+                hold = True
             except MemcacheServerError as exc:
                 reason, protocol = f"SERVER_ERROR {_text(exc)}", False
+                refused = kind == "storage"
             except MemcacheUnknownCommandError:
                 reason, protocol = f"server replied ERROR to {kind}", True
             except MemcacheClientError as exc:
@@ -406,20 +542,33 @@ class MemcacheWire:
                 raise
             self._drop()
             if count > 0:
-                log.warning("database %s: %s (server %s, attempt %d of %d)",
-                            self.name, reason, self.endpoint, count + 1, self.max_try)
-        if timed_out:
-            # A server that accepts connections but does not answer would
-            # cost every caller max_try x timeout; fail fast for a while
-            # instead (Postfix has no such hold-down).
+                # Postfix logs the retries' failures; memtable at debug level:
+                # the trouble itself is logged once (memtable.outage).
+                log.debug("database %s: %s (server %s, attempt %d of %d)",
+                          self.name, reason, self.endpoint, count + 1, self.max_try)
+            if refused and self.fallback:
+                # A full memcached refuses the retry too; the backup has the
+                # value (Postfix retries, paying retry_pause every time).
+                break
+        tried = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
+        if hold:
+            # A server that accepts connections but does not answer (or a
+            # resolver that does not) would cost every caller max_try x
+            # timeout; fail fast for a while instead (Postfix has no such
+            # hold-down).
             self._down_until = clock.monotonic() + MEMCACHE_DOWN_HOLD_SECONDS
-            log.warning("memcache server %s (%s): no reply within %g s; held down for %g s",
-                        self.endpoint, self.name, self.timeout, MEMCACHE_DOWN_HOLD_SECONDS)
+            self._down_reason = f"{reason} ({tried})"
+            self._outage.failed(f"{reason} ({tried}); held down for "
+                                f"{MEMCACHE_DOWN_HOLD_SECONDS:g} s")
         else:
             self._down_until = 0.0
+            if refused:
+                self._outage.succeeded()  # it answered
+                self._refusal.failed(f"{reason} ({tried})")
+            else:
+                self._outage.failed(f"{reason} ({tried})")
         what = ProtocolError if protocol else ServerUnavailableError
-        raise what(f"memcache server {self.endpoint} ({self.name}): {reason} "
-                   f"(after {attempts} attempt{'s' if attempts != 1 else ''})")
+        raise what(f"memcache server {self.endpoint} ({self.name}): {reason} ({tried})")
 
     def _connection(self, deadline: float) -> _GuardedSocket:
         conn = self._conn
@@ -456,9 +605,9 @@ class MemcacheWire:
                 sock.close()
                 raise
             return sock
+        assert self._lookup is not None
         last: OSError = OSError(f"no address for {ep.host}")
-        for family, type_, proto, _, addr in socket.getaddrinfo(
-                ep.host, ep.port, socket.AF_UNSPEC, socket.SOCK_STREAM):
+        for family, type_, proto, _, addr in self._lookup.addresses(deadline):
             left = deadline - clock.monotonic()
             if left <= 0:
                 raise TimeoutError("connect timed out")
@@ -501,6 +650,8 @@ def _chunks(keys: list[bytes]) -> list[list[bytes]]:
 
 
 def _oserror(exc: OSError) -> str:
+    if isinstance(exc, _LookupTimeout):
+        return str(exc)
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, socket.gaierror):

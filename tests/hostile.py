@@ -1,4 +1,5 @@
-"""A fake memcached that misbehaves on purpose, for what real ones never send.
+"""A fake memcached that misbehaves on purpose, for what real ones never send
+(and a DNS server that never answers, for name lookups that stall).
 
 HostileServer listens on 127.0.0.1:0 and runs ``script(conn, index)`` in a
 thread for every connection it accepts (index counts from 0), so a test can
@@ -11,11 +12,17 @@ one, so a test can never hang on the fake server.
 
 from __future__ import annotations
 
+import os
+import random
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
+
+import pytest
 
 Script = Callable[[socket.socket, int], None]
 
@@ -175,3 +182,72 @@ def hang_up_after(data: bytes) -> Script:
         conn.sendall(data)
 
     return script
+
+
+# -- a DNS server that never answers (or refuses), for name lookups -------------
+
+
+class PrivateResolver:
+    """A DNS server on 127.53.x.y:53 that reads queries and never answers
+    (``refuse=True``: answers each with REFUSED at once), and a private
+    resolv.conf naming it.
+
+    ``wrap(argv)`` runs a program in a private mount namespace (``unshare
+    --mount``, which needs root) in which that file is /etc/resolv.conf, so
+    the program's own resolver (glibc's getaddrinfo) waits for this server
+    for real: resolv.conf takes no port, hence port 53, and a loopback
+    address of its own so that parallel test runs do not meet.  glibc gives
+    up on a server that never answers after ``timeout:30`` (its maximum).
+    """
+
+    def __init__(self, directory: Path, *, refuse: bool = False) -> None:
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            pytest.skip("a private /etc/resolv.conf needs root and unshare(1)")
+        self.refuse = refuse
+        self.queries: list[bytes] = []  # the questions received, raw
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(100):
+            self.address = f"127.53.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
+            try:
+                self.sock.bind((self.address, 53))
+                break
+            except OSError:
+                continue
+        else:
+            raise RuntimeError("no free 127.53.x.y:53 address")
+        self.sock.settimeout(0.05)
+        self.conf = directory / "resolv.conf"
+        self.conf.write_text(f"nameserver {self.address}\noptions timeout:30 attempts:1\n")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.queries.append(query)
+            if self.refuse and len(query) >= 12:
+                # Same id and question; QR set, RCODE 5 (REFUSED).
+                flags = bytes([query[2] | 0x80, (query[3] & 0xF0) | 5])
+                self.sock.sendto(query[:2] + flags + query[4:], peer)
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(self.conf), *argv]
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self._thread.join(IO_TIMEOUT)
+
+    def __enter__(self) -> PrivateResolver:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

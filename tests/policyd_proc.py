@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,8 +25,11 @@ class PolicydProcess:
     def __init__(self, directory: Path, memcache: str | None, *, backup: bool = True,
                  extra: str = "", port: int | None = None,
                  hostname: str | None = "mx.test.example",
-                 env: dict[str, str] | None = None, umask: int = -1) -> None:
+                 env: dict[str, str] | None = None, umask: int = -1,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        # wrap: the command line around policyd's (a private resolver, ...).
+        self.wrap = wrap or (lambda argv: argv)
         self.dir = directory
         self.port = port or free_port()
         self.log = directory / "policyd.log"
@@ -55,7 +58,7 @@ class PolicydProcess:
     def start(self) -> PolicydProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "policyd", "-c", str(self.config)],
+                self.wrap([sys.executable, "-m", "policyd", "-c", str(self.config)]),
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, umask=self.umask)
         deadline = time.monotonic() + START_WAIT

@@ -135,3 +135,29 @@ def test_unreadable_and_oversized_files(tmp_path: Path) -> None:
 def test_server_specs(tmp_path: Path, spec: str, expected: Endpoint) -> None:
     config = MemcacheConfig.from_file(write(tmp_path, f"memcache = {spec}\n"))
     assert config.memcache == expected
+
+
+@pytest.mark.parametrize(("host", "why"), [
+    ("mc..example.com", "empty label"),
+    (".example.com", "empty label"),
+    ("a" * 64 + ".example.com", "label longer than 63"),
+    (".".join(["a" * 63] * 4) + ".com", "longer than 253"),
+    ("mc example.com", "white space or control"),
+])
+def test_impossible_memcache_host_is_a_configuration_error(tmp_path: Path, host: str,
+                                                           why: str) -> None:
+    """A host name no resolver can look up is a typo: refused with the file
+    and line when the table is opened, never a UnicodeError at the first
+    lookup (which is not an OSError: the backup would not answer)."""
+    path = write(tmp_path, f"# first\nmemcache = inet:{host}:11211\n")
+    with pytest.raises(ConfigError) as err:
+        MemcacheConfig.from_file(path)
+    assert f"{path}, line 2: memcache = inet:{host}:11211:" in str(err.value)
+    assert "impossible host name" in str(err.value) and why in str(err.value)
+
+
+@pytest.mark.parametrize("host", ["mc.example.com.", "mc-1.example_net.example",
+                                  "bücher.example", "a" * 63 + ".example.com", "127.0.0.1"])
+def test_possible_memcache_hosts_are_accepted(tmp_path: Path, host: str) -> None:
+    config = MemcacheConfig.from_file(write(tmp_path, f"memcache = inet:{host}:11211\n"))
+    assert config.memcache == Endpoint("inet", host=host, port=11211)

@@ -92,6 +92,21 @@ def test_check_config_opens_tables_and_whitelists(
     assert "missing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host", ["mc..example.com", "x" * 64 + ".example.com"])
+def test_check_config_refuses_an_impossible_memcache_host(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str) -> None:
+    """A typo in a table's memcache host fails --check-config with the file
+    and line, instead of every request failing (policy-failure) at run time."""
+    table_cf = tmp_path / "triplets.cf"
+    table_cf.write_text(f"memcache = inet:{host}:11211\nbackup = lmdb:{tmp_path}/t\n")
+    cf = write_cf(tmp_path, f"triplet_table = memcache:{table_cf}\n"
+                            f"client_table = lmdb:{tmp_path}/clients\n")
+    assert main(["--check-config", "-c", str(cf)]) == 1
+    err = capsys.readouterr().err
+    assert f"{table_cf}, line 1: memcache = inet:{host}:11211: impossible host name" in err
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("listen = inet:127.0.0.1:10025\nbogus = 1\n", "line 2: unknown parameter bogus"),
     ("max_connections = 0\n", "line 1: max_connections = 0"),

@@ -269,3 +269,64 @@ def test_ttl_command_warnings_carry_the_memtable_prefix(tmp_path: Path) -> None:
     done = run("ttl", "-c", str(postfix_config_dir(tmp_path)), f"memcache:{cf}")
     assert done.returncode == 0, done.stderr
     assert done.stderr == f"memtable: warning: {cf}, line 2: unknown parameter bogus ignored\n"
+
+
+def test_impossible_memcache_host_is_fatal_with_file_and_line(tmp_path: Path) -> None:
+    """A typo in the host name (empty label) is a configuration error naming
+    the file and line: no traceback, and not a run-time failure that would
+    leave the backup unused."""
+    cf = tmp_path / "t.cf"
+    cf.write_text(f"backup = lmdb:{tmp_path / 'bk'}\nmemcache = inet:mc..example.com:11211\n")
+    assert run("-i", f"lmdb:{tmp_path / 'bk'}", stdin="key value\n").returncode == 0
+    done = run("-q", "key", f"memcache:{cf}")
+    assert done.returncode == 1
+    assert done.stderr == (f"memtable: fatal: {cf}, line 2: memcache = inet:mc..example.com:11211"
+                           ': impossible host name "mc..example.com": empty label\n')
+
+
+def backup_with(tmp_path: Path, lines: str) -> str:
+    """An lmdb backup holding ``lines`` (postmap's input format)."""
+    backup = f"lmdb:{tmp_path / 'bk'}"
+    assert run("-i", backup, stdin=lines).returncode == 0
+    return backup
+
+
+def test_host_lookup_that_never_answers_is_bounded_by_the_timeout(tmp_path: Path) -> None:
+    """A DNS server that never answers: looking the memcache host up counts
+    against the attempt's timeout (1 s) instead of glibc's 30 s, the server
+    is then held down, and the backup answers every key."""
+    from tests.hostile import PrivateResolver
+
+    backup = backup_with(tmp_path, "k1 v1\nk2 v2\nk3 v3\n")
+    cf = tmp_path / "t.cf"
+    cf.write_text(f"memcache = inet:memcache.stall.test:11211\ntimeout = 1\nbackup = {backup}\n")
+    with PrivateResolver(tmp_path) as resolver:
+        done = subprocess.run(resolver.wrap([*MEMTABLE, "-q", "-", f"memcache:{cf}"]),
+                              input="k1\nk2\nk3\n", capture_output=True, text=True,
+                              timeout=20, check=False)
+        asked = list(resolver.queries)
+    assert asked and all(b"\x08memcache\x05stall\x04test\x00" in q for q in asked)
+    assert (done.returncode, done.stdout) == (0, "k1\tv1\nk2\tv2\nk3\tv3\n"), done.stderr
+    assert "host lookup of memcache.stall.test: no answer within 1 s" in done.stderr
+    assert "held down" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_failed_host_lookup_holds_the_server_down(tmp_path: Path) -> None:
+    """A resolver that refuses: the lookup fails at once, the server is held
+    down like one that timed out (one lookup for all the keys: no
+    resolver traffic per operation), and the backup answers."""
+    from tests.hostile import PrivateResolver
+
+    backup = backup_with(tmp_path, "k1 v1\nk2 v2\nk3 v3\nk4 v4\n")
+    cf = tmp_path / "t.cf"
+    cf.write_text(f"memcache = inet:memcache.refused.test:11211\nbackup = {backup}\n")
+    with PrivateResolver(tmp_path, refuse=True) as resolver:
+        done = subprocess.run(resolver.wrap([*MEMTABLE, "-v", "-q", "-", f"memcache:{cf}"]),
+                              input="k1\nk2\nk3\nk4\n", capture_output=True, text=True,
+                              timeout=20, check=False)
+    assert (done.returncode, done.stdout) == (0, "k1\tv1\nk2\tv2\nk3\tv3\nk4\tv4\n"), \
+        done.stderr
+    lookups = "connect to inet:memcache.refused.test:11211: host lookup failed"
+    assert done.stderr.count(lookups) == 1, done.stderr
+    assert "held down" in done.stderr

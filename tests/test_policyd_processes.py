@@ -203,3 +203,87 @@ def test_lmdb_files_are_not_world_readable_whatever_the_umask(
     for name in ("triplets", "clients"):
         mode = stat.S_IMODE((tmp_path / "p" / f"{name}.lmdb").stat().st_mode)
         assert mode == 0o640, (name, oct(mode))
+
+
+def test_host_lookup_that_never_answers_does_not_stall_policyd(
+        tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
+    """The memcache host's DNS server never answers: the first request waits
+    one attempt's timeout for the lookup, the server is held down, and every
+    request is answered from the backup, not `policy-failure` after
+    decision_timeout."""
+    from tests.hostile import PrivateResolver
+
+    with PrivateResolver(tmp_path) as resolver:
+        p = policyd_factory(tmp_path / "p", "inet:memcache.stall.test:11211",
+                            extra="greylist_delay = 1h\nauto_whitelist_clients = 0\n"
+                                  "decision_timeout = 8s\n", wrap=resolver.wrap).start()
+        answers = [p.ask(**triplet(n)) for n in (8, 9, 8)]
+        assert resolver.queries
+    assert answers[0].startswith("DEFER_IF_PERMIT"), p.log_text()
+    assert answers[1].startswith("DEFER_IF_PERMIT")
+    assert answers[2].startswith("DEFER_IF_PERMIT")  # an early retry, from the backup
+    log = p.log_text()
+    assert "reason=early-retry" in log
+    assert "policy-failure" not in log
+    assert "host lookup of memcache.stall.test: no answer within 1 s" in log
+
+
+def test_a_pass_recorded_during_a_memcached_hang_is_not_undone(
+        tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
+    """The retry that ends greylisting comes while memcached hangs: the pass
+    goes to the lmdb backup only, and memcached keeps its "not passed"
+    copy.  Once memcached answers again that stale copy is not served: the
+    next message passes without a second X-Greylist header, the backup's
+    passed_at stays, and memcached gets the backup's record back."""
+    server = start_memcached(tmp_path)
+    try:
+        p = policyd_factory(tmp_path / "p", server.spec, extra=FAST).start()
+        assert p.ask(**triplet(10)).startswith("DEFER_IF_PERMIT")
+        time.sleep(DELAY + 0.3)
+        server.pause()
+        assert p.ask(**triplet(10)).startswith("PREPEND X-Greylist: delayed")
+        server.proc.send_signal(signal.SIGCONT)
+        time.sleep(MEMCACHE_DOWN_HOLD + 0.5)
+        backup = open_table(f"lmdb:{tmp_path / 'p' / 'triplets'}")
+        try:
+            [(key, passed)] = list(backup.sequence())
+        finally:
+            backup.close()
+        assert passed.split(",")[2] == "1"
+        assert server.meta(f"policyd-triplets:{key}") is not None  # the stale copy
+        assert p.ask(**{**triplet(10), "instance": "next-message"}) == "DUNNO"
+        log = p.log_text()
+        assert log.count("X-Greylist") == 1, log
+        backup = open_table(f"lmdb:{tmp_path / 'p' / 'triplets'}")
+        try:
+            assert backup.lookup(key) == passed
+        finally:
+            backup.close()
+        meta = server.meta(f"policyd-triplets:{key}")  # written back from the backup
+        assert meta is not None and meta["value"] == passed
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+def test_a_memcached_outage_is_logged_once_per_table(
+        tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
+    """memcached dies: every request is answered from the backup, and the
+    log gets one warning per table for the outage, not several per request."""
+    server = start_memcached(tmp_path)
+    try:
+        p = policyd_factory(tmp_path / "p", server.spec, extra=FAST).start()
+        assert p.ask(**triplet(11)).startswith("DEFER_IF_PERMIT")
+        server.stop()
+        answers = [p.ask(**triplet(n)) for n in range(12, 42)]
+        assert all(a.startswith("DEFER_IF_PERMIT") for a in answers), answers
+        warnings = [line for line in p.log_text().splitlines() if "warning:" in line]
+        assert len(warnings) == 2, warnings
+        for name in ("clients", "triplets"):
+            table = tmp_path / "p" / name
+            assert any(line.endswith(
+                f"(memcache:{table}.cf): unavailable: connect: Connection refused (after 1 "
+                f"attempt); answering from the backup lmdb:{table}") for line in warnings), \
+                warnings
+    finally:
+        server.stop()

@@ -209,7 +209,10 @@ def test_refused_connection_is_not_retried(
                 call()
             assert spec in str(info.value)
     assert sleeps == []
-    assert "connect to " + spec in caplog.text
+    # Three failed commands, one line: the outage is logged once.
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"memcache server {spec} (test.cf): unavailable: connect: ")
 
 
 def test_set_must_see_stored(tmp_path: Path, make_wire: Callable[..., MemcacheWire],
@@ -356,16 +359,20 @@ def test_broken_replies_are_protocol_errors_after_max_try(
     with hostile.HostileServer(hostile.reply(answer)) as server:
         wire = hostile_wire(make_wire, server)
         call = operations(wire)[operation]
-        with (caplog.at_level(logging.WARNING, logger="memtable.wire"),
+        with (caplog.at_level(logging.DEBUG, logger="memtable.wire"),
               pytest.raises(ProtocolError, match=message) as info):
             call()
         wire.close()
     assert server.connections == MAX_TRY
     assert sleeps == [PAUSE] * (MAX_TRY - 1)
     assert server.spec in str(info.value) and "test.cf" in str(info.value)
-    # Postfix logs the failures of the attempts after the first.
+    # Postfix logs the failures of the attempts after the first (memtable
+    # at debug level), and memtable the trouble once, as a warning.
     assert "attempt 2 of 3" in caplog.text and "attempt 3 of 3" in caplog.text
     assert "attempt 1 of 3" not in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "unavailable" in warnings[0], warnings
+    assert "(after 3 attempts)" in warnings[0]
 
 
 @pytest.mark.parametrize(("operation", "answer", "message"), [
@@ -586,3 +593,20 @@ def test_set_many_meanwhile_runs_once_across_attempts(
         wire.close()
     assert server.connections == 2
     assert calls == [1]
+
+
+def test_any_failure_to_look_the_host_up_is_unavailable(
+        make_wire: Callable[..., MemcacheWire]) -> None:
+    """A name Python cannot even encode (an empty label: UnicodeError, not
+    OSError) is an unavailable server, so a backup answers; configuration
+    files never get this far (memtable.endpoint refuses such names)."""
+    from memtable.endpoint import Endpoint
+
+    wire = MemcacheWire(Endpoint("inet", host="mc..example.com", port=11211), timeout=2,
+                        max_try=2, retry_pause=PAUSE, line_size_limit=1024,
+                        data_size_limit=10240, name="test.cf")
+    with pytest.raises(ServerUnavailableError, match="host lookup failed: UnicodeError"):
+        wire.get(b"k")
+    with pytest.raises(ServerUnavailableError, match="held down"):
+        wire.get(b"k")
+    wire.close()
