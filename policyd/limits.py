@@ -117,3 +117,22 @@ CLEANUP_MAX_ENTRIES = 10_000_000
 # Expired keys collected before they are deleted: the walk's memory stays
 # bounded and deletes interleave with policyd's own writes.
 CLEANUP_BATCH_KEYS = 1000
+
+# --- SPF (policyd.spf) ---------------------------------------------------------
+# RFC 7208 4.6.4: terms that query DNS (include, a, mx, ptr, exists,
+# redirect) per check_host(), void lookups, MX names per mx (more is a
+# permerror) and PTR names per ptr or %{p} (more are ignored).
+SPF_MAX_DNS_TERMS = 10
+SPF_MAX_VOID_LOOKUPS = 2
+SPF_MAX_MX_NAMES = 10
+SPF_MAX_PTR_NAMES = 10
+# One SPF evaluation asks its queries one after the other (each depends on
+# the last): the whole of it is bounded by dns_timeout times this.  RFC 7208
+# 4.6.4 suggests allowing 20 s; a policy server answering at RCPT time
+# cannot, and a timeout only means "no SPF pooling" (temperror).
+SPF_CHECK_TIMEOUT_FACTOR = 3
+# A pass pools the client under the sender domain only when the matching
+# mechanism names at most a /16 of IPv4 or a /48 of IPv6 (wider: anyone's
+# addresses, which a spammer's own domain can publish).
+SPF_POOL_MIN_IPV4_PREFIX = 16
+SPF_POOL_MIN_IPV6_PREFIX = 48
