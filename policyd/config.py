@@ -139,9 +139,9 @@ class PolicydConfig:
             # An SPF evaluation may take dns_timeout times the factor; the
             # decision must still come before decision_timeout.
             raise fail("dns_timeout",
-                       f"dns_timeout ({self.dns_timeout}s) times "
-                       f"{limits.SPF_CHECK_TIMEOUT_FACTOR} (the bound on an SPF evaluation) "
-                       f"must be shorter than decision_timeout ({self.decision_timeout}s)")
+                       f"{self.dns_timeout}s times {limits.SPF_CHECK_TIMEOUT_FACTOR} (the "
+                       f"bound on one SPF evaluation) must be shorter than decision_timeout "
+                       f"({self.decision_timeout}s)")
 
     def render(self) -> str:
         """The effective configuration as policyd.cf text (--check-config)."""
