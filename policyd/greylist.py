@@ -27,6 +27,13 @@ early retry one (the client's deferred count), the pass two; a passed
 triplet or auto-whitelisted client at most one per RECORD_REFRESH_INTERVAL.
 The early retry's write is kept: the deferred count is the number of
 deferrals, and counting them less often would change what it says.
+
+SPF (``client_key = spf``, ``greylist_delay_spf_pass``): the sender's SPF
+result (policyd.spf) is asked for once per request at most, by _SenderSpf:
+before the stores when the key needs it, else only when a still greylisted
+triplet's delay does; never for requests decided before (whitelists,
+non-RCPT, authenticated).  A narrow pass keys the client ``spf:DOMAIN``;
+anything else, a DNS failure included, leaves the request as without SPF.
 """
 
 from __future__ import annotations
@@ -151,7 +158,9 @@ class GreylistPolicy:
                 or self.whitelist.recipient_whitelisted(recipient)):
             return Decision(DUNNO, "whitelisted")
         client = client_key(self.config, ip, client_name)
-        sender_spf = None if self.resolver is None else _SenderSpf(self, request, ip)
+        sender_spf = None
+        if self.resolver is not None and self.config.uses_spf:
+            sender_spf = _SenderSpf(self, request, ip)
         if sender_spf is not None and self.config.client_key == "spf":
             result = await sender_spf.get()
             if result.pooled:

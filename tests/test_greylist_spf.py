@@ -121,8 +121,8 @@ def test_spf_pass_shortens_the_delay_with_subnet_keys_too(nsd: Nsd) -> None:
     assert resolver.asked == [("example.org", "TXT")] * 2
 
 
-def test_dns_is_never_asked_for_requests_decided_without_it(nsd: Nsd) -> None:
-    whitelist = Whitelists.load((write(Path(nsd.directory) / "wl", "192.0.2.10\n"),), ())
+def test_dns_is_never_asked_for_requests_decided_without_it(nsd: Nsd, tmp_path: Path) -> None:
+    whitelist = Whitelists.load((write(tmp_path / "whitelist_clients", "192.0.2.10\n"),), ())
     steps = [(0, request(client_address="192.0.2.10")),                 # whitelisted
              (1, request(protocol_state="DATA")),
              (2, request(sasl_username="alice", client_address="198.51.100.20"))]
