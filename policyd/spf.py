@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import re
 import urllib.parse
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ from dataclasses import dataclass, field
 
 from policyd import limits
 from policyd.dns import Answer, Resolver, Status
+
+log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -149,6 +152,8 @@ def _split_macro_string(text: str) -> list[tuple[str, re.Match[str] | None]]:
 def _digits(text: str) -> int:
     """A transformer's number (any length: a huge one keeps every part)."""
     text = text.lstrip("0")
+    if not text:
+        return 0
     return int(text) if len(text) <= 4 else 10_000
 
 
@@ -544,6 +549,13 @@ async def check(resolver: Resolver, ip: IPAddress, sender: str, helo: str, *,
         return SpfResult(TEMPERROR, domain, reason=str(exc), dns=exc.dns)
     except _PermError as exc:
         return SpfResult(PERMERROR, domain, reason=str(exc))
+    except Exception as exc:
+        # The records come from anyone's DNS: a record that trips a bug
+        # here must cost its sender the SPF key, never fail the request
+        # (a policy failure answers DUNNO: no greylisting at all).
+        log.warning("SPF evaluation for %s failed: %s: %s", domain[:100],
+                    type(exc).__name__, exc)
+        return SpfResult(PERMERROR, domain, reason=f"internal error: {exc}")
     if match is None:
         return SpfResult(result, domain)
     return SpfResult(result, domain, match.term, match.broad if result == PASS else "")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from policyd import limits
-from policyd.dns import Resolver
+from policyd.dns import Answer, Resolver
 from policyd.spf import SpfResult, check, split_sender
 from tests.dnslab import Nsd, silent_dns_server, start_nsd
 
@@ -90,6 +90,13 @@ bad7 TXT "v=spf1 ip4:192.0.2.1 exists:%{x}.example.org"
 bad8 TXT "v=spf1 all:foo.example.org"
 bad9 TXT "v=spf1 ip4:192.0.2.1 ?all unknown=%{"
 unknownmod TXT "v=spf1 ip4:192.0.2.1 moo=bar.%{d} -all"
+bad10 TXT "v=spf1 exists:%{d0}.example.org -all"
+bad11 TXT "v=spf1 ip4:192.0.2.1 a:\195\169.example.org -all"
+bad12 TXT "v=spf1 ip4:192.0.2.1\009-all"
+long TXT "v=spf1 exists:%{l}.%{l}.%{l}.%{l}.%{l}.x.example.org -all"
+*.x A 127.0.0.2
+lmacro2 TXT "v=spf1 exists:%{l2r-}.%{d3}._r.example.org -all"
+a.c.lmacro2.example.org._r A 127.0.0.2
 """
 
 for n in range(12):
@@ -188,7 +195,12 @@ CASES = [
     ("192.0.2.1", "a@void2.example.org", "pass ip4:192.0.2.1"),
     ("192.0.2.1", "a@eleven.example.org", "permerror"),             # 11 DNS terms
     ("192.0.2.1", "a@ten.example.org", "pass ip4:192.0.2.1"),
-    *[("192.0.2.1", f"a@bad{n}.example.org", "permerror") for n in range(1, 10)],
+    *[("192.0.2.1", f"a@bad{n}.example.org", "permerror") for n in range(1, 13)],
+    # 5 x 63 characters: shortened from the left to 253 (RFC 7208 7.3)
+    ("192.0.2.1", f"{'a' * 63}@long.example.org",
+     "pass exists:%{l}.%{l}.%{l}.%{l}.%{l}.x.example.org exists"),
+    ("192.0.2.1", "c-a-b@lmacro2.example.org",                     # reversed, 2 right parts
+     "pass exists:%{l2r-}.%{d3}._r.example.org exists"),
     ("192.0.2.1", "a@unknownmod.example.org", "pass ip4:192.0.2.1"),
     ("192.0.2.1", "", "fail -all"),                                 # HELO mx.example.org's
     ("192.0.2.1", "a@localhost", "none"),                           # one label
@@ -251,3 +263,22 @@ def test_a_dns_failure_is_temperror_with_dns_failure(zones: Nsd) -> None:
 def test_limits_are_rfc_7208s() -> None:
     assert (limits.SPF_MAX_DNS_TERMS, limits.SPF_MAX_VOID_LOOKUPS,
             limits.SPF_MAX_MX_NAMES, limits.SPF_MAX_PTR_NAMES) == (10, 2, 10, 10)
+
+
+class BrokenResolver(Resolver):
+    """Stands in for a bug in the evaluation (the real resolver never raises)."""
+
+    async def query(self, name: str, rdtype: str) -> Answer:
+        raise RuntimeError("bug")
+
+
+def test_an_evaluation_that_fails_is_permerror_never_an_exception(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A failed request would answer DUNNO (no greylisting): a record that
+    trips a bug must cost its sender the SPF key, nothing more."""
+    async def go() -> SpfResult:
+        return await check(BrokenResolver([("127.0.0.1", 9)]), IP("192.0.2.1"),
+                           "a@example.org", "h.example", timeout=1.0)
+    result = asyncio.run(go())
+    assert (result.result, result.reason) == ("permerror", "internal error: bug")
+    assert "SPF evaluation for example.org failed: RuntimeError: bug" in caplog.text
