@@ -136,3 +136,8 @@ SPF_CHECK_TIMEOUT_FACTOR = 3
 # addresses, which a spammer's own domain can publish).
 SPF_POOL_MIN_IPV4_PREFIX = 16
 SPF_POOL_MIN_IPV6_PREFIX = 48
+# Parsed SPF records remembered (by their text; least recently used out),
+# those up to SPF_PARSED_RECORD_MAX_CHARS long (real ones are a few hundred
+# characters; a hostile one of 64 KB is parsed again each time instead).
+SPF_PARSED_RECORDS = 4096
+SPF_PARSED_RECORD_MAX_CHARS = 1024

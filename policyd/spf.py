@@ -30,6 +30,7 @@ records), as RFC 7208 4.6.4 words it; the address lookups of ``mx`` and
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -110,7 +111,7 @@ class _Term:
     kind: str               # mechanism name or "redirect"
     qualifier: str = PASS
     spec: str | None = None  # domain-spec (None: the current domain)
-    network: str = ""        # ip4/ip6 address
+    network: int = 0         # ip4/ip6 address, as a number
     cidr4: int = 32
     cidr6: int = 128
 
@@ -234,27 +235,44 @@ def _parse_ip(text: str, name: str, qualifier: str, rest: str) -> _Term:
     if name == "ip4":
         if _IP4.match(network) is None or (prefix is not None and prefix > 32):
             raise _PermError(f"bad ip4 network {text!r}")
-        return _Term(text, name, qualifier, network=network,
+        return _Term(text, name, qualifier, network=int(ipaddress.IPv4Address(network)),
                      cidr4=32 if prefix is None else prefix)
     if _IP6_CHARS.match(network) is None or (prefix is not None and prefix > 128):
         raise _PermError(f"bad ip6 network {text!r}")
     try:
-        ipaddress.IPv6Address(network)
+        address = ipaddress.IPv6Address(network)
     except ValueError:
         raise _PermError(f"bad ip6 network {text!r}") from None
-    return _Term(text, name, qualifier, network=network,
+    return _Term(text, name, qualifier, network=int(address),
                  cidr6=128 if prefix is None else prefix)
 
 
-def parse_record(record: str) -> list[_Term]:
+def parse_record(record: str) -> tuple[_Term, ...]:
     """The terms of an SPF record (after ``v=spf1``); _PermError for any
     syntax error anywhere (RFC 7208 4.6: nothing is evaluated then)."""
-    if any(ord(ch) > 0x7E for ch in record):
-        raise _PermError("non-ASCII character in the record")
-    terms = [_parse_term(text) for text in record.split(" ")[1:] if text]
-    for name in ("redirect", "exp"):
-        if sum(1 for t in terms if t.kind == name) > 1:
-            raise _PermError(f"{name}= more than once")
+    if len(record) > limits.SPF_PARSED_RECORD_MAX_CHARS:
+        parsed = _parse_cached.__wrapped__(record)
+    else:
+        parsed = _parse_cached(record)
+    if isinstance(parsed, str):
+        raise _PermError(parsed)
+    return parsed
+
+
+@functools.lru_cache(maxsize=limits.SPF_PARSED_RECORDS)
+def _parse_cached(record: str) -> tuple[_Term, ...] | str:
+    """The terms, or the syntax error: the same few records come back with
+    every message from a domain, and parsing costs more than a cached DNS
+    answer."""
+    try:
+        if any(ord(ch) > 0x7E for ch in record):
+            raise _PermError("non-ASCII character in the record")
+        terms = tuple(_parse_term(text) for text in record.split(" ")[1:] if text)
+        for name in ("redirect", "exp"):
+            if sum(1 for t in terms if t.kind == name) > 1:
+                raise _PermError(f"{name}= more than once")
+    except _PermError as exc:
+        return str(exc)
     return terms
 
 
@@ -443,7 +461,7 @@ class _Evaluation:
             if (kind == "ip4") != (self.ip.version == 4):
                 return None
             prefix = term.cidr4 if kind == "ip4" else term.cidr6
-            if not self._in_network(term.network, prefix):
+            if not self._same_network(term.network, prefix):
                 return None
             return _Match(term.text, self._wide(prefix))
         self._count_term()
@@ -507,10 +525,12 @@ class _Evaluation:
             other = ipaddress.ip_address(address)
         except ValueError:
             return False
-        if other.version != self.ip.version:
-            return False
-        shift = other.max_prefixlen - prefix
-        return (int(other) >> shift) == (int(self.ip) >> shift)
+        return other.version == self.ip.version and self._same_network(int(other), prefix)
+
+    def _same_network(self, other: int, prefix: int) -> bool:
+        """Is ``other`` (of the client's family) in the client's /prefix?"""
+        shift = self.ip.max_prefixlen - prefix
+        return (other >> shift) == (int(self.ip) >> shift)
 
     def _wide(self, prefix: int) -> str:
         limit = (limits.SPF_POOL_MIN_IPV4_PREFIX if self.ip.version == 4
