@@ -323,3 +323,17 @@ def test_o_before_and_after_the_command_both_apply(tmp_path: Path,
     config = json.loads(out)["config"]
     assert (config["greylist_delay"], config["retry_window"], config["max_age"]) == \
         (600, 3 * 86400, 40 * 86400)
+
+
+def test_the_report_names_the_spf_delay(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    cf = lmdb_setup(tmp_path, extra="greylist_delay_spf_pass = 1m\n")
+    status, out, err = report(capsys, "report", "-c", cf)
+    assert status == 0, err
+    assert ("settings: greylist_delay = 5m, greylist_delay_spf_pass = 1m, retry_window = 2d, "
+            "max_age = 35d") in out.splitlines()
+    assert ("note: senders whose SPF passed waited greylist_delay_spf_pass (1m) instead of "
+            "greylist_delay: their delays are among the retry delays (a delay under "
+            "greylist_delay is one of theirs)") in out.splitlines()
+    status, out, err = report(capsys, "report", "-c", cf, "--json")
+    assert json.loads(out)["config"]["greylist_delay_spf_pass"] == 60
