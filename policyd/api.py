@@ -21,7 +21,9 @@ class Decision:
     When ``disconnect`` is true the server sends no reply and closes the
     connection (Postfix then retries later).  ``reason`` is one word (the
     log line's and the metrics' ``reason``); ``detail``, when given, is free
-    text the log line adds as ``detail="..."``.
+    text the log line adds as ``detail="..."``.  ``fields`` are further
+    ``name=value`` pairs of the log line: what DNS contributed (``spf=pass
+    client_key=spf:example.org``, ``dns=timeout``).
     """
 
     action: str
@@ -29,6 +31,7 @@ class Decision:
     delay: float | None = None  # seconds the mail was delayed, on pass
     disconnect: bool = False
     detail: str | None = None
+    fields: tuple[tuple[str, str], ...] = ()
 
 
 class Policy(Protocol):

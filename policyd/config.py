@@ -22,7 +22,9 @@ from policyd import limits
 
 DEFAULT_CONFIG_PATH = "/etc/policyd/policyd.cf"
 
-CLIENT_KEYS = ("subnet", "host", "smart")
+CLIENT_KEYS = ("subnet", "host", "smart", "spf")
+# What client_key = spf falls back to when SPF does not pass.
+SPF_FALLBACK_CLIENT_KEYS = ("subnet", "host", "smart")
 STORE_FAILURE_ACTIONS = ("DUNNO", "disconnect")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -73,11 +75,26 @@ class PolicydConfig:
     # (address, port) pairs; empty: the system's resolv.conf.
     dns_servers: tuple[tuple[str, int], ...] = ()
     dns_timeout: int = int(limits.DNS_TIMEOUT_DEFAULT_SECONDS)
+    # --- SPF (policyd.spf) ----------------------------------------------------
+    spf_fallback_client_key: str = "subnet"
+    # None: SPF does not change the delay.
+    greylist_delay_spf_pass: int | None = None
+
+    @property
+    def uses_spf(self) -> bool:
+        """Is the sender's SPF evaluated (for the key or the delay)?"""
+        return self.client_key == "spf" or self.greylist_delay_spf_pass is not None
+
+    @property
+    def spf_timeout(self) -> float:
+        """The bound on one whole SPF evaluation."""
+        return float(self.dns_timeout * limits.SPF_CHECK_TIMEOUT_FACTOR)
 
     @property
     def uses_dns(self) -> bool:
         """Does any setting need DNS answers?  (No resolver otherwise.)"""
-        return False
+        return self.uses_spf
+
     # Where each parameter was set (file and line, or -o): errors about what
     # a parameter names (a missing table file) say which setting named it.
     sources: Mapping[str, cf.CfEntry] = field(default_factory=dict, compare=False,
@@ -142,6 +159,20 @@ class PolicydConfig:
             raise fail("retry_window", "retry_window must be longer than greylist_delay")
         if not self.listen:
             raise fail("listen", "no listener")
+        self._check_spf(fail)
+
+    def _check_spf(self, fail: Callable[[str, str], ConfigError]) -> None:
+        if (self.greylist_delay_spf_pass is not None
+                and self.greylist_delay_spf_pass > self.greylist_delay):
+            raise fail("greylist_delay_spf_pass",
+                       "greylist_delay_spf_pass must not be longer than greylist_delay")
+        if self.uses_spf and self.spf_timeout >= self.decision_timeout:
+            # An SPF evaluation may take dns_timeout times the factor; the
+            # decision must still come before decision_timeout.
+            raise fail("dns_timeout",
+                       f"{self.dns_timeout}s times {limits.SPF_CHECK_TIMEOUT_FACTOR} (the "
+                       f"bound on one SPF evaluation) must be shorter than decision_timeout "
+                       f"({self.decision_timeout}s)")
 
     def render(self) -> str:
         """The effective configuration as policyd.cf text (--check-config)."""
@@ -311,6 +342,11 @@ def _dns_servers(entry: cf.CfEntry) -> tuple[tuple[str, int], ...]:
     return tuple(servers)
 
 
+def _optional_time(entry: cf.CfEntry) -> int | None:
+    """A time, or empty for "not set"."""
+    return cf.parse_time(entry, minimum=0, maximum=CF_INT_MAX) if entry.value else None
+
+
 def _files(entry: cf.CfEntry) -> tuple[str, ...]:
     return tuple(cf.split_list(entry.value))
 
@@ -353,6 +389,8 @@ _PARSERS: dict[str, Callable[[cf.CfEntry], Any]] = {
     "postscreen_skip": cf.parse_bool,
     "dns_servers": _dns_servers,
     "dns_timeout": _time(1, limits.DNS_TIMEOUT_MAX_SECONDS),
+    "spf_fallback_client_key": _choice(SPF_FALLBACK_CLIENT_KEYS),
+    "greylist_delay_spf_pass": _optional_time,
 }
 
 # Every policyd.cf parameter, in PolicydConfig's order (fields that are not

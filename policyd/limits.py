@@ -139,3 +139,27 @@ POSTGREY_TOOL_TIMEOUT_SECONDS = 600
 # Records looked up and written per batch (one memcached round trip, one
 # lmdb transaction each way).
 POSTGREY_BATCH_KEYS = 1000
+
+# --- SPF (policyd.spf) ---------------------------------------------------------
+# RFC 7208 4.6.4: terms that query DNS (include, a, mx, ptr, exists,
+# redirect) per check_host(), void lookups, MX names per mx (more is a
+# permerror) and PTR names per ptr or %{p} (more are ignored).
+SPF_MAX_DNS_TERMS = 10
+SPF_MAX_VOID_LOOKUPS = 2
+SPF_MAX_MX_NAMES = 10
+SPF_MAX_PTR_NAMES = 10
+# One SPF evaluation asks its queries one after the other (each depends on
+# the last): the whole of it is bounded by dns_timeout times this.  RFC 7208
+# 4.6.4 suggests allowing 20 s; a policy server answering at RCPT time
+# cannot, and a timeout only means "no SPF pooling" (temperror).
+SPF_CHECK_TIMEOUT_FACTOR = 3
+# A pass pools the client under the sender domain only when the matching
+# mechanism names at most a /16 of IPv4 or a /48 of IPv6 (wider: anyone's
+# addresses, which a spammer's own domain can publish).
+SPF_POOL_MIN_IPV4_PREFIX = 16
+SPF_POOL_MIN_IPV6_PREFIX = 48
+# Parsed SPF records remembered (by their text; least recently used out),
+# those up to SPF_PARSED_RECORD_MAX_CHARS long (real ones are a few hundred
+# characters; a hostile one of 64 KB is parsed again each time instead).
+SPF_PARSED_RECORDS = 4096
+SPF_PARSED_RECORD_MAX_CHARS = 1024

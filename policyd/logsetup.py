@@ -12,7 +12,9 @@ Each decision is ONE logfmt-style line (logger ``policyd.decision``):
 (on one line).  A decision to close without reply shows
 ``action=disconnect``; a decision with a ``detail`` (a policy failure says
 what failed) ends with ``detail="..."``.  A missing or empty value is ``-``
-(the null sender is ``<>``); values holding white space, ``"``, ``=``, ``\\`` or control
+(the null sender is ``<>``); what DNS contributed follows ``queue_id``
+(``spf=pass client_key=spf:example.org``, ``spf=temperror dns=timeout``,
+see policyd.greylist); values holding white space, ``"``, ``=``, ``\\`` or control
 characters are double-quoted with ``\\"``, ``\\\\`` and ``\\xNN`` escapes, so a
 client cannot forge fields or lines.  ``delay`` is whole seconds.
 
@@ -111,6 +113,8 @@ def format_decision(request: Mapping[str, str], decision: Decision) -> str:
         parts.append(f"delay={delay}")
         parts.append(f"queue_id={logfmt_value(queue_id)}")
         line = " ".join(parts)
+    if decision.fields:
+        line += "".join(f" {name}={logfmt_value(value)}" for name, value in decision.fields)
     if decision.detail is None:
         return line
     return f"{line} detail={logfmt_value(decision.detail)}"

@@ -45,6 +45,11 @@ REASONS = frozenset({
 STORES = frozenset({"triplets", "clients", "postscreen"})
 STORE_OPS = frozenset({"get", "put"})
 OTHER = "other"
+# What DNS contributed to a decision (Decision.fields): SPF results, and
+# whether the client was pooled under its sender domain.
+SPF_RESULTS = frozenset({"none", "neutral", "pass", "fail", "softfail", "temperror",
+                         "permerror"})
+DNS_FAILURES = frozenset({"timeout", "failure"})
 
 # Store round trips: memcached on loopback answers in ~0.1 ms, over a LAN or
 # twemproxy in ~1 ms; memtable's timeout (2 s) and retry_pause (1 s) show up
@@ -173,10 +178,19 @@ class Metrics:
         self._request_bytes = prom.Histogram(
             "request_bytes", "Size of policy requests in bytes", namespace=NAMESPACE,
             registry=reg, buckets=REQUEST_SIZE_BUCKETS)
+        self._spf = prom.Counter(
+            "spf_checks", "SPF evaluations by result; pooled: the client was keyed "
+            "by its sender domain (client_key = spf)", ["result", "pooled"],
+            namespace=NAMESPACE, registry=reg)
+        self._dns_failures = prom.Counter(
+            "dns_failures", "Decisions that DNS could not inform (timeout, other failure)",
+            ["kind"], namespace=NAMESPACE, registry=reg)
         # Every label combination exists from the start at 0: rate() and
         # alerts work before the first event of a kind.
         for store in sorted(STORES):
             self._store_errors.labels(store)
+        for kind in sorted(DNS_FAILURES):
+            self._dns_failures.labels(kind)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None
@@ -195,6 +209,15 @@ class Metrics:
         """decision() for a policyd.api.Decision (disconnect counts as such)."""
         word = "disconnect" if decision.disconnect else action_label(decision.action)
         self.decision(word, decision.reason, decision.delay)
+        if decision.fields:
+            self._dns_fields(dict(decision.fields))
+
+    def _dns_fields(self, fields: dict[str, str]) -> None:
+        if "spf" in fields:
+            pooled = "yes" if fields.get("client_key", "").startswith("spf:") else "no"
+            self._spf.labels(_bounded(fields["spf"], SPF_RESULTS), pooled).inc()
+        if "dns" in fields:
+            self._dns_failures.labels(_bounded(fields["dns"], DNS_FAILURES)).inc()
 
     def store_latency(self, store: str, op: str, seconds: float) -> None:
         self._store_latency.labels(_bounded(store, STORES), _bounded(op, STORE_OPS)) \

@@ -184,7 +184,8 @@ class Report:
             "config": {"path": cfg.path, "greylist_delay": cfg.greylist_delay,
                        "retry_window": cfg.retry_window, "max_age": cfg.max_age,
                        "auto_whitelist_clients": cfg.auto_whitelist_clients,
-                       "privacy": cfg.privacy},
+                       "privacy": cfg.privacy,
+                       "greylist_delay_spf_pass": cfg.greylist_delay_spf_pass},
             "triplets": {"table": t.table, "read": t.read, "capped": t.capped,
                          "pending": t.pending, "passed": t.passed, "expired": t.expired,
                          "expired_pending": t.expired_pending,
@@ -210,7 +211,9 @@ class Report:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.now))
         out = [f"policyd report for {cfg.path} at {stamp}",
                f"settings: greylist_delay = {duration(cfg.greylist_delay)}, "
-               f"retry_window = {duration(cfg.retry_window)}, "
+               + ("" if cfg.greylist_delay_spf_pass is None else
+                  f"greylist_delay_spf_pass = {duration(cfg.greylist_delay_spf_pass)}, ")
+               + f"retry_window = {duration(cfg.retry_window)}, "
                f"max_age = {duration(cfg.max_age)}", ""]
         out += [f"Triplets ({t.table}: {t.read} read)",
                 f"  pending    {t.pending:8d}  not passed yet, within retry_window",
@@ -337,6 +340,12 @@ class Analyser:
             notes.append("triplets and client records share one store; told apart by shape")
         if self.config.privacy:
             notes.append("privacy = yes: keys are HMAC hashes, no client is named")
+        if self.config.greylist_delay_spf_pass is not None:
+            notes.append(
+                "senders whose SPF passed waited greylist_delay_spf_pass "
+                f"({duration(self.config.greylist_delay_spf_pass)}) instead of greylist_delay: "
+                "their delays are among the retry delays (a delay under greylist_delay is "
+                "one of theirs)")
         self.clients.top = [(n, key) for n, _, key in sorted(self._heap, reverse=True)]
         self.delays.sort()
         report = Report(self.config, self.now, self.triplets, self.clients, self.delays,

@@ -139,6 +139,12 @@ def registrable_domain(name: str) -> str | None:
     return result if isinstance(result, str) else None
 
 
+def spf_key(domain: str) -> str:
+    """The client part for a sender whose domain's SPF passed (narrowly)
+    for the client: every address the domain authorises is one client."""
+    return "spf:" + domain.strip().lower().rstrip(".")
+
+
 def subnet_key(ip: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The network address of ip's subnet (postgrey --lookup-by-subnet)."""
     if ip.version == 4 and 0 <= ipv4_prefix <= 32:
@@ -151,10 +157,15 @@ def subnet_key(ip: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
 
 
 def client_key(config: PolicydConfig, ip: IPAddress, client_name: str) -> str:
-    """The client part of a triplet, by ``config.client_key``."""
-    if config.client_key == "host":
+    """The client part of a triplet, by ``config.client_key``; for ``spf``
+    the key used when SPF does not pass (``spf_fallback_client_key``; the
+    ``spf:domain`` key itself needs DNS: policyd.greylist)."""
+    kind = config.client_key
+    if kind == "spf":
+        kind = config.spf_fallback_client_key
+    if kind == "host":
         return str(ip)
-    if config.client_key == "smart":
+    if kind == "smart":
         name = client_name.strip().lower()
         # Postfix sends "unknown" unless the name resolved back to the address.
         if name and name != "unknown":

@@ -88,6 +88,23 @@ def test_scrape_reflects_decisions(metrics: Metrics) -> None:
     assert value(after, "policyd_greylist_delay_seconds_bucket", le="600.0") == 1
 
 
+def test_spf_results_and_dns_failures_are_counted(metrics: Metrics) -> None:
+    assert value(scrape(metrics), "policyd_dns_failures_total", kind="timeout") == 0
+    metrics.observe_decision(Decision("DUNNO", "passed", fields=(
+        ("spf", "pass"), ("client_key", "spf:example.org"))))
+    metrics.observe_decision(Decision("DUNNO", "passed", fields=(
+        ("spf", "pass"), ("spf_broad", "all"))))
+    metrics.observe_decision(Decision("DUNNO", "new", fields=(
+        ("spf", "temperror"), ("dns", "timeout"))))
+    metrics.observe_decision(Decision("DUNNO", "new", fields=(("spf", "bogus"),)))
+    after = scrape(metrics)
+    assert value(after, "policyd_spf_checks_total", result="pass", pooled="yes") == 1
+    assert value(after, "policyd_spf_checks_total", result="pass", pooled="no") == 1
+    assert value(after, "policyd_spf_checks_total", result="temperror", pooled="no") == 1
+    assert value(after, "policyd_spf_checks_total", result="other", pooled="no") == 1
+    assert value(after, "policyd_dns_failures_total", kind="timeout") == 1
+
+
 def test_store_latency_errors_connections_and_sizes(metrics: Metrics) -> None:
     # Store errors exist at 0 before any failure, so alerts on rate() work.
     assert ("policyd_store_errors_total", (("store", "triplets"),)) in scrape(metrics)

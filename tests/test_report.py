@@ -345,3 +345,17 @@ def test_plot_writes_no_cache_into_the_home_directory(tmp_path: Path) -> None:
     assert png.read_bytes().startswith(PNG_SIGNATURE)
     assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
     assert list(tmp.iterdir()) == []
+
+
+def test_the_report_names_the_spf_delay(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    cf = lmdb_setup(tmp_path, extra="greylist_delay_spf_pass = 1m\n")
+    status, out, err = report(capsys, "report", "-c", cf)
+    assert status == 0, err
+    assert ("settings: greylist_delay = 5m, greylist_delay_spf_pass = 1m, retry_window = 2d, "
+            "max_age = 35d") in out.splitlines()
+    assert ("note: senders whose SPF passed waited greylist_delay_spf_pass (1m) instead of "
+            "greylist_delay: their delays are among the retry delays (a delay under "
+            "greylist_delay is one of theirs)") in out.splitlines()
+    status, out, err = report(capsys, "report", "-c", cf, "--json")
+    assert json.loads(out)["config"]["greylist_delay_spf_pass"] == 60

@@ -1,0 +1,180 @@
+"""client_key = spf and greylist_delay_spf_pass: the greylisting policy over
+in-memory tables, asking a real DNS server (nsd) for the senders' SPF."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from freezegun import freeze_time
+
+from memtable.errors import ConfigError
+from policyd import logsetup
+from policyd.api import Decision
+from policyd.config import PolicydConfig
+from policyd.dns import Answer, Resolver
+from policyd.whitelist import Whitelists
+from tests.dnslab import Nsd, silent_dns_server, start_nsd
+from tests.greylist_helpers import DictTable, config, make_policy, request, run, write
+
+T0 = "2024-05-01 12:00:00"
+START = 1714564800
+
+ZONE = """
+@ TXT "v=spf1 ip4:192.0.2.10 ip4:198.51.100.20 -all"
+open TXT "v=spf1 +all"
+soft TXT "v=spf1 ip4:192.0.2.10 ~all"
+"""
+
+
+class CountingResolver(Resolver):
+    """The real resolver, remembering what it was asked."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.asked: list[tuple[str, str]] = []
+
+    async def query(self, name: str, rdtype: str) -> Answer:
+        self.asked.append((name, rdtype))
+        return await super().query(name, rdtype)
+
+
+@pytest.fixture(scope="module")
+def nsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nsd]:
+    with start_nsd(tmp_path_factory.mktemp("spfgrey"), {"example.org": ZONE}) as server:
+        yield server
+
+
+def scenario(cfg: PolicydConfig, resolver_of: Any, steps: list[tuple[int, dict[str, str]]],
+             **kw: Any) -> tuple[list[Decision], DictTable, DictTable, CountingResolver]:
+    decisions: list[Decision] = []
+
+    async def main() -> tuple[DictTable, DictTable, CountingResolver]:
+        resolver = resolver_of()
+        policy, triplets, clients = make_policy(cfg, resolver=resolver, **kw)
+        # real_asyncio: the event loop's clock (DNS timeouts) stays real.
+        with freeze_time(T0, real_asyncio=True) as frozen:
+            for offset, req in steps:
+                frozen.move_to(datetime.fromtimestamp(START + offset, tz=UTC))
+                decisions.append(await policy.decide(req))
+        await policy.aclose()
+        return triplets, clients, resolver
+
+    triplets, clients, resolver = run(main())
+    return decisions, triplets, clients, resolver
+
+
+def spf_config(**kw: Any) -> PolicydConfig:
+    return config(client_key="spf", auto_whitelist_clients=0, **kw)
+
+
+def test_a_pool_authorised_by_spf_is_one_client(nsd: Nsd) -> None:
+    first = request(client_address="192.0.2.10", instance="i1")
+    retry = request(client_address="198.51.100.20", client_name="unknown", instance="i2")
+    (new, passed), triplets, clients, _ = scenario(
+        spf_config(greylist_delay_spf_pass=60), lambda: CountingResolver([nsd.server]),
+        [(0, first), (61, retry)])
+    assert new.action == "DEFER_IF_PERMIT 4.2.0 Greylisted, please try again in 60 seconds"
+    assert new.fields == (("spf", "pass"), ("client_key", "spf:example.org"))
+    assert (passed.reason, passed.delay) == ("passed", 61.0)
+    assert list(triplets.data) == ["spf:example.org/alice@example.org/bob@example.com"]
+    assert list(clients.data) == ["spf:example.org"]  # the reputation follows the key
+
+
+def test_a_sender_without_a_narrow_pass_is_keyed_by_subnet(nsd: Nsd) -> None:
+    steps = [(0, request(client_address="198.51.100.99")),                       # fail
+             (1, request(client_address="192.0.2.77", sender="a@open.example.org")),  # +all
+             (2, request(client_address="203.0.113.5", sender="a@soft.example.org")),
+             (3, request(client_address="203.0.113.6", sender="")),               # HELO: none
+             ]
+    decisions, triplets, _, _ = scenario(
+        spf_config(greylist_delay_spf_pass=60), lambda: CountingResolver([nsd.server]), steps)
+    assert [d.fields for d in decisions] == [
+        (("spf", "fail"),), (("spf", "pass"), ("spf_broad", "all")), (("spf", "softfail"),),
+        (("spf", "none"),)]
+    assert all("in 300 seconds" in d.action for d in decisions)  # the full delay
+    assert sorted(k.split("/")[0] for k in triplets.data) == [
+        "192.0.2.0", "198.51.100.0", "203.0.113.0", "203.0.113.0"]
+
+
+def test_the_fallback_key_is_configurable(nsd: Nsd) -> None:
+    r = request(client_address="198.51.100.99", client_name="out.mail.example.net")
+    _, triplets, _, _ = scenario(spf_config(spf_fallback_client_key="smart"),
+                                 lambda: CountingResolver([nsd.server]), [(0, r)])
+    assert list(triplets.data) == ["example.net/alice@example.org/bob@example.com"]
+
+
+def test_spf_pass_shortens_the_delay_with_subnet_keys_too(nsd: Nsd) -> None:
+    r = request(client_address="192.0.2.10")
+    (new, passed, known), triplets, _, resolver = scenario(
+        config(greylist_delay_spf_pass=60, auto_whitelist_clients=0),
+        lambda: CountingResolver([nsd.server]), [(0, r), (61, r), (62, r)])
+    assert "in 60 seconds" in new.action
+    assert new.fields == (("spf", "pass"),)
+    assert passed.reason == "passed"
+    assert list(triplets.data) == ["192.0.2.0/alice@example.org/bob@example.com"]
+    # A known triplet needs no SPF: only the first two requests asked.
+    assert known == Decision("DUNNO", "passed")
+    assert resolver.asked == [("example.org", "TXT")] * 2
+
+
+def test_dns_is_never_asked_for_requests_decided_without_it(nsd: Nsd, tmp_path: Path) -> None:
+    whitelist = Whitelists.load((write(tmp_path / "whitelist_clients", "192.0.2.10\n"),), ())
+    steps = [(0, request(client_address="192.0.2.10")),                 # whitelisted
+             (1, request(protocol_state="DATA")),
+             (2, request(sasl_username="alice", client_address="198.51.100.20"))]
+    decisions, _, _, resolver = scenario(
+        spf_config(), lambda: CountingResolver([nsd.server]), steps, whitelist=whitelist)
+    assert [d.reason for d in decisions] == ["whitelisted", "not-rcpt", "authenticated"]
+    assert resolver.asked == []
+
+
+def test_a_dns_timeout_greylists_as_without_spf() -> None:
+    with silent_dns_server() as server:
+        decisions, triplets, _, _ = scenario(
+            spf_config(greylist_delay_spf_pass=60),
+            lambda: CountingResolver([server], timeout=0.2),
+            [(0, request(client_address="192.0.2.10"))])
+    assert decisions[0].action.endswith("in 300 seconds")
+    assert decisions[0].fields == (("spf", "temperror"), ("dns", "timeout"))
+    assert list(triplets.data) == ["192.0.2.0/alice@example.org/bob@example.com"]
+
+
+def test_the_decision_line_says_what_spf_contributed() -> None:
+    line = logsetup.format_decision(
+        request(), Decision("DUNNO", "passed",
+                            fields=(("spf", "pass"), ("client_key", "spf:example.org"))))
+    assert line.endswith(" queue_id=- spf=pass client_key=spf:example.org")
+    line = logsetup.format_decision(
+        request(sender=""), Decision("DUNNO", "new", fields=(("spf", "temperror"),
+                                                              ("dns", "timeout"))))
+    assert line.endswith(" queue_id=- spf=temperror dns=timeout")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("greylist_delay_spf_pass = 10m\n", "must not be longer than greylist_delay"),
+    ("client_key = spf\ndns_timeout = 10s\n", "must be shorter than decision_timeout"),
+    ("spf_fallback_client_key = spf\n", "expected one of: subnet, host, smart"),
+    ("greylist_delay_spf_pass = soon\n", "bad time value"),
+])
+def test_bad_spf_settings(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path / "policyd.cf", text)
+    with pytest.raises(ConfigError, match=message):
+        PolicydConfig.from_file(path)
+
+
+def test_spf_settings_and_uses_dns(tmp_path: Path) -> None:
+    assert not PolicydConfig().uses_dns
+    cfg = PolicydConfig.from_file(write(tmp_path / "p.cf", "client_key = spf\n"
+                                        "spf_fallback_client_key = smart\n"
+                                        "greylist_delay_spf_pass = 1m\n"))
+    assert (cfg.client_key, cfg.spf_fallback_client_key, cfg.greylist_delay_spf_pass) == (
+        "spf", "smart", 60)
+    assert cfg.uses_dns and cfg.spf_timeout == 6.0
+    assert "greylist_delay_spf_pass = 60\n" in cfg.render()
+    assert "greylist_delay_spf_pass = \n" in PolicydConfig().render()
+    assert PolicydConfig.from_file(write(tmp_path / "q.cf", "greylist_delay_spf_pass = 0\n")) \
+        .uses_dns
