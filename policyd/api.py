@@ -21,7 +21,10 @@ class Decision:
     When ``disconnect`` is true the server sends no reply and closes the
     connection (Postfix then retries later).  ``reason`` is one word (the
     log line's and the metrics' ``reason``); ``detail``, when given, is free
-    text the log line adds as ``detail="..."``.
+    text the log line adds as ``detail="..."``.  ``dns_score`` is the
+    client's DNSBL/DNSWL score when DNS was asked and answered; ``dns`` says
+    why there is none when it was asked and did not (``timeout``,
+    ``failure``).
     """
 
     action: str
@@ -29,6 +32,8 @@ class Decision:
     delay: float | None = None  # seconds the mail was delayed, on pass
     disconnect: bool = False
     detail: str | None = None
+    dns_score: int | None = None
+    dns: str | None = None
 
 
 class Policy(Protocol):

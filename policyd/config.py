@@ -18,6 +18,7 @@ from memtable.endpoint import Endpoint, parse_endpoint
 from memtable.errors import ConfigError
 from memtable.limits import CF_INT_MAX
 from policyd import limits
+from policyd.dnsbl import DnsblSite, parse_sites
 
 DEFAULT_CONFIG_PATH = "/etc/policyd/policyd.cf"
 
@@ -72,11 +73,16 @@ class PolicydConfig:
     # (address, port) pairs; empty: the system's resolv.conf.
     dns_servers: tuple[tuple[str, int], ...] = ()
     dns_timeout: int = int(limits.DNS_TIMEOUT_DEFAULT_SECONDS)
+    # --- DNSBL/DNSWL scores (policyd.dnsbl) ----------------------------------
+    dnsbl_sites: tuple[DnsblSite, ...] = ()
+    dnsbl_allowlist_threshold: int = 0          # as postscreen: off unless negative
+    dnsbl_greylist_threshold: int | None = None  # None: greylist everyone
+    greylist_delay_listed: int | None = None     # None: greylist_delay
 
     @property
     def uses_dns(self) -> bool:
         """Does any setting need DNS answers?  (No resolver otherwise.)"""
-        return False
+        return bool(self.dnsbl_sites)
 
     @property
     def effective_hostname(self) -> str:
@@ -112,6 +118,25 @@ class PolicydConfig:
             raise fail("retry_window", "retry_window must be longer than greylist_delay")
         if not self.listen:
             raise fail("listen", "no listener")
+        self._check_dnsbl(fail)
+
+    def _check_dnsbl(self, fail: Callable[[str, str], ConfigError]) -> None:
+        """The DNSBL settings together (policyd.dnsbl)."""
+        for name in ("dnsbl_allowlist_threshold", "dnsbl_greylist_threshold"):
+            if getattr(self, name) not in (0, None) and not self.dnsbl_sites:
+                raise fail(name, "needs dnsbl_sites (without them every score is 0)")
+        if self.greylist_delay_listed is not None:
+            if self.dnsbl_greylist_threshold is None:
+                raise fail("greylist_delay_listed",
+                           "needs dnsbl_greylist_threshold (the score that counts as listed)")
+            if self.retry_window <= self.greylist_delay_listed:
+                raise fail("retry_window", "retry_window must be longer than "
+                           "greylist_delay_listed")
+        if self.uses_dns and self.dns_timeout + limits.DNS_TIMEOUT_SLACK_SECONDS \
+                >= self.decision_timeout:
+            # Otherwise a DNS server that never answers fails the whole
+            # decision instead of leaving the score unknown.
+            raise fail("dns_timeout", "dns_timeout must be shorter than decision_timeout")
 
     def render(self) -> str:
         """The effective configuration as policyd.cf text (--check-config)."""
@@ -130,6 +155,8 @@ def _render_value(name: str, value: object) -> str:
         return f"{value:04o}"
     if value is None:
         return ""
+    if name == "dnsbl_sites":
+        return ", ".join(str(site) for site in value)  # type: ignore[attr-defined]
     if name == "dns_servers":
         return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
                          for h, p in value)  # type: ignore[attr-defined]
@@ -228,6 +255,18 @@ def _dns_servers(entry: cf.CfEntry) -> tuple[tuple[str, int], ...]:
     return tuple(servers)
 
 
+def _dnsbl_sites(entry: cf.CfEntry) -> tuple[DnsblSite, ...]:
+    try:
+        return parse_sites(cf.split_list(entry.value))
+    except ValueError as exc:
+        raise entry.error(str(exc)) from None
+
+
+def _optional(parse: Callable[[cf.CfEntry], int]) -> Callable[[cf.CfEntry], int | None]:
+    """An empty value is None (the setting is off)."""
+    return lambda entry: parse(entry) if entry.value else None
+
+
 def _files(entry: cf.CfEntry) -> tuple[str, ...]:
     return tuple(cf.split_list(entry.value))
 
@@ -270,6 +309,11 @@ _PARSERS: dict[str, Callable[[cf.CfEntry], Any]] = {
     "postscreen_skip": cf.parse_bool,
     "dns_servers": _dns_servers,
     "dns_timeout": _time(1, limits.DNS_TIMEOUT_MAX_SECONDS),
+    "dnsbl_sites": _dnsbl_sites,
+    "dnsbl_allowlist_threshold": _int(-limits.DNSBL_THRESHOLD_MAX, 0),
+    # postscreen_dnsbl_threshold's lower bound: 1.
+    "dnsbl_greylist_threshold": _optional(_int(1, limits.DNSBL_THRESHOLD_MAX)),
+    "greylist_delay_listed": _optional(_time(0)),
 }
 
 assert set(_PARSERS) == {f.name for f in fields(PolicydConfig)} - {"path"}

@@ -27,6 +27,16 @@ early retry one (the client's deferred count), the pass two; a passed
 triplet or auto-whitelisted client at most one per RECORD_REFRESH_INTERVAL.
 The early retry's write is kept: the deferred count is the number of
 deferrals, and counting them less often would change what it says.
+
+DNS (dnsbl_sites, policyd.dnsbl) is asked last, only for a triplet that is
+new or pending: non-RCPT, authenticated and whitelisted requests never get
+that far, and the store lookups come first because most traffic is passed
+triplets and auto-whitelisted or postscreen-verified clients, whose answer
+needs no score.  The sites are asked together, so DNS adds at most
+dns_timeout to a request; with no score (a site did not answer) the
+request is greylisted as without DNS.  A DNSWL-allowlisted client
+(``dnswl``) or one below dnsbl_greylist_threshold (``unlisted``) gets
+DUNNO and leaves no record; a listed one waits greylist_delay_listed.
 """
 
 from __future__ import annotations
@@ -46,10 +56,12 @@ from policyd import limits
 from policyd.api import Decision
 from policyd.config import PolicydConfig
 from policyd.dns import Resolver
+from policyd.dnsbl import DNSWL, LISTED, UNLISTED, DnsblScorer, DnsVerdict
 from policyd.metrics import Metrics, NullMetrics
 from policyd.reputation import ClientRecord, load_client_record, postscreen_verified
 from policyd.store import Store, StoreError, StoreWorker
 from policyd.triplet import (
+    IPAddress,
     KeyMaker,
     client_key,
     normalise_recipient,
@@ -122,6 +134,10 @@ class GreylistPolicy:
         self.postscreen = postscreen
         self.whitelist = whitelist
         self.resolver = resolver
+        self.dnsbl = None if resolver is None or not config.dnsbl_sites else DnsblScorer(
+            config.dnsbl_sites, resolver,
+            allowlist_threshold=config.dnsbl_allowlist_threshold,
+            greylist_threshold=config.dnsbl_greylist_threshold)
         self.keys = KeyMaker.from_config(config)
         # socket.getfqdn() may wait on DNS: once, here, not per request.
         self.hostname = config.effective_hostname
@@ -150,7 +166,7 @@ class GreylistPolicy:
             return Decision(DUNNO, "whitelisted")
         client = client_key(self.config, ip, client_name)
         try:
-            return await self._greylist(request, address, client, recipient)
+            return await self._greylist(request, address, ip, client, recipient)
         except StoreError as exc:
             return self._store_failure(exc)
 
@@ -165,8 +181,8 @@ class GreylistPolicy:
 
     # --- greylisting --------------------------------------------------------
 
-    async def _greylist(self, request: Mapping[str, str], address: str, client: str,
-                        recipient: str) -> Decision:
+    async def _greylist(self, request: Mapping[str, str], address: str, ip: IPAddress,
+                        client: str, recipient: str) -> Decision:
         config = self.config
         now = int(clock.now())
         tkey = self.keys.triplet_key(client, normalise_sender(request.get("sender", "")),
@@ -202,8 +218,18 @@ class GreylistPolicy:
             await _gather(*writes)
             return Decision(DUNNO, "passed")
 
+        # DNS only now: whitelisted, auto-whitelisted, postscreen-verified
+        # and passed requests (most of the traffic) never wait for it.
+        verdict = await self.dnsbl.verdict(ip) if self.dnsbl is not None else None
+        dns_score, dns = _dns_fields(verdict)
+        if verdict is not None and verdict.outcome in (DNSWL, UNLISTED):
+            return Decision(DUNNO, verdict.outcome, dns_score=dns_score, dns=dns)
+        greylist_delay = config.greylist_delay
+        if verdict is not None and verdict.outcome == LISTED \
+                and config.greylist_delay_listed is not None:
+            greylist_delay = config.greylist_delay_listed
         first = now if triplet is None else triplet.first_seen
-        wait = config.greylist_delay - (now - first)
+        wait = greylist_delay - (now - first)
         if wait > 0:
             writes = [self.clients.put(ckey, record.defer(now).serialise(), config.max_age)]
             if triplet is None:
@@ -217,7 +243,8 @@ class GreylistPolicy:
                 # some Exchange versions treat as a permanent failure.
                 text = f"{GREYLIST_DSN} {text}"
             return Decision(f"{config.greylist_action} {text}",
-                            "new" if triplet is None else "early-retry")
+                            "new" if triplet is None else "early-retry",
+                            dns_score=dns_score, dns=dns)
 
         # The delay is over: this retry ends greylisting for the triplet.
         delay = now - first
@@ -231,7 +258,7 @@ class GreylistPolicy:
                 "t": str(delay), "h": self.hostname,
                 "d": email.utils.formatdate(now, localtime=True)})
             action = f"PREPEND {header}"
-        return Decision(action, "passed", delay=float(delay))
+        return Decision(action, "passed", delay=float(delay), dns_score=dns_score, dns=dns)
 
     def _load_triplet(self, value: str | None, now: int) -> TripletRecord | None:
         """The stored triplet, or None when it must count as new: absent,
@@ -287,6 +314,13 @@ class GreylistPolicy:
             return Decision("", "store-failure", disconnect=True)
         log.warning("store failure, answering DUNNO: %s", exc)
         return Decision(DUNNO, "store-failure")
+
+
+def _dns_fields(verdict: DnsVerdict | None) -> tuple[int | None, str | None]:
+    """(dns_score, dns) of a Decision: the score, or why there is none."""
+    if verdict is None:
+        return None, None
+    return verdict.score.value, verdict.score.failure
 
 
 async def _wait_all(*futures: asyncio.Future[T]) -> list[T | BaseException]:

@@ -117,3 +117,11 @@ CLEANUP_MAX_ENTRIES = 10_000_000
 # Expired keys collected before they are deleted: the walk's memory stays
 # bounded and deletes interleave with policyd's own writes.
 CLEANUP_BATCH_KEYS = 1000
+
+# --- DNSBL/DNSWL scores (policyd.dnsbl) -------------------------------------
+# Items of dnsbl_sites (each distinct domain is one query per request), and
+# the largest weight factor (postscreen takes any C int).
+DNSBL_MAX_SITES = 32
+DNSBL_MAX_WEIGHT = 1_000_000
+# dnsbl_allowlist_threshold and dnsbl_greylist_threshold lie within +-this.
+DNSBL_THRESHOLD_MAX = 1_000_000

@@ -10,8 +10,10 @@ Each decision is ONE logfmt-style line (logger ``policyd.decision``):
     sender=a@example.org recipient=b@example.com delay=- queue_id=-
 
 (on one line).  A decision to close without reply shows
-``action=disconnect``; a decision with a ``detail`` (a policy failure says
-what failed) ends with ``detail="..."``.  A missing or empty value is ``-``
+``action=disconnect``; when DNS was asked, ``dns_score=N`` (the
+DNSBL/DNSWL score) or ``dns=timeout`` / ``dns=failure`` follows; a
+decision with a ``detail`` (a policy failure says what failed) ends with
+``detail="..."``.  A missing or empty value is ``-``
 (the null sender is ``<>``); values holding white space, ``"``, ``=``, ``\\`` or control
 characters are double-quoted with ``\\"``, ``\\\\`` and ``\\xNN`` escapes, so a
 client cannot forge fields or lines.  ``delay`` is whole seconds.
@@ -110,6 +112,10 @@ def format_decision(request: Mapping[str, str], decision: Decision) -> str:
         parts.append(f"delay={delay}")
         parts.append(f"queue_id={logfmt_value(queue_id)}")
         line = " ".join(parts)
+    if decision.dns_score is not None:
+        line = f"{line} dns_score={decision.dns_score}"
+    if decision.dns is not None:
+        line = f"{line} dns={logfmt_value(decision.dns)}"
     if decision.detail is None:
         return line
     return f"{line} detail={logfmt_value(decision.detail)}"

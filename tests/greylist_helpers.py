@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from memtable import clock
 from memtable.table import Table
 from policyd.config import PolicydConfig
+from policyd.dns import Resolver
 from policyd.greylist import GreylistPolicy
 from policyd.store import Store
 from policyd.whitelist import Whitelists
@@ -62,7 +63,8 @@ def config(**overrides: Any) -> PolicydConfig:
 
 def make_policy(cfg: PolicydConfig, *, postscreen: Table | None = None,
                 whitelist: Whitelists | None = None,
-                triplets: DictTable | None = None, clients: DictTable | None = None) \
+                triplets: DictTable | None = None, clients: DictTable | None = None,
+                resolver: Resolver | None = None) \
         -> tuple[GreylistPolicy, DictTable, DictTable]:
     """A policy over fresh DictTables (or the given tables); must be called
     inside a running event loop's thread, closed with aclose()."""
@@ -70,7 +72,7 @@ def make_policy(cfg: PolicydConfig, *, postscreen: Table | None = None,
     ctable = clients or DictTable("dict:clients")
     policy = GreylistPolicy(cfg, Store(ttable), Store(ctable),
                             Store(postscreen) if postscreen is not None else None,
-                            whitelist or Whitelists())
+                            whitelist or Whitelists(), resolver)
     return policy, ttable, ctable
 
 
