@@ -179,6 +179,7 @@ class Report:
         return {
             "generated_at": self.now,
             "config": {"path": cfg.path, "greylist_delay": cfg.greylist_delay,
+                       "greylist_delay_listed": cfg.greylist_delay_listed,
                        "retry_window": cfg.retry_window, "max_age": cfg.max_age,
                        "auto_whitelist_clients": cfg.auto_whitelist_clients,
                        "privacy": cfg.privacy},
@@ -207,7 +208,9 @@ class Report:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.now))
         out = [f"policyd report for {cfg.path} at {stamp}",
                f"settings: greylist_delay = {duration(cfg.greylist_delay)}, "
-               f"retry_window = {duration(cfg.retry_window)}, "
+               + (f"greylist_delay_listed = {duration(cfg.greylist_delay_listed)}, "
+                  if cfg.greylist_delay_listed is not None else "")
+               + f"retry_window = {duration(cfg.retry_window)}, "
                f"max_age = {duration(cfg.max_age)}", ""]
         out += [f"Triplets ({t.table}: {t.read} read)",
                 f"  pending    {t.pending:8d}  not passed yet, within retry_window",
@@ -334,6 +337,13 @@ class Analyser:
             notes.append("triplets and client records share one store; told apart by shape")
         if self.config.privacy:
             notes.append("privacy = yes: keys are HMAC hashes, no client is named")
+        if self.config.greylist_delay_listed is not None:
+            # The triplet record keeps no score: which delay applied is unknown here.
+            notes.append(
+                f"greylist_delay_listed = {duration(self.config.greylist_delay_listed)} "
+                "applies to clients whose DNSBL score reaches dnsbl_greylist_threshold; "
+                "records do not say which delay applied, so the retry delays above mix "
+                "both kinds of client (listed ones retried after the longer delay)")
         self.clients.top = [(n, key) for n, _, key in sorted(self._heap, reverse=True)]
         self.delays.sort()
         report = Report(self.config, self.now, self.triplets, self.clients, self.delays,
