@@ -38,6 +38,7 @@ from policyd.dnsbl import (
 )
 from policyd.logsetup import format_decision
 from policyd.metrics import start_metrics
+from policyd.whitelist import Whitelists
 from tests.dnslab import Nsd, silent_dns_server
 from tests.greylist_helpers import config, make_policy, request
 from tests.policyd_proc import PolicydProcess
@@ -296,16 +297,27 @@ def dns_config(server: tuple[str, int], **overrides: Any) -> PolicydConfig:
 
 def run_steps(cfg: PolicydConfig, resolver_server: tuple[str, int],
               steps: list[tuple[int, dict[str, str]]], move: Callable[[int], None],
-              timeout: float = 2.0) -> tuple[list[Decision], CountingResolver, Any, Any]:
-    async def go() -> tuple[list[Decision], CountingResolver, Any, Any]:
-        resolver = CountingResolver([resolver_server], timeout=timeout)
-        policy, triplets, clients = make_policy(cfg, resolver=resolver)
+              timeout: float = 2.0, whitelist: Whitelists | None = None) \
+        -> tuple[list[Decision], list[str], Any, Any]:
+    """The decisions, the clients whose score was asked for, the tables."""
+    async def go() -> tuple[list[Decision], list[str], Any, Any]:
+        resolver = Resolver([resolver_server], timeout=timeout)
+        policy, triplets, clients = make_policy(cfg, resolver=resolver, whitelist=whitelist)
+        assert policy.dnsbl is not None
+        scored: list[str] = []
+        score = policy.dnsbl.score
+
+        async def counted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> DnsScore:
+            scored.append(str(ip))
+            return await score(ip)
+
+        policy.dnsbl.score = counted  # type: ignore[method-assign]
         decisions = []
         for offset, req in steps:
             move(offset)
             decisions.append(await policy.decide(req))
         await policy.aclose()
-        return decisions, resolver, triplets, clients
+        return decisions, scored, triplets, clients
 
     return asyncio.run(go())
 
@@ -375,21 +387,25 @@ def test_dns_is_asked_only_when_the_decision_needs_it(
         lists: Nsd, at: Callable[[int], None], tmp_path: Path) -> None:
     cfg = dns_config(lists.server, dnsbl_allowlist_threshold=-1, auto_whitelist_clients=1)
     r = request(client_address="192.0.2.1", instance="m1")
+    listed = tmp_path / "clients"
+    listed.write_text("192.0.2.3\n")
     steps = [
         (0, request(client_address="192.0.2.1", protocol_state="DATA")),  # not RCPT
         (0, request(client_address="192.0.2.1", sasl_username="u")),     # authenticated
+        (0, request(client_address="192.0.2.3")),                         # whitelisted
         (0, r), (100, r), (301, r),  # new, early retry, pass: asked each time
         (400, r),                    # auto-whitelisted after one pass: not asked
     ]
-    decisions, resolver, _, _ = run_steps(cfg, lists.server, steps, at)
-    assert [d.reason for d in decisions] == ["not-rcpt", "authenticated", "new", "early-retry",
-                                             "passed", "auto-whitelisted"]
-    assert len(resolver.asked) == 3 * 2  # two domains, three decisions
+    decisions, scored, _, _ = run_steps(cfg, lists.server, steps, at,
+                                        whitelist=Whitelists.load([str(listed)], []))
+    assert [d.reason for d in decisions] == ["not-rcpt", "authenticated", "whitelisted", "new",
+                                             "early-retry", "passed", "auto-whitelisted"]
+    assert scored == ["192.0.2.1"] * 3
     # A passed triplet of a client not yet auto-whitelisted: not asked either.
     cfg = replace(cfg, auto_whitelist_clients=5)
-    decisions, resolver, _, _ = run_steps(cfg, lists.server, [(0, r), (301, r), (400, r)], at)
+    decisions, scored, _, _ = run_steps(cfg, lists.server, [(0, r), (301, r), (400, r)], at)
     assert decisions[2] == Decision("DUNNO", "passed")
-    assert len(resolver.asked) == 2 * 2
+    assert scored == ["192.0.2.1"] * 2
 
 
 # --- visible decisions ---------------------------------------------------------------
