@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from memtable import clock
 from policyd import limits
-from policyd.dns import Resolver
+from policyd.dns import Answer, Resolver
+
+log = logging.getLogger(__name__)
 
 # Outcomes of a score against the thresholds (decision reasons and metrics).
 DNSWL = "dnswl"          # score <= dnsbl_allowlist_threshold (< 0): not greylisted
@@ -276,6 +280,7 @@ class DnsblScorer:
         self._by_domain = tuple((domain, tuple(items)) for domain, items in by_domain.items())
         self.allowlist_threshold = allowlist_threshold
         self.greylist_threshold = greylist_threshold
+        self._warned: dict[str, float] = {}  # domain -> when its failure was last logged
 
     async def score(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> DnsScore:
         """Ask every domain at once; at most the resolver's timeout."""
@@ -293,9 +298,10 @@ class DnsblScorer:
                 answers[i] = got
         total = 0
         failure = None
-        for (_, sites), answer in zip(self._by_domain, answers, strict=True):
+        for (domain, sites), answer in zip(self._by_domain, answers, strict=True):
             assert answer is not None
             if answer.failed:
+                self._warn(domain, answer)
                 # A timeout is the outcome an operator must hear about first.
                 failure = "timeout" if answer.reason == "timeout" or failure == "timeout" \
                     else "failure"
@@ -304,6 +310,16 @@ class DnsblScorer:
                     if site.filter is None or any(map(site.filter.matches, answer.records)):
                         total += site.weight
         return DnsScore(None, failure) if failure else DnsScore(total)
+
+    def _warn(self, domain: str, answer: Answer) -> None:
+        """Which list failed, at most once per DNSBL_WARN_INTERVAL_SECONDS
+        each (every decision line says dns=timeout already)."""
+        now = clock.monotonic()
+        last = self._warned.get(domain)
+        if last is None or now - last >= limits.DNSBL_WARN_INTERVAL_SECONDS:
+            self._warned[domain] = now
+            log.warning("DNS list %s did not answer (%s): scores are unknown, clients are "
+                        "greylisted as without DNS", domain, answer.reason)
 
     def judge(self, score: DnsScore) -> DnsVerdict:
         """postscreen's allowlist rule (a negative threshold, score at or

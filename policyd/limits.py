@@ -125,3 +125,5 @@ DNSBL_MAX_SITES = 32
 DNSBL_MAX_WEIGHT = 1_000_000
 # dnsbl_allowlist_threshold and dnsbl_greylist_threshold lie within +-this.
 DNSBL_THRESHOLD_MAX = 1_000_000
+# A DNS list that does not answer is logged at most once per this many seconds.
+DNSBL_WARN_INTERVAL_SECONDS = 60.0

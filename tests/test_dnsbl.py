@@ -367,7 +367,7 @@ def test_with_a_greylist_threshold_an_unlisted_client_is_not_greylisted(
 
 
 def test_a_dns_server_that_never_answers_costs_at_most_dns_timeout(
-        at: Callable[[int], None]) -> None:
+        at: Callable[[int], None], caplog: pytest.LogCaptureFixture) -> None:
     with silent_dns_server() as server:
         cfg = dns_config(server, dnsbl_allowlist_threshold=-1, dnsbl_greylist_threshold=1,
                          greylist_delay_listed=900)
@@ -381,6 +381,11 @@ def test_a_dns_server_that_never_answers_costs_at_most_dns_timeout(
                              "seconds", "new", dns="timeout")
     assert retry.reason == "passed" and retry.dns == "timeout"
     assert took < 2 * (0.5 + limits.DNS_TIMEOUT_SLACK_SECONDS) + 2.0  # two requests, bounded
+    # Which list failed is logged, once a minute per list, not per request.
+    warnings = [r.getMessage() for r in caplog.records if r.name == "policyd.dnsbl"]
+    assert sorted(warnings) == [
+        f"DNS list {domain} did not answer (timeout): scores are unknown, clients are "
+        "greylisted as without DNS" for domain in ("bl.test", "wl.test")]
 
 
 def test_dns_is_asked_only_when_the_decision_needs_it(
