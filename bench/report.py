@@ -32,6 +32,9 @@ GOAL_MEMTABLE_SLOWDOWN = 0.15
 GOAL_MANY_CONNECTIONS = 1000
 # "Bounded memory": anonymous RSS growth over the second half of the run.
 GOAL_GROWTH_KIB = 10 * 1024
+# DNS on (warm cache) costs at most this share of policyd's throughput.
+GOAL_DNS_COST = 0.10
+GOAL_DNS_CONNECTIONS = (20, 100)
 
 
 @dataclass
@@ -142,8 +145,17 @@ def ratio(report: Report, mix: str, connections: int) -> tuple[float, float] | N
     return ours.rps / theirs.rps, ours.p99_ms / theirs.p99_ms
 
 
+def dns_ratio(report: Report, mix: str, connections: int) -> tuple[float, float] | None:
+    """(policyd-dns req/s / policyd req/s, policyd-dns p99 / policyd p99)."""
+    ours = report.point("policyd-dns", mix, connections)
+    plain = report.point("policyd", mix, connections)
+    if ours is None or plain is None or plain.rps <= 0 or plain.p99_ms <= 0:
+        return None
+    return ours.rps / plain.rps, ours.p99_ms / plain.p99_ms
+
+
 def console_line(server: str, r: LoadResult, rss_kib: int) -> str:
-    return (f"{server:9} {r.mix:6} {r.connections:5} conn  {r.rps:9.0f} req/s  "
+    return (f"{server:11} {r.mix:6} {r.connections:5} conn  {r.rps:9.0f} req/s  "
             f"p50 {r.p50_ms:8.2f}  p99 {r.p99_ms:8.2f}  max {r.max_ms:8.1f} ms  "
             f"errors {_errors(r)}  rss {rss_kib / 1024:.1f} MiB")
 
@@ -180,6 +192,13 @@ def goals(report: Report) -> list[tuple[str, bool | None, str]]:
                 f"{GOAL_P99_CONNECTIONS} connections",
                 all(q[1] <= GOAL_P99_FRACTION for q in got.values()) if got else None,
                 ", ".join(f"{m} {q[1]:.3f}" for m, q in got.items()) or "not measured"))
+    dns = {(m, c): q for m in report.mixes() for c in GOAL_DNS_CONNECTIONS
+           if m == "pool" and (q := dns_ratio(report, m, c))}
+    out.append((f"DNS on (warm cache) costs <= {GOAL_DNS_COST:.0%} of policyd's req/s at "
+                + " and ".join(map(str, GOAL_DNS_CONNECTIONS)) + " connections (pool mix)",
+                all(q[0] >= 1 - GOAL_DNS_COST for q in dns.values()) if dns else None,
+                ", ".join(f"{c} conn {q[0]:.2f}x" for (_, c), q in dns.items())
+                or "not measured"))
     raw = {r.operation: r.per_second for r in report.memtable if r.client == "pymemcache (raw)"}
     for op in ("lookup", "update"):
         mt = next((r.per_second for r in report.memtable
@@ -217,8 +236,9 @@ def goals(report: Report) -> list[tuple[str, bool | None, str]]:
 
 # --- plot -------------------------------------------------------------------------
 
-_COLOURS = {"policyd": "tab:blue", "postgrey": "tab:red", "null": "tab:gray"}
-_STYLES = {"mixed": "-", "new": "--", "hot": ":"}
+_COLOURS = {"policyd": "tab:blue", "postgrey": "tab:red", "null": "tab:gray",
+            "policyd-dns": "tab:purple"}
+_STYLES = {"mixed": "-", "new": "--", "hot": ":", "pool": "-."}
 # Line styles alone are hard to tell apart at this size: a marker per mix too.
 _MARKERS = {"mixed": "o", "new": "s", "hot": "^"}
 
@@ -383,6 +403,10 @@ def summary_lines(report: Report) -> Iterable[str]:
             if q:
                 yield (f"policyd/postgrey {mix:6} {c:5} conn: req/s x{q[0]:.2f}, "
                        f"p99 x{q[1]:.3f}")
+            d = dns_ratio(report, mix, c)
+            if d:
+                yield (f"policyd-dns/policyd {mix:6} {c:5} conn: req/s x{d[0]:.2f}, "
+                       f"p99 x{d[1]:.3f}")
     for goal, met, figures in goals(report):
         mark = "n/a " if met is None else ("MET " if met else "MISS")
         yield f"[{mark}] {goal}: {figures}"

@@ -12,6 +12,10 @@ A mix decides which triplet each request carries:
 - ``hot``: repeats drawn from a hot set of HOT_SET triplets.
 - ``mixed``: half new, half from a larger warm set: a spam run (new
   triplets) on top of legitimate retries.
+- ``pool``: every request a new triplet, from one of POOL_CLIENTS client
+  addresses (a busy MX sees the same senders again with new mail): with
+  dnsbl_sites every request asks DNS, and after the first requests of each
+  address the answers come from the resolver's cache.
 
 Generators are deterministic per (mix, worker, seed) and never repeat a
 "new" triplet across workers.
@@ -22,10 +26,19 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-MIXES = ("new", "hot", "mixed")
+MIXES = ("new", "hot", "mixed", "pool")
 HOT_SET = 1_000
 WARM_SET = 10_000
 MIXED_NEW_SHARE = 0.5
+POOL_CLIENTS = 1_000
+
+
+def pool_address(i: int) -> str:
+    """Client address number ``i`` of the ``pool`` mix (10.200.0.1 on)."""
+    return f"10.200.{i // 250}.{i % 250 + 1}"
+
+
+_POOL = [pool_address(i).encode() for i in range(POOL_CLIENTS)]
 
 # One bytes %-format: rendering a new request must cost the generator far
 # less than a server spends on it (str.format and an encode cost 4x more).
@@ -63,8 +76,10 @@ _TEMPLATE = (
 )
 
 
-def render(n: int, salt: int, instance: int, size: int, port: int) -> bytes:
-    """The request for triplet number ``n`` of namespace ``salt``."""
+def render(n: int, salt: int, instance: int, size: int, port: int,
+           addr: bytes | None = None) -> bytes:
+    """The request for triplet number ``n`` of namespace ``salt`` (from
+    client ``addr`` when given)."""
     # Client addresses spread triplets over many /24s (greylisting keys on
     # the subnet); they are only strings here, nothing connects to them.
     a, b, c = 10 + (salt % 100), (n >> 8) & 0xFF, n & 0xFF
@@ -74,7 +89,7 @@ def render(n: int, salt: int, instance: int, size: int, port: int) -> bytes:
         b"salt": salt,
         b"n": n,
         b"user": n % 5000,
-        b"addr": b"%d.%d.%d.%d" % (a, b, c, (n * 7 + salt) % 250 + 1),
+        b"addr": addr or b"%d.%d.%d.%d" % (a, b, c, (n * 7 + salt) % 250 + 1),
         b"name": (b"mail-%d-%d-%d.mx%d.example.net" % (a, b, c, salt % 97)
                  if n % 3 else b"unknown"),
         b"instance": instance,
@@ -114,6 +129,13 @@ def make_source(mix: str, worker: int, seed: int = 0) -> Callable[[], bytes]:
 
     if mix == "new":
         return new
+    if mix == "pool":
+        def pooled() -> bytes:
+            nonlocal counter
+            counter += 1
+            return render(counter, new_salt, counter, rng.randrange(1000, 200_000),
+                          rng.randrange(1024, 65536), _POOL[rng.randrange(POOL_CLIENTS)])
+        return pooled
     if mix == "hot":
         return lambda: pick(HOT_SET)
 

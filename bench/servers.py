@@ -19,9 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.requests import POOL_CLIENTS, pool_address
 from policyd.devrun import memcached_answers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +103,8 @@ class Server:
     host: str
     port: int
     log: Path
+    # Run after the processes stopped (a private memcached, a DNS server).
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -138,6 +142,9 @@ class Server:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(STOP_SECONDS)
+        while self.cleanup:
+            with contextlib.suppress(Exception):
+                self.cleanup.pop()()
 
 
 def _spawn(name: str, argv: list[str], log: Path, host: str, port: int,
@@ -273,3 +280,55 @@ def start_policyd(workdir: Path, memcached: Server, instances: int = 1) -> Serve
         argv += ["-o", "listen_reuse_port=yes"]
     return _spawn("policyd", argv, workdir / "policyd.log", "127.0.0.1", port,
                   copies=instances)
+
+
+# policyd-dns: the same policyd with two DNS lists on a private nsd; the
+# score is computed and logged but decides nothing (no thresholds), so the
+# requests take the same greylisting path as plain policyd's: the
+# difference is the cost of DNS.  One pool client in ten is on each list.
+DNS_SITES = "bl.bench.test*2, wl.bench.test=127.0.[0..255].[1..3]*-2"
+DNS_TTL = 3600  # the listed answers stay cached; NXDOMAIN for the SOA minimum (60 s)
+
+
+def dns_zones() -> dict[str, str]:
+    listed = [pool_address(i) for i in range(0, POOL_CLIENTS, 10)]
+    allowed = [pool_address(i) for i in range(5, POOL_CLIENTS, 10)]
+
+    def records(addresses: list[str], answer: str) -> str:
+        return "".join(f"{'.'.join(reversed(a.split('.')))} {DNS_TTL} IN A {answer}\n"
+                       for a in addresses)
+
+    return {"bl.bench.test": records(listed, "127.0.0.2"),
+            "wl.bench.test": records(allowed, "127.0.10.2")}
+
+
+def start_policyd_dns(workdir: Path, instances: int = 1) -> Server:
+    """policyd as start_policyd starts it, with dnsbl_sites asking a private
+    nsd (tests/dnslab.py: Debian's nsd on a loopback port), and its own
+    memcached, so that its triplets are new to it as they are to plain policyd."""
+    from tests.dnslab import start_nsd  # the tests' nsd set-up, reused
+
+    home = workdir / "policyd-dns"
+    home.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        memcached = start_memcached(home)
+        stack.callback(memcached.stop)
+        try:
+            nsd = stack.enter_context(start_nsd(home / "nsd", dns_zones()))
+        except (RuntimeError, OSError) as exc:
+            raise ServerError(f"nsd did not start: {exc}") from None
+        port = free_port()
+        cf = write_policyd_config(home, memcached, port)
+        with open(cf, "a") as f:
+            f.write(f"\n# bench: DNS on\ndns_servers = {nsd.spec}\ndnsbl_sites = {DNS_SITES}\n")
+        ok, text = policyd_config_ok(cf)
+        if not ok:
+            raise ServerError(f"policyd --check-config failed:\n{text[-2000:]}")
+        argv = [*policyd_command(), "-c", str(cf)]
+        if instances > 1:
+            argv += ["-o", "listen_reuse_port=yes"]
+        server = _spawn("policyd-dns", argv, home / "policyd.log", "127.0.0.1", port,
+                        copies=instances)
+        server.cleanup.append(stack.pop_all().close)
+        return server
+    raise AssertionError("unreachable")  # (mypy: the with block returns or raises)

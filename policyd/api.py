@@ -21,9 +21,11 @@ class Decision:
     When ``disconnect`` is true the server sends no reply and closes the
     connection (Postfix then retries later).  ``reason`` is one word (the
     log line's and the metrics' ``reason``); ``detail``, when given, is free
-    text the log line adds as ``detail="..."``.  ``fields`` are further
-    ``name=value`` pairs of the log line: what DNS contributed (``spf=pass
-    client_key=spf:example.org``, ``dns=timeout``).
+    text the log line adds as ``detail="..."``.  ``dns_score`` is the
+    client's DNSBL/DNSWL score when the DNS lists were asked and answered;
+    ``dns`` says why DNS could not inform the decision (``timeout``,
+    ``failure``).  ``fields`` are further ``name=value`` pairs of the log
+    line: what SPF contributed (``spf=pass client_key=spf:example.org``).
     """
 
     action: str
@@ -32,6 +34,8 @@ class Decision:
     disconnect: bool = False
     detail: str | None = None
     fields: tuple[tuple[str, str], ...] = ()
+    dns_score: int | None = None
+    dns: str | None = None
 
 
 class Policy(Protocol):

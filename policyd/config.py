@@ -19,6 +19,7 @@ from memtable.endpoint import Endpoint, parse_endpoint
 from memtable.errors import ConfigError, MemtableError
 from memtable.limits import CF_INT_MAX
 from policyd import limits
+from policyd.dnsbl import DnsblSite, parse_sites
 
 DEFAULT_CONFIG_PATH = "/etc/policyd/policyd.cf"
 
@@ -75,6 +76,11 @@ class PolicydConfig:
     # (address, port) pairs; empty: the system's resolv.conf.
     dns_servers: tuple[tuple[str, int], ...] = ()
     dns_timeout: int = int(limits.DNS_TIMEOUT_DEFAULT_SECONDS)
+    # --- DNSBL/DNSWL scores (policyd.dnsbl) ----------------------------------
+    dnsbl_sites: tuple[DnsblSite, ...] = ()
+    dnsbl_allowlist_threshold: int = 0          # as postscreen: off unless negative
+    dnsbl_greylist_threshold: int | None = None  # None: greylist everyone
+    greylist_delay_listed: int | None = None     # None: greylist_delay
     # --- SPF (policyd.spf) ----------------------------------------------------
     spf_fallback_client_key: str = "subnet"
     # None: SPF does not change the delay.
@@ -91,9 +97,20 @@ class PolicydConfig:
         return float(self.dns_timeout * limits.SPF_CHECK_TIMEOUT_FACTOR)
 
     @property
+    def dns_bound(self) -> float:
+        """The longest DNS may take in one decision: an SPF evaluation, then
+        the DNS lists (asked together, each query bounded)."""
+        bound = 0.0
+        if self.uses_spf:
+            bound += self.spf_timeout
+        if self.dnsbl_sites:
+            bound += self.dns_timeout + limits.DNS_TIMEOUT_SLACK_SECONDS
+        return bound
+
+    @property
     def uses_dns(self) -> bool:
         """Does any setting need DNS answers?  (No resolver otherwise.)"""
-        return self.uses_spf
+        return self.uses_spf or bool(self.dnsbl_sites)
 
     # Where each parameter was set (file and line, or -o): errors about what
     # a parameter names (a missing table file) say which setting named it.
@@ -160,19 +177,38 @@ class PolicydConfig:
         if not self.listen:
             raise fail("listen", "no listener")
         self._check_spf(fail)
+        self._check_dnsbl(fail)
+        if self.uses_dns and self.dns_bound >= self.decision_timeout:
+            # Otherwise DNS that never answers fails the whole decision
+            # instead of leaving its contribution unknown.
+            parts = []
+            if self.uses_spf:
+                parts.append(f"{limits.SPF_CHECK_TIMEOUT_FACTOR} x dns_timeout for SPF")
+            if self.dnsbl_sites:
+                parts.append("dns_timeout for the DNS lists")
+            raise fail("dns_timeout",
+                       f"DNS may take up to {self.dns_bound:g}s of a decision "
+                       f"({' + '.join(parts)}): it must be shorter than decision_timeout "
+                       f"({self.decision_timeout}s)")
 
     def _check_spf(self, fail: Callable[[str, str], ConfigError]) -> None:
         if (self.greylist_delay_spf_pass is not None
                 and self.greylist_delay_spf_pass > self.greylist_delay):
             raise fail("greylist_delay_spf_pass",
                        "greylist_delay_spf_pass must not be longer than greylist_delay")
-        if self.uses_spf and self.spf_timeout >= self.decision_timeout:
-            # An SPF evaluation may take dns_timeout times the factor; the
-            # decision must still come before decision_timeout.
-            raise fail("dns_timeout",
-                       f"{self.dns_timeout}s times {limits.SPF_CHECK_TIMEOUT_FACTOR} (the "
-                       f"bound on one SPF evaluation) must be shorter than decision_timeout "
-                       f"({self.decision_timeout}s)")
+
+    def _check_dnsbl(self, fail: Callable[[str, str], ConfigError]) -> None:
+        """The DNSBL settings together (policyd.dnsbl)."""
+        for name in ("dnsbl_allowlist_threshold", "dnsbl_greylist_threshold"):
+            if getattr(self, name) not in (0, None) and not self.dnsbl_sites:
+                raise fail(name, "needs dnsbl_sites (without them every score is 0)")
+        if self.greylist_delay_listed is not None:
+            if self.dnsbl_greylist_threshold is None:
+                raise fail("greylist_delay_listed",
+                           "needs dnsbl_greylist_threshold (the score that counts as listed)")
+            if self.retry_window <= self.greylist_delay_listed:
+                raise fail("retry_window", "retry_window must be longer than "
+                           "greylist_delay_listed")
 
     def render(self) -> str:
         """The effective configuration as policyd.cf text (--check-config)."""
@@ -208,6 +244,8 @@ def _render_value(name: str, value: object) -> str:
         return f"{value:04o}"
     if value is None:
         return ""
+    if name == "dnsbl_sites":
+        return ", ".join(str(site) for site in value)  # type: ignore[attr-defined]
     if name == "dns_servers":
         return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
                          for h, p in value)  # type: ignore[attr-defined]
@@ -342,9 +380,16 @@ def _dns_servers(entry: cf.CfEntry) -> tuple[tuple[str, int], ...]:
     return tuple(servers)
 
 
-def _optional_time(entry: cf.CfEntry) -> int | None:
-    """A time, or empty for "not set"."""
-    return cf.parse_time(entry, minimum=0, maximum=CF_INT_MAX) if entry.value else None
+def _dnsbl_sites(entry: cf.CfEntry) -> tuple[DnsblSite, ...]:
+    try:
+        return parse_sites(cf.split_list(entry.value))
+    except ValueError as exc:
+        raise entry.error(str(exc)) from None
+
+
+def _optional(parse: Callable[[cf.CfEntry], int]) -> Callable[[cf.CfEntry], int | None]:
+    """An empty value is None (the setting is off)."""
+    return lambda entry: parse(entry) if entry.value else None
 
 
 def _files(entry: cf.CfEntry) -> tuple[str, ...]:
@@ -390,7 +435,12 @@ _PARSERS: dict[str, Callable[[cf.CfEntry], Any]] = {
     "dns_servers": _dns_servers,
     "dns_timeout": _time(1, limits.DNS_TIMEOUT_MAX_SECONDS),
     "spf_fallback_client_key": _choice(SPF_FALLBACK_CLIENT_KEYS),
-    "greylist_delay_spf_pass": _optional_time,
+    "greylist_delay_spf_pass": _optional(_time(0)),
+    "dnsbl_sites": _dnsbl_sites,
+    "dnsbl_allowlist_threshold": _int(-limits.DNSBL_THRESHOLD_MAX, 0),
+    # postscreen_dnsbl_threshold's lower bound: 1.
+    "dnsbl_greylist_threshold": _optional(_int(1, limits.DNSBL_THRESHOLD_MAX)),
+    "greylist_delay_listed": _optional(_time(0)),
 }
 
 # Every policyd.cf parameter, in PolicydConfig's order (fields that are not

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,9 +21,11 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
+from memtable import clock
 from policyd import limits
 
 # The record types policyd asks for, and how each becomes text.
@@ -79,6 +82,13 @@ class Resolver:
     ``servers``: (address, port) pairs; ``None`` reads the system's
     resolv.conf.  ``timeout`` bounds each query as a whole (all servers and
     retries).  ``cache_entries`` bounds the cache (least recently used out).
+
+    In front of dnspython's cache, answers are also kept as policyd's Answer
+    under their text name, until dnspython's own expiration for them (the
+    DNS TTL; for "no such name" and "no data" the SOA's negative TTL): a
+    cached answer then costs a dict lookup (``cached``), not dnspython's
+    name parsing and resolution steps, which cost more than a whole
+    greylisting decision.
     """
 
     def __init__(self, servers: Sequence[tuple[str, int]] | None = None, *,
@@ -93,12 +103,35 @@ class Resolver:
         resolver.cache = dns.resolver.LRUCache(cache_entries)
         self._resolver = resolver
         self.timeout = timeout
+        self._answers: OrderedDict[tuple[str, str], tuple[float, Answer]] = OrderedDict()
+        self._max_answers = cache_entries
+
+    def cached(self, name: str, rdtype: str) -> Answer | None:
+        """The answer while it is cached, without asking; None otherwise."""
+        key = (name, rdtype)
+        item = self._answers.get(key)
+        if item is None:
+            return None
+        if clock.now() >= item[0]:
+            del self._answers[key]
+            return None
+        self._answers.move_to_end(key)
+        return item[1]
+
+    def _keep(self, name: str, rdtype: str, answer: Answer, expiration: float) -> Answer:
+        self._answers[(name, rdtype)] = (expiration, answer)
+        if len(self._answers) > self._max_answers:
+            self._answers.popitem(last=False)
+        return answer
 
     async def query(self, name: str, rdtype: str) -> Answer:
         """Ask for ``rdtype`` records of ``name``; never raises for a DNS
         outcome, never waits longer than ``timeout``."""
         if rdtype not in RDTYPES:
             raise ValueError(f"unsupported record type {rdtype}")
+        known = self.cached(name, rdtype)
+        if known is not None:
+            return known
         try:
             qname = dns.name.from_text(name)
         except (dns.exception.DNSException, ValueError, UnicodeError) as e:
@@ -110,7 +143,12 @@ class Resolver:
                 answer = await self._resolver.resolve(
                     qname, rdtype, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
-            return Answer(Status.NXDOMAIN)
+            # dnspython keeps a "no such name" under type ANY, with its expiration.
+            negative = self._resolver.cache.get(
+                (qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+            if negative is None:
+                return Answer(Status.NXDOMAIN)
+            return self._keep(name, rdtype, Answer(Status.NXDOMAIN), negative.expiration)
         except (dns.exception.Timeout, TimeoutError):
             return Answer(Status.FAILURE, reason="timeout")
         except dns.resolver.NoNameservers as e:
@@ -118,8 +156,8 @@ class Resolver:
         except (dns.exception.DNSException, OSError, ValueError) as e:
             return Answer(Status.FAILURE, reason=f"{type(e).__name__}: {e}")
         if answer.rrset is None:
-            return Answer(Status.NODATA)
+            return self._keep(name, rdtype, Answer(Status.NODATA), answer.expiration)
         records = _text(rdtype, list(answer.rrset))
         if len(records) > limits.DNS_MAX_RECORDS:
             records = records[:limits.DNS_MAX_RECORDS]
-        return Answer(Status.OK, records)
+        return self._keep(name, rdtype, Answer(Status.OK, records), answer.expiration)

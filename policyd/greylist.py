@@ -29,12 +29,24 @@ triplet or auto-whitelisted client at most one per RECORD_REFRESH_INTERVAL.
 The early retry's write is kept: the deferred count is the number of
 deferrals, and counting them less often would change what it says.
 
+DNS (dnsbl_sites, policyd.dnsbl) is asked last, only for a triplet that is
+new or pending: non-RCPT, authenticated and whitelisted requests never get
+that far, and the store lookups come first because most traffic is passed
+triplets and auto-whitelisted or postscreen-verified clients, whose answer
+needs no score.  The sites are asked together, so DNS adds at most
+dns_timeout to a request; with no score (a site did not answer) the
+request is greylisted as without DNS.  A DNSWL-allowlisted client
+(``dnswl``) or one below dnsbl_greylist_threshold (``unlisted``) gets
+DUNNO and leaves no record; a listed one waits greylist_delay_listed.
+
 SPF (``client_key = spf``, ``greylist_delay_spf_pass``): the sender's SPF
 result (policyd.spf) is asked for once per request at most, by _SenderSpf:
 before the stores when the key needs it, else only when a still greylisted
 triplet's delay does; never for requests decided before (whitelists,
 non-RCPT, authenticated).  A narrow pass keys the client ``spf:DOMAIN``;
 anything else, a DNS failure included, leaves the request as without SPF.
+When both apply, a listed client waits greylist_delay_listed (the
+longer); the lists and SPF are then asked together.
 """
 
 from __future__ import annotations
@@ -56,10 +68,12 @@ from policyd import limits, spf
 from policyd.api import Decision
 from policyd.config import PolicydConfig
 from policyd.dns import Resolver
+from policyd.dnsbl import DNSWL, LISTED, UNLISTED, DnsblScorer, DnsVerdict
 from policyd.metrics import Metrics, NullMetrics
 from policyd.reputation import ClientRecord, load_client_record, postscreen_proves_return
 from policyd.store import Store, StoreError, StoreWorker
 from policyd.triplet import (
+    IPAddress,
     KeyMaker,
     client_key,
     normalise_recipient,
@@ -137,6 +151,10 @@ class GreylistPolicy:
         self.postscreen = postscreen
         self.whitelist = whitelist
         self.resolver = resolver
+        self.dnsbl = None if resolver is None or not config.dnsbl_sites else DnsblScorer(
+            config.dnsbl_sites, resolver,
+            allowlist_threshold=config.dnsbl_allowlist_threshold,
+            greylist_threshold=config.dnsbl_greylist_threshold)
         self.keys = KeyMaker.from_config(config)
         # postconf and socket.getfqdn() may take a while: once, here, not per request.
         self.hostname = config.effective_hostname
@@ -173,7 +191,8 @@ class GreylistPolicy:
             if result.pooled:
                 client = spf_key(result.domain)
         try:
-            decision = await self._greylist(request, address, client, recipient, sender_spf)
+            decision = await self._greylist(request, address, ip, client, recipient,
+                                            sender_spf)
         except StoreError as exc:
             decision = self._store_failure(exc)
         if sender_spf is None or sender_spf.result is None:
@@ -191,8 +210,9 @@ class GreylistPolicy:
 
     # --- greylisting --------------------------------------------------------
 
-    async def _greylist(self, request: Mapping[str, str], address: str, client: str,
-                        recipient: str, sender_spf: _SenderSpf | None = None) -> Decision:
+    async def _greylist(self, request: Mapping[str, str], address: str, ip: IPAddress,
+                        client: str, recipient: str,
+                        sender_spf: _SenderSpf | None = None) -> Decision:
         config = self.config
         now = int(clock.now())
         tkey = self.keys.triplet_key(client, normalise_sender(request.get("sender", "")),
@@ -228,8 +248,14 @@ class GreylistPolicy:
             await _gather(*writes)
             return Decision(DUNNO, "passed")
 
+        # DNS only now: whitelisted, auto-whitelisted, postscreen-verified
+        # and passed requests (most of the traffic) never wait for it.
+        verdict, greylist_delay = await self._delay(ip, sender_spf)
+        dns_score, dns = _dns_fields(verdict)
+        if verdict is not None and verdict.outcome in (DNSWL, UNLISTED):
+            return Decision(DUNNO, verdict.outcome, dns_score=dns_score, dns=dns)
         first = now if triplet is None else triplet.first_seen
-        wait = await self._delay(sender_spf) - (now - first)
+        wait = greylist_delay - (now - first)
         if wait > 0:
             writes = [self.clients.put(ckey, record.defer(now).serialise(), config.max_age)]
             if triplet is None:
@@ -243,7 +269,8 @@ class GreylistPolicy:
                 # some Exchange versions treat as a permanent failure.
                 text = f"{GREYLIST_DSN} {text}"
             return Decision(f"{config.greylist_action} {text}",
-                            "new" if triplet is None else "early-retry")
+                            "new" if triplet is None else "early-retry",
+                            dns_score=dns_score, dns=dns)
 
         # The delay is over: this retry ends greylisting for the triplet.
         delay = now - first
@@ -257,15 +284,34 @@ class GreylistPolicy:
                 "t": str(delay), "h": self.hostname,
                 "d": email.utils.formatdate(now, localtime=True)})
             action = f"PREPEND {header}"
-        return Decision(action, "passed", delay=float(delay))
+        return Decision(action, "passed", delay=float(delay), dns_score=dns_score, dns=dns)
 
-    async def _delay(self, sender_spf: _SenderSpf | None) -> int:
-        """greylist_delay, or greylist_delay_spf_pass when the sender's SPF
-        passes narrowly (asked here, only for a triplet still greylisted)."""
-        short = self.config.greylist_delay_spf_pass
-        if sender_spf is None or short is None:
-            return self.config.greylist_delay
-        return short if (await sender_spf.get()).pooled else self.config.greylist_delay
+    async def _delay(self, ip: IPAddress, sender_spf: _SenderSpf | None) \
+            -> tuple[DnsVerdict | None, int]:
+        """The DNS lists' verdict and the delay that applies to a triplet
+        still greylisted: greylist_delay_listed for a listed client,
+        greylist_delay_spf_pass when the sender's SPF passes narrowly, else
+        greylist_delay.  The lists and SPF (when the delay needs it) are
+        asked together."""
+        config = self.config
+        spf_check = (sender_spf.get() if sender_spf is not None
+                     and config.greylist_delay_spf_pass is not None else None)
+        lists = self.dnsbl.verdict(ip) if self.dnsbl is not None else None
+        verdict: DnsVerdict | None = None
+        spf_result: spf.SpfResult | None = None
+        if lists is not None and spf_check is not None:
+            verdict, spf_result = await asyncio.gather(lists, spf_check)
+        elif lists is not None:
+            verdict = await lists
+        elif spf_check is not None:
+            spf_result = await spf_check
+        if (verdict is not None and verdict.outcome == LISTED
+                and config.greylist_delay_listed is not None):
+            return verdict, config.greylist_delay_listed
+        if spf_result is not None and spf_result.pooled \
+                and config.greylist_delay_spf_pass is not None:
+            return verdict, config.greylist_delay_spf_pass
+        return verdict, config.greylist_delay
 
     def _load_triplet(self, value: str | None, now: int) -> TripletRecord | None:
         """The stored triplet, or None when it must count as new: absent,
@@ -356,9 +402,18 @@ def _with_spf(decision: Decision, result: spf.SpfResult, client: str) -> Decisio
         fields.append(("spf_broad", result.broad))
     if client.startswith("spf:"):
         fields.append(("client_key", client))
-    if result.dns:
+    if result.dns and decision.dns is None:
+        # One dns= per line: the DNS lists' failure, when they failed too,
+        # says it already.
         fields.append(("dns", result.dns))
     return dataclasses.replace(decision, fields=decision.fields + tuple(fields))
+
+
+def _dns_fields(verdict: DnsVerdict | None) -> tuple[int | None, str | None]:
+    """(dns_score, dns) of a Decision: the score, or why there is none."""
+    if verdict is None:
+        return None, None
+    return verdict.score.value, verdict.score.failure
 
 
 async def _wait_all(*futures: asyncio.Future[T]) -> list[T | BaseException]:

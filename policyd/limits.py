@@ -163,3 +163,13 @@ SPF_POOL_MIN_IPV6_PREFIX = 48
 # characters; a hostile one of 64 KB is parsed again each time instead).
 SPF_PARSED_RECORDS = 4096
 SPF_PARSED_RECORD_MAX_CHARS = 1024
+
+# --- DNSBL/DNSWL scores (policyd.dnsbl) -------------------------------------
+# Items of dnsbl_sites (each distinct domain is one query per request), and
+# the largest weight factor (postscreen takes any C int).
+DNSBL_MAX_SITES = 32
+DNSBL_MAX_WEIGHT = 1_000_000
+# dnsbl_allowlist_threshold and dnsbl_greylist_threshold lie within +-this.
+DNSBL_THRESHOLD_MAX = 1_000_000
+# A DNS list that does not answer is logged at most once per this many seconds.
+DNSBL_WARN_INTERVAL_SECONDS = 60.0

@@ -10,11 +10,13 @@ Each decision is ONE logfmt-style line (logger ``policyd.decision``):
     sender=a@example.org recipient=b@example.com delay=- queue_id=-
 
 (on one line).  A decision to close without reply shows
-``action=disconnect``; a decision with a ``detail`` (a policy failure says
-what failed) ends with ``detail="..."``.  A missing or empty value is ``-``
-(the null sender is ``<>``); what DNS contributed follows ``queue_id``
-(``spf=pass client_key=spf:example.org``, ``spf=temperror dns=timeout``,
-see policyd.greylist); values holding white space, ``"``, ``=``, ``\\`` or control
+``action=disconnect``; what DNS contributed follows ``queue_id``: SPF's
+``fields`` (``spf=pass client_key=spf:example.org``, see
+policyd.greylist), ``dns_score=N`` (the DNSBL/DNSWL score), or
+``dns=timeout`` / ``dns=failure`` when DNS did not answer; a decision
+with a ``detail`` (a policy failure says what failed) ends with
+``detail="..."``.  A missing or empty value is ``-``
+(the null sender is ``<>``); values holding white space, ``"``, ``=``, ``\\`` or control
 characters are double-quoted with ``\\"``, ``\\\\`` and ``\\xNN`` escapes, so a
 client cannot forge fields or lines.  ``delay`` is whole seconds.
 
@@ -115,6 +117,10 @@ def format_decision(request: Mapping[str, str], decision: Decision) -> str:
         line = " ".join(parts)
     if decision.fields:
         line += "".join(f" {name}={logfmt_value(value)}" for name, value in decision.fields)
+    if decision.dns_score is not None:
+        line = f"{line} dns_score={decision.dns_score}"
+    if decision.dns is not None:
+        line = f"{line} dns={logfmt_value(decision.dns)}"
     if decision.detail is None:
         return line
     return f"{line} detail={logfmt_value(decision.detail)}"

@@ -40,7 +40,12 @@ ACTIONS = frozenset({
 REASONS = frozenset({
     "new", "early-retry", "passed", "whitelisted", "auto-whitelisted", "postscreen",
     "authenticated", "not-rcpt", "bad-request", "store-failure", "policy-failure",
+    "dnswl", "unlisted",
 })
+# What DNSBL/DNSWL lookups of a decision gave: a score, or no score.
+DNS_RESULTS = frozenset({"answered", "timeout", "failure"})
+# DNSBL/DNSWL scores: postscreen-style weights are small integers.
+DNS_SCORE_BUCKETS = (-10, -5, -3, -2, -1, 0, 1, 2, 3, 5, 10, 20)
 # Store names: the role of each table in policyd.
 STORES = frozenset({"triplets", "clients", "postscreen"})
 STORE_OPS = frozenset({"get", "put"})
@@ -160,6 +165,13 @@ class Metrics:
         self._delay = prom.Histogram(
             "greylist_delay_seconds", "How long greylisting delayed mail that passed",
             namespace=NAMESPACE, registry=reg, buckets=DELAY_BUCKETS)
+        self._dns_results = prom.Counter(
+            "dnsbl_lookups", "Decisions that asked the DNSBL/DNSWL sites, by result "
+            "(answered: a score; timeout, failure: a site did not answer, score unknown)",
+            ["result"], namespace=NAMESPACE, registry=reg)
+        self._dns_score = prom.Histogram(
+            "dnsbl_score", "DNSBL/DNSWL scores of the clients asked about",
+            namespace=NAMESPACE, registry=reg, buckets=DNS_SCORE_BUCKETS)
         self._store_latency = prom.Histogram(
             "store_latency_seconds", "Time of one store operation (memcache, backup)",
             ["store", "op"], namespace=NAMESPACE, registry=reg,
@@ -191,6 +203,8 @@ class Metrics:
             self._store_errors.labels(store)
         for kind in sorted(DNS_FAILURES):
             self._dns_failures.labels(kind)
+        for result in sorted(DNS_RESULTS):
+            self._dns_results.labels(result)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None
@@ -209,15 +223,23 @@ class Metrics:
         """decision() for a policyd.api.Decision (disconnect counts as such)."""
         word = "disconnect" if decision.disconnect else action_label(decision.action)
         self.decision(word, decision.reason, decision.delay)
-        if decision.fields:
-            self._dns_fields(dict(decision.fields))
+        self._dns(decision)
 
-    def _dns_fields(self, fields: dict[str, str]) -> None:
+    def _dns(self, decision: Decision) -> None:
+        """What DNS contributed: SPF's fields, the DNS lists' score, and
+        whether DNS (either) could not inform the decision."""
+        fields = dict(decision.fields)
         if "spf" in fields:
             pooled = "yes" if fields.get("client_key", "").startswith("spf:") else "no"
             self._spf.labels(_bounded(fields["spf"], SPF_RESULTS), pooled).inc()
-        if "dns" in fields:
-            self._dns_failures.labels(_bounded(fields["dns"], DNS_FAILURES)).inc()
+        if decision.dns_score is not None:
+            self._dns_results.labels("answered").inc()
+            self._dns_score.observe(decision.dns_score)
+        elif decision.dns is not None:
+            self._dns_results.labels(_bounded(decision.dns, DNS_RESULTS)).inc()
+        failure = decision.dns or fields.get("dns")
+        if failure is not None:
+            self._dns_failures.labels(_bounded(failure, DNS_FAILURES)).inc()
 
     def store_latency(self, store: str, op: str, seconds: float) -> None:
         self._store_latency.labels(_bounded(store, STORES), _bounded(op, STORE_OPS)) \

@@ -182,6 +182,7 @@ class Report:
         return {
             "generated_at": self.now,
             "config": {"path": cfg.path, "greylist_delay": cfg.greylist_delay,
+                       "greylist_delay_listed": cfg.greylist_delay_listed,
                        "retry_window": cfg.retry_window, "max_age": cfg.max_age,
                        "auto_whitelist_clients": cfg.auto_whitelist_clients,
                        "privacy": cfg.privacy,
@@ -213,6 +214,8 @@ class Report:
                f"settings: greylist_delay = {duration(cfg.greylist_delay)}, "
                + ("" if cfg.greylist_delay_spf_pass is None else
                   f"greylist_delay_spf_pass = {duration(cfg.greylist_delay_spf_pass)}, ")
+               + (f"greylist_delay_listed = {duration(cfg.greylist_delay_listed)}, "
+                  if cfg.greylist_delay_listed is not None else "")
                + f"retry_window = {duration(cfg.retry_window)}, "
                f"max_age = {duration(cfg.max_age)}", ""]
         out += [f"Triplets ({t.table}: {t.read} read)",
@@ -346,6 +349,13 @@ class Analyser:
                 f"({duration(self.config.greylist_delay_spf_pass)}) instead of greylist_delay: "
                 "their delays are among the retry delays (a delay under greylist_delay is "
                 "one of theirs)")
+        if self.config.greylist_delay_listed is not None:
+            # The triplet record keeps no score: which delay applied is unknown here.
+            notes.append(
+                f"greylist_delay_listed = {duration(self.config.greylist_delay_listed)} "
+                "applies to clients whose DNSBL score reaches dnsbl_greylist_threshold; "
+                "records do not say which delay applied, so the retry delays above mix "
+                "both kinds of client (listed ones retried after the longer delay)")
         self.clients.top = [(n, key) for n, _, key in sorted(self._heap, reverse=True)]
         self.delays.sort()
         report = Report(self.config, self.now, self.triplets, self.clients, self.delays,

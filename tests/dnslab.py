@@ -23,8 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-
 NSD = shutil.which("nsd") or "/usr/sbin/nsd"
 START_WAIT = 10.0  # seconds for nsd to answer its first query
 
@@ -65,6 +63,9 @@ def _config(directory: Path, port: int, zones: Mapping[str, str]) -> str:
         '  chroot: ""',
         "  server-count: 1",
         "  verbosity: 1",
+        # No response rate limiting: a load test's NXDOMAIN flood from
+        # loopback is what it is there to stop, and nsd would drop answers.
+        "  rrl-ratelimit: 0",
         "remote-control:",
         "  control-enable: no",
     ]
@@ -89,6 +90,9 @@ def _answers(host: str, port: int) -> bool:
 @contextmanager
 def start_nsd(directory: Path, zones: Mapping[str, str]) -> Iterator[Nsd]:
     """Start nsd serving ``zones`` (name -> records) on a loopback port."""
+    # Imported here: conftest imports this module, and bench/ imports it alone.
+    from tests.conftest import free_port
+
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o755)
     for zone, body in zones.items():

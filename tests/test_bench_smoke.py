@@ -30,7 +30,7 @@ from bench import run as bench_run
 from bench import servers
 from bench.loadgen import LoadSpec, parse_reply, percentile, run_load
 from bench.memtable_bench import SLICE_OPS, run_memtable_bench
-from bench.requests import MIXES, make_source
+from bench.requests import MIXES, POOL_CLIENTS, make_source, pool_address
 
 THREAD_JOIN_SECONDS = 5.0
 BENCH_COMMAND_SECONDS = 120.0  # start-up of memcached and policyd included
@@ -158,9 +158,12 @@ def test_requests_are_complete_postfix_37_rcpt_requests(mix: str) -> None:
                      "encryption_keysize", "sasl_method", "etrn_domain"):
             assert name in attrs, name
         seen.add((attrs["client_address"], attrs["sender"], attrs["recipient"]))
-    if mix == "new":
+    if mix in ("new", "pool"):
         assert len(seen) == 200  # never a repeat
-    else:
+    if mix == "pool":  # new triplets from a pool of client addresses
+        clients = {client for client, _, _ in seen}
+        assert clients <= {pool_address(i) for i in range(POOL_CLIENTS)} and len(clients) < 200
+    elif mix != "new":
         assert len(seen) < 200  # repeats of a hot/warm set
 
 
@@ -220,6 +223,24 @@ def test_bench_command_measures_the_servers_back_to_back(tmp_path: Path) -> None
     assert "## Method" not in text  # the method lives in docs/benchmarks.md only
     assert "<!-- bench:generated:begin" in text and "### Mix: new" in text
     assert (tmp_path / "benchmarks.png").stat().st_size > 0
+
+
+def test_bench_measures_dns_on_beside_dns_off(tmp_path: Path) -> None:
+    # policyd-dns: its own memcached and nsd, its DNS cache warmed first;
+    # reported beside plain policyd with the ratio and the goal line.
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--servers", "policyd,policyd-dns", "--mixes",
+         "pool", "--connections", "2", "--duration", "0.3", "--policyd-instances", "1",
+         "--skip-memtable", "--skip-memory", "--no-write"],
+        cwd=servers.ROOT, capture_output=True, text=True, timeout=BENCH_COMMAND_SECONDS)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines()
+             if line.startswith("  ") and " req/s " in line]
+    assert [line.split()[:3] for line in lines] == [["policyd", "pool", "2"],
+                                                    ["policyd-dns", "pool", "2"]]
+    assert all(" errors 0 " in line for line in lines)
+    assert "policyd-dns/policyd pool       2 conn: req/s x" in proc.stdout
+    assert "DNS on (warm cache) costs <= 10% of policyd's req/s" in proc.stdout
 
 
 def test_a_server_that_died_between_points_is_reported_not_retried(tmp_path: Path) -> None:

@@ -6,6 +6,9 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 
+import pytest
+
+from memtable import clock
 from policyd.dns import Resolver, Status
 from tests.dnslab import Nsd, silent_dns_server
 
@@ -65,3 +68,34 @@ def test_a_server_that_never_answers_costs_the_timeout_and_is_a_failure() -> Non
     assert (status, reason) == (Status.FAILURE, "timeout")
     assert took >= 0.5  # it did wait for the server, and then gave up
     assert took < 0.5 + 2.0  # bounded (a generous margin for a busy machine)
+
+
+def test_cached_answers_last_their_dns_ttl(nsd_factory: Callable[[Mapping[str, str]], Nsd],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers are kept under their text name for the record's TTL; "no
+    such name" for the SOA's negative TTL (60 s in tests.dnslab's zones)."""
+    nsd = nsd_factory({"example.org": ZONE + "long 3600 IN A 192.0.2.11\n"})
+    now = [time.time()]
+    monkeypatch.setattr(clock, "now", lambda: now[0])
+
+    start = now[0]
+    names = [("mail.example.org", "A"), ("long.example.org", "A"), ("nope.example.org", "A"),
+             ("mail.example.org", "TXT")]
+
+    def statuses(r: Resolver) -> list[Status | None]:
+        return [None if (a := r.cached(n, t)) is None else a.status for n, t in names]
+
+    async def ask() -> list[list[Status | None]]:
+        r = Resolver([nsd.server], timeout=2.0)
+        seen = [statuses(r)]  # nothing asked yet
+        for n, t in names:
+            await r.query(n, t)
+        for offset in (50, 70):
+            now[0] = start + offset
+            seen.append(statuses(r))
+        return seen
+
+    before, within, after = asyncio.run(ask())
+    assert before == [None] * 4
+    assert within == [Status.OK, Status.OK, Status.NXDOMAIN, Status.NODATA]
+    assert after == [None, Status.OK, None, None]

@@ -178,3 +178,27 @@ def test_spf_settings_and_uses_dns(tmp_path: Path) -> None:
     assert "greylist_delay_spf_pass = \n" in PolicydConfig().render()
     assert PolicydConfig.from_file(write(tmp_path / "q.cf", "greylist_delay_spf_pass = 0\n")) \
         .uses_dns
+
+
+def test_a_listed_client_waits_the_longer_delay_even_when_spf_passes(
+        nsd_factory: Any) -> None:
+    """SPF and the DNS lists together: both are asked for a new triplet (at
+    the same time), a listed client waits greylist_delay_listed although its
+    sender's SPF passes, an unlisted one is let through (selective
+    greylisting), and each decision line says what both contributed."""
+    from policyd.dnsbl import parse_sites
+
+    server = nsd_factory({"example.org": ZONE, "bl.test": "10.2.0.192 IN A 127.0.0.2\n"})
+    cfg = config(auto_whitelist_clients=0, greylist_delay_spf_pass=60,
+                 dnsbl_sites=parse_sites(["bl.test"]), dnsbl_greylist_threshold=1,
+                 greylist_delay_listed=1800)
+    listed = request(client_address="192.0.2.10")
+    unlisted = request(client_address="198.51.100.20", client_name="unknown")
+    (first, second), _, _, resolver = scenario(
+        cfg, lambda: CountingResolver([server.server]), [(0, listed), (1, unlisted)])
+    assert first.action == "DEFER_IF_PERMIT 4.2.0 Greylisted, please try again in 1800 seconds"
+    assert (first.dns_score, dict(first.fields)["spf"]) == (1, "pass")
+    assert (second.action, second.reason, second.dns_score) == ("DUNNO", "unlisted", 0)
+    assert logsetup.format_decision(listed, first).endswith(" spf=pass dns_score=1")
+    assert ("example.org", "TXT") in resolver.asked
+    assert ("10.2.0.192.bl.test", "A") in resolver.asked

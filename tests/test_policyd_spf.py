@@ -90,5 +90,5 @@ def test_check_config_refuses_an_spf_bound_beyond_decision_timeout(tmp_path: Pat
                           capture_output=True, text=True, timeout=WAIT * 4)
     assert proc.returncode == 1
     assert proc.stderr == (
-        f"policyd: {cf}, line 2: dns_timeout = 10s: 10s times 3 (the bound on one SPF "
-        "evaluation) must be shorter than decision_timeout (20s)\n")
+        f"policyd: {cf}, line 2: dns_timeout = 10s: DNS may take up to 30s of a decision "
+        "(3 x dns_timeout for SPF): it must be shorter than decision_timeout (20s)\n")

@@ -359,3 +359,17 @@ def test_the_report_names_the_spf_delay(tmp_path: Path,
             "greylist_delay is one of theirs)") in out.splitlines()
     status, out, err = report(capsys, "report", "-c", cf, "--json")
     assert json.loads(out)["config"]["greylist_delay_spf_pass"] == 60
+
+
+def test_report_names_greylist_delay_listed() -> None:
+    """With a longer delay for DNSBL-listed clients the report says so, and
+    that its retry delays mix both delays (the records keep no score)."""
+    cfg = config(greylist_delay_listed=1800, dnsbl_greylist_threshold=3)
+    result = analyse(cfg, [], NOW)
+    out = result.render()
+    assert "settings: greylist_delay = 5m, greylist_delay_listed = 30m, retry_window" in out
+    assert "note: greylist_delay_listed = 30m applies to clients whose DNSBL score" in out
+    assert result.to_json()["config"]["greylist_delay_listed"] == 1800
+    plain = analyse(config(), [], NOW)
+    assert "greylist_delay_listed" not in plain.render()
+    assert plain.to_json()["config"]["greylist_delay_listed"] is None
