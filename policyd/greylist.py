@@ -44,7 +44,7 @@ from typing import TypeVar
 from memtable import clock
 from memtable.table import Table
 from policyd import limits
-from policyd.api import Decision
+from policyd.api import Decision, PolicyFailure
 from policyd.config import PolicydConfig
 from policyd.dns import Resolver
 from policyd.metrics import Metrics, NullMetrics
@@ -153,7 +153,8 @@ class GreylistPolicy:
         try:
             return await self._greylist(request, address, client, recipient)
         except StoreError as exc:
-            return self._store_failure(exc)
+            # The server answers it, as store_failure_action says.
+            raise PolicyFailure("store-failure", str(exc)) from exc
 
     def reload(self) -> None:
         self.whitelist.reload()
@@ -281,13 +282,6 @@ class GreylistPolicy:
         if len(self._instances) > limits.HEADER_INSTANCE_MEMORY:
             self._instances.popitem(last=False)
         return True
-
-    def _store_failure(self, exc: StoreError) -> Decision:
-        if self.config.store_failure_action == "disconnect":
-            log.warning("store failure, closing the policy connection: %s", exc)
-            return Decision("", "store-failure", disconnect=True)
-        log.warning("store failure, answering DUNNO: %s", exc)
-        return Decision(DUNNO, "store-failure")
 
 
 async def _wait_all(*futures: asyncio.Future[T]) -> list[T | BaseException]:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
-from policyd.api import Decision
+from policyd.api import Decision, PolicyFailure
 from policyd.config import PolicydConfig
 from policyd.server import PolicyServer
 
@@ -24,7 +24,7 @@ WAIT = 5.0  # bound on every wait in these tests
 class ScriptedPolicy:
     """A Policy steered by request attributes the real policy ignores:
     test_action=ACTION, test_sleep=SECONDS, test_raise=MESSAGE,
-    test_disconnect=1."""
+    test_store_failure=MESSAGE (PolicyFailure), test_disconnect=1."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, str]] = []
@@ -39,6 +39,8 @@ class ScriptedPolicy:
             await asyncio.sleep(float(request["test_sleep"]))
         if "test_raise" in request:
             raise RuntimeError(request["test_raise"])
+        if "test_store_failure" in request:
+            raise PolicyFailure("store-failure", request["test_store_failure"])
         if request.get("test_disconnect"):
             return Decision("DUNNO", "test", disconnect=True)
         return Decision(request.get("test_action", "DUNNO"), "test")

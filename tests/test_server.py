@@ -285,6 +285,30 @@ def test_policy_failure(start_server: StartServer, failure: dict[str, str],
     assert srv.server.stats.policy_failures == 1
 
 
+@pytest.mark.parametrize("store_failure_action", ["DUNNO", "disconnect"])
+def test_store_failure_answered_by_the_server(start_server: StartServer,
+                                              store_failure_action: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A policy whose stores failed raises PolicyFailure; the server answers
+    it as store_failure_action says, with one warning decision line."""
+    caplog.set_level(logging.INFO, logger="policyd")
+    srv = start_server(store_failure_action=store_failure_action)
+    with connect(srv.inet) as sock:
+        reply = ask(sock, request(test_store_failure="memcached down"))
+        if store_failure_action == "DUNNO":
+            assert reply == b"action=DUNNO\n\n"
+            assert ask(sock, request(test_action="OK")) == b"action=OK\n\n"
+        else:
+            assert reply == b""
+            assert is_closed(sock)
+    (line,) = [r for r in caplog.records
+               if r.name == "policyd.decision" and "reason=test" not in r.getMessage()]
+    action = "disconnect" if store_failure_action == "disconnect" else "DUNNO"
+    assert line.levelno == logging.WARNING
+    assert line.getMessage().startswith(f"action={action} reason=store-failure client=192.0.2.1 ")
+    assert line.getMessage().endswith('detail="memcached down"')
+
+
 def test_invalid_action_is_a_policy_failure(server: ServerThread) -> None:
     with connect(server.inet) as sock:
         assert ask(sock, request(test_action="")) == b"action=DUNNO\n\n"
@@ -328,6 +352,7 @@ def test_graceful_shutdown_finishes_request_in_flight(start_server: StartServer)
     srv = start_server(shutdown_grace=5)
     with connect(srv.inet) as busy, connect(srv.inet) as idle:
         assert ask(idle, request()) == b"action=DUNNO\n\n"
+        srv.policy.started.clear()  # set again when the busy request is decided
         busy.sendall(request(test_action="OK late", test_sleep="0.5"))
         assert srv.policy.started.wait(WAIT)
         address = srv.inet
