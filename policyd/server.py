@@ -434,17 +434,17 @@ class PolicyServer:
                             log.debug("%s: connection closed in the middle of a request",
                                       conn.peer)
                         return []
-                    if conn.state is State.WAITING:
-                        # The request's first byte: read_timeout from now on,
-                        # not extended by more bytes.
-                        conn.state = State.READING
-                        timeout.reschedule(loop.time() + config.read_timeout)
                     requests = parser.feed(data)
                     if requests:
                         self.stats.requests += len(requests)
                         for request in requests:
                             self._metrics.request_size(request.size)
                         return requests
+                    if conn.state is State.WAITING:
+                        # The request's first bytes: read_timeout from now
+                        # on, not extended by more bytes.
+                        conn.state = State.READING
+                        timeout.reschedule(loop.time() + config.read_timeout)
         except TimeoutError:
             if conn.state is State.READING:
                 self.stats.read_timeouts += 1
