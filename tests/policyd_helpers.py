@@ -24,7 +24,8 @@ WAIT = 5.0  # bound on every wait in these tests
 class ScriptedPolicy:
     """A Policy steered by request attributes the real policy ignores:
     test_action=ACTION, test_sleep=SECONDS, test_raise=MESSAGE,
-    test_store_failure=MESSAGE (PolicyFailure), test_disconnect=1."""
+    test_raise_timeout=MESSAGE (TimeoutError), test_store_failure=MESSAGE
+    (PolicyFailure), test_disconnect=1."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, str]] = []
@@ -39,6 +40,8 @@ class ScriptedPolicy:
             await asyncio.sleep(float(request["test_sleep"]))
         if "test_raise" in request:
             raise RuntimeError(request["test_raise"])
+        if "test_raise_timeout" in request:
+            raise TimeoutError(request["test_raise_timeout"])
         if "test_store_failure" in request:
             raise PolicyFailure("store-failure", request["test_store_failure"])
         if request.get("test_disconnect"):

@@ -240,6 +240,18 @@ def test_read_timeout_bounds_an_unfinished_request(start_server: StartServer,
     assert any("read_timeout" in r.getMessage() for r in caplog.records)
 
 
+def test_read_timeout_bounds_a_request_begun_behind_another(
+        start_server: StartServer) -> None:
+    """Bytes of the next request that came with the last one start its
+    read_timeout, not an idle_timeout."""
+    srv = start_server(read_timeout=0.3, idle_timeout=60)
+    with connect(srv.inet) as sock:
+        assert ask(sock, request() + request()[:10]) == b"action=DUNNO\n\n"
+        assert is_closed(sock)
+    assert srv.server.stats.read_timeouts == 1
+    assert srv.server.stats.idle_timeouts == 0
+
+
 def test_max_connections_refuses_extra(start_server: StartServer,
                                        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="policyd")
@@ -307,6 +319,17 @@ def test_store_failure_answered_by_the_server(start_server: StartServer,
     assert line.levelno == logging.WARNING
     assert line.getMessage().startswith(f"action={action} reason=store-failure client=192.0.2.1 ")
     assert line.getMessage().endswith('detail="memcached down"')
+
+
+def test_policy_timeout_error_is_not_the_decision_timeout(
+        server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    """A TimeoutError of the policy's own (a socket's, say) is reported as
+    what it is, not as decision_timeout."""
+    caplog.set_level(logging.INFO, logger="policyd")
+    with connect(server.inet) as sock:
+        assert ask(sock, request(test_raise_timeout="memcached")) == b"action=DUNNO\n\n"
+    (line,) = [r.getMessage() for r in caplog.records if "reason=policy-failure" in r.getMessage()]
+    assert line.endswith('detail="TimeoutError: memcached"'), line
 
 
 def test_invalid_action_is_a_policy_failure(server: ServerThread) -> None:
