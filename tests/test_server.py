@@ -217,24 +217,28 @@ def test_idle_timeout_closes_quietly(start_server: StartServer,
 
 
 def test_activity_and_slow_decisions_do_not_count_as_idle(start_server: StartServer) -> None:
-    srv = start_server(idle_timeout=0.2, decision_timeout=5)
-    with connect(srv.inet) as sock:
-        for _ in range(4):  # 0.4 s of traffic, each gap under idle_timeout
+    srv = start_server(idle_timeout=60, decision_timeout=600)
+    with connect(srv.unix) as sock:
+        for _ in range(4):  # 200 s of traffic, each gap under idle_timeout
             assert ask(sock, request()) == b"action=DUNNO\n\n"
-            time.sleep(0.1)
-        assert ask(sock, request(test_sleep="0.35")) == b"action=DUNNO\n\n"
+            srv.advance(50)
+        sock.sendall(request(test_sleep="100"))  # a decision longer than idle_timeout
+        srv.advance(100)
+        assert read_reply(sock) == b"action=DUNNO\n\n"
         assert ask(sock, request(test_action="OK")) == b"action=OK\n\n"
     assert srv.server.stats.idle_timeouts == 0
 
 
 def test_read_timeout_bounds_an_unfinished_request(start_server: StartServer,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    srv = start_server(read_timeout=0.3, idle_timeout=60)
-    with connect(srv.inet) as sock:
+    srv = start_server(read_timeout=30, idle_timeout=600)
+    with connect(srv.unix) as sock:
         data = request()
         sock.sendall(data[:10])
-        time.sleep(0.1)
+        srv.advance(20)
+        assert srv.connections() == 1
         sock.sendall(data[10:20])  # trickling does not extend read_timeout
+        srv.advance(20)
         assert is_closed(sock)
     assert srv.server.stats.read_timeouts == 1
     assert any("read_timeout" in r.getMessage() for r in caplog.records)
@@ -485,11 +489,14 @@ def test_decision_deadlines_apply_to_their_own_decisions(start_server: StartServ
     """One slow decision times out while quick ones on other connections
     (which started later and finished) are unaffected, and a later slow one
     gets its own full decision_timeout."""
-    srv = start_server(decision_timeout=0.3, store_failure_action="DUNNO")
-    with connect(srv.inet) as slow, connect(srv.inet) as quick:
-        slow.sendall(request(test_sleep="5"))
+    srv = start_server(decision_timeout=30, store_failure_action="DUNNO")
+    with connect(srv.unix) as slow, connect(srv.unix) as quick:
+        slow.sendall(request(test_sleep="500"))
         for i in range(5):
             assert ask(quick, request(test_action=f"OK {i}")) == f"action=OK {i}\n\n".encode()
+        srv.advance(30)
         assert read_reply(slow) == b"action=DUNNO\n\n"  # the timeout's answer
-        assert ask(slow, request(test_action="OK", test_sleep="0.1")) == b"action=OK\n\n"
+        slow.sendall(request(test_action="OK", test_sleep="20"))
+        srv.advance(20)
+        assert read_reply(slow) == b"action=OK\n\n"
     assert srv.server.stats.policy_failures == 1
