@@ -206,7 +206,6 @@ class PolicyServer:
         self._next_refusal_log = 0.0
         self._signals: list[int] = []
         self._reload_task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._read_buffer = memoryview(bytearray(limits.READ_CHUNK_BYTES))
         self.stats = ServerStats()
 
@@ -231,7 +230,7 @@ class PolicyServer:
         if self._stopped is not None:
             return
         self._stopped = asyncio.Event()
-        self._loop = loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         if self._listeners is None:
             self._listeners = open_listeners(self._config)
         try:
