@@ -32,6 +32,7 @@ class ScriptedPolicy:
         self.reloads = 0
         self.closed = False
         self.started = threading.Event()  # a decision has begun
+        self.decided = 0                  # decisions that ran to their end
 
     async def decide(self, request: Mapping[str, str]) -> Decision:
         self.seen.append(dict(request))
@@ -44,6 +45,7 @@ class ScriptedPolicy:
             raise TimeoutError(request["test_raise_timeout"])
         if "test_store_failure" in request:
             raise PolicyFailure("store-failure", request["test_store_failure"])
+        self.decided += 1
         if request.get("test_disconnect"):
             return Decision("DUNNO", "test", disconnect=True)
         return Decision(request.get("test_action", "DUNNO"), "test")

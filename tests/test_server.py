@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -346,6 +347,25 @@ def test_decision_disconnect_closes_without_reply(server: ServerThread) -> None:
     with connect(server.inet) as sock:
         assert ask(sock, request(test_disconnect="1")) == b""
         assert is_closed(sock)
+
+
+@pytest.mark.parametrize("leave", ["close", "reset"])
+def test_peer_leaving_does_not_cut_its_decision_short(start_server: StartServer,
+                                                      leave: str) -> None:
+    """A peer that leaves while its request is decided (FIN or RST) does not
+    cancel the decision (its store writes complete); only the reply is
+    dropped."""
+    server = start_server(decision_timeout=600)
+    with connect(server.inet) as sock:
+        sock.sendall(request(test_sleep="30"))
+        assert server.policy.started.wait(WAIT)
+        if leave == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    server.advance(10)  # the peer's leaving is seen; the decision goes on
+    assert server.policy.decided == 0
+    server.advance(20)
+    assert server.policy.decided == 1
+    assert wait_until(lambda: server.connections() == 0)
 
 
 def test_decision_logged_as_one_line(server: ServerThread,
