@@ -38,11 +38,23 @@ class Decision:
     dns: str | None = None
 
 
+class PolicyFailure(Exception):
+    """decide() could not decide (its stores failed, say).  The server
+    answers as ``store_failure_action`` says, as for any other failure of
+    the policy, and logs ``reason`` and the message as the decision line's
+    ``reason`` and ``detail``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 class Policy(Protocol):
     """A policy the server can run."""
 
     async def decide(self, request: Mapping[str, str]) -> Decision:
-        """Decide one request (attribute name -> value, already validated)."""
+        """Decide one request (attribute name -> value, already validated).
+        Raises PolicyFailure (or any exception) when it cannot."""
         ...
 
     def reload(self) -> None:

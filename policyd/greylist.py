@@ -65,7 +65,7 @@ from memtable import clock
 from memtable.errors import ConfigError, OpenError
 from memtable.table import Table
 from policyd import limits, spf
-from policyd.api import Decision
+from policyd.api import Decision, PolicyFailure
 from policyd.config import PolicydConfig
 from policyd.dns import Resolver
 from policyd.dnsbl import DNSWL, LISTED, UNLISTED, DnsblScorer, DnsVerdict
@@ -194,7 +194,8 @@ class GreylistPolicy:
             decision = await self._greylist(request, address, ip, client, recipient,
                                             sender_spf)
         except StoreError as exc:
-            decision = self._store_failure(exc)
+            # The server answers it, as store_failure_action says.
+            raise PolicyFailure("store-failure", str(exc)) from exc
         if sender_spf is None or sender_spf.result is None:
             return decision
         return _with_spf(decision, sender_spf.result, client)
@@ -360,13 +361,6 @@ class GreylistPolicy:
         if len(self._instances) > limits.HEADER_INSTANCE_MEMORY:
             self._instances.popitem(last=False)
         return True
-
-    def _store_failure(self, exc: StoreError) -> Decision:
-        if self.config.store_failure_action == "disconnect":
-            log.warning("store failure, closing the policy connection: %s", exc)
-            return Decision("", "store-failure", disconnect=True)
-        log.warning("store failure, answering DUNNO: %s", exc)
-        return Decision(DUNNO, "store-failure")
 
 
 class _SenderSpf:

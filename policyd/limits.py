@@ -13,6 +13,8 @@ MAX_REQUEST_BYTES = 32 * 1024
 MAX_LISTENERS = 16
 MAX_CONNECTIONS_CEILING = 100_000
 MAX_TIMEOUT_SECONDS = 24 * 3600
+# Bytes read from a connection at once, and the most it may have sent
+# ahead, unread, before reading from it pauses.
 READ_CHUNK_BYTES = 64 * 1024
 
 # --- whitelists (policyd.whitelist) ----------------------------------------

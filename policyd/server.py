@@ -3,22 +3,20 @@
 It speaks the SMTPD policy protocol (policyd.protocol) and asks a Policy
 (policyd.api) for each decision; it knows nothing of greylisting.
 
-Per connection: requests are answered in order, one at a time (Postfix
-waits for each reply).  ``idle_timeout`` bounds the wait between requests
-(the connection is then closed quietly), ``read_timeout`` the time from a
-request's first byte to its end, ``decision_timeout`` each decision.  On any
-trouble the server sends no reply and closes the connection, which makes
-Postfix retry later; a protocol error affects only its own connection and
-logs one line.  A policy that fails or is too slow gets
-``store_failure_action``: ``DUNNO`` (reply action=DUNNO) or ``disconnect``.
+A connection's life is one coroutine, PolicyServer._converse, that reads
+top to bottom: read a request (``idle_timeout`` until its first byte,
+``read_timeout`` from there to its end), decide it (``decision_timeout``),
+write the reply, again.  Requests are answered in order, one at a time
+(Postfix waits for each reply).  On any trouble the server sends no reply
+and closes the connection, which makes Postfix retry later; a protocol
+error affects only its own connection and logs one line.  A policy that
+fails (raises, PolicyFailure for its stores, or exceeds decision_timeout)
+is answered in one place, PolicyServer._failure, as
+``store_failure_action`` says: ``DUNNO`` or ``disconnect``.
 
-The hot path is plain asyncio.Protocol callbacks (no stream reader, no
-coroutine per connection): bytes go straight to the connection's
-PolicyParser, each request's decision runs as one task, and its reply is
-written from the task's done callback.  Timers are lazy: one watchdog per
-connection for read and idle timeouts, and one server-wide queue of
-decision deadlines (decision_timeout is the same for every request, so
-deadlines come in start order) with a single timer at its head.
+Bytes reach the coroutine through a BufferedProtocol (_Connection) rather
+than asyncio's streams: it costs less per request (docs/design.md, "The
+server").
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import logging
 import signal
 import socket
@@ -35,13 +34,13 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from policyd import limits, sdnotify
-from policyd.api import Decision, Policy
+from policyd.api import Decision, Policy, PolicyFailure
 from policyd.config import PolicydConfig
 from policyd.errors import PolicyProtocolError
 from policyd.listeners import Listener, open_listeners
 from policyd.logsetup import DECISION_LOGGER, format_decision, log_decision
 from policyd.metrics import Metrics, NullMetrics
-from policyd.protocol import PolicyParser, format_reply
+from policyd.protocol import PolicyParser, Request, format_reply
 
 log = logging.getLogger("policyd.server")
 _decision_log = logging.getLogger(DECISION_LOGGER)
@@ -58,9 +57,18 @@ class ServerStats:
     requests: int = 0              # complete requests received
     replies: int = 0               # replies written
     protocol_errors: int = 0
-    policy_failures: int = 0       # policy raised or exceeded decision_timeout
+    policy_failures: int = 0       # answered as store_failure_action says
     read_timeouts: int = 0
     idle_timeouts: int = 0
+
+
+class State(enum.Enum):
+    """Where a connection's conversation is."""
+
+    WAITING = "waiting for a request"  # no byte of it yet: idle_timeout runs
+    READING = "reading a request"      # part of it: read_timeout runs
+    DECIDING = "deciding a request"    # decision_timeout runs; shutdown waits for it
+    CLOSED = "closed"                  # the conversation is over
 
 
 def _peer_name(transport: asyncio.BaseTransport) -> str:
@@ -73,33 +81,20 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
 
 
 class _Connection(asyncio.BufferedProtocol):
-    """One client connection (see the module docstring)."""
+    """One client connection: the bytes its conversation awaits (read()),
+    and its replies (write())."""
 
     def __init__(self, server: PolicyServer) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self.parser = PolicyParser()
-        self.queue: collections.deque[tuple[dict[str, str], int]] = collections.deque()
-        self.started = 0.0          # loop time of the first byte of an unfinished request
-        self.deadline = 0.0         # when the current wait for bytes times out
-        self.timer: asyncio.TimerHandle | None = None
-        self.task: asyncio.Task[Decision] | None = None  # the decision in progress
-        self.attrs: dict[str, str] = {}                  # its request
-        self.seq = 0                # decisions started (ties deadline entries to them)
-        self.timed_out = False      # the current decision exceeded decision_timeout
-        self.paused = False         # reading paused: requests waiting
-        self.lost = False           # the transport is gone
-        self.closed = False         # closing: nothing more is read or answered
-        self.eof = False            # the peer sent everything it will send
-        self.registered = False     # counted in server._conns
-        self.finished: asyncio.Future[None] | None = None  # for shutdown
-
-    @property
-    def busy(self) -> bool:
-        """A request is being decided or answered."""
-        return self.task is not None
+        self.state = State.WAITING
+        self.task: asyncio.Task[None] | None = None  # the conversation
+        self._data = b""              # received, not yet read
+        self._ended = False           # the peer sent all it will send, or left
+        self._paused = False          # _data is full: the transport reads no more
+        self._waiter: asyncio.Future[None] | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------
 
@@ -112,193 +107,80 @@ class _Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         # One buffer for every connection: buffer_updated() copies out
         # what was read before any other connection reads.  (A plain
-        # data_received() costs a recv() of 256 KiB, asyncio's default:
-        # ~13 us per call for the allocation alone.)
+        # data_received() costs a recv() of 256 KiB, asyncio's default.)
         return self.server._read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.closed or not self.registered:
+        if self.state is State.CLOSED:
             return
-        try:
-            self._received(bytes(self.server._read_buffer[:nbytes]))
-        except Exception as exc:  # a bug: log one line, keep serving others
-            self._internal_error(exc)
+        chunk = bytes(self.server._read_buffer[:nbytes])
+        self._data = self._data + chunk if self._data else chunk
+        if len(self._data) >= limits.READ_CHUNK_BYTES and self.transport is not None:
+            # A client that sends ahead (Postfix never does) is read no
+            # further until its requests are answered: bounded memory.
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
 
     def eof_received(self) -> bool | None:
         # Requests received before the end are still answered (a client
         # may half-close after sending); the connection closes after that.
-        self.eof = True
-        if self.parser.buffered:
-            log.debug("%s: connection closed in the middle of a request", self.peer)
-        if self.task is None and not self.queue:
-            self._close()
+        self._ended = True
+        self._wake()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         # A decision in progress runs to its end (its writes complete), as
         # if the peer had left just after the reply; only shutdown cancels.
-        if self.task is None:
-            self._finish()
+        self._ended = True
+        self._wake()
 
-    # --- requests -------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    def _received(self, data: bytes) -> None:
-        server = self.server
-        mid_request = self.parser.buffered > 0
-        if not mid_request:
-            self.started = self.loop.time()
-        try:
-            requests = self.parser.feed(data)
-        except PolicyProtocolError as exc:
-            server.stats.protocol_errors += 1
-            log.warning("%s: protocol error: %s; closing without reply", self.peer, exc)
-            self._close()
-            return
-        if requests:
-            if self.parser.buffered:
-                self.started = self.loop.time()
-            for request in requests:
-                self.queue.append((request.attrs, request.size))
-            if self.task is None:
-                self._next()
-            if self.queue and not self.paused and not self.closed:
-                # A client that sends ahead (Postfix never does) is read no
-                # further until its requests are answered: bounded memory.
-                self.paused = True
-                assert self.transport is not None
-                self.transport.pause_reading()
-        elif self.task is None:
-            self._wait_for_bytes()
+    # --- for the conversation -------------------------------------------------
 
-    def _next(self) -> None:
-        """Start deciding the next queued request, or wait for bytes."""
-        server = self.server
-        if not self.queue or server._closing or self.closed:
-            self.queue.clear()
-            if server._closing or self.eof:
-                self._close()
-            elif not self.closed:
-                self._wait_for_bytes()
-            return
-        attrs, size = self.queue.popleft()
-        if self.paused and not self.queue:
-            self.paused = False
-            assert self.transport is not None
-            self.transport.resume_reading()
-        server.stats.requests += 1
-        server._metrics.request_size(size)
-        self.attrs = attrs
-        self.timed_out = False
-        self.seq += 1
-        task = self.loop.create_task(server._policy.decide(attrs))
-        self.task = task
-        server._decision_started(self)
-        task.add_done_callback(self._decided)
+    async def read(self) -> bytes:
+        """The bytes received since the last read; b"" once the peer ended."""
+        if not self._data and not self._ended:
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data, self._data = self._data, b""
+        if self._paused:
+            self._paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+        return data
 
-    def _decided(self, task: asyncio.Task[Decision]) -> None:
-        self.task = None
-        try:
-            reply = self.server._reply(self, task)
-            if reply is None:
-                self._close(abort=True)  # nothing may follow a request left unanswered
-            elif not self.closed:
-                self._send(reply)
-        except Exception as exc:
-            self._internal_error(exc)
-        if self.lost:
-            self.queue.clear()
-            self._finish()
-        else:
-            self._next()
-
-    def _send(self, reply: bytes) -> None:
+    def write(self, reply: bytes) -> bool:
+        """Send a reply; False when the connection must end instead."""
         transport = self.transport
         assert transport is not None
+        if transport.is_closing():
+            return False  # the peer left while its request was decided
         transport.write(reply)
         self.server.stats.replies += 1
         if transport.get_write_buffer_size() > limits.MAX_WRITE_BUFFER_BYTES:
             log.warning("%s: peer does not read its replies; closing", self.peer)
-            self._close(abort=True)
+            return False
+        return True
 
-    # --- timeouts -------------------------------------------------------------
-
-    def _wait_for_bytes(self) -> None:
-        """Arm the read or idle timeout for the wait that begins now."""
-        config = self.server._config
-        if self.parser.buffered:
-            deadline = self.started + config.read_timeout
-        else:
-            deadline = self.loop.time() + config.idle_timeout
-        self.deadline = deadline
-        timer = self.timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self.timer = self.loop.call_at(deadline, self._watchdog)
-
-    def _watchdog(self) -> None:
-        """Read and idle timeouts, one lazy timer per connection.
-
-        Arming a timer for every read would cost two heap operations per
-        request; instead the deadline moves with each wait and this timer
-        only fires when it might have passed, then re-arms itself.
-        """
-        self.timer = None
-        if self.closed:
-            return
-        now = self.loop.time()
-        if self.task is None and not self.queue and now >= self.deadline:
-            config = self.server._config
-            stats = self.server.stats
-            if self.parser.buffered:
-                stats.read_timeouts += 1
-                log.warning("%s: request incomplete after read_timeout (%ss); closing",
-                            self.peer, config.read_timeout)
-            else:
-                stats.idle_timeouts += 1
-                log.debug("%s: idle for %ss; closing", self.peer, config.idle_timeout)
-            self._close()
-            return
-        busy = self.task is not None or bool(self.queue)
-        when = now + self.server._config.idle_timeout if busy else self.deadline
-        self.timer = self.loop.call_at(when, self._watchdog)
-
-    # --- ending -------------------------------------------------------------
-
-    def _close(self, abort: bool = False) -> None:
-        """Close the connection; abort when nothing may be flushed (a reply
-        must not follow a cancelled decision)."""
+    def close(self, abort: bool = False) -> None:
+        """End the connection; abort drops replies not yet sent (a peer
+        that does not read them, or a stop that cannot wait)."""
+        self.state = State.CLOSED
         transport = self.transport
-        if transport is None or self.lost:
+        if transport is None:
             return
-        self.closed = True
-        if abort or self.task is not None:
+        if abort:
             transport.abort()
-        else:
+        elif not transport.is_closing():
             transport.close()
-
-    def _abort(self) -> None:
-        """Shutdown: drop the connection, cancel its decision."""
-        if self.task is not None:
-            self.task.cancel()
-        self._close(abort=True)
-
-    def _finish(self) -> None:
-        """The connection is over for the server: forget it."""
-        if self.task is not None:
-            return
-        self.server._forget(self)
-        if self.finished is not None and not self.finished.done():
-            self.finished.set_result(None)
-
-    def _internal_error(self, exc: Exception) -> None:
-        log.error("%s: internal error: %s: %s", self.peer, type(exc).__name__, exc)
-        log.debug("traceback", exc_info=True)
-        self._close(abort=True)
 
 
 class PolicyServer:
@@ -324,11 +206,6 @@ class PolicyServer:
         self._next_refusal_log = 0.0
         self._signals: list[int] = []
         self._reload_task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        # Decision deadlines in start order: (deadline, connection, seq).
-        self._deadlines: collections.deque[tuple[float, _Connection, int]] = \
-            collections.deque()
-        self._deadline_timer: asyncio.TimerHandle | None = None
         self._read_buffer = memoryview(bytearray(limits.READ_CHUNK_BYTES))
         self.stats = ServerStats()
 
@@ -353,7 +230,7 @@ class PolicyServer:
         if self._stopped is not None:
             return
         self._stopped = asyncio.Event()
-        self._loop = loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         if self._listeners is None:
             self._listeners = open_listeners(self._config)
         try:
@@ -440,33 +317,26 @@ class PolicyServer:
 
     async def _shutdown(self) -> None:
         sdnotify.stopping()
-        loop = asyncio.get_running_loop()
         for server in self._servers:
             server.close()
         self._close_listeners()
-        busy: list[_Connection] = []
+        busy: list[asyncio.Task[None]] = []
         for conn in list(self._conns):
-            conn.finished = loop.create_future()
-            if conn.busy:
-                busy.append(conn)
+            if conn.state is State.DECIDING and conn.task is not None:
+                busy.append(conn.task)  # it ends after its reply
             else:
-                conn.queue.clear()
-                conn._close()  # waiting for a request: nothing to lose
+                conn.close()  # waiting for a request: nothing to lose
         if busy:
             log.info("waiting up to %ss for %d request(s) in flight",
                      self._config.shutdown_grace, len(busy))
-            _, pending = await asyncio.wait([c.finished for c in busy if c.finished],
-                                            timeout=self._config.shutdown_grace)
-            late = [c for c in busy if c.finished in pending]
-            for conn in late:
-                conn._abort()
+            _, late = await asyncio.wait(busy, timeout=self._config.shutdown_grace)
             if late:
+                for task in late:
+                    task.cancel()
                 log.warning("shutdown_grace expired: cancelled %d request(s)", len(late))
-        waiting = [c.finished for c in busy if c.finished and not c.finished.done()]
-        if waiting:
-            # Cancelled decisions end at their next await; a policy that
-            # ignores cancellation must not hold the process forever.
-            await asyncio.wait(waiting, timeout=limits.SHUTDOWN_CANCEL_WAIT_SECONDS)
+                # Cancelled decisions end at their next await; a policy that
+                # ignores cancellation must not hold the process forever.
+                await asyncio.wait(late, timeout=limits.SHUTDOWN_CANCEL_WAIT_SECONDS)
         if self._reload_task is not None and not self._reload_task.done():
             # The policy's files are being read in a thread; let it finish
             # (bounded) before the policy is closed.  A read stuck in the
@@ -490,19 +360,13 @@ class PolicyServer:
     def _accept(self, conn: _Connection) -> None:
         assert conn.transport is not None
         if self._closing or len(self._conns) >= self._config.max_connections:
+            conn.state = State.CLOSED
             self._refuse(conn.peer, conn.transport)
             return
-        conn.registered = True
         self._conns[conn] = None
         self.stats.connections += 1
         self._metrics.connection_opened()
-        conn._wait_for_bytes()
-
-    def _forget(self, conn: _Connection) -> None:
-        if conn.registered:
-            conn.registered = False
-            del self._conns[conn]
-            self._metrics.connection_closed()
+        conn.task = conn.loop.create_task(self._serve(conn))
 
     def _refuse(self, peer: str, transport: asyncio.Transport) -> None:
         self.stats.refused += 1
@@ -519,68 +383,112 @@ class PolicyServer:
             self._refused_unlogged = 0
             self._next_refusal_log = now + limits.REFUSAL_LOG_INTERVAL_SECONDS
 
+    async def _serve(self, conn: _Connection) -> None:
+        """The connection's conversation, and its end whatever happens."""
+        try:
+            await self._converse(conn)
+        except asyncio.CancelledError:
+            conn.close(abort=True)  # shutdown cancelled a decision: no reply follows
+            raise
+        except Exception as exc:  # a bug: log one line, keep serving others
+            log.error("%s: internal error: %s: %s", conn.peer, type(exc).__name__, exc)
+            log.debug("traceback", exc_info=True)
+            conn.close(abort=True)
+        finally:
+            conn.close()
+            del self._conns[conn]
+            self._metrics.connection_closed()
+
+    async def _converse(self, conn: _Connection) -> None:
+        """Read a request, decide it, write the reply; again, until the
+        connection ends or the server stops."""
+        parser = PolicyParser()
+        pending: collections.deque[Request] = collections.deque()  # sent ahead
+        while not self._closing:
+            if not pending:
+                pending.extend(await self._read_requests(conn, parser))
+                if not pending or self._closing:
+                    return  # the peer ended, a timeout, a protocol error; or a stop
+            conn.state = State.DECIDING
+            reply = await self._answer(pending.popleft())
+            if reply is None or not conn.write(reply):
+                conn.close(abort=True)  # nothing may follow a request left unanswered
+                return
+
+    async def _read_requests(self, conn: _Connection, parser: PolicyParser) -> list[Request]:
+        """The requests completed by the next bytes (at least one), or []
+        when the connection is to end: the peer ended, a timeout (idle or
+        read), a protocol error."""
+        config = self._config
+        loop = conn.loop
+        # A tail left by the last read is a request begun already.
+        conn.state = State.READING if parser.buffered else State.WAITING
+        wait = config.read_timeout if parser.buffered else config.idle_timeout
+        try:
+            async with asyncio.timeout(wait) as timeout:
+                while True:
+                    data = await conn.read()
+                    if not data:
+                        if parser.buffered:
+                            log.debug("%s: connection closed in the middle of a request",
+                                      conn.peer)
+                        return []
+                    requests = parser.feed(data)
+                    if requests:
+                        self.stats.requests += len(requests)
+                        for request in requests:
+                            self._metrics.request_size(request.size)
+                        return requests
+                    if conn.state is State.WAITING:
+                        # The request's first bytes: read_timeout from now
+                        # on, not extended by more bytes.
+                        conn.state = State.READING
+                        timeout.reschedule(loop.time() + config.read_timeout)
+        except TimeoutError:
+            if conn.state is State.READING:
+                self.stats.read_timeouts += 1
+                log.warning("%s: request incomplete after read_timeout (%ss); closing",
+                            conn.peer, config.read_timeout)
+            else:
+                self.stats.idle_timeouts += 1
+                log.debug("%s: idle for %ss; closing", conn.peer, config.idle_timeout)
+            return []
+        except PolicyProtocolError as exc:
+            self.stats.protocol_errors += 1
+            log.warning("%s: protocol error: %s; closing without reply", conn.peer, exc)
+            return []
+
     # --- decisions -------------------------------------------------------
 
-    def _decision_started(self, conn: _Connection) -> None:
-        """Queue the decision's deadline (see the module docstring)."""
-        loop = conn.loop
-        deadlines = self._deadlines
-        # Entries of decisions that ended are dropped from the head, so the
-        # queue holds about as many entries as there are decisions in flight.
-        while deadlines:
-            _, head, seq = deadlines[0]
-            if head.task is not None and head.seq == seq:
-                break
-            deadlines.popleft()
-        deadlines.append((loop.time() + self._config.decision_timeout, conn, conn.seq))
-        if self._deadline_timer is None:
-            self._deadline_timer = loop.call_at(deadlines[0][0], self._expire_decisions)
+    async def _answer(self, request: Request) -> bytes | None:
+        """The reply to a request, or None to close without one."""
+        attrs = request.attrs
+        deadline = asyncio.timeout(self._config.decision_timeout)
+        try:
+            async with deadline:
+                decision = await self._policy.decide(attrs)
+            reply = None if decision.disconnect else format_reply(decision.action)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                return self._failure(attrs, "policy-failure", f"{type(exc).__name__}: {exc}")
+            return self._failure(attrs, "policy-failure", "no decision within decision_timeout "
+                                 f"({self._config.decision_timeout}s)")
+        except PolicyFailure as exc:
+            return self._failure(attrs, exc.reason, str(exc))
+        except Exception as exc:
+            return self._failure(attrs, "policy-failure", f"{type(exc).__name__}: {exc}")
+        log_decision(attrs, decision)
+        self._metrics.observe_decision(decision)
+        return reply
 
-    def _expire_decisions(self) -> None:
-        self._deadline_timer = None
-        assert self._loop is not None
-        now = self._loop.time()
-        deadlines = self._deadlines
-        while deadlines:
-            when, conn, seq = deadlines[0]
-            if conn.task is None or conn.seq != seq:
-                deadlines.popleft()  # that decision ended
-                continue
-            if when > now:
-                self._deadline_timer = self._loop.call_at(when, self._expire_decisions)
-                return
-            deadlines.popleft()
-            conn.timed_out = True
-            conn.task.cancel()
-
-    def _reply(self, conn: _Connection, task: asyncio.Task[Decision]) -> bytes | None:
-        """The reply to a decided request, or None to close without one."""
-        config = self._config
-        attrs = conn.attrs
-        if task.cancelled():
-            if not conn.timed_out:
-                return None  # shutdown cancelled it: no reply, no log line
-            why = f"no decision within decision_timeout ({config.decision_timeout}s)"
-        else:
-            exc = task.exception()
-            if exc is None:
-                decision = task.result()
-                try:
-                    reply = None if decision.disconnect else format_reply(decision.action)
-                except Exception as error:
-                    why = f"{type(error).__name__}: {error}"
-                else:
-                    log_decision(attrs, decision)
-                    self._metrics.observe_decision(decision)
-                    return reply
-            elif isinstance(exc, Exception):
-                why = f"{type(exc).__name__}: {exc}"
-            else:
-                raise exc
+    def _failure(self, attrs: dict[str, str], reason: str, why: str) -> bytes | None:
+        """The one answer to every request without a decision: the policy
+        failed (``reason``: ``store-failure`` or ``policy-failure``; ``why``
+        says how) or took longer than decision_timeout.  store_failure_action
+        says which: DUNNO, or None to close without a reply."""
         self.stats.policy_failures += 1
-        disconnect = config.store_failure_action == "disconnect"
-        failure = Decision(action="DUNNO", reason="policy-failure", disconnect=disconnect,
-                           detail=why)
+        disconnect = self._config.store_failure_action == "disconnect"
+        failure = Decision(action="DUNNO", reason=reason, disconnect=disconnect, detail=why)
         _decision_log.warning("%s", format_decision(attrs, failure))
         self._metrics.observe_decision(failure)
         return None if disconnect else _DUNNO_REPLY

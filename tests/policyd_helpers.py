@@ -13,7 +13,7 @@ import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
-from policyd.api import Decision
+from policyd.api import Decision, PolicyFailure
 from policyd.config import PolicydConfig
 from policyd.server import PolicyServer
 
@@ -24,13 +24,15 @@ WAIT = 5.0  # bound on every wait in these tests
 class ScriptedPolicy:
     """A Policy steered by request attributes the real policy ignores:
     test_action=ACTION, test_sleep=SECONDS, test_raise=MESSAGE,
-    test_disconnect=1."""
+    test_raise_timeout=MESSAGE (TimeoutError), test_store_failure=MESSAGE
+    (PolicyFailure), test_disconnect=1."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, str]] = []
         self.reloads = 0
         self.closed = False
         self.started = threading.Event()  # a decision has begun
+        self.decided = 0                  # decisions that ran to their end
 
     async def decide(self, request: Mapping[str, str]) -> Decision:
         self.seen.append(dict(request))
@@ -39,6 +41,11 @@ class ScriptedPolicy:
             await asyncio.sleep(float(request["test_sleep"]))
         if "test_raise" in request:
             raise RuntimeError(request["test_raise"])
+        if "test_raise_timeout" in request:
+            raise TimeoutError(request["test_raise_timeout"])
+        if "test_store_failure" in request:
+            raise PolicyFailure("store-failure", request["test_store_failure"])
+        self.decided += 1
         if request.get("test_disconnect"):
             return Decision("DUNNO", "test", disconnect=True)
         return Decision(request.get("test_action", "DUNNO"), "test")
@@ -76,12 +83,25 @@ def request(**attrs: str) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
+class SteppedLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock a test moves forward (ServerThread.advance):
+    its timers (asyncio.timeout, asyncio.sleep) then fire as if that much
+    time had passed, with no wall-clock margin to miss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.offset
+
+
 class ServerThread:
     """A PolicyServer on its own event loop in a daemon thread."""
 
     def __init__(self, config: PolicydConfig, policy: ScriptedPolicy) -> None:
         self.policy = policy
-        self.loop = asyncio.new_event_loop()
+        self.loop = SteppedLoop()
         self.server = PolicyServer(config, policy)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -92,6 +112,17 @@ class ServerThread:
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def advance(self, seconds: float) -> None:
+        """Move the server's clock forward.  What the clients sent before
+        (on a UNIX socket: in the server's receive queue once sendall()
+        returned) is handled first, at the old time; the timers due at the
+        new time have fired when this returns."""
+        async def step() -> None:
+            await _loop_turns()
+            self.loop.offset += seconds
+            await _loop_turns()
+        self.call(step())
 
     def connections(self) -> int:
         async def count() -> int:
@@ -112,6 +143,13 @@ class ServerThread:
     @property
     def unix(self) -> str:
         return next(a for a in self.server.addresses if isinstance(a, str))
+
+
+async def _loop_turns() -> None:
+    # Bytes read -> the connection's task woken -> it parses and waits
+    # again, or: a timer fires -> the task it cancels runs: a few turns.
+    for _ in range(5):
+        await asyncio.sleep(0)
 
 
 def connect(address: tuple[str, int] | str) -> socket.socket:

@@ -14,7 +14,7 @@ import pytest
 from freezegun import freeze_time
 
 from policyd import limits
-from policyd.api import Decision
+from policyd.api import Decision, PolicyFailure
 from policyd.greylist import GreylistPolicy, TripletRecord, build_policy, expand
 from policyd.logsetup import format_decision
 from policyd.reputation import ClientRecord, postscreen_proves_return
@@ -355,25 +355,25 @@ def test_build_policy_with_real_memcached(tmp_path: Path, memcached: Memcached) 
     assert client is not None and str(client["value"]).split(",")[2] == "1"
 
 
-@pytest.mark.parametrize(("action", "expected"), [
-    ("DUNNO", Decision("DUNNO", "store-failure")),
-    ("disconnect", Decision("", "store-failure", disconnect=True)),
-])
-def test_store_failure_actions(tmp_path: Path, action: str, expected: Decision,
-                               caplog: pytest.LogCaptureFixture) -> None:
+def test_store_failure_is_raised_for_the_server(tmp_path: Path) -> None:
+    """The policy does not choose the answer to a store failure: it raises,
+    and the server answers as store_failure_action says (test_server.py)."""
     down = f"inet:127.0.0.1:{free_port()}"  # nobody listens: connection refused
     cfg = config(triplet_table=_cf(tmp_path, "t", down), client_table=_cf(tmp_path, "c", down),
-                 postscreen_cache=_cf(tmp_path, "ps", down), store_failure_action=action)
+                 postscreen_cache=_cf(tmp_path, "ps", down), store_failure_action="disconnect")
 
-    async def main() -> Decision:
+    async def main() -> None:
         policy = build_policy(cfg)
-        decision = await policy.decide(request())
-        await policy.aclose()
-        return decision
+        try:
+            await policy.decide(request())
+        finally:
+            await policy.aclose()
 
-    with caplog.at_level(logging.WARNING):
-        assert run(main()) == expected
-    assert "store failure" in caplog.text
+    with pytest.raises(PolicyFailure) as failure:
+        run(main())
+    assert failure.value.reason == "store-failure"
+    assert f"memcache server {down}" in str(failure.value)
+    assert "Connection refused" in str(failure.value)
 
 
 def test_build_policy_reports_bad_whitelist(tmp_path: Path) -> None:

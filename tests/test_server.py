@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -217,27 +218,43 @@ def test_idle_timeout_closes_quietly(start_server: StartServer,
 
 
 def test_activity_and_slow_decisions_do_not_count_as_idle(start_server: StartServer) -> None:
-    srv = start_server(idle_timeout=0.2, decision_timeout=5)
-    with connect(srv.inet) as sock:
-        for _ in range(4):  # 0.4 s of traffic, each gap under idle_timeout
+    srv = start_server(idle_timeout=60, decision_timeout=600)
+    with connect(srv.unix) as sock:
+        for _ in range(4):  # 200 s of traffic, each gap under idle_timeout
             assert ask(sock, request()) == b"action=DUNNO\n\n"
-            time.sleep(0.1)
-        assert ask(sock, request(test_sleep="0.35")) == b"action=DUNNO\n\n"
+            srv.advance(50)
+        sock.sendall(request(test_sleep="100"))  # a decision longer than idle_timeout
+        srv.advance(100)
+        assert read_reply(sock) == b"action=DUNNO\n\n"
         assert ask(sock, request(test_action="OK")) == b"action=OK\n\n"
     assert srv.server.stats.idle_timeouts == 0
 
 
 def test_read_timeout_bounds_an_unfinished_request(start_server: StartServer,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    srv = start_server(read_timeout=0.3, idle_timeout=60)
-    with connect(srv.inet) as sock:
+    srv = start_server(read_timeout=30, idle_timeout=600)
+    with connect(srv.unix) as sock:
         data = request()
         sock.sendall(data[:10])
-        time.sleep(0.1)
+        srv.advance(20)
+        assert srv.connections() == 1
         sock.sendall(data[10:20])  # trickling does not extend read_timeout
+        srv.advance(20)
         assert is_closed(sock)
     assert srv.server.stats.read_timeouts == 1
     assert any("read_timeout" in r.getMessage() for r in caplog.records)
+
+
+def test_read_timeout_bounds_a_request_begun_behind_another(
+        start_server: StartServer) -> None:
+    """Bytes of the next request that came with the last one start its
+    read_timeout, not an idle_timeout."""
+    srv = start_server(read_timeout=0.3, idle_timeout=60)
+    with connect(srv.inet) as sock:
+        assert ask(sock, request() + request()[:10]) == b"action=DUNNO\n\n"
+        assert is_closed(sock)
+    assert srv.server.stats.read_timeouts == 1
+    assert srv.server.stats.idle_timeouts == 0
 
 
 def test_max_connections_refuses_extra(start_server: StartServer,
@@ -285,6 +302,41 @@ def test_policy_failure(start_server: StartServer, failure: dict[str, str],
     assert srv.server.stats.policy_failures == 1
 
 
+@pytest.mark.parametrize("store_failure_action", ["DUNNO", "disconnect"])
+def test_store_failure_answered_by_the_server(start_server: StartServer,
+                                              store_failure_action: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A policy whose stores failed raises PolicyFailure; the server answers
+    it as store_failure_action says, with one warning decision line."""
+    caplog.set_level(logging.INFO, logger="policyd")
+    srv = start_server(store_failure_action=store_failure_action)
+    with connect(srv.inet) as sock:
+        reply = ask(sock, request(test_store_failure="memcached down"))
+        if store_failure_action == "DUNNO":
+            assert reply == b"action=DUNNO\n\n"
+            assert ask(sock, request(test_action="OK")) == b"action=OK\n\n"
+        else:
+            assert reply == b""
+            assert is_closed(sock)
+    (line,) = [r for r in caplog.records
+               if r.name == "policyd.decision" and "reason=test" not in r.getMessage()]
+    action = "disconnect" if store_failure_action == "disconnect" else "DUNNO"
+    assert line.levelno == logging.WARNING
+    assert line.getMessage().startswith(f"action={action} reason=store-failure client=192.0.2.1 ")
+    assert line.getMessage().endswith('detail="memcached down"')
+
+
+def test_policy_timeout_error_is_not_the_decision_timeout(
+        server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    """A TimeoutError of the policy's own (a socket's, say) is reported as
+    what it is, not as decision_timeout."""
+    caplog.set_level(logging.INFO, logger="policyd")
+    with connect(server.inet) as sock:
+        assert ask(sock, request(test_raise_timeout="memcached")) == b"action=DUNNO\n\n"
+    (line,) = [r.getMessage() for r in caplog.records if "reason=policy-failure" in r.getMessage()]
+    assert line.endswith('detail="TimeoutError: memcached"'), line
+
+
 def test_invalid_action_is_a_policy_failure(server: ServerThread) -> None:
     with connect(server.inet) as sock:
         assert ask(sock, request(test_action="")) == b"action=DUNNO\n\n"
@@ -295,6 +347,25 @@ def test_decision_disconnect_closes_without_reply(server: ServerThread) -> None:
     with connect(server.inet) as sock:
         assert ask(sock, request(test_disconnect="1")) == b""
         assert is_closed(sock)
+
+
+@pytest.mark.parametrize("leave", ["close", "reset"])
+def test_peer_leaving_does_not_cut_its_decision_short(start_server: StartServer,
+                                                      leave: str) -> None:
+    """A peer that leaves while its request is decided (FIN or RST) does not
+    cancel the decision (its store writes complete); only the reply is
+    dropped."""
+    server = start_server(decision_timeout=600)
+    with connect(server.inet) as sock:
+        sock.sendall(request(test_sleep="30"))
+        assert server.policy.started.wait(WAIT)
+        if leave == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    server.advance(10)  # the peer's leaving is seen; the decision goes on
+    assert server.policy.decided == 0
+    server.advance(20)
+    assert server.policy.decided == 1
+    assert wait_until(lambda: server.connections() == 0)
 
 
 def test_decision_logged_as_one_line(server: ServerThread,
@@ -328,6 +399,7 @@ def test_graceful_shutdown_finishes_request_in_flight(start_server: StartServer)
     srv = start_server(shutdown_grace=5)
     with connect(srv.inet) as busy, connect(srv.inet) as idle:
         assert ask(idle, request()) == b"action=DUNNO\n\n"
+        srv.policy.started.clear()  # set again when the busy request is decided
         busy.sendall(request(test_action="OK late", test_sleep="0.5"))
         assert srv.policy.started.wait(WAIT)
         address = srv.inet
@@ -437,11 +509,14 @@ def test_decision_deadlines_apply_to_their_own_decisions(start_server: StartServ
     """One slow decision times out while quick ones on other connections
     (which started later and finished) are unaffected, and a later slow one
     gets its own full decision_timeout."""
-    srv = start_server(decision_timeout=0.3, store_failure_action="DUNNO")
-    with connect(srv.inet) as slow, connect(srv.inet) as quick:
-        slow.sendall(request(test_sleep="5"))
+    srv = start_server(decision_timeout=30, store_failure_action="DUNNO")
+    with connect(srv.unix) as slow, connect(srv.unix) as quick:
+        slow.sendall(request(test_sleep="500"))
         for i in range(5):
             assert ask(quick, request(test_action=f"OK {i}")) == f"action=OK {i}\n\n".encode()
+        srv.advance(30)
         assert read_reply(slow) == b"action=DUNNO\n\n"  # the timeout's answer
-        assert ask(slow, request(test_action="OK", test_sleep="0.1")) == b"action=OK\n\n"
+        slow.sendall(request(test_action="OK", test_sleep="20"))
+        srv.advance(20)
+        assert read_reply(slow) == b"action=OK\n\n"
     assert srv.server.stats.policy_failures == 1
