@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
+from memtable.cf import decimal
 from memtable.errors import ConfigError
 
 
@@ -73,11 +74,11 @@ def parse_endpoint(spec: str) -> Endpoint:
 
 
 def _parse_port(text: str, spec: str) -> int:
-    if text.isdigit():
-        port = int(text)
-        if 0 <= port <= 65535:
+    if text.isascii() and text.isdigit():
+        port = decimal(text)
+        if port is not None and port <= 65535:
             return port
-        raise ConfigError(f'"{spec}": port {port} out of range')
+        raise ConfigError(f'"{spec}": port {text} out of range')
     try:
         return socket.getservbyname(text, "tcp")
     except OSError:

@@ -16,6 +16,10 @@ MEMCACHED_RELATIVE_TTL_MAX = 30 * 24 * 3600  # 2592000 s
 
 # Postfix stores int parameters in a C int.
 CF_INT_MAX = 2**31 - 1
+# A number in configuration with more significant digits than this is out
+# of range for any setting (2**64 has 20), refused as "bad numerical
+# configuration" before Python's int() sees it (it raises over 4300 digits).
+CF_NUMBER_MAX_DIGITS = 20
 
 # A .cf file (table or policyd configuration) is read whole; refuse monsters.
 CF_MAX_FILE_BYTES = 1024 * 1024
