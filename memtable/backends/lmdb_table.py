@@ -20,6 +20,9 @@ dict_lmdb/slmdb and ``postmap lmdb:`` read and write:
   exclusive lock (same locking as update(); one commit, so one sync, for
   the whole batch): the batch is stored whole or, when the transaction
   fails, not at all.
+- delete_if() reads a key's value and deletes it only when the caller's
+  predicate accepts it, in ONE write transaction under ONE exclusive lock:
+  no other process can write between the check and the delete.
 - MDB_MAP_FULL: the map size doubles and the transaction is retried;
   MDB_MAP_RESIZED (another process grew the file): the new size is adopted
   and the operation retried (slmdb's recovery).
@@ -49,7 +52,7 @@ import lmdb
 from memtable import clock, limits
 from memtable.domainlist import fold_case
 from memtable.errors import BackupError, OpenError
-from memtable.table import Table
+from memtable.table import Outcome, Table
 
 T = TypeVar("T")
 
@@ -495,6 +498,42 @@ class LmdbTable(Table):
                 self._try1null = False
                 return True
             return False
+
+        with self._locked(exclusive=True) as shared:
+            return self._run(shared, True, "delete", remove)
+
+    def delete_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
+        """Remove key when ``doomed(value)`` is true of its value, read and
+        removed in ONE write transaction under ONE exclusive lock, so that
+        no writer (policyd, Postfix, postmap) can store a new value between
+        the check and the delete.  ``doomed`` runs under the lock: keep it
+        quick and free of I/O."""
+        self._check_writable()
+        name = self._name(key)
+        if name is None:
+            if self._shared is None:
+                raise BackupError(f"{self.spec}: table is closed")
+            return Outcome.ABSENT
+
+        def remove(txn: lmdb.Transaction) -> Outcome:
+            # lookup()'s TRY1NULL / TRY0NULL order, sticking to the form found.
+            stored, raw = name, None
+            if self._try1null:
+                stored = name + b"\0"
+                raw = txn.get(stored)
+                if raw is not None:
+                    self._try0null = False
+            if raw is None and self._try0null and name:
+                stored = name
+                raw = txn.get(stored)
+                if raw is not None:
+                    self._try1null = False
+            if raw is None:
+                return Outcome.ABSENT
+            if not doomed(_decode(bytes(raw))):
+                return Outcome.KEPT
+            txn.delete(stored)
+            return Outcome.DELETED
 
         with self._locked(exclusive=True) as shared:
             return self._run(shared, True, "delete", remove)
