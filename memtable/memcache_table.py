@@ -347,6 +347,11 @@ class MemcacheTable(Table):
                 f"{self.spec}: first/next support requires backup database")
         return self.backup.sequence()
 
+    def verify(self) -> None:
+        """memcached has no file: check the backup's."""
+        if self.backup is not None:
+            self.backup.verify()
+
     def close(self) -> None:
         self.wire.close()
         if self.pipeline.domain is not None:

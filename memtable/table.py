@@ -59,6 +59,10 @@ class Table(abc.ABC):
         """Every (key, value) pair, in the table's order."""
         raise SequenceUnsupportedError(f"{self.spec}: table does not support sequence")
 
+    def verify(self) -> None:  # noqa: B027 - optional hook
+        """Check the table's files, reading them whole: CorruptError when
+        one is damaged.  Types without files have nothing to check."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files and connections."""
 

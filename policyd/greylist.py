@@ -47,7 +47,7 @@ from policyd.api import Decision
 from policyd.config import PolicydConfig
 from policyd.metrics import Metrics, NullMetrics
 from policyd.reputation import ClientRecord, load_client_record, postscreen_verified
-from policyd.store import Store, StoreError, StoreWorker
+from policyd.store import Store, StoreError, StoreWorker, verify_tables
 from policyd.triplet import (
     KeyMaker,
     client_key,
@@ -336,6 +336,7 @@ def build_policy(config: PolicydConfig,
         tables.append(open_table(config.client_table, read_write=True))
         if config.postscreen_cache:
             tables.append(open_table(config.postscreen_cache, read_write=False))
+        verify_tables(tables)
     except BaseException:
         for table in tables:
             table.close()

@@ -57,7 +57,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from memtable import clock
-from memtable.errors import MemtableError
+from memtable.errors import CorruptError, MemtableError
 from memtable.table import Table
 from policyd import limits
 from policyd.errors import PolicydError
@@ -424,6 +424,24 @@ class Store:
 
 
 _last_loop: asyncio.AbstractEventLoop | None = None
+
+
+def verify_tables(tables: Sequence[Table]) -> None:
+    """Check the files of policyd's tables before anything writes them (a
+    damaged lmdb file makes LMDB abort the process on its first write, and
+    policyd would die at every start): CorruptError with what to do."""
+    from memtable.memcache_table import MemcacheTable
+
+    for table in tables:
+        try:
+            table.verify()
+        except CorruptError as exc:
+            state = ("memcached still holds policyd's state" if isinstance(table, MemcacheTable)
+                     else "the greylisting state in it is lost")
+            raise CorruptError(
+                f"{exc}: {state}; stop policyd, `mv {exc.path} {exc.path}.corrupt`, restore "
+                "the last dump or let policyd create it empty, and start policyd again (see "
+                '"A corrupt backup" in docs/operations.md)', exc.path) from None
 
 
 def _running_loop() -> asyncio.AbstractEventLoop:

@@ -27,6 +27,7 @@ from policyd.config import PolicydConfig
 from policyd.errors import PolicydError
 from policyd.greylist import TripletRecord
 from policyd.reputation import ClientRecord
+from policyd.store import verify_tables
 
 TRIPLETS = "triplets"
 CLIENTS = "clients"
@@ -118,6 +119,7 @@ class Stores:
             stores = cls(config, tables[0], tables[1])
             _source(stores.triplets)
             _source(stores.clients)
+            verify_tables(tables)
         except (MemtableError, OSError, WalkError) as exc:
             for table in tables:
                 table.close()

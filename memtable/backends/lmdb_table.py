@@ -40,6 +40,7 @@ import errno
 import fcntl
 import functools
 import logging
+import mmap
 import os
 import stat
 import threading
@@ -50,8 +51,9 @@ from typing import TypeVar
 import lmdb
 
 from memtable import clock, limits
+from memtable.backends.lmdb_check import LmdbCorrupt, check_lmdb
 from memtable.domainlist import fold_case
-from memtable.errors import BackupError, OpenError
+from memtable.errors import BackupError, CorruptError, OpenError
 from memtable.table import Outcome, Table
 
 T = TypeVar("T")
@@ -96,6 +98,29 @@ def _encode(text: str) -> bytes | None:
     return None if b"\0" in data else data
 
 
+# What LMDB reports when it finds its file damaged (MDB_CORRUPTED,
+# MDB_PAGE_NOTFOUND, MDB_PANIC, MDB_INVALID).
+_CORRUPTION = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError,
+               lmdb.InvalidError)
+CORRUPT_ADVICE = "move it away (then rebuild it from a dump or its source)"
+
+
+def _problem(fd: int, size: int) -> str | None:
+    """What is wrong with the LMDB file open on ``fd``, or None."""
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
+        return _check(data)
+
+
+def _check(data: mmap.mmap) -> str | None:
+    # Apart from _problem: the exception (and the views into ``data`` its
+    # frames hold) is gone before the map is closed.
+    try:
+        check_lmdb(data)
+    except LmdbCorrupt as exc:
+        return str(exc)
+    return None
+
+
 def _decode(data: bytes) -> str:
     # Postfix copies up to the first NUL (its SCOPY macro).
     return data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -113,6 +138,7 @@ class LmdbTable(Table):
         # DICT_FLAG_TRY1NULL | DICT_FLAG_TRY0NULL until one form is seen.
         self._try1null = True
         self._try0null = True
+        self._said_corrupt = False
         self._shared: _Shared | None = None
         self._shared = self._attach()
 
@@ -316,6 +342,9 @@ class LmdbTable(Table):
             except lmdb.MapFullError:
                 self._abort(txn)
                 self._grow(env, what)
+            except _CORRUPTION as exc:
+                self._abort(txn)
+                raise self._corrupt(what, exc) from None
             except lmdb.Error as exc:
                 self._abort(txn)
                 raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
@@ -347,6 +376,37 @@ class LmdbTable(Table):
             env.set_mapsize(min(current * 2, limits.LMDB_MAX_MAP_BYTES))
         except lmdb.Error as exc:
             raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
+
+    # -- checking the file ---------------------------------------------------
+
+    def verify(self) -> None:
+        """Walk every page of the file (memtable.backends.lmdb_check) under a
+        shared lock: CorruptError, naming what is wrong, when LMDB could
+        abort the process or overwrite live records on it.  LMDB itself
+        never reads the file here."""
+        with self._locked(exclusive=False) as shared:
+            try:
+                size = os.fstat(shared.fd).st_size
+            except OSError as exc:
+                raise BackupError(f"{self.spec}: stat {self.db_path}: {exc.strerror}") from None
+            if size > limits.LMDB_VERIFY_MAX_BYTES:
+                log.warning("%s: %s is larger than %d bytes: not checked", self.spec,
+                            self.db_path, limits.LMDB_VERIFY_MAX_BYTES)
+                return
+            problem = _problem(shared.fd, size) if size else None
+        if problem is not None:
+            raise CorruptError(f"{self.spec}: {self.db_path} is corrupt ({problem})",
+                               self.db_path)
+
+    def _corrupt(self, what: str, exc: lmdb.Error) -> BackupError:
+        """LMDB found the file damaged while working: said once as an error,
+        and every failing operation says what to do."""
+        message = (f"{self.spec}: {what} {self.db_path}: {exc}; the file is corrupt: "
+                   f"{CORRUPT_ADVICE}")
+        if not self._said_corrupt:
+            self._said_corrupt = True
+            log.error("%s", message)
+        return BackupError(message)
 
     # -- the Table operations ------------------------------------------------
 
