@@ -21,6 +21,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from memtable.cf import decimal
 from memtable.errors import ConfigError, MemtableError
 from policyd.config import DEFAULT_CONFIG_PATH, PolicydConfig
 from policyd.errors import PolicydError
@@ -60,13 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument("--plot", metavar="FILE.png",
                         help="also write the retry-delay histogram as a PNG (matplotlib)")
-    report.add_argument("--top", type=int, default=10, metavar="N",
+    report.add_argument("--top", type=_number, default=10, metavar="N",
                         help="list the N clients with most passes (default 10)")
-    report.add_argument("--max-entries", type=int, default=None, metavar="N",
+    report.add_argument("--max-entries", type=_number, default=None, metavar="N",
                         help="read at most N entries per table (default: the limit)")
     cleanup.add_argument("--dry-run", action="store_true",
                          help="count what would be deleted, delete nothing")
     return parser
+
+
+def _number(text: str) -> int:
+    """A decimal argument, read as configuration numbers are (memtable.cf.decimal)."""
+    number = decimal(text)
+    if number is None:
+        raise argparse.ArgumentTypeError("bad numerical value")
+    return number
 
 
 def main(argv: list[str] | None = None) -> int:

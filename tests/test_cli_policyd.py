@@ -159,6 +159,16 @@ def test_o_errors_name_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert err.endswith(": bad numerical configuration\n")
 
 
+def test_huge_report_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for option in ("--top", "--max-entries"):
+        with pytest.raises(SystemExit) as caught:
+            main(["report", option, "9" * 5000])
+        assert caught.value.code == 2
+        err = capsys.readouterr().err
+        assert err.endswith(f"error: argument {option}: bad numerical value\n")
+        assert "999" not in err
+
+
 def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--check-config", "-c", str(tmp_path / "nope.cf")]) == 1
     assert "nope.cf: cannot read" in capsys.readouterr().err
