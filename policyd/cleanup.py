@@ -18,9 +18,9 @@ policyd.cf).  It is safe while policyd runs: it only deletes what is
 expired, keys are collected in bounded batches (limits.CLEANUP_BATCH_KEYS)
 and each one is checked again and deleted in one step: in the lmdb backup
 inside one exclusive transaction (Postfix's fcntl lock held), in memcached
-with a cas-guarded delete, so a record policyd rewrote meanwhile is kept.  A run examines at most
-limits.CLEANUP_MAX_ENTRIES entries per table and says when it stopped
-early; the next run starts over.
+with a cas-guarded delete, so a record policyd rewrote meanwhile is kept.
+A run examines at most limits.CLEANUP_MAX_ENTRIES entries per table and
+says when it stopped early; the next run starts over.
 """
 
 from __future__ import annotations

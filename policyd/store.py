@@ -438,10 +438,12 @@ def verify_tables(tables: Sequence[Table]) -> None:
         except CorruptError as exc:
             state = ("memcached still holds policyd's state" if isinstance(table, MemcacheTable)
                      else "the greylisting state in it is lost")
+            table_spec = "lmdb:" + exc.path.removesuffix(".lmdb")
             raise CorruptError(
-                f"{exc}: {state}; stop policyd, `mv {exc.path} {exc.path}.corrupt`, restore "
-                "the last dump or let policyd create it empty, and start policyd again (see "
-                '"A corrupt backup" in docs/operations.md)', exc.path) from None
+                f"{exc}: {state}; stop policyd, `mv {exc.path} {exc.path}.corrupt`, refill "
+                f"it from the last dump (`memtable -i {table_spec} < DUMP`) or let policyd "
+                'create it empty, and start policyd again (see "A corrupt backup" in '
+                "docs/operations.md)", exc.path) from None
 
 
 def _running_loop() -> asyncio.AbstractEventLoop:
