@@ -47,7 +47,7 @@ from policyd.api import Decision
 from policyd.config import PolicydConfig
 from policyd.metrics import Metrics, NullMetrics
 from policyd.reputation import ClientRecord, load_client_record, postscreen_verified
-from policyd.store import Store, StoreError, StoreWorker, verify_tables
+from policyd.store import Store, StoreError, StoreWorker, open_checked
 from policyd.triplet import (
     KeyMaker,
     client_key,
@@ -327,16 +327,14 @@ def build_policy(config: PolicydConfig,
                  metrics: Metrics | NullMetrics | None = None) -> GreylistPolicy:
     """Read the whitelists and open the stores of ``config`` (blocking: call
     at start-up).  ConfigError (and memtable's open errors) propagate."""
-    from memtable.registry import open_table
-
     whitelist = Whitelists.load(config.whitelist_clients, config.whitelist_recipients)
     tables: list[Table] = []
     try:
-        tables.append(open_table(config.triplet_table, read_write=True))
-        tables.append(open_table(config.client_table, read_write=True))
+        # Checked before anything writes them (a damaged lmdb file).
+        tables.append(open_checked(config.triplet_table, read_write=True))
+        tables.append(open_checked(config.client_table, read_write=True))
         if config.postscreen_cache:
-            tables.append(open_table(config.postscreen_cache, read_write=False))
-        verify_tables(tables)
+            tables.append(open_checked(config.postscreen_cache, read_write=False))
     except BaseException:
         for table in tables:
             table.close()

@@ -27,7 +27,7 @@ from policyd.config import PolicydConfig
 from policyd.errors import PolicydError
 from policyd.greylist import TripletRecord
 from policyd.reputation import ClientRecord
-from policyd.store import verify_tables
+from policyd.store import open_checked
 
 TRIPLETS = "triplets"
 CLIENTS = "clients"
@@ -110,16 +110,13 @@ class Stores:
     def open(cls, config: PolicydConfig, *, read_write: bool) -> Stores:
         """Open both tables (read-write for cleanup).  WalkError when one
         cannot be opened or walked; nothing is read yet."""
-        from memtable.registry import open_table
-
         tables: list[Table] = []
         try:
             for spec in (config.triplet_table, config.client_table):
-                tables.append(open_table(spec, read_write=read_write))
+                tables.append(open_checked(spec, read_write=read_write))
             stores = cls(config, tables[0], tables[1])
             _source(stores.triplets)
             _source(stores.clients)
-            verify_tables(tables)
         except (MemtableError, OSError, WalkError) as exc:
             for table in tables:
                 table.close()

@@ -139,10 +139,16 @@ def test_lmdb_reporting_damage_at_run_time_is_a_backup_error(tmp_path: Path) -> 
 
 # --- policyd ----------------------------------------------------------------------
 
-def corrupt_config(tmp_path: Path, memcached: Memcached) -> tuple[Path, Path]:
-    """policyd.cf with a memcache triplet table whose backup is damaged."""
+def corrupt_config(tmp_path: Path, memcached: Memcached,
+                   damage: str = "free list") -> tuple[Path, Path]:
+    """policyd.cf with a memcache triplet table whose backup is damaged: a
+    live page in the free list, or a meta page overwritten (LMDB refuses to
+    open the file: MDB_INVALID)."""
     db = fill(tmp_path / "triplets")
-    lmdb_damage.free_main_root(db)
+    if damage == "free list":
+        lmdb_damage.free_main_root(db)
+    else:
+        lmdb_damage.zero_page(db, 1)
     cf = tmp_path / "triplets.cf"
     cf.write_text(f"memcache = {memcached.spec}\nbackup = lmdb:{tmp_path}/triplets\n")
     policyd_cf = tmp_path / "policyd.cf"
@@ -152,13 +158,18 @@ def corrupt_config(tmp_path: Path, memcached: Memcached) -> tuple[Path, Path]:
     return policyd_cf, db
 
 
+@pytest.mark.parametrize(("damage", "says"), [
+    ("free list", "{db} is corrupt (page "),
+    ("meta", "open database {db}: MDB_INVALID"),
+])
 def test_check_config_refuses_a_corrupt_backup(tmp_path: Path, memcached: Memcached,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
-    policyd_cf, db = corrupt_config(tmp_path, memcached)
+                                               capsys: pytest.CaptureFixture[str],
+                                               damage: str, says: str) -> None:
+    policyd_cf, db = corrupt_config(tmp_path, memcached, damage)
     assert main(["--check-config", "-c", str(policyd_cf)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith(f"policyd: lmdb:{tmp_path}/triplets: {db} is corrupt (")
+    assert err.startswith(f"policyd: lmdb:{tmp_path}/triplets: " + says.format(db=db))
     assert "memcached still holds policyd's state" in err
     assert f"`mv {db} {db}.corrupt`" in err
 

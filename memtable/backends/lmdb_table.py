@@ -226,7 +226,10 @@ class LmdbTable(Table):
         except lmdb.Error as exc:
             # py-lmdb's text starts with the path, which the message has already.
             text = str(exc).removeprefix(f"{self.db_path}: ")
-            raise OpenError(f"{self.spec}: open database {self.db_path}: {text}") from None
+            message = f"{self.spec}: open database {self.db_path}: {text}"
+            if isinstance(exc, _CORRUPTION):
+                raise CorruptError(message, self.db_path) from None
+            raise OpenError(message) from None
         finally:
             self._unlock_fd(fd)
 
@@ -327,6 +330,8 @@ class LmdbTable(Table):
             except lmdb.MapResizedError:
                 self._adopt_size(env, what)
                 continue
+            except _CORRUPTION as exc:
+                raise self._corrupt(what, exc) from None
             except lmdb.Error as exc:
                 raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
             try:
