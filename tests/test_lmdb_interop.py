@@ -484,6 +484,7 @@ def test_concurrent_writers_with_postfix(postmap_config: Path, tmp_path: Path) -
     assert sorted(postfix_view) == expected
     with opened(db, read_write=False) as table:
         assert list(table.sequence()) == postfix_view
+        table.verify()  # every page sound, as memtable's page check sees it
 
 
 def test_map_grows_past_16_mib_while_others_read(postmap_config: Path, tmp_path: Path) -> None:
@@ -510,6 +511,7 @@ def test_map_grows_past_16_mib_while_others_read(postmap_config: Path, tmp_path:
         last = f"big{count - 1}"
         assert reader.lookup(last) == f"big-value-{count - 1}-" + "x" * value_size
         assert len(list(reader.sequence())) == count + 1
+        reader.verify()  # past 16 MiB, with values on overflow pages
     assert Path(str(db) + ".lmdb").stat().st_size > limits.LMDB_INITIAL_MAP_BYTES
     assert pm_get(postmap_config, last, db) == f"big-value-{count - 1}-" + "x" * value_size
 
