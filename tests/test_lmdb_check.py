@@ -123,16 +123,27 @@ def test_damaged_pages_are_named(tmp_path: Path, damage: str) -> None:
         check_lmdb(db.read_bytes())
 
 
-def test_lmdb_reporting_damage_at_run_time_is_a_backup_error(tmp_path: Path) -> None:
+def test_lmdb_reporting_damage_at_run_time_is_a_backup_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """LMDB's own MDB_CORRUPTED while working: a BackupError that says the
-    file is corrupt and what to do (policyd answers store_failure_action)."""
-    db = fill(tmp_path / "t", n=50, rewrites=0)
+    file is corrupt and what to do (policyd answers store_failure_action),
+    said once as an error; LMDB is not asked to touch the file again, even
+    where its pages are intact."""
+    db = fill(tmp_path / "t", rewrites=0)
     table = LmdbTable(str(tmp_path / "t"), read_write=True, fold=True)
     try:
         assert table.lookup("k000001") == "v" * 80
-        lmdb_damage.zero_page(db, lmdb_damage.leaf_pages(db)[0])
-        with pytest.raises(BackupError, match=r"MDB_CORRUPTED.*the file is corrupt: move it away"):
-            table.update("k000001", "x")
+        assert table.lookup("k002999") == "v" * 80
+        leaves = lmdb_damage.leaf_pages(db)
+        assert len(leaves) > 2
+        lmdb_damage.zero_page(db, leaves[0])
+        with caplog.at_level("ERROR"):
+            with pytest.raises(BackupError,
+                               match=r"MDB_CORRUPTED.*the file is corrupt: move it away"):
+                table.update("k000001", "x")
+            with pytest.raises(BackupError, match="MDB_CORRUPTED"):
+                table.lookup("k002999")  # on an intact page: refused all the same
+        assert [r.levelname for r in caplog.records] == ["ERROR"]
     finally:
         table.close()
 

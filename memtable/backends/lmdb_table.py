@@ -75,6 +75,9 @@ class _Shared:
         # Descriptors of this file waiting to be closed: closing any of them
         # drops this process's fcntl locks, so only under the mutex.
         self.orphans: list[int] = []
+        # Set once LMDB reported the file damaged: no transaction is started
+        # on it again (a write could trip an LMDB assertion, which aborts).
+        self.corrupt: str | None = None
 
     def close_orphans(self) -> None:
         """Close waiting descriptors; the caller holds the mutex."""
@@ -138,7 +141,6 @@ class LmdbTable(Table):
         # DICT_FLAG_TRY1NULL | DICT_FLAG_TRY0NULL until one form is seen.
         self._try1null = True
         self._try0null = True
-        self._said_corrupt = False
         self._shared: _Shared | None = None
         self._shared = self._attach()
 
@@ -323,6 +325,8 @@ class LmdbTable(Table):
              body: Callable[[lmdb.Transaction], T]) -> T:
         """Run body in a new transaction (committed when writing), recovering
         from MDB_MAP_RESIZED and MDB_MAP_FULL like slmdb does."""
+        if shared.corrupt is not None:
+            raise BackupError(shared.corrupt)
         for _ in range(limits.LMDB_RETRY_LIMIT + 1):
             env = shared.env
             try:
@@ -331,7 +335,7 @@ class LmdbTable(Table):
                 self._adopt_size(env, what)
                 continue
             except _CORRUPTION as exc:
-                raise self._corrupt(what, exc) from None
+                raise self._corrupt(shared, what, exc) from None
             except lmdb.Error as exc:
                 raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
             try:
@@ -349,7 +353,7 @@ class LmdbTable(Table):
                 self._grow(env, what)
             except _CORRUPTION as exc:
                 self._abort(txn)
-                raise self._corrupt(what, exc) from None
+                raise self._corrupt(shared, what, exc) from None
             except lmdb.Error as exc:
                 self._abort(txn)
                 raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
@@ -403,14 +407,14 @@ class LmdbTable(Table):
             raise CorruptError(f"{self.spec}: {self.db_path} is corrupt ({problem})",
                                self.db_path)
 
-    def _corrupt(self, what: str, exc: lmdb.Error) -> BackupError:
-        """LMDB found the file damaged while working: said once as an error,
-        and every failing operation says what to do."""
+    def _corrupt(self, shared: _Shared, what: str, exc: lmdb.Error) -> BackupError:
+        """LMDB found the file damaged while working: said once as an error;
+        from now on every operation on the file fails at once with the same
+        message, without LMDB (until the process opens it afresh)."""
         message = (f"{self.spec}: {what} {self.db_path}: {exc}; the file is corrupt: "
                    f"{CORRUPT_ADVICE}")
-        if not self._said_corrupt:
-            self._said_corrupt = True
-            log.error("%s", message)
+        shared.corrupt = message
+        log.error("%s", message)
         return BackupError(message)
 
     # -- the Table operations ------------------------------------------------
