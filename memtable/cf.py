@@ -17,7 +17,12 @@ from dataclasses import dataclass
 
 from memtable.errors import ConfigError
 from memtable.files import read_regular_file
-from memtable.limits import CF_INT_MAX, CF_MAX_FILE_BYTES, CF_MAX_LOGICAL_LINE_BYTES
+from memtable.limits import (
+    CF_INT_MAX,
+    CF_MAX_FILE_BYTES,
+    CF_MAX_LOGICAL_LINE_BYTES,
+    CF_NUMBER_MAX_DIGITS,
+)
 from memtable.syntax import readllines
 
 log = logging.getLogger("memtable.cf")
@@ -104,13 +109,27 @@ def reject_unknown(entries: dict[str, CfEntry], known: set[str] | frozenset[str]
             raise ConfigError(f"unknown parameter {entry.name}", entry.path, entry.line)
 
 
+_DECIMAL_RE = re.compile(r"([+-]?)0*([0-9]+)")
+
+
+def decimal(text: str) -> int | None:
+    """``text`` (ASCII digits, an optional sign) as an integer, or None when
+    it is not one or has more than CF_NUMBER_MAX_DIGITS significant digits:
+    out of range for every setting, as strtol() overflows for Postfix (and
+    Python's int() refuses strings over 4300 digits with a ValueError).
+    Every number read from configuration goes through here."""
+    match = _DECIMAL_RE.fullmatch(text)
+    if match is None or len(match.group(2)) > CF_NUMBER_MAX_DIGITS:
+        return None
+    return int(match.group(1) + match.group(2))
+
+
 def parse_int(entry: CfEntry, minimum: int = 0, maximum: int = CF_INT_MAX) -> int:
     """A decimal integer within [minimum, maximum] (Postfix's cfg_get_int, stricter:
     negative numbers are refused where Postfix has no lower bound)."""
-    value = entry.value
-    if not re.fullmatch(r"[+-]?[0-9]+", value):
+    number = decimal(entry.value)
+    if number is None:
         raise entry.error("bad numerical configuration")
-    number = int(value)
     if number < minimum:
         raise entry.error(f"invalid value {number} < {minimum}")
     if number > maximum:
@@ -125,9 +144,10 @@ def time_seconds(text: str, default_unit: str = "s") -> int | None:
     """``300``, ``300s``, ``5m``, ``2h``, ``2d``, ``1w`` in seconds (white
     space around is ignored), or None when text is not a time value."""
     match = re.fullmatch(r"\s*([0-9]+)([smhdw]?)\s*", text)
-    if not match:
+    number = None if match is None else decimal(match.group(1))
+    if match is None or number is None:
         return None
-    return int(match.group(1)) * _TIME_UNITS[match.group(2) or default_unit]
+    return number * _TIME_UNITS[match.group(2) or default_unit]
 
 
 def parse_time(entry: CfEntry, default_unit: str = "s", minimum: int = 0,

@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
+from memtable.cf import decimal
 from memtable.errors import ConfigError
 
 
@@ -112,11 +113,11 @@ def _impossible_host(host: str) -> str:
 
 
 def _parse_port(text: str, spec: str) -> int:
-    if text.isdigit():
-        port = int(text)
-        if 0 <= port <= 65535:
+    if text.isascii() and text.isdigit():
+        port = decimal(text)
+        if port is not None and port <= 65535:
             return port
-        raise ConfigError(f'"{spec}": port {port} out of range')
+        raise ConfigError(f'"{spec}": port {text} out of range')
     try:
         return socket.getservbyname(text, "tcp")
     except OSError:

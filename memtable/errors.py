@@ -49,6 +49,16 @@ class OpenError(MemtableError):
     ("open database ..."), so the memtable command exits 1, not 75."""
 
 
+class CorruptError(OpenError):
+    """Raised by verify() when a table's file is damaged (LMDB would abort
+    the process or overwrite live data on it): the file, ``path``, must be
+    moved away and rebuilt."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class AccessError(MemtableError):
     """Raised when an operation is not allowed on a table.
 

@@ -16,6 +16,10 @@ MEMCACHED_RELATIVE_TTL_MAX = 30 * 24 * 3600  # 2592000 s
 
 # Postfix stores int parameters in a C int.
 CF_INT_MAX = 2**31 - 1
+# A number in configuration with more significant digits than this is out
+# of range for any setting (2**64 has 20), refused as "bad numerical
+# configuration" before Python's int() sees it (it raises over 4300 digits).
+CF_NUMBER_MAX_DIGITS = 20
 
 # A .cf file (table or policyd configuration) is read whole; refuse monsters.
 CF_MAX_FILE_BYTES = 1024 * 1024
@@ -37,6 +41,9 @@ LMDB_LOCK_POLL_SECONDS = 0.005
 # The first pause while another process holds the lock; it doubles up to
 # LMDB_LOCK_POLL_SECONDS (a writer holds it about a millisecond per commit).
 LMDB_LOCK_FIRST_POLL_SECONDS = 0.0002
+# LmdbTable.verify() walks every page of a file (about 0.7 s for a file of
+# 1,000,000 triplets, 270 MB); a file larger than this is not checked.
+LMDB_VERIFY_MAX_BYTES = 4 * 1024 * 1024 * 1024
 
 # `memtable -q -` and `memtable -i`: longest input line accepted.
 CLI_MAX_INPUT_LINE_BYTES = 64 * 1024

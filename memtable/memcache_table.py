@@ -5,8 +5,9 @@ ORIGINAL key is looked up in the backup and a hit is written back to
 memcache with the table's ttl and flags.  update: memcache first, then the
 backup; update_many() does the same for a batch with one pipelined round
 trip of ``set`` commands and one backup batch (one lmdb transaction).
-delete: both, the backup's result wins.  sequence: through the
-backup only.  With a backup, the backup's outcome is the result and memcache
+delete: both, the backup's result wins.  delete_cached_if: memcached
+only, guarded by cas (a value written meanwhile stays).  sequence: through
+the backup only.  With a backup, the backup's outcome is the result and memcache
 errors are only logged, as in Postfix (once per outage, memtable.outage).
 
 Where memtable goes further than Postfix: a key whose memcache write (or
@@ -28,7 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from memtable import clock
 from memtable.config import MemcacheConfig
@@ -47,7 +48,7 @@ from memtable.limits import (
     MEMCACHE_STALE_REPAIR_BATCH,
     MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS,
 )
-from memtable.table import Table
+from memtable.table import Outcome, Table
 from memtable.ttl import wire_exptime
 from memtable.wire import MemcacheWire
 
@@ -455,12 +456,37 @@ class MemcacheTable(Table):
             return self.backup.delete(key)
         return deleted
 
+    def delete_cached_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
+        """Remove key from memcached only (never the backup) while its value
+        is one ``doomed(value)`` accepts: ``gets`` the value and its cas
+        unique, then a cas-guarded delete (MemcacheWire.delete_unchanged),
+        so a value written meanwhile, by this host or another, stays.
+        TemporaryError when memcached cannot answer."""
+        self._check_writable()
+        mc_key = self._key(key, "delete")
+        if mc_key is None:
+            return Outcome.ABSENT
+        hit = self.wire.gets(mc_key)
+        if hit is None:
+            return Outcome.ABSENT
+        if not doomed(hit[1].decode(_ENCODING, _ERRORS)):
+            return Outcome.KEPT
+        done = self.wire.delete_unchanged(mc_key, hit[2])
+        if done is None:
+            return Outcome.ABSENT
+        return Outcome.DELETED if done else Outcome.KEPT
+
     def sequence(self) -> Iterator[tuple[str, str]]:
         if self.backup is None:
             log.warning("database %s: first/next support requires backup database", self.spec)
             raise SequenceUnsupportedError(
                 f"{self.spec}: first/next support requires backup database")
         return self.backup.sequence()
+
+    def verify(self) -> None:
+        """memcached has no file: check the backup's."""
+        if self.backup is not None:
+            self.backup.verify()
 
     def close(self) -> None:
         """Close; a last try to rewrite the stale keys first (when memcached

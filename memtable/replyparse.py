@@ -31,7 +31,7 @@ from typing import Final, Literal, NoReturn
 
 from memtable.errors import ProtocolError
 
-Kind = Literal["get", "storage", "delete"]
+Kind = Literal["get", "gets", "storage", "delete", "cas"]
 
 _CRLF: Final = b"\r\n"
 _FLAGS_MAX: Final = 2**32 - 1
@@ -40,7 +40,13 @@ _FLAGS_MAX: Final = 2**32 - 1
 _GET: Final = 0
 _STORAGE: Final = 1
 _DELETE: Final = 2
-_KINDS: Final = {"get": _GET, "storage": _STORAGE, "delete": _DELETE}
+_GETS: Final = 3  # get with the item's cas unique in each VALUE line
+_CAS: Final = 4  # STORED, EXISTS (changed since gets) or NOT_FOUND
+_KINDS: Final = {"get": _GET, "storage": _STORAGE, "delete": _DELETE, "gets": _GETS,
+                 "cas": _CAS}
+_NAMES: Final = ("get", "storage", "delete", "gets", "cas")
+# A cas unique is a 64-bit unsigned number.
+_CAS_MAX: Final = 2**64 - 1
 
 # Parser states.
 _DONE: Final = 0  # no reply expected: any byte is trailing data
@@ -139,7 +145,7 @@ class ReplyGuard:
                 line = data[pos:nl - 1]
                 pos = nl + 1
                 kind = self._kind
-                if kind == _GET:
+                if kind in (_GET, _GETS):
                     if line == b"END":
                         self._state = _DONE
                         continue
@@ -157,13 +163,17 @@ class ReplyGuard:
                     if line == b"STORED" or line == b"NOT_STORED":
                         self._reply_done()
                         continue
-                elif line == b"DELETED" or line == b"NOT_FOUND":
-                    self._reply_done()
+                elif kind == _DELETE:
+                    if line == b"DELETED" or line == b"NOT_FOUND":
+                        self._reply_done()
+                        continue
+                elif line == b"STORED" or line == b"EXISTS" or line == b"NOT_FOUND":
+                    self._reply_done()  # cas
                     continue
                 if not _is_error_line(line):
-                    name = ("get", "storage", "delete")[kind]
+                    name = _NAMES[kind]
                     self._fail(f"unexpected reply to {name}: {_show(line)}")
-                if kind != _GET:
+                if kind != _GET and kind != _GETS:
                     # One pipelined command failed; the others still reply.
                     self._reply_done()
                 else:
@@ -194,10 +204,15 @@ class ReplyGuard:
             self._state = _DONE
 
     def _value_header(self, line: bytes) -> int:
-        """Check ``VALUE key flags len``; the bytes to come (len + CRLF)."""
+        """Check ``VALUE key flags len`` (gets: ``... len cas``); the bytes
+        to come (len + CRLF)."""
         parts = line.split(b" ")
-        if len(parts) != 4 or not parts[1]:
+        if len(parts) != (5 if self._kind == _GETS else 4) or not parts[1]:
             self._fail(f"malformed VALUE line: {_show(line)}")
+        if self._kind == _GETS:
+            cas = parts.pop()
+            if not (cas.isdigit() and len(cas) <= 20 and int(cas) <= _CAS_MAX):
+                self._fail(f"bad cas unique in VALUE line: {_show(line)}")
         _, key, flags, size = parts
         keys = self._keys
         if keys is not None and key not in keys:

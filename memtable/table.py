@@ -9,10 +9,19 @@ two are never confused.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+import enum
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 from memtable.errors import AccessError, SequenceUnsupportedError
+
+
+class Outcome(enum.Enum):
+    """What a conditional delete (delete_if) found and did."""
+
+    DELETED = "deleted"  # the value was one the caller gave up: now gone
+    KEPT = "kept"  # another value is stored (written meanwhile): left alone
+    ABSENT = "absent"  # nothing is stored under the key
 
 
 class Table(abc.ABC):
@@ -39,9 +48,20 @@ class Table(abc.ABC):
         """Remove key; True when it was there."""
         raise AccessError(f"{self.spec}: table does not support delete")
 
+    def delete_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
+        """Remove key only while its value is one ``doomed(value)`` accepts,
+        checked and removed in one step, so that a value another process
+        writes meanwhile is never removed.  Only types that can do it
+        atomically have it (lmdb: one exclusive transaction)."""
+        raise AccessError(f"{self.spec}: table does not support a conditional delete")
+
     def sequence(self) -> Iterator[tuple[str, str]]:
         """Every (key, value) pair, in the table's order."""
         raise SequenceUnsupportedError(f"{self.spec}: table does not support sequence")
+
+    def verify(self) -> None:  # noqa: B027 - optional hook
+        """Check the table's files, reading them whole: CorruptError when
+        one is damaged.  Types without files have nothing to check."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files and connections."""

@@ -80,6 +80,7 @@ from memtable.limits import (
     MEMCACHE_PIPELINE_MAX_COMMANDS,
     MEMCACHE_UNLIMITED_TIMEOUT_SECONDS,
     MEMCACHED_MAX_KEY_BYTES,
+    MEMCACHED_RELATIVE_TTL_MAX,
     RECV_CHUNK_BYTES,
 )
 from memtable.outage import OutageLog
@@ -92,6 +93,9 @@ T = TypeVar("T")
 # memcached splits commands on white space and ends them at LF.
 _BAD_KEY_BYTE: Final = re.compile(rb"[\x00-\x20\x7f]")
 _FLAGS_MAX: Final = 2**32 - 1
+# An absolute expiration time (over 30 days is a UNIX time) long past:
+# an item stored with it is expired at once (delete_unchanged).
+_EXPIRED: Final = MEMCACHED_RELATIVE_TTL_MAX + 1
 
 
 class _AttemptFailed(Exception):
@@ -426,6 +430,38 @@ class MemcacheWire:
         finally:
             if once is not None:
                 once()
+
+    def gets(self, key: bytes) -> tuple[int, bytes, int] | None:
+        """(flags, value, cas unique) for key, or None when memcached has no
+        such item; the cas unique changes whenever the item is written."""
+        self._check_key(key)
+
+        def attempt() -> tuple[int, bytes, int] | None:
+            hit, cas = self._client.gets(key)
+            if hit is None:
+                return None
+            flags, value = hit
+            return flags, value, int(cas)
+
+        found: tuple[int, bytes, int] | None = self._run("gets", attempt, keys=(key,))
+        return found
+
+    def delete_unchanged(self, key: bytes, cas: int) -> bool | None:
+        """Remove key only if it is unchanged since the ``gets`` that gave
+        ``cas``: True when removed, False when written meanwhile (EXISTS),
+        None when gone (NOT_FOUND).  The text protocol has no guarded
+        delete; a ``cas`` that stores an empty value with an expiration
+        time in the past is one: memcached drops an expired item at its next
+        access, and proxies (twemproxy) pass ``cas`` on."""
+        self._check_key(key)
+
+        def attempt() -> bool | None:
+            done: bool | None = self._client.cas(key, b"", cas, expire=_EXPIRED, noreply=False,
+                                                 flags=0)
+            return done
+
+        result: bool | None = self._run("cas", attempt)
+        return result
 
     def delete(self, key: bytes) -> bool:
         """Remove key: True when memcached said DELETED, False for NOT_FOUND."""

@@ -16,10 +16,11 @@ Operators run it daily from cron or the systemd timer
 deploy/systemd/policyd-cleanup.timer (as the policyd user, with the same
 policyd.cf).  It is safe while policyd runs: it only deletes what is
 expired, keys are collected in bounded batches (limits.CLEANUP_BATCH_KEYS)
-and each one is read again just before it is deleted, so a record policyd
-rewrote meanwhile is kept.  A run examines at most
-limits.CLEANUP_MAX_ENTRIES entries per table and says when it stopped
-early; the next run starts over.
+and each one is checked again and deleted in one step: in the lmdb backup
+inside one exclusive transaction (Postfix's fcntl lock held), in memcached
+with a cas-guarded delete, so a record policyd rewrote meanwhile is kept.
+A run examines at most limits.CLEANUP_MAX_ENTRIES entries per table and
+says when it stopped early; the next run starts over.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 from dataclasses import dataclass
 
 from memtable import clock
+from memtable.table import Outcome
 from policyd import limits
 from policyd.config import PolicydConfig
 from policyd.logsetup import error_line
@@ -130,30 +132,26 @@ def _walk(stores: Stores, config: PolicydConfig, now: int, counts: dict[str, Cou
 def delete_batch(stores: Stores, config: PolicydConfig, now: int, batch: list[Entry],
                  counts: dict[str, Counts]) -> None:
     """Delete the doomed entries of ``batch`` that are still doomed (the
-    same value, or a new value that is expired or malformed too)."""
+    same value, or a new value that is expired or malformed too), each
+    checked and deleted in one step (Stores.delete_if), so that a record
+    policyd rewrites meanwhile is never deleted."""
     for entry in batch:
         count = counts[entry.kind]
-        # Read again: policyd may have rewritten the key since the walk saw it.
-        current = stores.current(entry.kind, entry.key)
-        if current is None or (current.value != entry.value
-                               and doomed_reason(current, now, config) is None):
+
+        def doomed(current: Entry, walked: Entry = entry) -> bool:
+            return (current.value == walked.value
+                    or doomed_reason(current, now, config) is not None)
+
+        stored, cached = stores.delete_if(entry, doomed)
+        if stored is not Outcome.DELETED:
             count.kept_changed += 1
             continue
-        front = stores.front(entry.kind, entry.key)
-        if (front is not None and front.value != current.value
-                and doomed_reason(front, now, config) is None):
-            # Another host sharing memcached wrote it anew: only this
-            # host's backup copy is stale, memcached's record stays.
-            if stores.delete_backup(current):
-                count.deleted += 1
-                count.backup_only += 1
-            else:
-                count.kept_changed += 1
-            continue
-        if stores.delete(current):
-            count.deleted += 1
-        else:
-            count.kept_changed += 1
+        count.deleted += 1
+        if cached is Outcome.KEPT:
+            # memcached holds a live record this backup does not have (another
+            # host sharing memcached wrote it, or policyd is writing it right
+            # now): only the backup's stale copy went.
+            count.backup_only += 1
 
 
 def render(config: PolicydConfig, counts: dict[str, Counts], *, dry_run: bool,
@@ -173,7 +171,7 @@ def render(config: PolicydConfig, counts: dict[str, Counts], *, dry_run: bool,
                 else f"{c.deleted} deleted")
         if c.backup_only:
             done += (f" ({c.backup_only} from the backup only: memcached holds a newer "
-                     "record from another host)")
+                     "record, from another host or written meanwhile)")
         if c.kept_changed:
             done += f", {c.kept_changed} left (changed or gone meanwhile)"
         lines.append(f"policyd cleanup: {kind} ({spec}): {c.examined} examined, "

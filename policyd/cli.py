@@ -25,6 +25,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from memtable.cf import decimal
 from memtable.errors import ConfigError, MemtableError
 from memtable.limits import CF_INT_MAX
 from memtable.version import version
@@ -73,9 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument("--plot", metavar="FILE.png",
                         help="also write the retry-delay histogram as a PNG (matplotlib)")
-    report.add_argument("--top", type=int, default=10, metavar="N",
+    report.add_argument("--top", type=_number, default=10, metavar="N",
                         help="list the N clients with most passes (default 10)")
-    report.add_argument("--max-entries", type=int, default=None, metavar="N",
+    report.add_argument("--max-entries", type=_number, default=None, metavar="N",
                         help="read at most N entries per table (default: the limit)")
     cleanup.add_argument("--dry-run", action="store_true",
                          help="count what would be deleted, delete nothing")
@@ -105,7 +106,7 @@ def _import_postgrey_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive_seconds(text: str) -> int:
-    value = int(text)
+    value = _number(text)
     if not 0 < value <= CF_INT_MAX:
         raise argparse.ArgumentTypeError(f"{text}: not a positive number of seconds")
     return value
@@ -113,11 +114,19 @@ def _positive_seconds(text: str) -> int:
 
 def _bounded(top: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        value = int(text)
+        value = _number(text)
         if not 0 <= value <= top:
             raise argparse.ArgumentTypeError(f"{text}: not between 0 and {top}")
         return value
     return parse
+
+
+def _number(text: str) -> int:
+    """A decimal argument, read as configuration numbers are (memtable.cf.decimal)."""
+    number = decimal(text)
+    if number is None:
+        raise argparse.ArgumentTypeError("bad numerical value")
+    return number
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 from memtable import cf
 from memtable.endpoint import Endpoint, parse_endpoint
-from memtable.errors import ConfigError, MemtableError
+from memtable.errors import ConfigError, CorruptError, MemtableError
 from memtable.limits import CF_INT_MAX
 from policyd import limits
 from policyd.dnsbl import DnsblSite, parse_sites
@@ -153,9 +153,11 @@ class PolicydConfig:
 
     def blame(self, name: str, exc: MemtableError) -> MemtableError:
         """``exc``, raised while opening what parameter ``name`` names, as
-        operators should see it: an error at a line of the named file's own
-        says enough; any other (a missing file) also names the setting."""
-        if isinstance(exc, ConfigError) and exc.line is not None:
+        operators should see it: an error at a line of the named file's own,
+        or a damaged file's (which names the file and says what to do), says
+        enough; any other (a missing file) also names the setting."""
+        if (isinstance(exc, ConfigError) and exc.line is not None) \
+                or isinstance(exc, CorruptError):
             return exc
         return self.parameter_error(name, str(exc))
 

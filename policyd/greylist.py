@@ -71,7 +71,7 @@ from policyd.dns import Resolver
 from policyd.dnsbl import DNSWL, LISTED, UNLISTED, DnsblScorer, DnsVerdict
 from policyd.metrics import Metrics, NullMetrics
 from policyd.reputation import ClientRecord, load_client_record, postscreen_proves_return
-from policyd.store import Store, StoreError, StoreWorker
+from policyd.store import Store, StoreError, StoreWorker, open_checked
 from policyd.triplet import (
     IPAddress,
     KeyMaker,
@@ -457,6 +457,7 @@ def build_policy(config: PolicydConfig,
         raise config.blame(config.whitelist_parameter(exc.path), exc) from None
     tables: list[Table] = []
     try:
+        # Checked before anything writes them (a damaged lmdb file).
         tables.append(_open(config, "triplet_table", read_write=True))
         tables.append(_open(config, "client_table", read_write=True))
         if config.postscreen_cache:
@@ -479,13 +480,10 @@ def build_policy(config: PolicydConfig,
 
 
 def _open(config: PolicydConfig, name: str, *, read_write: bool) -> Table:
-    """Open the table parameter ``name`` names.  A file that cannot be
-    opened (a missing .cf or backup) is an error that also names the
-    setting that refers to it; an error at a line of the table's own .cf
-    file names that line, which says enough."""
-    from memtable.registry import open_table
-
+    """Open the table parameter ``name`` names, its files checked
+    (store.open_checked); an error says which setting named the table
+    (PolicydConfig.blame)."""
     try:
-        return open_table(getattr(config, name), read_write=read_write)
+        return open_checked(getattr(config, name), read_write=read_write)
     except (ConfigError, OpenError) as exc:
         raise config.blame(name, exc) from None

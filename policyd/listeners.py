@@ -18,6 +18,7 @@ import stat
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
+from memtable.cf import decimal
 from memtable.endpoint import Endpoint
 from policyd import limits
 from policyd.config import PolicydConfig
@@ -77,11 +78,12 @@ def _inherited_fds(env: MutableMapping[str, str]) -> list[int]:
         env.pop(name, None)
     if not pid or not count:
         return []
-    if not pid.isdigit() or int(pid) != os.getpid():
+    if decimal(pid) != os.getpid():
         return []  # meant for another process (e.g. our parent)
-    if not count.isdigit() or not 0 < int(count) <= limits.MAX_INHERITED_FDS:
+    fds = decimal(count)
+    if fds is None or not 0 < fds <= limits.MAX_INHERITED_FDS:
         raise ListenerError(f"socket activation: bad LISTEN_FDS={count!r}")
-    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + fds))
 
 
 def _adopt(fds: list[int]) -> list[Listener]:

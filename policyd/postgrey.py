@@ -65,6 +65,7 @@ from policyd.errors import PolicydError
 from policyd.greylist import TripletRecord
 from policyd.logsetup import error_line
 from policyd.reputation import ClientRecord
+from policyd.store import open_checked
 from policyd.storewalk import memcache_front
 from policyd.triplet import (
     KeyMaker,
@@ -607,11 +608,10 @@ def _write_table(spec: str, path: Path, name: str, mapper: Callable[[bytes, byte
                  kind: type[R], merge: Callable[[R | None, R], R | None],
                  config: PolicydConfig, now: int, counts: Counts, notes: list[str], *,
                  dry_run: bool) -> None:
-    from memtable.registry import open_table
-
     table: Table | None = None
     try:
-        table = open_table(spec, read_write=not dry_run)
+        # Checked before it is written: a damaged lmdb file would abort.
+        table = open_checked(spec, read_write=not dry_run)
     except (MemtableError, OSError) as exc:
         if not dry_run:
             raise PostgreyImportError(str(exc)) from None

@@ -24,12 +24,13 @@ from memtable import cf
 from memtable.config import MemcacheConfig
 from memtable.errors import ConfigError, MemtableError, TemporaryError
 from memtable.keys import KeyFormat
-from memtable.registry import open_table, split_spec
+from memtable.registry import split_spec
 from memtable.ttlreport import read_postconf
 from memtable.wire import MemcacheWire
 from policyd import limits
 from policyd.config import PolicydConfig
 from policyd.errors import PolicydError
+from policyd.store import open_checked
 from policyd.whitelist import Whitelists
 
 log = logging.getLogger(__name__)
@@ -133,25 +134,38 @@ def probe(config: PolicydConfig) -> list[Problem]:
     return found
 
 
-def _probe_table(spec: str) -> None:
+def _probe_table(spec: str, *, check: bool = True) -> None:
+    """Open ``spec`` read-only and check its files (store.open_checked), or,
+    for a missing lmdb file policyd would create, its directory (all that
+    ``check = False`` looks at)."""
     type_, name = split_spec(spec)
     if type_ == "memcache":
         config = MemcacheConfig.from_file(name)
         if config.backup:
             try:
-                _probe_table(config.backup)
+                _probe_table(config.backup, check=False)
             except ConfigError as exc:
                 raise type(exc)(f"backup = {config.backup}: {exc}", name) from None
+            if _exists(config.backup):
+                # Checked as the memcache table (whose recovery differs:
+                # memcached still holds the state).
+                open_checked(spec, read_write=False).close()
         _ask_memcached(config)
-    elif type_ == "lmdb" and not os.path.exists(name + ".lmdb"):
+    elif not _exists(spec):
         # policyd creates it at start (as the service's user): only its
         # directory must exist.
         directory = os.path.dirname(name) or "."
         if not os.path.isdir(directory):
             raise ConfigError(f"{spec}: directory {directory} does not exist "
                               "(policyd creates the file at start, not the directory)")
-    else:
-        open_table(spec, read_write=False).close()
+    elif check:  # (a backup is opened and checked with its memcache table)
+        open_checked(spec, read_write=False).close()
+
+
+def _exists(spec: str) -> bool:
+    """False for an lmdb table whose file is not there yet."""
+    type_, name = split_spec(spec)
+    return type_ != "lmdb" or os.path.exists(name + ".lmdb")
 
 
 def _ask_memcached(config: MemcacheConfig) -> None:

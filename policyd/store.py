@@ -57,7 +57,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from memtable import clock
-from memtable.errors import MemtableError
+from memtable.errors import CorruptError, MemtableError
 from memtable.table import Table
 from policyd import limits
 from policyd.errors import PolicydError
@@ -424,6 +424,38 @@ class Store:
 
 
 _last_loop: asyncio.AbstractEventLoop | None = None
+
+
+def open_checked(spec: str, *, read_write: bool) -> Table:
+    """Open one of policyd's tables and check its files (Table.verify)
+    before anything writes them: a damaged lmdb file makes LMDB abort the
+    process on its first write, and policyd would die at every start.  A
+    damaged file is CorruptError saying what to do; other errors propagate."""
+    from memtable.registry import open_table
+
+    try:
+        table = open_table(spec, read_write=read_write)
+    except CorruptError as exc:
+        raise _recovery(spec, exc) from None
+    try:
+        table.verify()
+    except CorruptError as exc:
+        table.close()
+        raise _recovery(spec, exc) from None
+    except BaseException:
+        table.close()
+        raise
+    return table
+
+
+def _recovery(spec: str, exc: CorruptError) -> CorruptError:
+    state = ("memcached still holds policyd's state" if spec.startswith("memcache:")
+             else "the greylisting state in it is lost")
+    table_spec = "lmdb:" + exc.path.removesuffix(".lmdb")
+    return CorruptError(
+        f"{exc}: {state}; stop policyd, `mv {exc.path} {exc.path}.corrupt`, refill it from "
+        f"the last dump (`memtable -i {table_spec} < DUMP`) or let policyd create it empty, "
+        'and start policyd again (see "A corrupt backup" in docs/operations.md)', exc.path)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop:

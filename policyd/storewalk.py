@@ -15,18 +15,19 @@ triplet, 5: a client record) and the store is walked once.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from memtable.errors import MemtableError
+from memtable.errors import MemtableError, TemporaryError
 from memtable.memcache_table import MemcacheTable
 from memtable.registry import split_spec
-from memtable.table import Table
+from memtable.table import Outcome, Table
 from policyd.config import PolicydConfig
 from policyd.errors import PolicydError
 from policyd.greylist import TripletRecord
 from policyd.reputation import ClientRecord
+from policyd.store import open_checked
 
 TRIPLETS = "triplets"
 CLIENTS = "clients"
@@ -109,12 +110,10 @@ class Stores:
     def open(cls, config: PolicydConfig, *, read_write: bool) -> Stores:
         """Open both tables (read-write for cleanup).  WalkError when one
         cannot be opened or walked; nothing is read yet."""
-        from memtable.registry import open_table
-
         tables: list[Table] = []
         try:
             for spec in (config.triplet_table, config.client_table):
-                tables.append(open_table(spec, read_write=read_write))
+                tables.append(open_checked(spec, read_write=read_write))
             stores = cls(config, tables[0], tables[1])
             _source(stores.triplets)
             _source(stores.clients)
@@ -166,56 +165,44 @@ class Stores:
             if close is not None:
                 close()
 
-    def current(self, kind: str, key: str) -> Entry | None:
-        """The record stored under ``key`` now, read from the walked store
-        (a memcache table's backup: a lookup through memcache would write
-        an old backup entry back to memcached); None when it is gone."""
-        source = _source(self.table(kind))
+    def delete_if(self, entry: Entry, doomed: Callable[[Entry], bool]
+                  ) -> tuple[Outcome, Outcome | None]:
+        """Delete ``entry.key`` wherever its record is still one ``doomed``
+        accepts: from the walked store (the lmdb backup) checked and deleted
+        in one exclusive transaction, then, for a memcache table, from
+        memcached with a cas-guarded delete; a record written meanwhile is
+        kept in either.  Returns the walked store's outcome and memcached's
+        (None: not a memcache table, or memcached could not answer; its
+        ttl expires the record there).  A malformed record in a shared
+        store goes from both tables' memcached keys.  WalkError when the
+        walked store fails."""
+        kind, key = entry.kind, entry.key
+
+        def check(value: str) -> bool:
+            return doomed(parse_entry(kind, key, value, by_shape=self.shared))
+
+        table = self.table(kind)
+        source = _source(table)
         try:
-            value = source.lookup(key)
+            stored = source.delete_if(key, check)
         except (MemtableError, OSError) as exc:
-            raise WalkError(f"{self.table(kind).spec}: {exc}") from None
-        if value is None:
-            return None
-        return parse_entry(kind, key, value, by_shape=self.shared)
-
-    def front(self, kind: str, key: str) -> Entry | None:
-        """memcached's own record for ``key`` when table ``kind`` is a memcache
-        table (None otherwise, when memcached has none, or cannot answer).
-        With several hosts sharing memcached, it may be newer than this
-        host's backup."""
-        front = memcache_front(self.table(kind))
-        if front is None:
-            return None
-        try:
-            value = front.lookup(key)
-        except MemtableError:
-            return None
-        if value is None:
-            return None
-        return parse_entry(kind, key, value, by_shape=self.shared)
-
-    def delete_backup(self, entry: Entry) -> bool:
-        """Delete from the walked store only (a memcache table's backup)."""
-        source = _source(self.table(entry.kind))
-        try:
-            return source.delete(entry.key)
-        except (MemtableError, OSError) as exc:
-            raise WalkError(f"{source.spec}: delete {entry.key!r}: {exc}") from None
-
-    def delete(self, entry: Entry) -> bool:
-        """Delete through the TABLE (memcached and its backup agree); a
-        malformed record in a shared store goes from both tables."""
-        tables = [self.table(entry.kind)]
+            raise WalkError(f"{source.spec}: delete {key!r}: {exc}") from None
+        if stored is Outcome.KEPT:
+            return stored, None  # rewritten meanwhile: memcached's copy is as new
+        tables = [table]
         if entry.malformed and self.shared and self.clients is not self.triplets:
             tables = [self.triplets, self.clients]
-        deleted = False
-        for table in tables:
+        cached: Outcome | None = None
+        for front in tables:
+            if not isinstance(front, MemcacheTable):
+                continue
             try:
-                deleted = table.delete(entry.key) or deleted
-            except (MemtableError, OSError) as exc:
-                raise WalkError(f"{table.spec}: delete {entry.key!r}: {exc}") from None
-        return deleted
+                outcome = front.delete_cached_if(key, check)
+            except TemporaryError:
+                continue
+            if cached is None or outcome is Outcome.KEPT:
+                cached = outcome
+        return stored, cached
 
     def close(self) -> None:
         self.triplets.close()

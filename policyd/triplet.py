@@ -175,14 +175,32 @@ def client_key(config: PolicydConfig, ip: IPAddress, client_name: str) -> str:
     return subnet_key(ip, config.ipv4_prefix, config.ipv6_prefix)
 
 
-_SAFE_KEY = re.compile(r"[\x21-\x24\x26-\x7e]*")
+_SAFE_KEY = re.compile(r"[\x21-\x7e]*")
+
+# ``/`` separates a key's fields and may appear in an address: inside a
+# field it is written %2f, and ``%`` itself %25, so that two triplets can
+# never share a key (x@a.org + y/z@example.com, x@a.org/y + z@example.com).
+KEY_SEPARATOR = "/"
+
+
+def escape_field(field: str) -> str:
+    """One field of a store key, ``%`` and ``/`` percent-encoded."""
+    if "%" not in field and KEY_SEPARATOR not in field:
+        return field  # nearly every field: unchanged
+    return field.replace("%", "%25").replace(KEY_SEPARATOR, "%2f")
+
+
+def join_fields(*fields: str) -> str:
+    """The fields of a key, each escaped (escape_field), joined by ``/``."""
+    return KEY_SEPARATOR.join(escape_field(field) for field in fields)
 
 
 def sanitise_key(raw: str) -> str:
-    """A memcache-safe key: bytes outside printable ASCII (white space,
-    control characters, non-ASCII) and ``%`` percent-encoded in lower case
-    (so a folding table leaves the key unchanged), and the sha256 hex
-    digest instead when the result is over STORE_KEY_MAX_BYTES."""
+    """A memcache-safe key from join_fields' output: bytes outside printable
+    ASCII (white space, control characters, non-ASCII) percent-encoded in
+    lower case (so a folding table leaves the key unchanged; ``%`` is
+    already join_fields' escape), and the sha256 hex digest instead when the
+    result is over STORE_KEY_MAX_BYTES."""
     if _SAFE_KEY.fullmatch(raw):
         # Fast path (nearly every key): nothing to encode.
         if len(raw) > limits.STORE_KEY_MAX_BYTES:
@@ -191,7 +209,7 @@ def sanitise_key(raw: str) -> str:
     data = raw.encode("utf-8", "backslashreplace")
     out = []
     for byte in data:
-        if 0x21 <= byte <= 0x7E and byte != 0x25:
+        if 0x21 <= byte <= 0x7E:
             out.append(chr(byte))
         else:
             out.append(f"%{byte:02x}")
@@ -216,15 +234,19 @@ class KeyMaker:
     def from_config(cls, config: PolicydConfig) -> KeyMaker:
         return cls(privacy=config.privacy, salt=config.privacy_salt)
 
-    def _key(self, raw: str) -> str:
+    def _key(self, *fields: str) -> str:
+        # Privacy hashes the same escaped text: a hash of ambiguous text
+        # would be just as shared.
+        raw = join_fields(*fields)
         if self.privacy:
             data = raw.encode("utf-8", "backslashreplace")
             return hmac.new(self.salt.encode("utf-8"), data, hashlib.sha256).hexdigest()
         return sanitise_key(raw)
 
     def triplet_key(self, client: str, sender: str, recipient: str) -> str:
-        """Key of an already normalised triplet: ``client/sender/recipient``."""
-        return self._key(f"{client}/{sender}/{recipient}")
+        """Key of an already normalised triplet: ``client/sender/recipient``,
+        ``/`` and ``%`` inside a field percent-encoded (join_fields)."""
+        return self._key(client, sender, recipient)
 
     def client_record_key(self, client: str) -> str:
         return self._key(client)

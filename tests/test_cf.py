@@ -66,7 +66,12 @@ def test_time_units(text: str, seconds: int) -> None:
     assert cf.parse_time(cf.CfEntry("t", text, "f", 1)) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "5x", "-1", "1.5h", "h"])
+def test_leading_zeros_do_not_count_as_digits(tmp_path: Path) -> None:
+    config = MemcacheConfig.from_file(write(tmp_path, "ttl = " + "0" * 5000 + "42\n"))
+    assert config.ttl == 42
+
+
+@pytest.mark.parametrize("text", ["", "5x", "-1", "1.5h", "h", "9" * 5000 + "s", "9" * 5000])
 def test_bad_time_values(text: str) -> None:
     with pytest.raises(ConfigError, match="f, line 3"):
         cf.parse_time(cf.CfEntry("t", text, "f", 3))
@@ -88,6 +93,12 @@ def test_defaults_match_postfix(tmp_path: Path) -> None:
     ("data_size_limit = 0", "invalid value 0 < 1"),
     ("ttl = -1", "invalid value -1 < 0"),
     ("ttl = 1d", "bad numerical configuration"),
+    # Over 4300 digits Python's int() raises ValueError (issue 15).
+    ("ttl = " + "9" * 5000, "bad numerical configuration"),
+    ("max_try = -" + "9" * 5000, "bad numerical configuration"),
+    ("ttl = 123456789012345678901", "bad numerical configuration"),
+    ("memcache = inet:localhost:" + "9" * 5000, "out of range"),
+    ("memcache = inet:localhost:\u00b2", "unknown port name"),
     ("flags = 99999999999", "> 2147483647"),
     ("key_format = %x", "invalid expansion"),
     ("key_format = abc%", "lone"),

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,14 @@ from freezegun import freeze_time
 from memtable import limits as memtable_limits
 from memtable.errors import BackupError
 from memtable.registry import open_table
+from memtable.table import Outcome
+from memtable.wire import MemcacheWire
+from policyd import storewalk
 from policyd.cleanup import CleanupError, Counts, cleanup, delete_batch, render
 from policyd.cli import main
 from policyd.config import PolicydConfig
 from policyd.greylist import TripletRecord
-from policyd.storewalk import TRIPLETS, Stores
+from policyd.storewalk import TRIPLETS, Entry, Stores
 from tests.conftest import Memcached
 from tests.greylist_helpers import DictTable
 from tests.report_data import (
@@ -152,6 +156,118 @@ def test_a_record_rewritten_meanwhile_is_kept(tmp_path: Path) -> None:
     assert dump(tspec)[retried] == fresh and stale not in dump(tspec)
 
 
+# A policyd-like writer in its own process: it rewrites one key through the
+# table (memcached first, then the lmdb backup, as policyd does).  It first
+# tells whether cleanup holds the backup's exclusive lock right now
+# ("blocked": its write must wait until cleanup's transaction ends) or not
+# ("free": nothing stops it from landing between cleanup's steps).
+REWRITER = f"""
+import fcntl, os, sys
+sys.path.insert(0, {str(ROOT)!r})
+from memtable.registry import open_table
+spec, db, key, value = sys.argv[1:]
+fd = os.open(db, os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free", flush=True)
+except OSError:
+    print("blocked", flush=True)
+os.close(fd)
+with open_table(spec, read_write=True) as table:
+    table.update(key, value)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["lmdb", "memcache"])
+def test_a_rewrite_racing_the_delete_is_kept(tmp_path: Path, memcached: Memcached,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             kind: str) -> None:
+    """Issue 15: cleanup read an expired record, policyd rewrote it (a retry
+    answered DEFER, the record fresh again), then cleanup deleted it.  Here
+    a writer process starts the moment cleanup has read the record back for
+    its final check; whatever the interleaving, the fresh record must be in
+    the backup (and in memcached) afterwards."""
+    backup = f"lmdb:{tmp_path}/tb"
+    if kind == "lmdb":
+        tspec = backup
+        fill(tspec, triplets())
+        cspec = f"lmdb:{tmp_path}/cb"
+    else:
+        _, tspec, cspec = memcache_setup(tmp_path, memcached)
+    config = PolicydConfig.from_file(policyd_cf(tmp_path, tspec, cspec))
+    key = triplet_key(4, "gone")
+    fresh = TripletRecord(NOW, NOW).serialise()
+    script = tmp_path / "rewrite.py"
+    script.write_text(REWRITER)
+    started: list[subprocess.Popen[str]] = []
+    said: list[str] = []  # the writer's lines
+    seen = 0
+    real_parse = storewalk.parse_entry
+
+    def parse(kind: str, k: str, value: str, *, by_shape: bool = False) -> Entry:
+        nonlocal seen
+        if k == key:
+            seen += 1
+            if seen == 2:  # the first is the walk, the second cleanup's final check
+                proc = subprocess.Popen(
+                    [sys.executable, str(script), tspec, f"{tmp_path}/tb.lmdb", key, fresh],
+                    stdout=subprocess.PIPE, text=True)
+                started.append(proc)
+                assert proc.stdout is not None
+                said.append(proc.stdout.readline())
+                if said == ["free\n"]:
+                    # Nothing holds the record: the rewrite lands right now.
+                    said.append(proc.stdout.readline())
+        return real_parse(kind, k, value, by_shape=by_shape)
+
+    monkeypatch.setattr(storewalk, "parse_entry", parse)
+    with Stores.open(config, read_write=True) as stores:
+        counts = cleanup(stores, config, NOW)
+    assert len(started) == 1
+    out, _ = started[0].communicate(timeout=30)
+    assert started[0].returncode == 0 and "".join(said) + out in ("free\ndone\n",
+                                                                 "blocked\ndone\n")
+    assert dump(backup).get(key) == fresh
+    if kind == "memcache":
+        stored = memcached.meta(f"t:{key}")
+        assert stored is not None and stored["value"] == fresh
+    assert counts["triplets"].deleted + counts["triplets"].kept_changed == 19
+
+
+def test_a_value_another_host_writes_between_gets_and_delete_stays_in_memcached(
+        tmp_path: Path, memcached: Memcached, monkeypatch: pytest.MonkeyPatch) -> None:
+    """memcached is never told to delete a value it did not show: another
+    host writes the key right after cleanup has read memcached's (expired)
+    copy; the delete is refused (cas), the new value stays."""
+    cf, _, _ = memcache_setup(tmp_path, memcached)
+    config = PolicydConfig.from_file(cf)
+    key = triplet_key(5, "gone")
+    fresh = TripletRecord(NOW - HOUR, NOW - HOUR).serialise()
+    (tmp_path / "other").mkdir()
+    other_host = memcache_cf(tmp_path / "other", "t", memcached.spec, None)
+    written: list[str] = []
+
+    def after_read(read: Callable[..., object]) -> Callable[..., object]:
+        def wrapper(self: MemcacheWire, mc_key: bytes) -> object:
+            hit = read(self, mc_key)
+            if mc_key == f"t:{key}".encode() and not written:
+                with open_table(other_host, read_write=True) as table:
+                    table.update(key, fresh)
+                written.append(fresh)
+            return hit
+        return wrapper
+
+    # Whichever read cleanup uses (get, or gets for a cas).
+    monkeypatch.setattr(MemcacheWire, "get", after_read(MemcacheWire.get))
+    monkeypatch.setattr(MemcacheWire, "gets", after_read(MemcacheWire.gets))
+    with Stores.open(config, read_write=True) as stores:
+        cleanup(stores, config, NOW)
+    assert written == [fresh]
+    stored = memcached.meta(f"t:{key}")
+    assert stored is not None and stored["value"] == fresh
+
+
 def test_shared_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = f"lmdb:{tmp_path}/state"
     fill(spec, {**triplets(), **clients()})
@@ -228,7 +344,7 @@ def test_memcache_table_without_backup_cannot_be_cleaned(
 
 def test_a_failing_store_stops_with_the_counts_so_far(tmp_path: Path) -> None:
     class FailingDeletes(DictTable):
-        def delete(self, key: str) -> bool:
+        def delete_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
             raise BackupError("lmdb:/var/lib/policyd/clients: disk trouble")
 
     tspec = f"lmdb:{tmp_path}/triplets"

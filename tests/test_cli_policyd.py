@@ -114,6 +114,10 @@ def test_check_config_refuses_an_impossible_memcache_host(
     ("listen = inet:127.0.0.1:10025, unix:rel.sock\n",
      "unix:rel.sock: a UNIX socket path must be absolute"),
     ("no equals sign here\n", "line 1:"),
+    # Over 4300 digits Python's int() raises ValueError (issue 15).
+    ("\nmax_connections = " + "9" * 5000 + "\n", "line 2: max_connections = 999"),
+    ("\nmax_connections = " + "9" * 5000 + "\n", "bad numerical configuration"),
+    ("greylist_delay = " + "9" * 5000 + "m\n", "line 1: greylist_delay = 999"),
 ])
 def test_check_config_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                           text: str, message: str) -> None:
@@ -157,6 +161,7 @@ def test_c_and_o_may_follow_any_command(tmp_path: Path, capsys: pytest.CaptureFi
     ("listen_reuse_port=maybe", "policyd: -o listen_reuse_port=maybe: listen_reuse_port = maybe: "
                                 "bad boolean"),
     ("greylist_delay", "policyd: -o greylist_delay: missing '='"),
+    ("max_connections=" + "9" * 5000, "policyd: -o max_connections=999"),
 ])
 def test_o_errors_name_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                   setting: str, message: str) -> None:
@@ -166,6 +171,18 @@ def test_o_errors_name_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert err.startswith(message)
     assert err.count("\n") == 1
+    if setting.startswith("max_connections"):
+        assert err.endswith(": bad numerical configuration\n")
+
+
+def test_huge_report_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for option in ("--top", "--max-entries"):
+        with pytest.raises(SystemExit) as caught:
+            main(["report", option, "9" * 5000])
+        assert caught.value.code == 2
+        err = capsys.readouterr().err
+        assert err.endswith(f"error: argument {option}: bad numerical value\n")
+        assert "999" not in err
 
 
 def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

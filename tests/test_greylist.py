@@ -355,6 +355,53 @@ def test_build_policy_with_real_memcached(tmp_path: Path, memcached: Memcached) 
     assert client is not None and str(client["value"]).split(",")[2] == "1"
 
 
+@pytest.mark.parametrize("privacy", [False, True])
+def test_a_slash_in_an_address_does_not_share_a_triplet(
+        tmp_path: Path, memcached: Memcached, privacy: bool) -> None:
+    """sender x@a.org + recipient y/z@example.com passes; sender x@a.org/y +
+    recipient z@example.com is another triplet, greylisted on its first
+    request (it was DUNNO when both had one key, issue 15); report and
+    cleanup walk both records from the lmdb backup."""
+    backup = f"backup = lmdb:{tmp_path}/triplets\n"
+    cfg = config(triplet_table=_cf(tmp_path, "t", memcached.spec, "key_format = t:%s\n" + backup),
+                 client_table=_cf(tmp_path, "c", memcached.spec,
+                                  f"key_format = c:%s\nbackup = lmdb:{tmp_path}/clients\n"),
+                 postscreen_cache=_cf(tmp_path, "ps", memcached.spec,
+                                      "key_format = postscreen:%s\n"),
+                 privacy=privacy, privacy_salt="s3cret")
+    one = request(sender="x@a.org", recipient="y/z@example.com")
+    other = request(sender="x@a.org/y", recipient="z@example.com")
+
+    async def main() -> list[Decision]:
+        policy = build_policy(cfg)
+        out = []
+        with freeze_time(T0) as frozen:
+            out.append(await policy.decide(one))
+            frozen.move_to(datetime.fromtimestamp(START + 301, tz=UTC))
+            out.append(await policy.decide(one))
+            out.append(await policy.decide(other))
+        await policy.aclose()
+        return out
+
+    first, passed, other_first = run(main())
+    assert (first.reason, passed.reason, other_first.reason) == ("new", "passed", "new")
+    assert other_first.action.startswith("DEFER_IF_PERMIT")
+    from policyd.cleanup import cleanup
+    from policyd.storewalk import Stores
+    with Stores.open(cfg, read_write=True) as stores:
+        records = sorted((e.triplet.passed, e.key) for e in stores.walk("triplets", 10)
+                         if e.triplet is not None)
+        assert [passed for passed, _ in records] == [False, True]
+        if not privacy:
+            assert [key for _, key in records] == ["192.0.2.0/x@a.org%2fy/z@example.com",
+                                                   "192.0.2.0/x@a.org/y%2fz@example.com"]
+        counts = cleanup(stores, cfg, START + 400 * DAY)
+        assert counts["triplets"].deleted == 2
+        assert list(stores.walk("triplets", 10)) == []
+    for _, key in records:
+        assert memcached.meta(f"t:{key}") is None
+
+
 def test_store_failure_is_raised_for_the_server(tmp_path: Path) -> None:
     """The policy does not choose the answer to a store failure: it raises,
     and the server answers as store_failure_action says (test_server.py)."""

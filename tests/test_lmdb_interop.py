@@ -34,6 +34,7 @@ import pytest
 from memtable import limits
 from memtable.backends import LmdbTable
 from memtable.errors import AccessError, BackupError, OpenError
+from memtable.table import Outcome
 from tests.postfixlab import POSTMAP, run_postmap
 
 pytestmark = pytest.mark.postfix
@@ -175,6 +176,38 @@ def test_file_written_by_postmap_is_read_by_memtable(postmap_config: Path,
         assert writer.delete("KEY1") is False
         assert pm_get(postmap_config, "key1", db) is None
         assert [k for k, _ in pm_seq(postmap_config, db)] == ["last", "new1", "new2", "strasse"]
+
+
+HOLDER = textwrap.dedent("""
+    import fcntl, os, struct, sys
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    probe = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
+    print(struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0])
+""")
+
+
+def test_delete_if_checks_and_deletes_in_one_locked_transaction(
+        postmap_config: Path, tmp_path: Path) -> None:
+    """delete_if removes a record only while doomed() accepts its value, and
+    reads it under the exclusive fcntl lock: no other process (postmap,
+    Postfix, policyd) can write between the check and the delete."""
+    db = tmp_path / "db"
+    pm_create(postmap_config, db, "old 1\nnew 2\n")
+    held: list[int] = []
+
+    def doomed(value: str) -> bool:
+        # What another process sees on the file while the check runs.
+        done = subprocess.run([sys.executable, "-c", HOLDER, f"{db}.lmdb"],
+                              capture_output=True, text=True, timeout=WAIT, check=True)
+        held.append(int(done.stdout))
+        return value == "1"
+
+    with opened(db) as table:
+        assert table.delete_if("OLD", doomed) is Outcome.DELETED
+        assert table.delete_if("new", doomed) is Outcome.KEPT
+        assert table.delete_if("gone", doomed) is Outcome.ABSENT
+    assert held == [fcntl.F_WRLCK, fcntl.F_WRLCK]  # never called for "gone"
+    assert pm_seq(postmap_config, db) == [("new", "2")]
 
 
 def test_without_fold(postmap_config: Path, tmp_path: Path) -> None:
@@ -451,6 +484,7 @@ def test_concurrent_writers_with_postfix(postmap_config: Path, tmp_path: Path) -
     assert sorted(postfix_view) == expected
     with opened(db, read_write=False) as table:
         assert list(table.sequence()) == postfix_view
+        table.verify()  # every page sound, as memtable's page check sees it
 
 
 def test_map_grows_past_16_mib_while_others_read(postmap_config: Path, tmp_path: Path) -> None:
@@ -477,6 +511,7 @@ def test_map_grows_past_16_mib_while_others_read(postmap_config: Path, tmp_path:
         last = f"big{count - 1}"
         assert reader.lookup(last) == f"big-value-{count - 1}-" + "x" * value_size
         assert len(list(reader.sequence())) == count + 1
+        reader.verify()  # past 16 MiB, with values on overflow pages
     assert Path(str(db) + ".lmdb").stat().st_size > limits.LMDB_INITIAL_MAP_BYTES
     assert pm_get(postmap_config, last, db) == f"big-value-{count - 1}-" + "x" * value_size
 

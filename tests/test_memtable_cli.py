@@ -78,6 +78,17 @@ def test_config_error_names_file_and_line(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_huge_number_in_a_table_cf_is_one_line(tmp_path: Path) -> None:
+    """5,000 digits: Python's int() would raise ValueError (issue 15)."""
+    cf = tmp_path / "bad.cf"
+    cf.write_text("# table\nttl = " + "9" * 5000 + "\n")
+    done = run("-q", "k", f"memcache:{cf}")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"memtable: fatal: {cf}, line 2: ttl = 999")
+    assert done.stderr.endswith(": bad numerical configuration\n")
+    assert done.stderr.count("\n") == 1
+
+
 def test_usage_errors_are_clean() -> None:
     for args in ([], ["-q", "k"], ["-q", "k", "-s", "memcache:/x"], ["-q", "k", "nocolon"]):
         done = run(*args)

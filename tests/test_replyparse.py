@@ -49,6 +49,12 @@ VALID: list[tuple[Kind, int, bytes]] = [
     ("delete", 1, b"DELETED\r\n"),
     ("delete", 1, b"NOT_FOUND\r\n"),
     ("delete", 1, b"CLIENT_ERROR bad command line format\r\n"),
+    ("gets", 1, b"END\r\n"),
+    ("gets", 1, b"VALUE k 5 3 18446744073709551615\r\nabc\r\nEND\r\n"),
+    ("cas", 1, b"STORED\r\n"),
+    ("cas", 1, b"EXISTS\r\n"),
+    ("cas", 1, b"NOT_FOUND\r\n"),
+    ("cas", 1, b"SERVER_ERROR out of memory\r\n"),
     # A line of exactly line_size_limit - 1 bytes of text (Postfix's bound).
     ("get", 1, b"VALUE " + b"k" * (LINE - 1 - len(b"VALUE  0 1")) + b" 0 1\r\nx\r\nEND\r\n"),
 ]
@@ -106,6 +112,14 @@ INVALID: list[tuple[Kind, bytes, str]] = [
     ("storage", b"STORED\n", "CRLF"),
     ("delete", b"STORED\r\n", "unexpected reply to delete"),
     ("delete", b"VALUE k 0 1\r\na\r\nEND\r\n", "unexpected reply"),
+    ("delete", b"EXISTS\r\n", "unexpected reply to delete"),
+    ("gets", b"VALUE k 0 1\r\na\r\nEND\r\n", "malformed VALUE"),  # no cas unique
+    ("gets", b"VALUE k 0 1 x\r\n", "bad cas unique"),
+    ("gets", b"VALUE k 0 1 18446744073709551616\r\n", "bad cas unique"),
+    ("gets", b"VALUE k 0 1 -1\r\n", "bad cas unique"),
+    ("get", b"VALUE k 0 1 1\r\n", "malformed VALUE"),
+    ("cas", b"DELETED\r\n", "unexpected reply to cas"),
+    ("cas", b"NOT_STORED\r\n", "unexpected reply to cas"),
 ]
 
 

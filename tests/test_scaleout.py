@@ -24,7 +24,7 @@ import pytest
 
 from memtable import TemporaryError, open_table
 from memtable.memcache_table import MemcacheTable
-from memtable.table import Table
+from memtable.table import Outcome, Table
 from tests.conftest import Memcached, free_port, start_memcached
 from tests.policyd_helpers import ask as ask_raw
 from tests.policyd_helpers import connect
@@ -182,6 +182,22 @@ def test_keys_spread_over_all_servers(cluster: Cluster) -> None:
     assert table.delete(key) is True
     assert cluster.owners(f"policyd-triplet:{key}") == []
     table.close()
+
+
+def test_cas_guarded_delete_passes_through_the_proxy(cluster: Cluster) -> None:
+    """policyd cleanup's delete (gets, then a cas with a past expiration)
+    works through nutcracker and reaches the server that holds the key."""
+    table = cluster.table()
+    assert isinstance(table, MemcacheTable)
+    with table:
+        for i in range(30):
+            table.update(f"k{i}", "old")
+        assert table.delete_cached_if("k1", lambda value: value == "new") is Outcome.KEPT
+        for i in range(30):
+            assert table.delete_cached_if(f"k{i}", lambda value: value == "old") is (
+                Outcome.DELETED)
+            assert table.lookup(f"k{i}") is None, i
+    assert cluster.owners("policyd-triplet:k1") == []
 
 
 def test_dead_server_loses_only_its_share(cluster: Cluster) -> None:

@@ -144,6 +144,16 @@ def test_activation_env_for_another_pid_is_ignored_and_removed() -> None:
             listener.close()
 
 
+def test_activation_env_with_a_huge_number_is_one_clear_error() -> None:
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "9" * 5000}
+    config = PolicydConfig(listen=(Endpoint("inet", host="127.0.0.1", port=0),))
+    with pytest.raises(ListenerError, match="bad LISTEN_FDS"):
+        open_listeners(config, environ=env)
+    env = {"LISTEN_PID": "9" * 5000, "LISTEN_FDS": "1"}  # another process's
+    for listener in open_listeners(config, environ=env):
+        listener.close()
+
+
 def test_many_requests_on_one_connection(server: ServerThread) -> None:
     with connect(server.inet) as sock:
         for i in range(50):

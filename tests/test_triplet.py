@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 
 import pytest
@@ -10,6 +12,7 @@ from policyd import limits
 from policyd.triplet import (
     KeyMaker,
     client_key,
+    join_fields,
     normalise_recipient,
     normalise_sender,
     parse_client_address,
@@ -141,7 +144,7 @@ def test_smart_key_falls_back_to_subnet() -> None:
 
 
 def test_sanitised_keys_have_no_white_space_and_stay_short() -> None:
-    key = sanitise_key("192.0.2.0/a b\x01%c\u00e9@x/bob@example.com")
+    key = sanitise_key(join_fields("192.0.2.0", "a b\x01%c\u00e9@x", "bob@example.com"))
     assert key == "192.0.2.0/a%20b%01%25c%c3%a9@x/bob@example.com"
     assert key == key.lower()
     long = sanitise_key("192.0.2.0/" + "a" * 300 + "@example.org/bob@example.com")
@@ -160,6 +163,29 @@ def test_keymaker_plain_and_private() -> None:
     assert key == KeyMaker(privacy=True, salt="s3cret").triplet_key("192.0.2.0", "a@x", "b@y")
     assert key != KeyMaker(privacy=True, salt="other").triplet_key("192.0.2.0", "a@x", "b@y")
     assert private.client_record_key("192.0.2.0") != "192.0.2.0"
+
+
+@pytest.mark.parametrize("keys", [KeyMaker(), KeyMaker(privacy=True, salt="s3cret")])
+def test_a_slash_inside_a_field_cannot_make_two_triplets_one_key(keys: KeyMaker) -> None:
+    """``/`` separates the fields and may appear in an address (issue 15)."""
+    one = keys.triplet_key("192.0.2.0", "x@a.org", "y/z@example.com")
+    other = keys.triplet_key("192.0.2.0", "x@a.org/y", "z@example.com")
+    assert one != other
+    # "%2f" written literally is not "/" either.
+    assert keys.triplet_key("192.0.2.0", "x@a.org", "y%2fz@example.com") not in (one, other)
+    if not keys.privacy:
+        assert one == "192.0.2.0/x@a.org/y%2fz@example.com"
+        assert other == "192.0.2.0/x@a.org%2fy/z@example.com"
+
+
+def test_keys_without_a_slash_are_those_of_earlier_versions() -> None:
+    """An upgrade changes only keys with ``/`` in an address (and, with
+    privacy, ``%``): the other records are found again."""
+    plain = KeyMaker()
+    assert plain.triplet_key("192.0.2.0", "a%b@x", "b@y") == "192.0.2.0/a%25b@x/b@y"
+    private = KeyMaker(privacy=True, salt="s3cret")
+    assert private.triplet_key("192.0.2.0", "a@x", "b@y") == hmac.new(
+        b"s3cret", b"192.0.2.0/a@x/b@y", hashlib.sha256).hexdigest()
 
 
 @pytest.mark.parametrize("prefix", range(33))

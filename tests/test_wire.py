@@ -65,6 +65,23 @@ def test_set_get_delete_round_trip(memcached: Memcached,
     assert wire.get(b"k1") is None
 
 
+def test_gets_and_delete_unchanged(memcached: Memcached,
+                                   make_wire: Callable[..., MemcacheWire]) -> None:
+    """A cas-guarded delete: refused once the item was written after gets."""
+    wire = make_wire(memcached.spec)
+    assert wire.gets(b"k") is None
+    assert wire.delete_unchanged(b"k", 1) is None  # NOT_FOUND
+    wire.set(b"k", b"old", flags=3, exptime=0)
+    flags, value, cas = wire.gets(b"k") or (0, b"", 0)
+    assert (flags, value) == (3, b"old")
+    wire.set(b"k", b"new", flags=3, exptime=0)  # written meanwhile
+    assert wire.delete_unchanged(b"k", cas) is False  # EXISTS
+    assert wire.get(b"k") == (3, b"new")
+    _, _, cas = wire.gets(b"k") or (0, b"", 0)
+    assert wire.delete_unchanged(b"k", cas) is True
+    assert wire.get(b"k") is None and memcached.meta("k") is None
+
+
 def test_values_are_binary_safe_and_exptime_is_sent(
         memcached: Memcached, make_wire: Callable[..., MemcacheWire]) -> None:
     wire = make_wire(memcached.spec)

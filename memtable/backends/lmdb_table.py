@@ -20,6 +20,9 @@ dict_lmdb/slmdb and ``postmap lmdb:`` read and write:
   exclusive lock (same locking as update(); one commit, so one sync, for
   the whole batch): the batch is stored whole or, when the transaction
   fails, not at all.
+- delete_if() reads a key's value and deletes it only when the caller's
+  predicate accepts it, in ONE write transaction under ONE exclusive lock:
+  no other process can write between the check and the delete.
 - MDB_MAP_FULL: the map size doubles and the transaction is retried;
   MDB_MAP_RESIZED (another process grew the file): the new size is adopted
   and the operation retried (slmdb's recovery).
@@ -37,6 +40,7 @@ import errno
 import fcntl
 import functools
 import logging
+import mmap
 import os
 import stat
 import threading
@@ -47,9 +51,10 @@ from typing import TypeVar
 import lmdb
 
 from memtable import clock, limits
+from memtable.backends.lmdb_check import LmdbCorrupt, check_lmdb
 from memtable.domainlist import fold_case
-from memtable.errors import BackupError, OpenError
-from memtable.table import Table
+from memtable.errors import BackupError, CorruptError, OpenError
+from memtable.table import Outcome, Table
 
 T = TypeVar("T")
 
@@ -70,6 +75,9 @@ class _Shared:
         # Descriptors of this file waiting to be closed: closing any of them
         # drops this process's fcntl locks, so only under the mutex.
         self.orphans: list[int] = []
+        # Set once LMDB reported the file damaged: no transaction is started
+        # on it again (a write could trip an LMDB assertion, which aborts).
+        self.corrupt: str | None = None
 
     def close_orphans(self) -> None:
         """Close waiting descriptors; the caller holds the mutex."""
@@ -91,6 +99,29 @@ def _encode(text: str) -> bytes | None:
     except UnicodeEncodeError:
         return None
     return None if b"\0" in data else data
+
+
+# What LMDB reports when it finds its file damaged (MDB_CORRUPTED,
+# MDB_PAGE_NOTFOUND, MDB_PANIC, MDB_INVALID).
+_CORRUPTION = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError,
+               lmdb.InvalidError)
+CORRUPT_ADVICE = "move it away (then rebuild it from a dump or its source)"
+
+
+def _problem(fd: int, size: int) -> str | None:
+    """What is wrong with the LMDB file open on ``fd``, or None."""
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
+        return _check(data)
+
+
+def _check(data: mmap.mmap) -> str | None:
+    # Apart from _problem: the exception (and the views into ``data`` its
+    # frames hold) is gone before the map is closed.
+    try:
+        check_lmdb(data)
+    except LmdbCorrupt as exc:
+        return str(exc)
+    return None
 
 
 def _decode(data: bytes) -> str:
@@ -197,7 +228,10 @@ class LmdbTable(Table):
         except lmdb.Error as exc:
             # py-lmdb's text starts with the path, which the message has already.
             text = str(exc).removeprefix(f"{self.db_path}: ")
-            raise OpenError(f"{self.spec}: open database {self.db_path}: {text}") from None
+            message = f"{self.spec}: open database {self.db_path}: {text}"
+            if isinstance(exc, _CORRUPTION):
+                raise CorruptError(message, self.db_path) from None
+            raise OpenError(message) from None
         finally:
             self._unlock_fd(fd)
 
@@ -291,6 +325,8 @@ class LmdbTable(Table):
              body: Callable[[lmdb.Transaction], T]) -> T:
         """Run body in a new transaction (committed when writing), recovering
         from MDB_MAP_RESIZED and MDB_MAP_FULL like slmdb does."""
+        if shared.corrupt is not None:
+            raise BackupError(shared.corrupt)
         for _ in range(limits.LMDB_RETRY_LIMIT + 1):
             env = shared.env
             try:
@@ -298,6 +334,8 @@ class LmdbTable(Table):
             except lmdb.MapResizedError:
                 self._adopt_size(env, what)
                 continue
+            except _CORRUPTION as exc:
+                raise self._corrupt(shared, what, exc) from None
             except lmdb.Error as exc:
                 raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
             try:
@@ -313,6 +351,9 @@ class LmdbTable(Table):
             except lmdb.MapFullError:
                 self._abort(txn)
                 self._grow(env, what)
+            except _CORRUPTION as exc:
+                self._abort(txn)
+                raise self._corrupt(shared, what, exc) from None
             except lmdb.Error as exc:
                 self._abort(txn)
                 raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
@@ -344,6 +385,37 @@ class LmdbTable(Table):
             env.set_mapsize(min(current * 2, limits.LMDB_MAX_MAP_BYTES))
         except lmdb.Error as exc:
             raise BackupError(f"{self.spec}: {what} {self.db_path}: {exc}") from None
+
+    # -- checking the file ---------------------------------------------------
+
+    def verify(self) -> None:
+        """Walk every page of the file (memtable.backends.lmdb_check) under a
+        shared lock: CorruptError, naming what is wrong, when LMDB could
+        abort the process or overwrite live records on it.  LMDB itself
+        never reads the file here."""
+        with self._locked(exclusive=False) as shared:
+            try:
+                size = os.fstat(shared.fd).st_size
+            except OSError as exc:
+                raise BackupError(f"{self.spec}: stat {self.db_path}: {exc.strerror}") from None
+            if size > limits.LMDB_VERIFY_MAX_BYTES:
+                log.warning("%s: %s is larger than %d bytes: not checked", self.spec,
+                            self.db_path, limits.LMDB_VERIFY_MAX_BYTES)
+                return
+            problem = _problem(shared.fd, size) if size else None
+        if problem is not None:
+            raise CorruptError(f"{self.spec}: {self.db_path} is corrupt ({problem})",
+                               self.db_path)
+
+    def _corrupt(self, shared: _Shared, what: str, exc: lmdb.Error) -> BackupError:
+        """LMDB found the file damaged while working: said once as an error;
+        from now on every operation on the file fails at once with the same
+        message, without LMDB (until the process opens it afresh)."""
+        message = (f"{self.spec}: {what} {self.db_path}: {exc}; the file is corrupt: "
+                   f"{CORRUPT_ADVICE}")
+        shared.corrupt = message
+        log.error("%s", message)
+        return BackupError(message)
 
     # -- the Table operations ------------------------------------------------
 
@@ -495,6 +567,42 @@ class LmdbTable(Table):
                 self._try1null = False
                 return True
             return False
+
+        with self._locked(exclusive=True) as shared:
+            return self._run(shared, True, "delete", remove)
+
+    def delete_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
+        """Remove key when ``doomed(value)`` is true of its value, read and
+        removed in ONE write transaction under ONE exclusive lock, so that
+        no writer (policyd, Postfix, postmap) can store a new value between
+        the check and the delete.  ``doomed`` runs under the lock: keep it
+        quick and free of I/O."""
+        self._check_writable()
+        name = self._name(key)
+        if name is None:
+            if self._shared is None:
+                raise BackupError(f"{self.spec}: table is closed")
+            return Outcome.ABSENT
+
+        def remove(txn: lmdb.Transaction) -> Outcome:
+            # lookup()'s TRY1NULL / TRY0NULL order, sticking to the form found.
+            stored, raw = name, None
+            if self._try1null:
+                stored = name + b"\0"
+                raw = txn.get(stored)
+                if raw is not None:
+                    self._try0null = False
+            if raw is None and self._try0null and name:
+                stored = name
+                raw = txn.get(stored)
+                if raw is not None:
+                    self._try1null = False
+            if raw is None:
+                return Outcome.ABSENT
+            if not doomed(_decode(bytes(raw))):
+                return Outcome.KEPT
+            txn.delete(stored)
+            return Outcome.DELETED
 
         with self._locked(exclusive=True) as shared:
             return self._run(shared, True, "delete", remove)
