@@ -138,20 +138,21 @@ def _errors(r: LoadResult) -> str:
 
 def ratio(report: Report, mix: str, connections: int) -> tuple[float, float] | None:
     """(policyd req/s / postgrey req/s, policyd p99 / postgrey p99)."""
-    ours = report.point("policyd", mix, connections)
-    theirs = report.point("postgrey", mix, connections)
-    if ours is None or theirs is None or theirs.rps <= 0 or theirs.p99_ms <= 0:
-        return None
-    return ours.rps / theirs.rps, ours.p99_ms / theirs.p99_ms
+    return _ratio(report, "policyd", "postgrey", mix, connections)
 
 
 def dns_ratio(report: Report, mix: str, connections: int) -> tuple[float, float] | None:
     """(policyd-dns req/s / policyd req/s, policyd-dns p99 / policyd p99)."""
-    ours = report.point("policyd-dns", mix, connections)
-    plain = report.point("policyd", mix, connections)
-    if ours is None or plain is None or plain.rps <= 0 or plain.p99_ms <= 0:
+    return _ratio(report, "policyd-dns", "policyd", mix, connections)
+
+
+def _ratio(report: Report, ours_name: str, theirs_name: str, mix: str,
+           connections: int) -> tuple[float, float] | None:
+    ours = report.point(ours_name, mix, connections)
+    theirs = report.point(theirs_name, mix, connections)
+    if ours is None or theirs is None or theirs.rps <= 0 or theirs.p99_ms <= 0:
         return None
-    return ours.rps / plain.rps, ours.p99_ms / plain.p99_ms
+    return ours.rps / theirs.rps, ours.p99_ms / theirs.p99_ms
 
 
 def console_line(server: str, r: LoadResult, rss_kib: int) -> str:

@@ -272,14 +272,18 @@ def start_policyd(workdir: Path, memcached: Server, instances: int = 1) -> Serve
     memcached and the lmdb backup files, as docs/operations.md describes."""
     port = free_port()
     cf = write_policyd_config(workdir, memcached, port)
+    return _launch_policyd("policyd", cf, port, instances)
+
+
+def _launch_policyd(name: str, cf: Path, port: int, instances: int) -> Server:
+    """Check ``cf`` as an operator would, then start ``instances`` processes."""
     ok, text = policyd_config_ok(cf)
     if not ok:
         raise ServerError(f"policyd --check-config failed:\n{text[-2000:]}")
     argv = [*policyd_command(), "-c", str(cf)]
     if instances > 1:
         argv += ["-o", "listen_reuse_port=yes"]
-    return _spawn("policyd", argv, workdir / "policyd.log", "127.0.0.1", port,
-                  copies=instances)
+    return _spawn(name, argv, cf.parent / "policyd.log", "127.0.0.1", port, copies=instances)
 
 
 # policyd-dns: the same policyd with two DNS lists on a private nsd; the
@@ -321,14 +325,7 @@ def start_policyd_dns(workdir: Path, instances: int = 1) -> Server:
         cf = write_policyd_config(home, memcached, port)
         with open(cf, "a") as f:
             f.write(f"\n# bench: DNS on\ndns_servers = {nsd.spec}\ndnsbl_sites = {DNS_SITES}\n")
-        ok, text = policyd_config_ok(cf)
-        if not ok:
-            raise ServerError(f"policyd --check-config failed:\n{text[-2000:]}")
-        argv = [*policyd_command(), "-c", str(cf)]
-        if instances > 1:
-            argv += ["-o", "listen_reuse_port=yes"]
-        server = _spawn("policyd-dns", argv, home / "policyd.log", "127.0.0.1", port,
-                        copies=instances)
+        server = _launch_policyd("policyd-dns", cf, port, instances)
         server.cleanup.append(stack.pop_all().close)
         return server
     raise AssertionError("unreachable")  # (mypy: the with block returns or raises)
