@@ -88,7 +88,9 @@ class Resolver:
     DNS TTL; for "no such name" and "no data" the SOA's negative TTL): a
     cached answer then costs a dict lookup (``cached``), not dnspython's
     name parsing and resolution steps, which cost more than a whole
-    greylisting decision.
+    greylisting decision.  A FAILURE is kept too, for
+    DNS_FAILURE_CACHE_SECONDS (RFC 2308 section 7): during an outage each
+    name costs one ``timeout`` per interval, not one per request.
     """
 
     def __init__(self, servers: Sequence[tuple[str, int]] | None = None, *,
@@ -124,6 +126,11 @@ class Resolver:
             self._answers.popitem(last=False)
         return answer
 
+    def _failed(self, name: str, rdtype: str, reason: str) -> Answer:
+        """A failure, kept briefly (dnspython's cache keeps no failures)."""
+        return self._keep(name, rdtype, Answer(Status.FAILURE, reason=reason),
+                          clock.now() + limits.DNS_FAILURE_CACHE_SECONDS)
+
     async def query(self, name: str, rdtype: str) -> Answer:
         """Ask for ``rdtype`` records of ``name``; never raises for a DNS
         outcome, never waits longer than ``timeout``."""
@@ -150,11 +157,11 @@ class Resolver:
                 return Answer(Status.NXDOMAIN)
             return self._keep(name, rdtype, Answer(Status.NXDOMAIN), negative.expiration)
         except (dns.exception.Timeout, TimeoutError):
-            return Answer(Status.FAILURE, reason="timeout")
+            return self._failed(name, rdtype, "timeout")
         except dns.resolver.NoNameservers as e:
-            return Answer(Status.FAILURE, reason=f"no server answered: {e}")
+            return self._failed(name, rdtype, f"no server answered: {e}")
         except (dns.exception.DNSException, OSError, ValueError) as e:
-            return Answer(Status.FAILURE, reason=f"{type(e).__name__}: {e}")
+            return self._failed(name, rdtype, f"{type(e).__name__}: {e}")
         if answer.rrset is None:
             return self._keep(name, rdtype, Answer(Status.NODATA), answer.expiration)
         records = _text(rdtype, list(answer.rrset))
