@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,28 @@ def _text(rdtype: str, rrset: Sequence[object]) -> tuple[str, ...]:
     raise ValueError(f"unsupported record type {rdtype}")
 
 
+class FailureWarnings:
+    """Warnings about DNS failures, at most one per DNS_WARN_INTERVAL_SECONDS
+    for each subject (a DNS list's domain, "spf"): every decision line says
+    ``dns=timeout`` already, the warning only says what is failing.
+    Subjects must be few (they are remembered)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}  # subject -> when it was last logged
+
+    def warn(self, logger: logging.Logger, subject: str, message: str,
+             *args: object) -> bool:
+        """Log ``message % args`` as a warning unless ``subject`` was logged
+        within the interval; True when it was logged."""
+        now = clock.monotonic()
+        last = self._last.get(subject)
+        if last is not None and now - last < limits.DNS_WARN_INTERVAL_SECONDS:
+            return False
+        self._last[subject] = now
+        logger.warning(message, *args)
+        return True
+
+
 class Resolver:
     """Bounded, cached DNS queries on the running event loop.
 
@@ -107,6 +130,8 @@ class Resolver:
         self.timeout = timeout
         self._answers: OrderedDict[tuple[str, str], tuple[float, Answer]] = OrderedDict()
         self._max_answers = cache_entries
+        # One limiter for every DNS user of this resolver (lists, SPF).
+        self.warnings = FailureWarnings()
 
     def cached(self, name: str, rdtype: str) -> Answer | None:
         """The answer while it is cached, without asking; None otherwise."""

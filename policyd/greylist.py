@@ -383,9 +383,16 @@ class _SenderSpf:
             self.result = await spf.check(
                 policy.resolver, self._ip, request.get("sender", ""),
                 request.get("helo_name", ""), timeout=policy.config.spf_timeout)
-            if self.result.reason:
-                log.debug("SPF %s for %s: %s", self.result.result, self.result.domain,
-                          self.result.reason)
+            result = self.result
+            if result.dns:
+                # Once a minute in all (the DNS lists' limiter): sender
+                # domains are countless, and an outage fails every one.
+                policy.resolver.warnings.warn(
+                    log, "spf", "SPF of %s: DNS did not answer (%s): SPF results are "
+                    "temperror, senders are keyed and delayed as without SPF",
+                    result.domain, result.reason)
+            elif result.reason:
+                log.debug("SPF %s for %s: %s", result.result, result.domain, result.reason)
         return self.result
 
 

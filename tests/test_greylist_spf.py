@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from freezegun import freeze_time
 
+from memtable import clock
 from memtable.errors import ConfigError
-from policyd import logsetup
+from policyd import limits, logsetup
 from policyd.api import Decision
 from policyd.config import PolicydConfig
 from policyd.dns import Answer, Resolver
@@ -141,6 +142,36 @@ def test_a_dns_timeout_greylists_as_without_spf() -> None:
     assert decisions[0].action.endswith("in 300 seconds")
     assert decisions[0].fields == (("spf", "temperror"), ("dns", "timeout"))
     assert list(triplets.data) == ["192.0.2.0/alice@example.org/bob@example.com"]
+
+
+def test_spf_dns_failures_are_logged_once_a_minute(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """As a DNS list's failure: a warning says SPF's DNS is failing, at most
+    once per DNS_WARN_INTERVAL_SECONDS (every decision line says dns=timeout)."""
+    ticks = [1000.0]
+    monkeypatch.setattr(clock, "monotonic", lambda: ticks[0])
+    steps = [(0, request(client_address="192.0.2.10")),
+             (1, request(client_address="192.0.2.11", sender="x@other.example")),
+             (2, request(client_address="192.0.2.12", sender="y@third.example"))]
+    with silent_dns_server() as server:
+        async def main() -> list[Decision]:
+            policy, _, _ = make_policy(spf_config(),
+                                       resolver=Resolver([server], timeout=0.2))
+            decisions = []
+            for offset, (_, req) in zip((0, 30, limits.DNS_WARN_INTERVAL_SECONDS), steps,
+                                        strict=True):
+                ticks[0] = 1000.0 + offset
+                decisions.append(await policy.decide(req))
+            await policy.aclose()
+            return decisions
+
+        with caplog.at_level("WARNING"):
+            decisions = run(main())
+    assert [dict(d.fields)["dns"] for d in decisions] == ["timeout"] * 3
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"SPF of {domain}: DNS did not answer (TXT {domain}: timeout): SPF results are "
+        "temperror, senders are keyed and delayed as without SPF"
+        for domain in ("example.org", "third.example")]
 
 
 def test_the_decision_line_says_what_spf_contributed() -> None:
