@@ -79,9 +79,9 @@ def _text(rdtype: str, rrset: Sequence[object]) -> tuple[str, ...]:
 
 class FailureWarnings:
     """Warnings about DNS failures, at most one per DNS_WARN_INTERVAL_SECONDS
-    for each subject (a DNS list's domain, "spf"): every decision line says
-    ``dns=timeout`` already, the warning only says what is failing.
-    Subjects must be few (they are remembered)."""
+    for each subject (a DNS list's domain, lower case; "SPF"): every
+    decision line says ``dns=timeout`` already, the warning only says what
+    is failing.  Subjects must be few (they are remembered)."""
 
     def __init__(self) -> None:
         self._last: dict[str, float] = {}  # subject -> when it was last logged

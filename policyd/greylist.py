@@ -419,7 +419,7 @@ class _SenderSpf:
                 # Once a minute in all (the DNS lists' limiter): sender
                 # domains are countless, and an outage fails every one.
                 policy.resolver.warnings.warn(
-                    log, "spf", "SPF of %s: DNS did not answer (%s): SPF results are "
+                    log, "SPF", "SPF of %s: DNS did not answer (%s): SPF results are "
                     "temperror, senders are keyed and delayed as without SPF",
                     result.domain, result.reason)
             elif result.reason:
