@@ -98,14 +98,17 @@ class PolicydConfig:
 
     @property
     def dns_bound(self) -> float:
-        """The longest DNS may take in one decision: an SPF evaluation, then
-        the DNS lists (asked together, each query bounded)."""
-        bound = 0.0
+        """The longest DNS may take in one decision.  With SPF in use, SPF's
+        bound, which covers the DNS lists too: they are asked together with
+        SPF (greylist_delay_spf_pass), or after it and the stores
+        (client_key = spf) and then cut at what is left of the bound
+        (policyd.greylist).  The lists alone: one query's bound (they are
+        asked together)."""
         if self.uses_spf:
-            bound += self.spf_timeout
+            return self.spf_timeout
         if self.dnsbl_sites:
-            bound += self.dns_timeout + limits.DNS_TIMEOUT_SLACK_SECONDS
-        return bound
+            return self.dns_timeout + limits.DNS_TIMEOUT_SLACK_SECONDS
+        return 0.0
 
     @property
     def uses_dns(self) -> bool:
@@ -183,14 +186,15 @@ class PolicydConfig:
         if self.uses_dns and self.dns_bound >= self.decision_timeout:
             # Otherwise DNS that never answers fails the whole decision
             # instead of leaving its contribution unknown.
-            parts = []
             if self.uses_spf:
-                parts.append(f"{limits.SPF_CHECK_TIMEOUT_FACTOR} x dns_timeout for SPF")
-            if self.dnsbl_sites:
-                parts.append("dns_timeout for the DNS lists")
+                why = f"{limits.SPF_CHECK_TIMEOUT_FACTOR} x dns_timeout for SPF"
+                if self.dnsbl_sites:
+                    why += ", the DNS lists within it"
+            else:
+                why = "dns_timeout for the DNS lists"
             raise fail("dns_timeout",
                        f"DNS may take up to {self.dns_bound:g}s of a decision "
-                       f"({' + '.join(parts)}): it must be shorter than decision_timeout "
+                       f"({why}): it must be shorter than decision_timeout "
                        f"({self.decision_timeout}s)")
 
     def _check_spf(self, fail: Callable[[str, str], ConfigError]) -> None:

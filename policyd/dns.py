@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,28 @@ def _text(rdtype: str, rrset: Sequence[object]) -> tuple[str, ...]:
     raise ValueError(f"unsupported record type {rdtype}")
 
 
+class FailureWarnings:
+    """Warnings about DNS failures, at most one per DNS_WARN_INTERVAL_SECONDS
+    for each subject (a DNS list's domain, lower case; "SPF"): every
+    decision line says ``dns=timeout`` already, the warning only says what
+    is failing.  Subjects must be few (they are remembered)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}  # subject -> when it was last logged
+
+    def warn(self, logger: logging.Logger, subject: str, message: str,
+             *args: object) -> bool:
+        """Log ``message % args`` as a warning unless ``subject`` was logged
+        within the interval; True when it was logged."""
+        now = clock.monotonic()
+        last = self._last.get(subject)
+        if last is not None and now - last < limits.DNS_WARN_INTERVAL_SECONDS:
+            return False
+        self._last[subject] = now
+        logger.warning(message, *args)
+        return True
+
+
 class Resolver:
     """Bounded, cached DNS queries on the running event loop.
 
@@ -88,7 +111,9 @@ class Resolver:
     DNS TTL; for "no such name" and "no data" the SOA's negative TTL): a
     cached answer then costs a dict lookup (``cached``), not dnspython's
     name parsing and resolution steps, which cost more than a whole
-    greylisting decision.
+    greylisting decision.  A FAILURE is kept too, for
+    DNS_FAILURE_CACHE_SECONDS (RFC 2308 section 7): during an outage each
+    name costs one ``timeout`` per interval, not one per request.
     """
 
     def __init__(self, servers: Sequence[tuple[str, int]] | None = None, *,
@@ -105,6 +130,8 @@ class Resolver:
         self.timeout = timeout
         self._answers: OrderedDict[tuple[str, str], tuple[float, Answer]] = OrderedDict()
         self._max_answers = cache_entries
+        # One limiter for every DNS user of this resolver (lists, SPF).
+        self.warnings = FailureWarnings()
 
     def cached(self, name: str, rdtype: str) -> Answer | None:
         """The answer while it is cached, without asking; None otherwise."""
@@ -123,6 +150,11 @@ class Resolver:
         if len(self._answers) > self._max_answers:
             self._answers.popitem(last=False)
         return answer
+
+    def _failed(self, name: str, rdtype: str, reason: str) -> Answer:
+        """A failure, kept briefly (dnspython's cache keeps no failures)."""
+        return self._keep(name, rdtype, Answer(Status.FAILURE, reason=reason),
+                          clock.now() + limits.DNS_FAILURE_CACHE_SECONDS)
 
     async def query(self, name: str, rdtype: str) -> Answer:
         """Ask for ``rdtype`` records of ``name``; never raises for a DNS
@@ -150,11 +182,11 @@ class Resolver:
                 return Answer(Status.NXDOMAIN)
             return self._keep(name, rdtype, Answer(Status.NXDOMAIN), negative.expiration)
         except (dns.exception.Timeout, TimeoutError):
-            return Answer(Status.FAILURE, reason="timeout")
+            return self._failed(name, rdtype, "timeout")
         except dns.resolver.NoNameservers as e:
-            return Answer(Status.FAILURE, reason=f"no server answered: {e}")
+            return self._failed(name, rdtype, f"no server answered: {e}")
         except (dns.exception.DNSException, OSError, ValueError) as e:
-            return Answer(Status.FAILURE, reason=f"{type(e).__name__}: {e}")
+            return self._failed(name, rdtype, f"{type(e).__name__}: {e}")
         if answer.rrset is None:
             return self._keep(name, rdtype, Answer(Status.NODATA), answer.expiration)
         records = _text(rdtype, list(answer.rrset))

@@ -35,7 +35,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memtable import clock
 from policyd import limits
 from policyd.dns import Answer, Resolver
 
@@ -280,7 +279,6 @@ class DnsblScorer:
         self._by_domain = tuple((domain, tuple(items)) for domain, items in by_domain.items())
         self.allowlist_threshold = allowlist_threshold
         self.greylist_threshold = greylist_threshold
-        self._warned: dict[str, float] = {}  # domain -> when its failure was last logged
 
     async def score(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> DnsScore:
         """Ask every domain at once; at most the resolver's timeout."""
@@ -312,14 +310,11 @@ class DnsblScorer:
         return DnsScore(None, failure) if failure else DnsScore(total)
 
     def _warn(self, domain: str, answer: Answer) -> None:
-        """Which list failed, at most once per DNSBL_WARN_INTERVAL_SECONDS
+        """Which list failed, at most once per DNS_WARN_INTERVAL_SECONDS
         each (every decision line says dns=timeout already)."""
-        now = clock.monotonic()
-        last = self._warned.get(domain)
-        if last is None or now - last >= limits.DNSBL_WARN_INTERVAL_SECONDS:
-            self._warned[domain] = now
-            log.warning("DNS list %s did not answer (%s): scores are unknown, clients are "
-                        "greylisted as without DNS", domain, answer.reason)
+        self.resolver.warnings.warn(
+            log, domain, "DNS list %s did not answer (%s): scores are unknown, clients are "
+            "greylisted as without DNS", domain, answer.reason)
 
     def judge(self, score: DnsScore) -> DnsVerdict:
         """postscreen's allowlist rule (a negative threshold, score at or

@@ -33,9 +33,9 @@ DNS (dnsbl_sites, policyd.dnsbl) is asked last, only for a triplet that is
 new or pending: non-RCPT, authenticated and whitelisted requests never get
 that far, and the store lookups come first because most traffic is passed
 triplets and auto-whitelisted or postscreen-verified clients, whose answer
-needs no score.  The sites are asked together, so DNS adds at most
-dns_timeout to a request; with no score (a site did not answer) the
-request is greylisted as without DNS.  A DNSWL-allowlisted client
+needs no score.  The sites are asked together, so the lists alone add
+at most dns_timeout to a request; with no score (a site did not answer)
+the request is greylisted as without DNS.  A DNSWL-allowlisted client
 (``dnswl``) or one below dnsbl_greylist_threshold (``unlisted``) gets
 DUNNO and leaves no record; a listed one waits greylist_delay_listed.
 
@@ -46,7 +46,13 @@ triplet's delay does; never for requests decided before (whitelists,
 non-RCPT, authenticated).  A narrow pass keys the client ``spf:DOMAIN``;
 anything else, a DNS failure included, leaves the request as without SPF.
 When both apply, a listed client waits greylist_delay_listed (the
-longer); the lists and SPF are then asked together.
+longer), and all the DNS of a decision has one bound, config.dns_bound
+(SPF's): with greylist_delay_spf_pass the lists and SPF are asked
+together; with client_key = spf, SPF comes before the stores and the lists
+after them (still only for a new or pending triplet), cut at what is left
+of the bound.  Asking the lists together with SPF there would halve the
+first wait of a DNS outage, but would send every client (passed triplets
+and auto-whitelisted clients too) to the list operators.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ from policyd import limits, spf
 from policyd.api import Decision, PolicyFailure
 from policyd.config import PolicydConfig
 from policyd.dns import Resolver
-from policyd.dnsbl import DNSWL, LISTED, UNLISTED, DnsblScorer, DnsVerdict
+from policyd.dnsbl import DNSWL, LISTED, UNLISTED, DnsblScorer, DnsScore, DnsVerdict
 from policyd.metrics import Metrics, NullMetrics
 from policyd.reputation import ClientRecord, load_client_record, postscreen_proves_return
 from policyd.store import Store, StoreError, StoreWorker, open_checked
@@ -292,14 +298,23 @@ class GreylistPolicy:
         """The DNS lists' verdict and the delay that applies to a triplet
         still greylisted: greylist_delay_listed for a listed client,
         greylist_delay_spf_pass when the sender's SPF passes narrowly, else
-        greylist_delay.  The lists and SPF (when the delay needs it) are
-        asked together."""
+        greylist_delay.  SPF, when the delay needs it and it was not asked
+        before the stores, is asked together with the lists; when it was
+        (client_key = spf), the lists get what is left of the decision's
+        one DNS bound (config.dns_bound)."""
         config = self.config
-        spf_check = (sender_spf.get() if sender_spf is not None
-                     and config.greylist_delay_spf_pass is not None else None)
-        lists = self.dnsbl.verdict(ip) if self.dnsbl is not None else None
-        verdict: DnsVerdict | None = None
         spf_result: spf.SpfResult | None = None
+        spf_check = None
+        deadline = None
+        if sender_spf is not None:
+            if sender_spf.result is not None:
+                spf_result, deadline = sender_spf.result, sender_spf.deadline
+            elif config.greylist_delay_spf_pass is not None:
+                spf_check = sender_spf.get()
+        lists = None
+        if self.dnsbl is not None:
+            lists = self.dnsbl.verdict(ip) if deadline is None else self._verdict_by(ip, deadline)
+        verdict: DnsVerdict | None = None
         if lists is not None and spf_check is not None:
             verdict, spf_result = await asyncio.gather(lists, spf_check)
         elif lists is not None:
@@ -313,6 +328,17 @@ class GreylistPolicy:
                 and config.greylist_delay_spf_pass is not None:
             return verdict, config.greylist_delay_spf_pass
         return verdict, config.greylist_delay
+
+    async def _verdict_by(self, ip: IPAddress, deadline: float) -> DnsVerdict:
+        """The lists' verdict, unknown (dns=timeout) past ``deadline`` (the
+        event loop's time); answers in the cache count even then."""
+        assert self.dnsbl is not None
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self.dnsbl.verdict(ip)
+        except TimeoutError:
+            log.debug("DNS lists for %s not asked or cut short: SPF used the DNS bound", ip)
+            return self.dnsbl.judge(DnsScore(None, "timeout"))
 
     def _load_triplet(self, value: str | None, now: int) -> TripletRecord | None:
         """The stored triplet, or None when it must count as new: absent,
@@ -367,7 +393,7 @@ class _SenderSpf:
     """The sender's SPF result for one request: evaluated when first asked
     for, at most once (never for requests decided without it)."""
 
-    __slots__ = ("_ip", "_policy", "_request", "result")
+    __slots__ = ("_ip", "_policy", "_request", "deadline", "result")
 
     def __init__(self, policy: GreylistPolicy, request: Mapping[str, str],
                  ip: spf.IPAddress) -> None:
@@ -375,17 +401,29 @@ class _SenderSpf:
         self._request = request
         self._ip = ip
         self.result: spf.SpfResult | None = None
+        # When the decision's DNS must end (the event loop's time), from
+        # the start of the evaluation: config.dns_bound covers SPF and the
+        # DNS lists asked after it.
+        self.deadline: float | None = None
 
     async def get(self) -> spf.SpfResult:
         if self.result is None:
             policy, request = self._policy, self._request
             assert policy.resolver is not None
+            self.deadline = asyncio.get_running_loop().time() + policy.config.dns_bound
             self.result = await spf.check(
                 policy.resolver, self._ip, request.get("sender", ""),
                 request.get("helo_name", ""), timeout=policy.config.spf_timeout)
-            if self.result.reason:
-                log.debug("SPF %s for %s: %s", self.result.result, self.result.domain,
-                          self.result.reason)
+            result = self.result
+            if result.dns:
+                # Once a minute in all (the DNS lists' limiter): sender
+                # domains are countless, and an outage fails every one.
+                policy.resolver.warnings.warn(
+                    log, "SPF", "SPF of %s: DNS did not answer (%s): SPF results are "
+                    "temperror, senders are keyed and delayed as without SPF",
+                    result.domain, result.reason)
+            elif result.reason:
+                log.debug("SPF %s for %s: %s", result.result, result.domain, result.reason)
         return self.result
 
 

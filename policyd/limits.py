@@ -106,6 +106,14 @@ DNS_TIMEOUT_MAX_SECONDS = 60
 DNS_MAX_SERVERS = 8
 # Records of one answer that policyd looks at; more is not a real zone.
 DNS_MAX_RECORDS = 100
+# A failed query (timeout, SERVFAIL, REFUSED) is remembered this long, so a
+# DNS outage costs each distinct name one dns_timeout per interval, not one
+# per request (every recipient of a message).  RFC 2308 section 7 allows up
+# to 5 minutes; short, so a recovered DNS is used again soon.
+DNS_FAILURE_CACHE_SECONDS = 30.0
+# A DNS failure is logged at most once per this many seconds for each DNS
+# list, and once in all for SPF (sender domains are countless).
+DNS_WARN_INTERVAL_SECONDS = 60.0
 
 # --- report and cleanup (policyd.report, policyd.cleanup, policyd.storewalk) -
 # Entries `policyd report` reads per table: memory stays bounded (one int per
@@ -173,5 +181,3 @@ DNSBL_MAX_SITES = 32
 DNSBL_MAX_WEIGHT = 1_000_000
 # dnsbl_allowlist_threshold and dnsbl_greylist_threshold lie within +-this.
 DNSBL_THRESHOLD_MAX = 1_000_000
-# A DNS list that does not answer is logged at most once per this many seconds.
-DNSBL_WARN_INTERVAL_SECONDS = 60.0

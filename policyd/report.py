@@ -343,25 +343,40 @@ class Analyser:
             notes.append("triplets and client records share one store; told apart by shape")
         if self.config.privacy:
             notes.append("privacy = yes: keys are HMAC hashes, no client is named")
-        if self.config.greylist_delay_spf_pass is not None:
-            notes.append(
-                "senders whose SPF passed waited greylist_delay_spf_pass "
-                f"({duration(self.config.greylist_delay_spf_pass)}) instead of greylist_delay: "
-                "their delays are among the retry delays (a delay under greylist_delay is "
-                "one of theirs)")
-        if self.config.greylist_delay_listed is not None:
-            # The triplet record keeps no score: which delay applied is unknown here.
-            notes.append(
-                f"greylist_delay_listed = {duration(self.config.greylist_delay_listed)} "
-                "applies to clients whose DNSBL score reaches dnsbl_greylist_threshold; "
-                "records do not say which delay applied, so the retry delays above mix "
-                "both kinds of client (listed ones retried after the longer delay)")
+        notes += _dns_notes(self.config)
         self.clients.top = [(n, key) for n, _, key in sorted(self._heap, reverse=True)]
         self.delays.sort()
         report = Report(self.config, self.now, self.triplets, self.clients, self.delays,
                         [], notes)
         report.suggestions = suggest(report)
         return report
+
+
+def _dns_notes(cfg: PolicydConfig) -> list[str]:
+    """Which clients the retry delays are of, when DNS settings chose
+    (policyd.greylist): the triplet record keeps no score nor SPF result."""
+    notes = []
+    listed = cfg.greylist_delay_listed
+    if cfg.greylist_delay_spf_pass is not None:
+        notes.append(
+            "senders whose SPF passed waited greylist_delay_spf_pass "
+            f"({duration(cfg.greylist_delay_spf_pass)}) instead of greylist_delay: "
+            "their delays are among the retry delays (a delay under greylist_delay is "
+            "one of theirs)"
+            + ("" if listed is None else "; a listed client waited greylist_delay_listed "
+               "even then"))
+    threshold = cfg.dnsbl_greylist_threshold
+    if threshold is not None:
+        if listed is None:
+            waited = "both waited greylist_delay"
+        else:
+            waited = (f"the listed ones greylist_delay_listed ({duration(listed)}), the "
+                      "others greylist_delay; the records do not say which applied")
+        notes.append(
+            f"dnsbl_greylist_threshold = {threshold}: only clients whose DNSBL score "
+            "reached it, and clients whose score was unknown because DNS failed, were "
+            f"greylisted ({waited}); unlisted clients were let through and left no record")
+    return notes
 
 
 def _ceil_to(value: int, unit: int) -> int:

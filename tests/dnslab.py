@@ -125,13 +125,42 @@ def start_nsd(directory: Path, zones: Mapping[str, str]) -> Iterator[Nsd]:
             proc.wait(5)
 
 
+class SilentServer:
+    """A loopback UDP socket that takes DNS queries and never answers: what
+    a resolver sees from a DNS server that hangs.  ``queries()`` counts the
+    datagrams it was sent so far."""
+
+    def __init__(self, udp: socket.socket) -> None:
+        self._udp = udp
+        self._received = 0
+        udp.setblocking(False)
+
+    @property
+    def server(self) -> tuple[str, int]:
+        return ("127.0.0.1", self._udp.getsockname()[1])
+
+    def queries(self) -> int:
+        while True:
+            try:
+                self._udp.recv(65536)
+            except BlockingIOError:
+                return self._received
+            self._received += 1
+
+
 @contextmanager
-def silent_dns_server() -> Iterator[tuple[str, int]]:
-    """A loopback UDP port that takes DNS queries and never answers: what a
-    resolver sees from a DNS server that hangs."""
+def silent_dns() -> Iterator[SilentServer]:
+    """A SilentServer on a loopback port for the block."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind(("127.0.0.1", 0))
-        yield ("127.0.0.1", udp.getsockname()[1])
+        yield SilentServer(udp)
+
+
+@contextmanager
+def silent_dns_server() -> Iterator[tuple[str, int]]:
+    """The (address, port) of a SilentServer."""
+    with silent_dns() as silent:
+        yield silent.server
 
 
 @pytest.fixture

@@ -200,6 +200,20 @@ def test_service_runs_the_deployed_configuration() -> None:
     assert int(stop[:-1]) > limits.longest_stop_seconds(config.shutdown_grace)
 
 
+def test_shipped_policyd_cf_names_each_setting_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every commented-out setting, uncommented, makes a valid file without
+    "set again" warnings: each parameter has one place in the file."""
+    text = POLICYD_CF.read_text()
+    names = re.findall(r"^#?([a-z_0-9]+)\s*=", text, re.MULTILINE)
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
+    uncommented = tmp_path / "policyd.cf"
+    uncommented.write_text(re.sub(r"^#([a-z_0-9]+\s*=)", r"\1", text, flags=re.MULTILINE))
+    with caplog.at_level("WARNING"):
+        PolicydConfig.from_file(str(uncommented))
+    assert [r.getMessage() for r in caplog.records] == []
+
+
 def test_every_backup_is_in_the_state_directory() -> None:
     # ProtectSystem=strict: an lmdb backup anywhere else could not be written.
     for cf in (DEPLOY / "policyd").glob("*.cf"):

@@ -9,8 +9,9 @@ from collections.abc import Callable, Mapping
 import pytest
 
 from memtable import clock
+from policyd import limits
 from policyd.dns import Resolver, Status
-from tests.dnslab import Nsd, silent_dns_server
+from tests.dnslab import Nsd, silent_dns, silent_dns_server
 
 ZONE = """
 @ 60 IN TXT "v=spf1 ip4:192.0.2.0/24 " "-all"
@@ -99,3 +100,30 @@ def test_cached_answers_last_their_dns_ttl(nsd_factory: Callable[[Mapping[str, s
     assert before == [None] * 4
     assert within == [Status.OK, Status.OK, Status.NXDOMAIN, Status.NODATA]
     assert after == [None, Status.OK, None, None]
+
+
+def test_a_failure_is_cached_briefly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """During an outage a name costs one timeout per DNS_FAILURE_CACHE_SECONDS,
+    not one per request: the next query answers FAILURE at once, without
+    asking; after the interval the server is asked again."""
+    now = [time.time()]
+    monkeypatch.setattr(clock, "now", lambda: now[0])
+    start = now[0]
+
+    with silent_dns() as silent:
+        async def ask() -> list[tuple[Status, str, int]]:
+            r = Resolver([silent.server], timeout=0.5)
+            seen = []
+            for offset in (0, 1, limits.DNS_FAILURE_CACHE_SECONDS - 1,
+                           limits.DNS_FAILURE_CACHE_SECONDS + 1):
+                now[0] = start + offset
+                answer = await r.query("example.org", "TXT")
+                seen.append((answer.status, answer.reason, silent.queries()))
+            return seen
+
+        seen = asyncio.run(ask())
+    asked_first = seen[0][2]
+    assert asked_first >= 1
+    assert seen == [(Status.FAILURE, "timeout", asked_first)] * 3 + [
+        (Status.FAILURE, "timeout", seen[3][2])]
+    assert seen[3][2] > asked_first  # asked again after the interval

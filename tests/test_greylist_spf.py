@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 from freezegun import freeze_time
 
+from memtable import clock
 from memtable.errors import ConfigError
-from policyd import logsetup
+from policyd import limits, logsetup
 from policyd.api import Decision
 from policyd.config import PolicydConfig
 from policyd.dns import Answer, Resolver
 from policyd.whitelist import Whitelists
-from tests.dnslab import Nsd, silent_dns_server, start_nsd
+from tests.dnslab import Nsd, silent_dns, silent_dns_server, start_nsd
 from tests.greylist_helpers import DictTable, config, make_policy, request, run, write
 
 T0 = "2024-05-01 12:00:00"
@@ -143,6 +144,36 @@ def test_a_dns_timeout_greylists_as_without_spf() -> None:
     assert list(triplets.data) == ["192.0.2.0/alice@example.org/bob@example.com"]
 
 
+def test_spf_dns_failures_are_logged_once_a_minute(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """As a DNS list's failure: a warning says SPF's DNS is failing, at most
+    once per DNS_WARN_INTERVAL_SECONDS (every decision line says dns=timeout)."""
+    ticks = [1000.0]
+    monkeypatch.setattr(clock, "monotonic", lambda: ticks[0])
+    steps = [(0, request(client_address="192.0.2.10")),
+             (1, request(client_address="192.0.2.11", sender="x@other.example")),
+             (2, request(client_address="192.0.2.12", sender="y@third.example"))]
+    with silent_dns_server() as server:
+        async def main() -> list[Decision]:
+            policy, _, _ = make_policy(spf_config(),
+                                       resolver=Resolver([server], timeout=0.2))
+            decisions = []
+            for offset, (_, req) in zip((0, 30, limits.DNS_WARN_INTERVAL_SECONDS), steps,
+                                        strict=True):
+                ticks[0] = 1000.0 + offset
+                decisions.append(await policy.decide(req))
+            await policy.aclose()
+            return decisions
+
+        with caplog.at_level("WARNING"):
+            decisions = run(main())
+    assert [dict(d.fields)["dns"] for d in decisions] == ["timeout"] * 3
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"SPF of {domain}: DNS did not answer (TXT {domain}: timeout): SPF results are "
+        "temperror, senders are keyed and delayed as without SPF"
+        for domain in ("example.org", "third.example")]
+
+
 def test_the_decision_line_says_what_spf_contributed() -> None:
     line = logsetup.format_decision(
         request(), Decision("DUNNO", "passed",
@@ -202,3 +233,81 @@ def test_a_listed_client_waits_the_longer_delay_even_when_spf_passes(
     assert logsetup.format_decision(listed, first).endswith(" spf=pass dns_score=1")
     assert ("example.org", "TXT") in resolver.asked
     assert ("10.2.0.192.bl.test", "A") in resolver.asked
+
+
+def test_with_client_key_spf_the_lists_are_asked_within_the_one_dns_bound(
+        nsd_factory: Any) -> None:
+    """client_key = spf asks SPF before the stores and the DNS lists after
+    them (only for a new or pending triplet): the lists get what is left of
+    the decision's one DNS bound (dns_bound, SPF's), never a second
+    dns_timeout on top.  Here SPF takes its whole bound (a ptr mechanism
+    whose names' addresses never come back), so the lists, although their
+    server answers at once, are not waited for: the score is unknown."""
+    from policyd.dnsbl import parse_sites
+
+    names = "".join(f'10 IN PTR h{i}.slow.test.\n' for i in range(5))
+    zones = {"example.org": '@ TXT "v=spf1 ptr:slow.test -all"\n',
+             "2.0.192.in-addr.arpa": names,
+             "bl.test": "10.2.0.192 IN A 127.0.0.2\n"}
+    server = nsd_factory(zones)
+    cfg = spf_config(dnsbl_sites=parse_sites(["bl.test"]), dns_timeout=1)
+    assert cfg.dns_bound == cfg.spf_timeout == 3.0
+    with silent_dns_server() as silent:
+        # nsd refuses slow.test (not its zone): the resolver then asks the
+        # silent server, which costs a whole dns_timeout per name.
+        (decision,), _, _, resolver = scenario(
+            cfg, lambda: CountingResolver([server.server, silent], timeout=1.0),
+            [(0, request(client_address="192.0.2.10"))])
+    assert ("h0.slow.test", "A") in resolver.asked
+    assert dict(decision.fields)["spf"] == "temperror"
+    assert (decision.dns_score, decision.dns) == (None, "timeout")
+    assert decision.action.endswith("in 300 seconds")  # greylisted as without DNS
+
+
+def test_dns_bound_is_what_the_code_waits(tmp_path: Path) -> None:
+    """SPF's bound covers the lists too; the lists alone, one query."""
+    def bound(text: str) -> float:
+        return PolicydConfig.from_file(write(tmp_path / "b.cf", text)).dns_bound
+
+    assert bound("client_key = spf\ndnsbl_sites = bl.example\ndns_timeout = 6\n") == 18.0
+    assert bound("greylist_delay_spf_pass = 1m\ndnsbl_sites = bl.example\n") == 6.0
+    assert bound("dnsbl_sites = bl.example\n") == 2.5
+    assert bound("client_key = spf\n") == 6.0
+    with pytest.raises(ConfigError, match=r"DNS may take up to 21s of a decision \(3 x "
+                       r"dns_timeout for SPF, the DNS lists within it\): it must be shorter "
+                       r"than decision_timeout \(20s\)"):
+        bound("client_key = spf\ndnsbl_sites = bl.example\ndns_timeout = 7\n")
+
+
+def test_an_outage_costs_the_first_recipient_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """client_key = spf with DNS lists, DNS down: the first recipient waits
+    for SPF's query and the lists' (each fails once), the other recipients
+    of the message get the remembered failures without asking again; after
+    DNS_FAILURE_CACHE_SECONDS DNS is asked again."""
+    from policyd.dnsbl import parse_sites
+
+    cfg = spf_config(dnsbl_sites=parse_sites(["bl.test", "wl.test*-1"]), dns_timeout=1)
+    recipients = [f"r{i}@example.com" for i in range(5)]
+    with silent_dns() as silent:
+        async def main() -> list[tuple[Decision, int]]:
+            policy, _, _ = make_policy(cfg, resolver=Resolver([silent.server], timeout=0.2))
+            seen = []
+            with freeze_time(T0, real_asyncio=True) as frozen:
+                for offset, rcpt in [(0, r) for r in recipients] + [
+                        (limits.DNS_FAILURE_CACHE_SECONDS + 1, "late@example.com")]:
+                    frozen.move_to(datetime.fromtimestamp(START + offset, tz=UTC))
+                    decision = await policy.decide(request(client_address="192.0.2.10",
+                                                           recipient=rcpt))
+                    seen.append((decision, silent.queries()))
+            await policy.aclose()
+            return seen
+
+        seen = run(main())
+    first = seen[0][1]
+    assert first >= 3  # SPF's TXT query and one per list
+    assert [asked for _, asked in seen[:5]] == [first] * 5
+    assert seen[5][1] > first  # the failures are forgotten after the interval
+    for decision, _ in seen:
+        assert decision.action.endswith("in 300 seconds")
+        assert dict(decision.fields)["spf"] == "temperror"
+        assert decision.dns == "timeout"

@@ -362,14 +362,31 @@ def test_the_report_names_the_spf_delay(tmp_path: Path,
 
 
 def test_report_names_greylist_delay_listed() -> None:
-    """With a longer delay for DNSBL-listed clients the report says so, and
-    that its retry delays mix both delays (the records keep no score)."""
+    """With dnsbl_greylist_threshold only listed clients and clients whose
+    score was unknown (DNS failed) are greylisted: the report says whose
+    retry delays it shows (the records keep no score)."""
     cfg = config(greylist_delay_listed=1800, dnsbl_greylist_threshold=3)
     result = analyse(cfg, [], NOW)
     out = result.render()
     assert "settings: greylist_delay = 5m, greylist_delay_listed = 30m, retry_window" in out
-    assert "note: greylist_delay_listed = 30m applies to clients whose DNSBL score" in out
+    assert ("note: dnsbl_greylist_threshold = 3: only clients whose DNSBL score reached it, "
+            "and clients whose score was unknown because DNS failed, were greylisted (the "
+            "listed ones greylist_delay_listed (30m), the others greylist_delay; the records "
+            "do not say which applied); unlisted clients were let through and left no "
+            "record") in out.splitlines()
+    assert "mix both kinds of client" not in out
     assert result.to_json()["config"]["greylist_delay_listed"] == 1800
     plain = analyse(config(), [], NOW)
     assert "greylist_delay_listed" not in plain.render()
+    assert "dnsbl_greylist_threshold" not in plain.render()
     assert plain.to_json()["config"]["greylist_delay_listed"] is None
+    # A threshold without a longer delay: the same clients, one delay.
+    out = analyse(config(dnsbl_greylist_threshold=2), [], NOW).render()
+    assert ("note: dnsbl_greylist_threshold = 2: only clients whose DNSBL score reached it, "
+            "and clients whose score was unknown because DNS failed, were greylisted (both "
+            "waited greylist_delay); unlisted clients were let through and left no "
+            "record") in out.splitlines()
+    # With SPF's shorter delay too: a listed client never gets it.
+    out = analyse(config(greylist_delay_spf_pass=60, greylist_delay_listed=1800,
+                         dnsbl_greylist_threshold=3), [], NOW).render()
+    assert "one of theirs); a listed client waited greylist_delay_listed even then" in out
