@@ -51,13 +51,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
 
 from memtable import clock
+from memtable.cf import decimal
 from memtable.errors import MemtableError
+from memtable.limits import CF_INT_MAX
 from memtable.table import Table
 from policyd import limits
 from policyd.config import PolicydConfig
@@ -709,13 +711,21 @@ def render_written(config: PolicydConfig, result: Result, *, dry_run: bool) -> l
 
 
 def import_postgrey(dbdir: Path, options: PostgreyOptions, config: PolicydConfig, *,
-                    dry_run: bool, out: Callable[[str], None]) -> Result:
+                    dry_run: bool, out: Callable[[str], None],
+                    ignored: Sequence[str] = ()) -> Result:
     """The whole import; ``out`` gets each line of the report, the survey
-    (what carries over, counts) before anything is written."""
+    (what carries over, counts) before anything is written.  ``ignored``:
+    postgrey options given that do not shape its database (POSTGREY_OPTS
+    pasted whole)."""
     now = int(clock.now())
     with snapshot(dbdir) as snap:
         result = survey(snap, dbdir, options, config, now)
-        for line in render_survey(dbdir, options, config, result):
+        lines = render_survey(dbdir, options, config, result)
+        if ignored:
+            lines.insert(1, f"not used: {' '.join(ignored)}: they do not decide what "
+                         "postgrey's records mean; policyd.cf's parameters apply "
+                         '(docs/policyd.md, "Moving from postgrey")')
+        for line in lines:
             out(line)
         write(snap, dbdir, options, config, now, result, dry_run=dry_run)
     for line in render_written(config, result, dry_run=dry_run):
@@ -724,12 +734,36 @@ def import_postgrey(dbdir: Path, options: PostgreyOptions, config: PolicydConfig
 
 
 def command(config: PolicydConfig, args: argparse.Namespace) -> int:
-    options = PostgreyOptions(delay=args.delay, lookup_by_host=args.lookup_by_host,
-                              ipv4cidr=args.ipv4cidr, ipv6cidr=args.ipv6cidr)
     try:
-        import_postgrey(Path(args.dbdir), options, config, dry_run=args.dry_run,
-                        out=lambda line: print(f"policyd import-postgrey: {line}", flush=True))
+        dbdir = _dbdir(args.dbdir, args.dbdir_option)
+        options = PostgreyOptions(delay=_delay(args.delay), lookup_by_host=args.lookup_by_host,
+                                  ipv4cidr=args.ipv4cidr, ipv6cidr=args.ipv6cidr)
+        import_postgrey(dbdir, options, config, dry_run=args.dry_run,
+                        out=lambda line: print(f"policyd import-postgrey: {line}", flush=True),
+                        ignored=args.postgrey_ignored)
     except PostgreyImportError as exc:
         print(error_line(f"policyd: import-postgrey: {exc}"), file=sys.stderr)
         return 1
     return 0
+
+
+def _dbdir(positional: str | None, option: str | None) -> Path:
+    """DBDIR, or postgrey's --dbdir when POSTGREY_OPTS names it."""
+    if positional is not None and option is not None and Path(positional) != Path(option):
+        raise PostgreyImportError(f"--dbdir={option} and DBDIR {positional} differ: "
+                                  "give one of them")
+    chosen = positional if positional is not None else option
+    if chosen is None:
+        raise PostgreyImportError("no DBDIR: give postgrey's --dbdir (Debian: "
+                                  "/var/lib/postgrey)")
+    return Path(chosen)
+
+
+def _delay(text: str) -> int:
+    """postgrey's --delay: whole seconds (its Getopt type is an integer)."""
+    value = decimal(text)
+    if value is None or not 0 < value <= CF_INT_MAX:
+        raise PostgreyImportError(
+            f"--delay={text}: postgrey's --delay is a whole number of seconds "
+            "(--delay=300), without a unit")
+    return value

@@ -325,6 +325,61 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+def test_debians_postgrey_opts_can_be_pasted_whole(tmp_path: Path) -> None:
+    now = int(time.time())
+    config = lmdb_config(tmp_path)
+    dbdir = make_dbdir(tmp_path, [("192.0.2.0/a@x.org/b@y.org", f"{now - 5000},{now - 4000}")])
+    # Every option of postgrey 1.37 but --help, --man, --version, --no-action.
+    opts = ["--inet=10023", "--delay=300", "--max-age=35", "--retry-window=2",
+            "--auto-whitelist-clients", "--auto-whitelist-clients=5", "-v", "-q", "-d",
+            "--unix=/run/pg.sock", "-i", "127.0.0.1:10023", "-u", "/run/x", "--socketmode=0660",
+            "--user=postgrey", "--group=postgrey", "--pidfile=/run/postgrey.pid",
+            "--lookup-by-subnet", "--ipv4cidr=24", "--ipv6cidr=64",
+            "--whitelist-clients=/etc/postgrey/whitelist_clients",
+            "--whitelist-recipients=/etc/postgrey/whitelist_recipients",
+            "--syslogfacility=mail", "--syslog-facility=mail", "--facility=mail",
+            "--greylist-action=DEFER_IF_PERMIT", "--greylist-text=Greylisted %s",
+            "--privacy", "--hostname=mx.example", "--exim", "--listen-queue-size=10",
+            "--x-greylist-header=X-Greylist: delayed", f"--dbdir={dbdir}"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "policyd", "-c", config.path,
+                               "import-postgrey", "--dry-run", *args], capture_output=True,
+                              text=True, cwd=ROOT, timeout=60)
+
+    result = run(*opts)  # DBDIR from --dbdir
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == (
+        "policyd import-postgrey: not used: --inet=10023 --max-age=35 --retry-window=2 "
+        "--auto-whitelist-clients --auto-whitelist-clients=5 -v -q -d --unix=/run/pg.sock "
+        "-i=127.0.0.1:10023 -u=/run/x --socketmode=0660 --user=postgrey --group=postgrey "
+        "--pidfile=/run/postgrey.pid --whitelist-clients=/etc/postgrey/whitelist_clients "
+        "--whitelist-recipients=/etc/postgrey/whitelist_recipients --syslogfacility=mail "
+        "--syslog-facility=mail --facility=mail --greylist-action=DEFER_IF_PERMIT "
+        "--greylist-text=Greylisted %s --privacy --hostname=mx.example --exim "
+        "--listen-queue-size=10 --x-greylist-header=X-Greylist: delayed: they do not decide "
+        "what postgrey's records mean; policyd.cf's parameters apply (docs/policyd.md, "
+        '"Moving from postgrey")')
+    assert lines[-1].startswith("policyd import-postgrey: would write 1 triplets")
+    # The operator's command line from the trial, DBDIR given as well.
+    result = run("--inet=10023", "--delay=300", "--max-age=35", str(dbdir))
+    assert result.returncode == 0, result.stderr
+    assert "not used: --inet=10023 --max-age=35: " in result.stdout
+    # Bad values: one line each.
+    for args, message in [
+            (("--delay=5m", str(dbdir)), "--delay=5m: postgrey's --delay is a whole number "
+             "of seconds (--delay=300), without a unit"),
+            (("--delay=0", str(dbdir)), "--delay=0: postgrey's --delay is a whole number"),
+            ((f"--dbdir={dbdir}", str(tmp_path)), f"--dbdir={dbdir} and DBDIR {tmp_path} "
+             "differ: give one of them"),
+            ((), "no DBDIR: give postgrey's --dbdir (Debian: /var/lib/postgrey)")]:
+        result = run(*args)
+        assert result.returncode == 1, args
+        assert result.stderr.startswith(f"policyd: import-postgrey: {message}"), result.stderr
+        assert result.stderr.count("\n") == 1
+
+
 # --- the real thing ---------------------------------------------------------------
 
 
