@@ -44,8 +44,10 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -58,8 +60,10 @@ from typing import BinaryIO, Generic, TypeVar
 
 from memtable import clock
 from memtable.cf import decimal
+from memtable.config import MemcacheConfig
 from memtable.errors import MemtableError
-from memtable.limits import CF_INT_MAX
+from memtable.limits import CF_INT_MAX, MAX_TABLE_NESTING
+from memtable.registry import split_spec
 from memtable.table import Table
 from policyd import limits
 from policyd.config import PolicydConfig
@@ -611,9 +615,15 @@ def _write_table(spec: str, path: Path, name: str, mapper: Callable[[bytes, byte
                  config: PolicydConfig, now: int, counts: Counts, notes: list[str], *,
                  dry_run: bool) -> None:
     table: Table | None = None
+    # Run as root (postgrey's directory is root's), new lmdb files would be
+    # root's, and policyd, running as its own user, could not open them.
+    created = [] if dry_run or os.geteuid() != 0 else [
+        file for file in lmdb_files(spec) if not os.path.lexists(file)]
     try:
         # Checked before it is written: a damaged lmdb file would abort.
         table = open_checked(spec, read_write=not dry_run)
+        for file in created:
+            notes.append(_give_to_directory_owner(file))
     except (MemtableError, OSError) as exc:
         if not dry_run:
             raise PostgreyImportError(str(exc)) from None
@@ -628,6 +638,52 @@ def _write_table(spec: str, path: Path, name: str, mapper: Callable[[bytes, byte
     finally:
         if table is not None:
             table.close()
+
+
+def lmdb_files(spec: str, depth: int = 0) -> list[str]:
+    """The lmdb files table ``spec`` writes: its own, or its memcache
+    table's backup's ([] when the .cf cannot be read: opening says why)."""
+    try:
+        type_, name = split_spec(spec)
+        if type_ == "lmdb":
+            return [name + ".lmdb"]
+        if type_ == "memcache" and depth <= MAX_TABLE_NESTING:
+            backup = MemcacheConfig.from_file(name).backup
+            return lmdb_files(backup, depth + 1) if backup else []
+    except MemtableError:
+        pass
+    return []
+
+
+def _give_to_directory_owner(path: str) -> str:
+    """Make ``path``, just created by root, owned by its directory's owner
+    and group (the state directory policyd's unit creates for its user), as
+    if policyd had created it; the note that says so."""
+    try:
+        directory = os.stat(os.path.dirname(path) or ".")
+        os.chown(path, directory.st_uid, directory.st_gid, follow_symlinks=False)
+    except OSError as exc:
+        raise PostgreyImportError(f"{path}: cannot give it its directory's owner: "
+                                  f"{exc.strerror or exc}") from None
+    owner = f"{_user(directory.st_uid)}:{_group(directory.st_gid)}"
+    if directory.st_uid == 0:
+        return (f"created {path} owned by {owner}, as its directory: if policyd runs as "
+                "another user, chown the file to that user before starting policyd")
+    return f"created {path} owned by {owner}, as its directory"
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 # ---------------------------------------------------------------------------

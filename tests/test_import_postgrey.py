@@ -9,7 +9,10 @@ db5.3_load (Debian's db5.3-util, the tool family the import reads with).
 
 from __future__ import annotations
 
+import grp
 import io
+import os
+import pwd
 import re
 import socket
 import subprocess
@@ -299,8 +302,10 @@ def test_mismatch_is_reported_before_anything_is_written(tmp_path: Path) -> None
             "auto_whitelist_clients = 5), 0 expired, 1 skipped (1 hashed, 0 malformed)") in report
     assert ("warning: 1 triplets name a client that is not a network address of --delay=300 "
             "--lookup-by-subnet --ipv4cidr=24 --ipv6cidr=64") in report
-    # Everything but the last line was said while the store was still empty.
-    assert [n for _, n in seen[:-1]] == [0] * (len(seen) - 1)
+    # Everything but what the writes did (the last line; run as root, the
+    # backups created) was said while the store was still empty.
+    survey = [n for line, n in seen[:-1] if not line.startswith("created ")]
+    assert survey == [0] * len(survey) and len(survey) >= 8
     assert seen[-1][0].startswith("wrote 2 triplets") and seen[-1][1] == 2
 
 
@@ -378,6 +383,44 @@ def test_debians_postgrey_opts_can_be_pasted_whole(tmp_path: Path) -> None:
         assert result.returncode == 1, args
         assert result.stderr.startswith(f"policyd: import-postgrey: {message}"), result.stderr
         assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the import run as root")
+def test_run_as_root_new_backups_belong_to_the_state_directorys_owner(
+        tmp_path: Path, memcached: Memcached) -> None:
+    # The state directory the unit creates for policyd's user (here nobody),
+    # before policyd ever started; the import is run as root.
+    nobody = pwd.getpwnam("nobody")
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(state, 0o750)
+    clients_cf = tmp_path / "clients.cf"
+    clients_cf.write_text(f"memcache = {memcached.spec}\nkey_format = imp-clients:%s\n"
+                          f"backup = lmdb:{state / 'clients'}\n")
+    cf = tmp_path / "policyd.cf"
+    cf.write_text(f"triplet_table = lmdb:{state / 'triplets'}\n"
+                  f"client_table = memcache:{clients_cf}\n")
+    now = int(time.time())
+    dbdir = make_dbdir(tmp_path, [("192.0.2.0/a@x.org/b@y.org", f"{now - 5000},{now - 4000}")],
+                       [("192.0.2.9", f"5,{now}")])
+    result = subprocess.run([sys.executable, "-m", "policyd", "-c", str(cf), "import-postgrey",
+                             str(dbdir)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    for name in ("triplets.lmdb", "clients.lmdb"):
+        st = (state / name).stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (
+            nobody.pw_uid, nobody.pw_gid, 0o640), name
+        assert (f"policyd import-postgrey: created {state / name} owned by nobody:{group}, as "
+                "its directory") in result.stdout.splitlines()
+    # A second run creates nothing, says nothing about owners, changes none.
+    os.chown(state / "triplets.lmdb", 0, 0)
+    again = subprocess.run([sys.executable, "-m", "policyd", "-c", str(cf), "import-postgrey",
+                            str(dbdir)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "created" not in again.stdout
+    assert (state / "triplets.lmdb").stat().st_uid == 0
 
 
 # --- the real thing ---------------------------------------------------------------
