@@ -89,6 +89,12 @@ def _import_postgrey_arguments(parser: argparse.ArgumentParser) -> None:
                         help="postgrey's --dbdir (Debian: /var/lib/postgrey)")
     parser.add_argument("--dry-run", action="store_true",
                         help="report what would be imported, write nothing")
+    parser.add_argument("--no-spf", action="store_true",
+                        help="client_key = spf: do not evaluate the senders' SPF (their "
+                        "triplets are then imported under spf_fallback_client_key only)")
+    parser.add_argument("--spf-max-time", type=_positive_seconds, default=None, metavar="N",
+                        help="client_key = spf: evaluate SPF for at most N seconds in all "
+                        "(default 900)")
     group = parser.add_argument_group(
         "postgrey's options", "the ones postgrey runs with (Debian: POSTGREY_OPTS in "
         "/etc/default/postgrey); they decide what its records mean")
