@@ -430,11 +430,11 @@ class SpfStage:
         """Remember an auto-whitelist entry's address under postgrey's
         network of it (hashed and malformed entries name none)."""
         match = _CLIENT_VALUE.fullmatch(value.decode("ascii", "replace"))
+        if match is None:
+            return
         try:
             ip = parse_client_address(key.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
-            return
-        if match is None:
             return
         network = ipaddress.ip_network(f"{ip}/{options.prefix(ip.version)}", strict=False)
         self._seen.setdefault(network, []).append((int(match[2]), ip))
@@ -452,6 +452,8 @@ class SpfStage:
             return
         self.triplets += 1
         category, pair = self.classify(mapped.network, mapped.sender)
+        # One sender per domain: the local part (folded by postgrey anyway)
+        # only reaches SPF through %{l} and %{s}, which make a pass broad.
         if not category and pair not in self.pairs:
             self.pairs[pair] = (mapped.sender, self.candidates(mapped.network))
 
@@ -808,14 +810,14 @@ def _write_table(spec: str, path: Path, name: str, mapper: Callable[[bytes, byte
     try:
         # Checked before it is written: a damaged lmdb file would abort.
         table = open_checked(spec, read_write=not dry_run)
-        for file in created:
-            notes.append(_give_to_directory_owner(file))
     except (MemtableError, OSError) as exc:
         if not dry_run:
             raise PostgreyImportError(str(exc)) from None
         # Read-only, a store policyd has not created yet cannot be opened.
         notes.append(f"dry run: cannot read {spec} ({exc}): counted as empty")
     try:
+        for file in created:
+            notes.append(_give_to_directory_owner(file))
         writer = _Writer(table, config, now, counts, merge, kind.parse, dry_run=dry_run)
         for mapped in _mapped(path, name, mapper):
             if isinstance(mapped.record, kind):
