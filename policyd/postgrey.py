@@ -1056,6 +1056,6 @@ def _delay(text: str) -> int:
     value = decimal(text)
     if value is None or not 0 < value <= CF_INT_MAX:
         raise PostgreyImportError(
-            f"--delay={text}: postgrey's --delay is a whole number of seconds "
+            f"--delay={text}: postgrey's --delay is a positive whole number of seconds "
             "(--delay=300), without a unit")
     return value

@@ -378,9 +378,10 @@ def test_debians_postgrey_opts_can_be_pasted_whole(tmp_path: Path) -> None:
     assert "not used: --inet=10023 --max-age=35: " in result.stdout
     # Bad values: one line each.
     for args, message in [
-            (("--delay=5m", str(dbdir)), "--delay=5m: postgrey's --delay is a whole number "
-             "of seconds (--delay=300), without a unit"),
-            (("--delay=0", str(dbdir)), "--delay=0: postgrey's --delay is a whole number"),
+            (("--delay=5m", str(dbdir)), "--delay=5m: postgrey's --delay is a positive whole "
+             "number of seconds (--delay=300), without a unit"),
+            (("--delay=0", str(dbdir)), "--delay=0: postgrey's --delay is a positive whole "
+             "number"),
             ((f"--dbdir={dbdir}", str(tmp_path)), f"--dbdir={dbdir} and DBDIR {tmp_path} "
              "differ: give one of them"),
             ((), "no DBDIR: give postgrey's --dbdir (Debian: /var/lib/postgrey)")]:
