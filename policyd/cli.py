@@ -85,15 +85,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _import_postgrey_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dbdir", metavar="DBDIR",
+    parser.add_argument("dbdir", metavar="DBDIR", nargs="?",
                         help="postgrey's --dbdir (Debian: /var/lib/postgrey)")
     parser.add_argument("--dry-run", action="store_true",
                         help="report what would be imported, write nothing")
+    parser.add_argument("--no-spf", action="store_true",
+                        help="client_key = spf: do not evaluate the senders' SPF (their "
+                        "triplets are then imported under spf_fallback_client_key only)")
+    parser.add_argument("--spf-max-time", type=_positive_seconds, default=None, metavar="N",
+                        help="client_key = spf: evaluate SPF for at most N seconds in all "
+                        "(default 900)")
     group = parser.add_argument_group(
         "postgrey's options", "the ones postgrey runs with (Debian: POSTGREY_OPTS in "
         "/etc/default/postgrey); they decide what its records mean")
-    group.add_argument("--delay", type=_positive_seconds, default=300, metavar="N",
-                       help="postgrey's --delay (default 300)")
+    # A string, checked by the command: a bad value is one line, not usage.
+    group.add_argument("--delay", default="300", metavar="N",
+                       help="postgrey's --delay in seconds (default 300)")
     lookup = group.add_mutually_exclusive_group()
     lookup.add_argument("--lookup-by-host", action="store_true",
                         help="postgrey keyed triplets by the client's address")
@@ -103,6 +110,47 @@ def _import_postgrey_arguments(parser: argparse.ArgumentParser) -> None:
                        help="postgrey's IPv4 network prefix (default 24)")
     group.add_argument("--ipv6cidr", type=_bounded(128), default=64, metavar="N",
                        help="postgrey's IPv6 network prefix (default 64)")
+    group.add_argument("--dbdir", dest="dbdir_option", metavar="DIR",
+                       help="the same as DBDIR")
+    # postgrey 1.37's other options (its GetOptions list): accepted so that
+    # POSTGREY_OPTS can be pasted whole, reported as not used.
+    other = parser.add_argument_group(
+        "postgrey's other options", "accepted and not used: they do not decide what "
+        "postgrey's records mean (policyd.cf's parameters apply)")
+    for names in POSTGREY_FLAGS:
+        other.add_argument(*names, dest="postgrey_ignored", action=_Remember, nargs=0,
+                           default=[], help=argparse.SUPPRESS)
+    for names in POSTGREY_VALUED:
+        other.add_argument(*names, dest="postgrey_ignored", action=_Remember,
+                           default=[], metavar="VALUE", help=argparse.SUPPRESS)
+    other.add_argument("--auto-whitelist-clients", dest="postgrey_ignored", action=_Remember,
+                       nargs="?", default=[], help=argparse.SUPPRESS)
+
+
+# postgrey 1.37's options that do not shape its database (from its
+# GetOptions call); --help, --man, --version and --no-action are left out
+# (postgrey does not run with them).
+POSTGREY_FLAGS: tuple[tuple[str, ...], ...] = (
+    ("-v", "--verbose"), ("-q", "--quiet"), ("-d", "--daemonize"), ("--privacy",), ("--exim",))
+POSTGREY_VALUED: tuple[tuple[str, ...], ...] = (
+    ("-u", "--unix"), ("-i", "--inet"), ("--socketmode",), ("--user",), ("--group",),
+    ("--pidfile",), ("--max-age",), ("--retry-window",), ("--whitelist-clients",),
+    ("--whitelist-recipients",), ("--syslogfacility", "--syslog-facility", "--facility"),
+    ("--greylist-action",), ("--greylist-text",), ("--hostname",),
+    ("--listen-queue-size",), ("--x-greylist-header",))
+
+
+class _Remember(argparse.Action):
+    """Remember a postgrey option as given (``--inet=10023``), in order."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        seen = list(getattr(namespace, self.dest, None) or [])
+        text = option_string or self.dest
+        if isinstance(values, str):
+            text += f"={values}"
+        seen.append(text)
+        setattr(namespace, self.dest, seen)
 
 
 def _positive_seconds(text: str) -> int:

@@ -149,6 +149,13 @@ POSTGREY_TOOL_TIMEOUT_SECONDS = 600
 # Records looked up and written per batch (one memcached round trip, one
 # lmdb transaction each way).
 POSTGREY_BATCH_KEYS = 1000
+# client_key = spf: SPF evaluations of the passed triplets' senders running at
+# once, how long they may take in all (--spf-max-time; past it the rest are
+# imported under the fallback key only), and the addresses of a client network
+# tried (those postgrey's auto-whitelist saw last).
+POSTGREY_SPF_CONCURRENCY = 16
+POSTGREY_SPF_MAX_SECONDS = 900
+POSTGREY_SPF_ADDRESSES = 4
 
 # --- SPF (policyd.spf) ---------------------------------------------------------
 # RFC 7208 4.6.4: terms that query DNS (include, a, mx, ptr, exists,

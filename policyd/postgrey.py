@@ -36,43 +36,59 @@ policyd.triplet's functions and KeyMaker), with the ttl policyd would have
 given it: pending triplets expire ``retry_window`` after their first sight,
 passed triplets and client records ``max_age`` after they were last seen.
 A policyd record as new or newer is kept, so a second run changes nothing.
+
+With ``client_key = spf`` policyd keys a sender whose SPF passes as
+``spf:DOMAIN``, which postgrey never recorded: the passed triplets' SPF is
+evaluated first (SpfStage, bounded in concurrency and time; --no-spf skips
+it), and those that pass are written under ``spf:DOMAIN`` as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import errno
 import fcntl
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
 
 from memtable import clock
+from memtable.cf import decimal
+from memtable.config import MemcacheConfig
 from memtable.errors import MemtableError
+from memtable.limits import CF_INT_MAX, MAX_TABLE_NESTING
+from memtable.registry import split_spec
 from memtable.table import Table
-from policyd import limits
+from policyd import limits, spf
 from policyd.config import PolicydConfig
+from policyd.dns import Resolver
 from policyd.errors import PolicydError
 from policyd.greylist import TripletRecord
 from policyd.logsetup import error_line
 from policyd.reputation import ClientRecord
+from policyd.spf import split_sender
 from policyd.store import open_checked
 from policyd.storewalk import memcache_front
 from policyd.triplet import (
+    IPAddress,
     KeyMaker,
     client_key,
     normalise_recipient,
     normalise_sender,
     parse_client_address,
+    spf_key,
 )
 
 TRIPLET_DB = "postgrey.db"
@@ -90,6 +106,7 @@ _CLIENT_VALUE = re.compile(r"(\d{1,18}),(\d{1,18})", re.ASCII)
 _SHA1_HEX = re.compile(r"[0-9a-f]{40}")
 _ESCAPE = re.compile(rb"\\(\\|[0-9a-fA-F]{2})")
 R = TypeVar("R", TripletRecord, ClientRecord)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class PostgreyImportError(PolicydError):
@@ -117,10 +134,17 @@ class PostgreyOptions:
         return f"--delay={self.delay} {lookup}"
 
 
+def address_key_kind(config: PolicydConfig) -> str:
+    """How policyd keys a client by its address: client_key, or for ``spf``
+    (senders whose SPF does not pass) spf_fallback_client_key."""
+    return config.spf_fallback_client_key if config.client_key == "spf" else config.client_key
+
+
 def policyd_prefix(config: PolicydConfig, version: int) -> int:
     """The prefix length policyd keys clients of IP ``version`` by (``smart``:
-    for clients without a verified name)."""
-    if config.client_key == "host":
+    for clients without a verified name; ``spf``: senders whose SPF does not
+    pass)."""
+    if address_key_kind(config) == "host":
         return 32 if version == 4 else 128
     return config.ipv4_prefix if version == 4 else config.ipv6_prefix
 
@@ -217,6 +241,13 @@ class Mapped:
     key: str = ""
     record: TripletRecord | ClientRecord | None = None
     host_bits: bool = False  # client part is no network address of postgrey's prefix
+    # A triplet's client network and postgrey's sender (for SPF).
+    network: IPNetwork | None = None
+    sender: str = ""
+    # client_key = spf, a passed triplet: what SPF made of it (SpfStage.outcome)
+    # and the spf:DOMAIN key it is written under as well ("" when none).
+    spf: str = ""
+    spf_key: str = ""
 
 
 def _text(data: bytes) -> str | None:
@@ -228,8 +259,9 @@ def _text(data: bytes) -> str | None:
 
 
 def map_triplet(key: bytes, value: bytes, *, options: PostgreyOptions, config: PolicydConfig,
-                keys: KeyMaker, now: int) -> Mapped:
-    """postgrey.db's ``key``/``value`` as a policyd triplet record."""
+                keys: KeyMaker, now: int, spf: SpfStage | None = None) -> Mapped:
+    """postgrey.db's ``key``/``value`` as a policyd triplet record; with
+    ``spf`` (client_key = spf) a passed one also under its spf:DOMAIN key."""
     text, value_text = _text(key), _text(value)
     if text is None or value_text is None:
         return Mapped("malformed")
@@ -257,10 +289,15 @@ def map_triplet(key: bytes, value: bytes, *, options: PostgreyOptions, config: P
     network = ipaddress.ip_network(f"{ip}/{options.prefix(ip.version)}", strict=False)
     # The client part through policyd's own function, as for a request
     # from that network (client_name unknown: postgrey never recorded one).
-    policyd_key = keys.triplet_key(client_key(config, ip, "unknown"),
-                                   normalise_sender(sender), normalise_recipient(recipient))
+    policyd_sender, policyd_recipient = normalise_sender(sender), normalise_recipient(recipient)
+    policyd_key = keys.triplet_key(client_key(config, ip, "unknown"), policyd_sender,
+                                   policyd_recipient)
+    spf_outcome, pool = spf.outcome(network, sender) if spf is not None and passed else ("", "")
     return Mapped("passed" if passed else "pending", policyd_key, record,
-                  host_bits=network.network_address != ip)
+                  host_bits=network.network_address != ip, network=network, sender=sender,
+                  spf=spf_outcome,
+                  spf_key=keys.triplet_key(pool, policyd_sender, policyd_recipient) if pool
+                  else "")
 
 
 def map_client(key: bytes, value: bytes, *, config: PolicydConfig, keys: KeyMaker,
@@ -325,6 +362,156 @@ def merge_client(old: ClientRecord | None, new: ClientRecord) -> ClientRecord | 
                           old.deferred, max(old.passed, new.passed),
                           max(old.last_pass, new.last_pass))
     return None if merged == old else merged
+
+
+# ---------------------------------------------------------------------------
+# client_key = spf: the spf:DOMAIN key of passed triplets
+
+# SpfStage.outcome's categories, in the report's order.
+SPF_POOLED = "pooled"            # SPF passes narrowly: written under spf:DOMAIN as well
+SPF_NOT_POOLED = "not-pooled"    # evaluated: none, fail, ..., or a broad pass
+SPF_DNS_FAILED = "dns-failed"    # temperror
+SPF_NO_DOMAIN = "no-domain"      # null sender: policyd checks the HELO name, not recorded
+SPF_NO_ADDRESS = "no-address"    # no client address of the network is known
+SPF_NOT_EVALUATED = "not-evaluated"  # --no-spf, or past the time bound
+
+
+@dataclass
+class SpfStage:
+    """What SPF says for the passed triplets, evaluated once per client
+    network and sender domain before anything is reported or written.
+
+    postgrey keyed triplets by network (--lookup-by-subnet) and never kept
+    the HELO name; the addresses of a network are those its auto-whitelist
+    holds (every address that passed a triplet, within --max-age), the most
+    recently seen first.  A network's triplets from a sender domain are
+    keyed ``spf:DOMAIN`` when the domain's SPF passes narrowly for one of
+    them: the sender's retry from any address its domain authorises then
+    finds them, as policyd would have keyed them."""
+
+    evaluate: bool  # False: --no-spf
+    max_seconds: float
+    addresses: dict[IPNetwork, list[IPAddress]] = field(default_factory=dict)
+    # (network, sender domain) -> "spf:domain", or an outcome when not pooled;
+    # a pair absent once evaluated is SPF_NOT_EVALUATED.
+    verdicts: dict[tuple[IPNetwork, str], str] = field(default_factory=dict)
+    pairs: dict[tuple[IPNetwork, str], tuple[str, list[IPAddress]]] = field(
+        default_factory=dict)  # to evaluate: a sender of the domain, the addresses
+    triplets: int = 0  # passed triplets asked about
+    _seen: dict[IPNetwork, list[tuple[int, IPAddress]]] = field(default_factory=dict)
+
+    def candidates(self, network: IPNetwork) -> list[IPAddress]:
+        if network.prefixlen == network.max_prefixlen:
+            return [network.network_address]  # --lookup-by-host: the address itself
+        return self.addresses.get(network, [])
+
+    def classify(self, network: IPNetwork, sender: str) -> tuple[str, tuple[IPNetwork, str]]:
+        domain = split_sender(sender, "")[1].lower()
+        if not domain:
+            return SPF_NO_DOMAIN, (network, "")
+        if not self.candidates(network):
+            return SPF_NO_ADDRESS, (network, domain)
+        return "", (network, domain)
+
+    def outcome(self, network: IPNetwork, sender: str) -> tuple[str, str]:
+        """(category, the ``spf:DOMAIN`` client part or "") of a passed
+        triplet of ``network`` from ``sender``."""
+        category, pair = self.classify(network, sender)
+        if category:
+            return category, ""
+        if not self.evaluate:
+            return SPF_NOT_EVALUATED, ""
+        verdict = self.verdicts.get(pair, SPF_NOT_EVALUATED)
+        if verdict.startswith("spf:"):
+            return SPF_POOLED, verdict
+        return verdict, ""
+
+    def add_client(self, options: PostgreyOptions, key: bytes, value: bytes) -> None:
+        """Remember an auto-whitelist entry's address under postgrey's
+        network of it (hashed and malformed entries name none)."""
+        match = _CLIENT_VALUE.fullmatch(value.decode("ascii", "replace"))
+        if match is None:
+            return
+        try:
+            ip = parse_client_address(key.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return
+        network = ipaddress.ip_network(f"{ip}/{options.prefix(ip.version)}", strict=False)
+        self._seen.setdefault(network, []).append((int(match[2]), ip))
+
+    def keep_recent(self) -> None:
+        """Each network's most recently seen addresses, at most
+        POSTGREY_SPF_ADDRESSES of them."""
+        for network, seen in self._seen.items():
+            seen.sort(key=lambda item: item[0], reverse=True)
+            self.addresses[network] = [ip for _, ip in seen[:limits.POSTGREY_SPF_ADDRESSES]]
+        self._seen.clear()
+
+    def add_triplet(self, mapped: Mapped) -> None:
+        if mapped.outcome != "passed" or mapped.network is None:
+            return
+        self.triplets += 1
+        category, pair = self.classify(mapped.network, mapped.sender)
+        # One sender per domain: the local part (folded by postgrey anyway)
+        # only reaches SPF through %{l} and %{s}, which make a pass broad.
+        if not category and pair not in self.pairs:
+            self.pairs[pair] = (mapped.sender, self.candidates(mapped.network))
+
+    def run(self, config: PolicydConfig) -> None:
+        """Evaluate every pair, at most POSTGREY_SPF_CONCURRENCY at a time and
+        max_seconds in all; pairs left are SPF_NOT_EVALUATED."""
+        if self.evaluate and self.pairs:
+            asyncio.run(self._run(config))
+
+    async def _run(self, config: PolicydConfig) -> None:
+        resolver = Resolver(config.dns_servers or None, timeout=config.dns_timeout)
+        todo = iter(self.pairs.items())
+
+        async def worker() -> None:
+            for pair, (sender, addresses) in todo:
+                verdict = SPF_NOT_POOLED
+                for ip in addresses:
+                    result = await spf.check(resolver, ip, sender, "",
+                                             timeout=config.spf_timeout)
+                    if result.pooled:
+                        verdict = spf_key(result.domain)
+                        break
+                    if result.result == spf.TEMPERROR:
+                        verdict = SPF_DNS_FAILED
+                        break  # the next address would wait for the same DNS
+                self.verdicts[pair] = verdict
+
+        workers = min(limits.POSTGREY_SPF_CONCURRENCY, len(self.pairs))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.max_seconds):
+                await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+def spf_stage(snap: Snapshot, dbdir: Path, options: PostgreyOptions, config: PolicydConfig,
+              now: int, *, evaluate: bool, max_seconds: float,
+              out: Callable[[str], None]) -> SpfStage:
+    """Read both dumps for the passed triplets' client networks and sender
+    domains and (unless --no-spf) evaluate SPF for them; says what it asks
+    before it does (it may take a while)."""
+    stage = SpfStage(evaluate, max_seconds)
+    keys = KeyMaker.from_config(config)
+    if snap.clients is not None:
+        with open(snap.clients, "rb") as stream:
+            for key, value in parse_dump(stream, str(dbdir / CLIENT_DB)):
+                stage.add_client(options, key, value)
+    stage.keep_recent()
+    for mapped in _mapped(snap.triplets, str(dbdir / TRIPLET_DB),
+                          _triplet_mapper(options, config, keys, now)):
+        stage.add_triplet(mapped)
+    if evaluate and stage.pairs:
+        addresses = len({ip for _, known in stage.pairs.values() for ip in known})
+        out(f"SPF: evaluating {len({d for _, d in stage.pairs})} sender domains for "
+            f"{addresses} client addresses postgrey knew ({len(stage.pairs)} network and "
+            f"domain pairs of {stage.triplets} passed triplets), at most "
+            f"{limits.POSTGREY_SPF_CONCURRENCY} at a time and {max_seconds:g}s in all "
+            "(--no-spf skips this)")
+    stage.run(config)
+    return stage
 
 
 # ---------------------------------------------------------------------------
@@ -437,6 +624,7 @@ class Counts:
     written: int = 0
     kept: int = 0  # policyd's record as new or newer
     networks: dict[str, int] = field(default_factory=dict)  # client key: highest count
+    spf: dict[str, int] = field(default_factory=dict)  # passed triplets by SPF outcome
 
     def add(self, mapped: Mapped) -> None:
         self.read += 1
@@ -449,6 +637,8 @@ class Counts:
         attr = mapped.outcome.replace("-", "_")
         setattr(self, attr, getattr(self, attr) + 1)
         self.host_bits += mapped.host_bits
+        if mapped.spf:
+            self.spf[mapped.spf] = self.spf.get(mapped.spf, 0) + 1
 
     @property
     def skipped(self) -> int:
@@ -556,6 +746,7 @@ class Result:
     clients: Counts
     running: bool
     notes: list[str] = field(default_factory=list)  # said after the writes
+    spf: SpfStage | None = None  # client_key = spf
 
 
 def _mapped(path: Path, name: str, mapper: Callable[[bytes, bytes], Mapped]) -> Iterator[Mapped]:
@@ -565,12 +756,12 @@ def _mapped(path: Path, name: str, mapper: Callable[[bytes, bytes], Mapped]) -> 
 
 
 def survey(snap: Snapshot, dbdir: Path, options: PostgreyOptions, config: PolicydConfig,
-           now: int) -> Result:
+           now: int, spf_result: SpfStage | None = None) -> Result:
     """Read both dumps and count what each record becomes (nothing written)."""
     keys = KeyMaker.from_config(config)
-    result = Result(Counts(), Counts(), snap.running)
+    result = Result(Counts(), Counts(), snap.running, spf=spf_result)
     for mapped in _mapped(snap.triplets, str(dbdir / TRIPLET_DB), _triplet_mapper(
-            options, config, keys, now)):
+            options, config, keys, now, spf_result)):
         result.triplets.add(mapped)
     if snap.clients is not None:
         for mapped in _mapped(snap.clients, str(dbdir / CLIENT_DB),
@@ -580,8 +771,10 @@ def survey(snap: Snapshot, dbdir: Path, options: PostgreyOptions, config: Policy
 
 
 def _triplet_mapper(options: PostgreyOptions, config: PolicydConfig, keys: KeyMaker,
-                    now: int) -> Callable[[bytes, bytes], Mapped]:
-    return lambda k, v: map_triplet(k, v, options=options, config=config, keys=keys, now=now)
+                    now: int, spf_result: SpfStage | None = None
+                    ) -> Callable[[bytes, bytes], Mapped]:
+    return lambda k, v: map_triplet(k, v, options=options, config=config, keys=keys, now=now,
+                                    spf=spf_result)
 
 
 def _client_mapper(config: PolicydConfig, keys: KeyMaker,
@@ -595,7 +788,8 @@ def write(snap: Snapshot, dbdir: Path, options: PostgreyOptions, config: Policyd
     result's written/kept counts are filled in."""
     keys = KeyMaker.from_config(config)
     _write_table(config.triplet_table, snap.triplets, str(dbdir / TRIPLET_DB),
-                 _triplet_mapper(options, config, keys, now), TripletRecord, merge_triplet,
+                 _triplet_mapper(options, config, keys, now, result.spf), TripletRecord,
+                 merge_triplet,
                  config, now, result.triplets, result.notes, dry_run=dry_run)
     if snap.clients is not None:
         _write_table(config.client_table, snap.clients, str(dbdir / CLIENT_DB),
@@ -609,6 +803,10 @@ def _write_table(spec: str, path: Path, name: str, mapper: Callable[[bytes, byte
                  config: PolicydConfig, now: int, counts: Counts, notes: list[str], *,
                  dry_run: bool) -> None:
     table: Table | None = None
+    # Run as root (postgrey's directory is root's), new lmdb files would be
+    # root's, and policyd, running as its own user, could not open them.
+    created = [] if dry_run or os.geteuid() != 0 else [
+        file for file in lmdb_files(spec) if not os.path.lexists(file)]
     try:
         # Checked before it is written: a damaged lmdb file would abort.
         table = open_checked(spec, read_write=not dry_run)
@@ -618,18 +816,105 @@ def _write_table(spec: str, path: Path, name: str, mapper: Callable[[bytes, byte
         # Read-only, a store policyd has not created yet cannot be opened.
         notes.append(f"dry run: cannot read {spec} ({exc}): counted as empty")
     try:
+        for file in created:
+            notes.append(_give_to_directory_owner(file))
         writer = _Writer(table, config, now, counts, merge, kind.parse, dry_run=dry_run)
         for mapped in _mapped(path, name, mapper):
             if isinstance(mapped.record, kind):
                 writer.add(mapped.key, mapped.record)
+                if mapped.spf_key:
+                    writer.add(mapped.spf_key, mapped.record)
         writer.flush()
     finally:
         if table is not None:
             table.close()
 
 
+def lmdb_files(spec: str, depth: int = 0) -> list[str]:
+    """The lmdb files table ``spec`` writes: its own, or its memcache
+    table's backup's ([] when the .cf cannot be read: opening says why)."""
+    try:
+        type_, name = split_spec(spec)
+        if type_ == "lmdb":
+            return [name + ".lmdb"]
+        if type_ == "memcache" and depth <= MAX_TABLE_NESTING:
+            backup = MemcacheConfig.from_file(name).backup
+            return lmdb_files(backup, depth + 1) if backup else []
+    except MemtableError:
+        pass
+    return []
+
+
+def _give_to_directory_owner(path: str) -> str:
+    """Make ``path``, just created by root, owned by its directory's owner
+    and group (the state directory policyd's unit creates for its user), as
+    if policyd had created it; the note that says so."""
+    try:
+        directory = os.stat(os.path.dirname(path) or ".")
+        os.chown(path, directory.st_uid, directory.st_gid, follow_symlinks=False)
+    except OSError as exc:
+        raise PostgreyImportError(f"{path}: cannot give it its directory's owner: "
+                                  f"{exc.strerror or exc}") from None
+    owner = f"{_user(directory.st_uid)}:{_group(directory.st_gid)}"
+    if directory.st_uid == 0:
+        return (f"created {path} owned by {owner}, as its directory: if policyd runs as "
+                "another user, chown the file to that user before starting policyd")
+    return f"created {path} owned by {owner}, as its directory"
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 # ---------------------------------------------------------------------------
 # the report
+
+
+def _kind_setting(config: PolicydConfig) -> str:
+    if config.client_key == "spf":
+        return f"spf_fallback_client_key = {config.spf_fallback_client_key}"
+    return f"client_key = {config.client_key}"
+
+
+def spf_notes(config: PolicydConfig, result: Result) -> list[str]:
+    """client_key = spf: what carries over for senders whose SPF passes."""
+    stage, counts = result.spf, result.triplets.spf
+    notes = [
+        "carries over in part: client_key = spf: policyd keys a sender whose SPF passes for "
+        "the client as spf:DOMAIN, which postgrey did not record; every record is imported "
+        f"under {_kind_setting(config)}, which serves senders whose SPF does not pass"]
+    if stage is None or not stage.evaluate:
+        notes.append(
+            "does not carry over: SPF not evaluated (--no-spf): triplets and the auto-"
+            "whitelist of senders whose SPF passes: they are greylisted once more under "
+            "spf:DOMAIN and count their passes again")
+        return notes
+    n = {category: counts.get(category, 0) for category in (
+        SPF_POOLED, SPF_NOT_POOLED, SPF_DNS_FAILED, SPF_NO_DOMAIN, SPF_NO_ADDRESS,
+        SPF_NOT_EVALUATED)}
+    notes.append(
+        f"SPF of the senders of {sum(n.values())} passed triplets: {n[SPF_POOLED]} pass for "
+        "a client address postgrey knew in their network: imported under spf:DOMAIN as well; "
+        f"{n[SPF_NOT_POOLED]} do not pass (or too broadly); {n[SPF_DNS_FAILED]} DNS failed; "
+        f"not evaluated: {n[SPF_NO_DOMAIN]} null sender (policyd checks the HELO name, which "
+        f"postgrey did not record), {n[SPF_NO_ADDRESS]} no client address known (postgrey's "
+        f"auto-whitelist holds them), {n[SPF_NOT_EVALUATED]} past the "
+        f"{stage.max_seconds:g}s bound")
+    notes.append(
+        "does not carry over for senders whose SPF passes: pending triplets, passed ones "
+        "not imported under spf:DOMAIN, and the auto-whitelist (policyd counts a domain's "
+        "passes under spf:DOMAIN): such a sender is greylisted once more for a new triplet")
+    return notes
 
 
 def _prefix_text(prefix: int, version: int) -> str:
@@ -642,7 +927,9 @@ def carry_notes(options: PostgreyOptions, config: PolicydConfig, result: Result)
     for version in (4, 6):
         theirs, ours = options.prefix(version), policyd_prefix(config, version)
         what = (f"triplets of IPv{version} clients: postgrey keyed them by "
-                f"{_prefix_text(theirs, version)}, policyd by {_prefix_text(ours, version)}")
+                f"{_prefix_text(theirs, version)}, policyd by {_prefix_text(ours, version)}"
+                + (" when the sender's SPF does not pass" if config.client_key == "spf"
+                   else ""))
         if ours > theirs:
             notes.append(f"does not carry over: {what}; a network cannot be split into "
                          "smaller ones: they are greylisted once more")
@@ -650,9 +937,11 @@ def carry_notes(options: PostgreyOptions, config: PolicydConfig, result: Result)
             notes.append(f"carries over: {what}; several postgrey triplets become one")
         else:
             notes.append(f"carries over: {what}")
-    if config.client_key == "smart":
+    if config.client_key == "spf":
+        notes += spf_notes(config, result)
+    if address_key_kind(config) == "smart":
         notes.append(
-            "carries over in part: client_key = smart: policyd keys a client whose name "
+            f"carries over in part: {_kind_setting(config)}: policyd keys a client whose name "
             "verifies by its registrable domain, which postgrey did not record; what is "
             "imported (by network) serves clients without a verified name only, the others "
             "are greylisted once more and count their passes again")
@@ -679,13 +968,9 @@ def carry_notes(options: PostgreyOptions, config: PolicydConfig, result: Result)
     return notes
 
 
-def render_survey(dbdir: Path, options: PostgreyOptions, config: PolicydConfig,
-                  result: Result) -> list[str]:
+def render_survey(options: PostgreyOptions, config: PolicydConfig, result: Result) -> list[str]:
     t, c = result.triplets, result.clients
-    how = ("postgrey is running: read a copy" if result.running
-           else "postgrey is not running: read a copy under its lock")
-    lines = [f"{dbdir}: {how}, recovered from its log; assuming postgrey {options.render()}"]
-    lines += carry_notes(options, config, result)
+    lines = carry_notes(options, config, result)
     lines.append(
         f"triplets: {t.read} read: {t.passed} passed, {t.pending} pending, {t.expired} expired, "
         f"{t.skipped} skipped ({t.hashed} hashed, {t.not_carried} not carried over, "
@@ -709,13 +994,29 @@ def render_written(config: PolicydConfig, result: Result, *, dry_run: bool) -> l
 
 
 def import_postgrey(dbdir: Path, options: PostgreyOptions, config: PolicydConfig, *,
-                    dry_run: bool, out: Callable[[str], None]) -> Result:
+                    dry_run: bool, out: Callable[[str], None],
+                    ignored: Sequence[str] = (), evaluate_spf: bool = True,
+                    spf_max_seconds: float = limits.POSTGREY_SPF_MAX_SECONDS) -> Result:
     """The whole import; ``out`` gets each line of the report, the survey
-    (what carries over, counts) before anything is written."""
+    (what carries over, counts) before anything is written.  ``ignored``:
+    postgrey options given that do not shape its database (POSTGREY_OPTS
+    pasted whole).  With client_key = spf, the passed triplets' SPF is
+    evaluated first (unless not ``evaluate_spf``: --no-spf), for at most
+    ``spf_max_seconds``."""
     now = int(clock.now())
     with snapshot(dbdir) as snap:
-        result = survey(snap, dbdir, options, config, now)
-        for line in render_survey(dbdir, options, config, result):
+        how = ("postgrey is running: read a copy" if snap.running
+               else "postgrey is not running: read a copy under its lock")
+        out(f"{dbdir}: {how}, recovered from its log; assuming postgrey {options.render()}")
+        if ignored:
+            out(f"not used: {' '.join(ignored)}: they do not decide what postgrey's records "
+                'mean; policyd.cf\'s parameters apply (docs/policyd.md, "Moving from postgrey")')
+        stage = None
+        if config.client_key == "spf":
+            stage = spf_stage(snap, dbdir, options, config, now, evaluate=evaluate_spf,
+                              max_seconds=spf_max_seconds, out=out)
+        result = survey(snap, dbdir, options, config, now, stage)
+        for line in render_survey(options, config, result):
             out(line)
         write(snap, dbdir, options, config, now, result, dry_run=dry_run)
     for line in render_written(config, result, dry_run=dry_run):
@@ -724,12 +1025,37 @@ def import_postgrey(dbdir: Path, options: PostgreyOptions, config: PolicydConfig
 
 
 def command(config: PolicydConfig, args: argparse.Namespace) -> int:
-    options = PostgreyOptions(delay=args.delay, lookup_by_host=args.lookup_by_host,
-                              ipv4cidr=args.ipv4cidr, ipv6cidr=args.ipv6cidr)
     try:
-        import_postgrey(Path(args.dbdir), options, config, dry_run=args.dry_run,
-                        out=lambda line: print(f"policyd import-postgrey: {line}", flush=True))
+        dbdir = _dbdir(args.dbdir, args.dbdir_option)
+        options = PostgreyOptions(delay=_delay(args.delay), lookup_by_host=args.lookup_by_host,
+                                  ipv4cidr=args.ipv4cidr, ipv6cidr=args.ipv6cidr)
+        import_postgrey(dbdir, options, config, dry_run=args.dry_run,
+                        out=lambda line: print(f"policyd import-postgrey: {line}", flush=True),
+                        ignored=args.postgrey_ignored, evaluate_spf=not args.no_spf,
+                        spf_max_seconds=args.spf_max_time or limits.POSTGREY_SPF_MAX_SECONDS)
     except PostgreyImportError as exc:
         print(error_line(f"policyd: import-postgrey: {exc}"), file=sys.stderr)
         return 1
     return 0
+
+
+def _dbdir(positional: str | None, option: str | None) -> Path:
+    """DBDIR, or postgrey's --dbdir when POSTGREY_OPTS names it."""
+    if positional is not None and option is not None and Path(positional) != Path(option):
+        raise PostgreyImportError(f"--dbdir={option} and DBDIR {positional} differ: "
+                                  "give one of them")
+    chosen = positional if positional is not None else option
+    if chosen is None:
+        raise PostgreyImportError("no DBDIR: give postgrey's --dbdir (Debian: "
+                                  "/var/lib/postgrey)")
+    return Path(chosen)
+
+
+def _delay(text: str) -> int:
+    """postgrey's --delay: whole seconds (its Getopt type is an integer)."""
+    value = decimal(text)
+    if value is None or not 0 < value <= CF_INT_MAX:
+        raise PostgreyImportError(
+            f"--delay={text}: postgrey's --delay is a positive whole number of seconds "
+            "(--delay=300), without a unit")
+    return value

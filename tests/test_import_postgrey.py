@@ -9,7 +9,10 @@ db5.3_load (Debian's db5.3-util, the tool family the import reads with).
 
 from __future__ import annotations
 
+import grp
 import io
+import os
+import pwd
 import re
 import socket
 import subprocess
@@ -37,6 +40,7 @@ from policyd.postgrey import (
 from policyd.reputation import ClientRecord
 from policyd.triplet import KeyMaker
 from tests.conftest import Memcached
+from tests.dnslab import start_nsd
 from tests.policyd_proc import PolicydProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,6 +173,10 @@ def test_triplet_outcomes() -> None:
     # become policyd's /24.
     host = PolicydConfig(client_key="host")
     assert outcome("192.0.2.0/a@x.org/b@y.org", f"{now - 400},{now}", host) == "not-carried"
+    # The same when client_key = spf falls back to host.
+    spf_host = PolicydConfig(client_key="spf", spf_fallback_client_key="host")
+    assert outcome("192.0.2.0/a@x.org/b@y.org", f"{now - 400},{now}", spf_host) \
+        == "not-carried"
     by_host = PostgreyOptions(lookup_by_host=True)
     mapped = map_triplet(b"192.0.2.7/a@x.org/b@y.org", f"{now - 400},{now}".encode(),
                          options=by_host, config=config, keys=keys, now=now)
@@ -299,8 +307,10 @@ def test_mismatch_is_reported_before_anything_is_written(tmp_path: Path) -> None
             "auto_whitelist_clients = 5), 0 expired, 1 skipped (1 hashed, 0 malformed)") in report
     assert ("warning: 1 triplets name a client that is not a network address of --delay=300 "
             "--lookup-by-subnet --ipv4cidr=24 --ipv6cidr=64") in report
-    # Everything but the last line was said while the store was still empty.
-    assert [n for _, n in seen[:-1]] == [0] * (len(seen) - 1)
+    # Everything but what the writes did (the last line; run as root, the
+    # backups created) was said while the store was still empty.
+    survey = [n for line, n in seen[:-1] if not line.startswith("created ")]
+    assert survey == [0] * len(survey) and len(survey) >= 8
     assert seen[-1][0].startswith("wrote 2 triplets") and seen[-1][1] == 2
 
 
@@ -323,6 +333,204 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("policyd: import-postgrey: ")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_debians_postgrey_opts_can_be_pasted_whole(tmp_path: Path) -> None:
+    now = int(time.time())
+    config = lmdb_config(tmp_path)
+    dbdir = make_dbdir(tmp_path, [("192.0.2.0/a@x.org/b@y.org", f"{now - 5000},{now - 4000}")])
+    # Every option of postgrey 1.37 but --help, --man, --version, --no-action.
+    opts = ["--inet=10023", "--delay=300", "--max-age=35", "--retry-window=2",
+            "--auto-whitelist-clients", "--auto-whitelist-clients=5", "-v", "-q", "-d",
+            "--unix=/run/pg.sock", "-i", "127.0.0.1:10023", "-u", "/run/x", "--socketmode=0660",
+            "--user=postgrey", "--group=postgrey", "--pidfile=/run/postgrey.pid",
+            "--lookup-by-subnet", "--ipv4cidr=24", "--ipv6cidr=64",
+            "--whitelist-clients=/etc/postgrey/whitelist_clients",
+            "--whitelist-recipients=/etc/postgrey/whitelist_recipients",
+            "--syslogfacility=mail", "--syslog-facility=mail", "--facility=mail",
+            "--greylist-action=DEFER_IF_PERMIT", "--greylist-text=Greylisted %s",
+            "--privacy", "--hostname=mx.example", "--exim", "--listen-queue-size=10",
+            "--x-greylist-header=X-Greylist: delayed", f"--dbdir={dbdir}"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "policyd", "-c", config.path,
+                               "import-postgrey", "--dry-run", *args], capture_output=True,
+                              text=True, cwd=ROOT, timeout=60)
+
+    result = run(*opts)  # DBDIR from --dbdir
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == (
+        "policyd import-postgrey: not used: --inet=10023 --max-age=35 --retry-window=2 "
+        "--auto-whitelist-clients --auto-whitelist-clients=5 -v -q -d --unix=/run/pg.sock "
+        "-i=127.0.0.1:10023 -u=/run/x --socketmode=0660 --user=postgrey --group=postgrey "
+        "--pidfile=/run/postgrey.pid --whitelist-clients=/etc/postgrey/whitelist_clients "
+        "--whitelist-recipients=/etc/postgrey/whitelist_recipients --syslogfacility=mail "
+        "--syslog-facility=mail --facility=mail --greylist-action=DEFER_IF_PERMIT "
+        "--greylist-text=Greylisted %s --privacy --hostname=mx.example --exim "
+        "--listen-queue-size=10 --x-greylist-header=X-Greylist: delayed: they do not decide "
+        "what postgrey's records mean; policyd.cf's parameters apply (docs/policyd.md, "
+        '"Moving from postgrey")')
+    assert lines[-1].startswith("policyd import-postgrey: would write 1 triplets")
+    # The operator's command line from the trial, DBDIR given as well.
+    result = run("--inet=10023", "--delay=300", "--max-age=35", str(dbdir))
+    assert result.returncode == 0, result.stderr
+    assert "not used: --inet=10023 --max-age=35: " in result.stdout
+    # Bad values: one line each.
+    for args, message in [
+            (("--delay=5m", str(dbdir)), "--delay=5m: postgrey's --delay is a positive whole "
+             "number of seconds (--delay=300), without a unit"),
+            (("--delay=0", str(dbdir)), "--delay=0: postgrey's --delay is a positive whole "
+             "number"),
+            ((f"--dbdir={dbdir}", str(tmp_path)), f"--dbdir={dbdir} and DBDIR {tmp_path} "
+             "differ: give one of them"),
+            ((), "no DBDIR: give postgrey's --dbdir (Debian: /var/lib/postgrey)")]:
+        result = run(*args)
+        assert result.returncode == 1, args
+        assert result.stderr.startswith(f"policyd: import-postgrey: {message}"), result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the import run as root")
+def test_run_as_root_new_backups_belong_to_the_state_directorys_owner(
+        tmp_path: Path, memcached: Memcached) -> None:
+    # The state directory the unit creates for policyd's user (here nobody),
+    # before policyd ever started; the import is run as root.
+    nobody = pwd.getpwnam("nobody")
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(state, 0o750)
+    clients_cf = tmp_path / "clients.cf"
+    clients_cf.write_text(f"memcache = {memcached.spec}\nkey_format = imp-clients:%s\n"
+                          f"backup = lmdb:{state / 'clients'}\n")
+    cf = tmp_path / "policyd.cf"
+    cf.write_text(f"triplet_table = lmdb:{state / 'triplets'}\n"
+                  f"client_table = memcache:{clients_cf}\n")
+    now = int(time.time())
+    dbdir = make_dbdir(tmp_path, [("192.0.2.0/a@x.org/b@y.org", f"{now - 5000},{now - 4000}")],
+                       [("192.0.2.9", f"5,{now}")])
+    result = subprocess.run([sys.executable, "-m", "policyd", "-c", str(cf), "import-postgrey",
+                             str(dbdir)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    for name in ("triplets.lmdb", "clients.lmdb"):
+        st = (state / name).stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (
+            nobody.pw_uid, nobody.pw_gid, 0o640), name
+        assert (f"policyd import-postgrey: created {state / name} owned by nobody:{group}, as "
+                "its directory") in result.stdout.splitlines()
+    # A second run creates nothing, says nothing about owners, changes none.
+    os.chown(state / "triplets.lmdb", 0, 0)
+    again = subprocess.run([sys.executable, "-m", "policyd", "-c", str(cf), "import-postgrey",
+                            str(dbdir)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "created" not in again.stdout
+    assert (state / "triplets.lmdb").stat().st_uid == 0
+
+
+# --- client_key = spf ------------------------------------------------------------
+
+SPF_ZONES = {
+    # A pool of two addresses in two networks, as large senders have.
+    "example.org": '@ TXT "v=spf1 ip4:192.0.2.10 ip4:198.51.100.20 -all"\n',
+    "broad.example": '@ TXT "v=spf1 +all"\n',
+    "nospf.example": "",
+}
+
+
+def spf_dbdir(tmp: Path, now: int) -> Path:
+    passed = f"{now - 5000},{now - 4000}"
+    return make_dbdir(tmp, [
+        ("192.0.2.0/alice@example.org/bob@y.org", passed),  # SPF passes for .10
+        ("203.0.113.0/dan@broad.example/bob@y.org", passed),  # passes too broadly
+        ("203.0.113.0/erin@nospf.example/bob@y.org", passed),  # no SPF record
+        ("203.0.113.0/fay@unserved.test/bob@y.org", passed),  # DNS fails (REFUSED)
+        ("192.0.2.0//bob@y.org", passed),  # null sender: the HELO name was not kept
+        ("100.64.0.0/gil@example.org/bob@y.org", passed),  # no address of it known
+        ("192.0.2.0/hal@example.org/bob@y.org", f"{now - 100},{now - 50}"),  # pending
+    ], [
+        # Newest first: .99 (not authorised) is tried before .10.
+        ("192.0.2.99", f"1,{now - 3000}"),
+        ("192.0.2.10", f"1,{now - 4000}"),
+        ("203.0.113.7", f"1,{now - 4000}"),
+    ])
+
+
+def test_spf_pools_get_their_imported_triplets(
+        tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
+    now = int(time.time())
+    dbdir = spf_dbdir(tmp_path, now)
+    with start_nsd(tmp_path / "dns", SPF_ZONES) as nsd:
+        proc = policyd_factory(tmp_path / "policyd", None, extra=(
+            f"client_key = spf\ndns_servers = {nsd.spec}\ndns_timeout = 1s\n"))
+        lines = policyd_import(proc, dbdir)
+        report = "\n".join(lines)
+        assert lines[1] == (
+            "SPF: evaluating 4 sender domains for 3 client addresses postgrey knew (4 network "
+            "and domain pairs of 6 passed triplets), at most 16 at a time and 900s in all "
+            "(--no-spf skips this)")
+        assert ("carries over: triplets of IPv4 clients: postgrey keyed them by /24 networks, "
+                "policyd by /24 networks when the sender's SPF does not pass") in report
+        assert ("carries over in part: client_key = spf: policyd keys a sender whose SPF "
+                "passes for the client as spf:DOMAIN, which postgrey did not record; every "
+                "record is imported under spf_fallback_client_key = subnet, which serves "
+                "senders whose SPF does not pass") in lines
+        assert ("SPF of the senders of 6 passed triplets: 1 pass for a client address "
+                "postgrey knew in their network: imported under spf:DOMAIN as well; 2 do not "
+                "pass (or too broadly); 1 DNS failed; not evaluated: 1 null sender (policyd "
+                "checks the HELO name, which postgrey did not record), 1 no client address "
+                "known (postgrey's auto-whitelist holds them), 0 past the 900s bound") in lines
+        assert ("does not carry over for senders whose SPF passes: pending triplets, passed "
+                "ones not imported under spf:DOMAIN, and the auto-whitelist (policyd counts a "
+                "domain's passes under spf:DOMAIN): such a sender is greylisted once more for "
+                "a new triplet") in lines
+        # 7 under the subnet key, alice's also under spf:example.org.
+        assert lines[-1].startswith("wrote 8 triplets")
+        triplets = contents(f"lmdb:{proc.dir / 'triplets'}")
+        assert triplets["spf:example.org/alice@example.org/bob@y.org"] == \
+            triplets["192.0.2.0/alice@example.org/bob@y.org"] == f"{now - 5000},{now - 4000},1,0"
+        assert not [k for k in triplets if k.startswith("spf:") and "alice" not in k]
+        assert policyd_import(proc, dbdir)[-1].startswith("wrote 0 triplets")  # idempotent
+
+        proc.start()
+        # The pool's other address, in another network: policyd keys it
+        # spf:example.org and finds the imported triplet.
+        assert proc.ask(client_address="198.51.100.20", sender="alice@example.org",
+                        recipient="bob@y.org") == "DUNNO"
+        # SPF fails for 100.64.0.5: the subnet key, imported as before.
+        assert proc.ask(client_address="100.64.0.5", sender="gil@example.org",
+                        recipient="bob@y.org") == "DUNNO"
+        # Not imported under spf:example.org (pending): greylisted again.
+        assert proc.ask(client_address="192.0.2.10", sender="hal@example.org",
+                        recipient="bob@y.org").startswith("DEFER_IF_PERMIT")
+        log = proc.log_text()
+        assert re.search(r"reason=passed client=198\.51\.100\.20 .* spf=pass "
+                         r"client_key=spf:example\.org", log), log
+
+
+def test_spf_not_evaluated_is_said(tmp_path: Path) -> None:
+    now = int(time.time())
+    dbdir = spf_dbdir(tmp_path, now)
+    # No DNS server needed: nothing is asked.
+    config = lmdb_config(tmp_path, "client_key = spf\ndns_servers = 127.0.0.1:9\n")
+    lines: list[str] = []
+    import_postgrey(dbdir, DEFAULTS, config, dry_run=True, out=lines.append,
+                    evaluate_spf=False)
+    assert ("does not carry over: SPF not evaluated (--no-spf): triplets and the "
+            "auto-whitelist of senders whose SPF passes: they are greylisted once more under "
+            "spf:DOMAIN and count their passes again") in lines
+    assert not any(line.startswith("SPF") for line in lines)
+    assert lines[-1].startswith("would write 7 triplets")
+    # The time bound: past it, the rest is not evaluated (here: all of it).
+    lines.clear()
+    import_postgrey(dbdir, DEFAULTS, config, dry_run=True, out=lines.append,
+                    spf_max_seconds=0)
+    assert any(line.endswith("not evaluated: 1 null sender (policyd checks the HELO name, "
+                              "which postgrey did not record), 1 no client address known "
+                              "(postgrey's auto-whitelist holds them), 4 past the 0s bound")
+               for line in lines), lines
+    assert lines[-1].startswith("would write 7 triplets")
 
 
 # --- the real thing ---------------------------------------------------------------
