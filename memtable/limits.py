@@ -99,6 +99,11 @@ MEMCACHE_DOWN_HOLD_SECONDS = 5.0
 # (memtable.outage), besides one line when the trouble starts and one when
 # it ends.
 MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS = 60.0
+# Troubles of one kind with one memcached announced (start and end line) per
+# MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS; the troubles of a server that
+# flaps more often are summed up in one line when the interval allows:
+# at most 2 x this + 2 lines per interval, whatever the server does.
+MEMCACHE_TROUBLE_LOG_STARTS_PER_INTERVAL = 5
 # Keys a memcache table with a backup wrote to the backup only (memcached
 # failed or refused the write, so it may hold an older value): remembered,
 # at most this many (the oldest are forgotten first, with a warning), so
