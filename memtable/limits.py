@@ -84,8 +84,11 @@ LMDB_SEQUENCE_CHUNK_BYTES = 1024 * 1024
 TEXTHASH_HOT_RETRIES = 10
 TEXTHASH_HOT_PAUSE_SECONDS = 0.3
 
-# `memtable ttl`: how long to wait for postconf.
+# How long to wait for postconf (memtable.postconf: `memtable ttl`, policyd's
+# checks and its myhostname default).
 POSTCONF_TIMEOUT_SECONDS = 10.0
+# Where Postfix reads main.cf when MAIL_CONFIG is not set (Debian's build).
+POSTFIX_CONFIG_DIRECTORY = "/etc/postfix"
 # How much of a text from outside (a key, another program's message) one
 # log line or error message quotes: a 64 KiB key is not a 64 KiB line.
 MESSAGE_QUOTE_MAX_CHARS = 300

@@ -18,6 +18,7 @@ from memtable import cf
 from memtable.endpoint import Endpoint, parse_endpoint
 from memtable.errors import ConfigError, CorruptError, MemtableError
 from memtable.limits import CF_INT_MAX
+from memtable.postconf import postfix_settings
 from policyd import limits
 from policyd.dnsbl import DnsblSite, parse_sites
 
@@ -226,17 +227,19 @@ _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
 def default_hostname() -> str:
-    """Postfix's ``myhostname`` when ``postconf`` can tell it (honouring
-    MAIL_CONFIG, waiting at most POSTCONF_TIMEOUT_SECONDS), else the FQDN:
-    the X-Greylist header then names the host Postfix's own Received:
-    header names.  A fresh install has no main.cf, and postconf fails."""
-    from memtable.ttlreport import read_postconf
-
+    """Postfix's ``myhostname`` when this host has a Postfix configuration
+    (postconf: MAIL_CONFIG honoured, waiting at most POSTCONF_TIMEOUT_SECONDS):
+    the X-Greylist header then names the host Postfix's own Received: header
+    names.  A fresh install has no main.cf: then the FQDN."""
     try:
-        name = read_postconf(None, ["myhostname"]).get("myhostname", "")
+        settings = postfix_settings(["myhostname"])
     except ConfigError:
-        name = ""
-    return name if _HOST_NAME.fullmatch(name) else socket.getfqdn()
+        settings = None
+    if settings is not None and settings.configured:
+        name = settings.values.get("myhostname", "")
+        if _HOST_NAME.fullmatch(name):
+            return name
+    return socket.getfqdn()
 
 
 def _render_value(name: str, value: object) -> str:
