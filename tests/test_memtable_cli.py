@@ -29,6 +29,21 @@ def table(tmp_path: Path, memcached: Memcached) -> str:
     return f"memcache:{cf}"
 
 
+def test_seeding_a_new_backup_from_a_private_dump_leaves_it_private(
+        tmp_path: Path, table: str) -> None:
+    """docs/operations.md's "seed a new MX": `memtable -i memcache:...` from
+    a 0640 dump (umask 022, as a root shell has) creates the lmdb backup
+    0640, not 0644: it holds addresses."""
+    dump = tmp_path / "triplets.txt"
+    dump.write_text("192.0.2.0/a@example.org/b@example.com 1700000000,1700000300\n")
+    dump.chmod(0o640)
+    with open(dump, "rb") as src:
+        done = subprocess.run([*MEMTABLE, "-i", table], stdin=src, capture_output=True,
+                              umask=0o022, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "bk.lmdb").stat().st_mode & 0o777 == 0o640
+
+
 def test_insert_query_delete_sequence(table: str, memcached: Memcached) -> None:
     done = run("-i", table, stdin="# comment\nOne@Example.com value one\ntwo\tvalue\ttwo\n")
     assert done.returncode == 0, done.stderr
