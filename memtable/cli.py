@@ -10,8 +10,12 @@ errors).  Where postmap also exits 1 on a temporary failure, memtable exits
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+import os
+import stat
 import sys
 from collections.abc import Iterator
 from typing import IO, NoReturn
@@ -213,7 +217,31 @@ def _run(args: argparse.Namespace, out: IO[str], inp: IO[str]) -> int:
         finally:
             table.close()
         return EX_OK
-    return _insert(args, inp, fold)
+    with _permissions_of(inp):
+        return _insert(args, inp, fold)
+
+
+@contextlib.contextmanager
+def _permissions_of(inp: IO[str]) -> Iterator[None]:
+    """As postmap -i: a file created meanwhile (an lmdb table, a memcache
+    table's backup) gets no group or other permission that standard input
+    lacks when it is a regular file: `memtable -i lmdb:/var/lib/policyd/
+    triplets < dump` with a 0600 dump gives a 0600 file, not one any user
+    can read.  (postmap also forces umask 022; memtable keeps a stricter
+    umask.)  An existing file keeps its mode: LMDB writes it in place."""
+    try:
+        mode = os.fstat(inp.fileno()).st_mode
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        mode = 0  # no file behind it (a test's StringIO)
+    if not stat.S_ISREG(mode):
+        yield
+        return
+    previous = os.umask(0o077)
+    os.umask(previous | (~mode & 0o077))
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 def _insert(args: argparse.Namespace, inp: IO[str], fold: bool) -> int:

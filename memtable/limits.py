@@ -84,8 +84,11 @@ LMDB_SEQUENCE_CHUNK_BYTES = 1024 * 1024
 TEXTHASH_HOT_RETRIES = 10
 TEXTHASH_HOT_PAUSE_SECONDS = 0.3
 
-# `memtable ttl`: how long to wait for postconf.
+# How long to wait for postconf (memtable.postconf: `memtable ttl`, policyd's
+# checks and its myhostname default).
 POSTCONF_TIMEOUT_SECONDS = 10.0
+# Where Postfix reads main.cf when MAIL_CONFIG is not set (Debian's build).
+POSTFIX_CONFIG_DIRECTORY = "/etc/postfix"
 # How much of a text from outside (a key, another program's message) one
 # log line or error message quotes: a 64 KiB key is not a 64 KiB line.
 MESSAGE_QUOTE_MAX_CHARS = 300
@@ -99,6 +102,11 @@ MEMCACHE_DOWN_HOLD_SECONDS = 5.0
 # (memtable.outage), besides one line when the trouble starts and one when
 # it ends.
 MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS = 60.0
+# Troubles of one kind with one memcached announced (start and end line) per
+# MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS; the troubles of a server that
+# flaps more often are summed up in one line when the interval allows:
+# at most 2 x this + 2 lines per interval, whatever the server does.
+MEMCACHE_TROUBLE_LOG_STARTS_PER_INTERVAL = 5
 # Keys a memcache table with a backup wrote to the backup only (memcached
 # failed or refused the write, so it may hold an older value): remembered,
 # at most this many (the oldest are forgotten first, with a warning), so

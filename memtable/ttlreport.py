@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memtable import ttl as ttl_rule
 from memtable.cf import split_list, time_seconds
 from memtable.config import MemcacheConfig
-from memtable.errors import ConfigError, clip
-from memtable.limits import MEMCACHED_RELATIVE_TTL_MAX, POSTCONF_TIMEOUT_SECONDS
+from memtable.errors import ConfigError
+from memtable.limits import MEMCACHED_RELATIVE_TTL_MAX
+from memtable.postconf import PostfixSettings, postfix_settings
 
 # Postfix parameters that matter, with the unit Postfix assumes when none is given.
 POSTSCREEN_TTLS = ("postscreen_greet_ttl", "postscreen_dnsbl_max_ttl",
@@ -57,39 +55,9 @@ class TtlReport:
         return "".join(f"memtable: warning: {w}\n" for w in self.warnings)
 
 
-def read_postconf(config_dir: str | None, names: Sequence[str]) -> dict[str, str]:
-    """Parameter values from ``postconf -x`` (empty when Postfix is not
-    installed): expanded, as Postfix uses them, so that a default such as
-    postscreen_dnsbl_max_ttl's ``${postscreen_dnsbl_ttl?...}h`` is a time.
-    ConfigError when postconf runs but fails (a missing ``-c`` directory, a
-    broken main.cf): its own message says why."""
-    postconf = shutil.which("postconf") or ("/usr/sbin/postconf"
-                                            if os.path.exists("/usr/sbin/postconf") else None)
-    if postconf is None:
-        return {}
-    cmd = [postconf, "-x"] + (["-c", config_dir] if config_dir else []) + list(names)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
-                              timeout=POSTCONF_TIMEOUT_SECONDS, check=False)
-    except OSError as exc:
-        raise ConfigError(f"cannot run {postconf}: {exc.strerror or exc}") from None
-    except subprocess.TimeoutExpired:
-        raise ConfigError(f"{postconf} did not answer within "
-                          f"{POSTCONF_TIMEOUT_SECONDS} s") from None
-    if proc.returncode != 0:
-        # postconf's own "postconf: fatal: ..." line (its warnings come first).
-        why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-        raise ConfigError(clip(why))
-    values = {}
-    for line in proc.stdout.splitlines():
-        name, sep, value = line.partition("=")
-        if sep:
-            values[name.strip()] = value.strip()
-    return values
-
-
-def report(path: str, postfix: dict[str, str]) -> TtlReport:
+def report(path: str, settings: PostfixSettings) -> TtlReport:
     config = MemcacheConfig.from_file(path)
+    postfix = settings.values
     lines = [f"table: memcache:{path}",
              f"ttl = {config.ttl}: {ttl_rule.describe(config.ttl)}"]
     warnings: list[str] = []
@@ -101,6 +69,8 @@ def report(path: str, postfix: dict[str, str]) -> TtlReport:
             "if Postfix writes this table")
     used_by = [role for role, param in MAPS.items()
                if _names_table(postfix.get(param, ""), path)]
+    if postfix and settings.note:
+        lines.append(f"postfix: {settings.note}")
     if not postfix:
         lines.append("postfix: postconf not available; postscreen/verify ttls not checked")
     elif not used_by:
@@ -149,7 +119,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 (warnings too), 1 on an error.  Manual: memtable(1).")
     parser.add_argument("-c", metavar="DIR", dest="config_dir",
                         help="the Postfix configuration directory postconf reads (postconf -c "
-                             "DIR); default: postconf's own (MAIL_CONFIG or /etc/postfix)")
+                             "DIR); default: postconf's own (MAIL_CONFIG or /etc/postfix). "
+                             "Without a main.cf there, Postfix's defaults are assumed")
     parser.add_argument("table", metavar="memcache:FILE.cf", help="the table to explain")
     return parser
 
@@ -162,7 +133,7 @@ def main(argv: list[str]) -> int:
         return 1
     names = [*MAPS.values(), *POSTSCREEN_TTLS, *VERIFY_TTLS, *CLEANUP.values()]
     try:
-        result = report(path, read_postconf(args.config_dir, names))
+        result = report(path, postfix_settings(names, args.config_dir))
     except ConfigError as exc:
         print(f"memtable: fatal: {exc}", file=sys.stderr)
         return 1

@@ -484,8 +484,11 @@ class MemcacheWire:
             self._run("delete", attempt, replies=len(batch))
 
     def close(self) -> None:
-        """Drop the connection (the next command opens a new one)."""
+        """Drop the connection (the next command opens a new one), and log
+        the troubles not reported yet (a flapping server's)."""
         self._drop()
+        self._outage.close()
+        self._refusal.close()
 
     def __enter__(self) -> MemcacheWire:
         return self

@@ -7,9 +7,11 @@ file and line: a policy server must not start with a setting it ignores.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import socket
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -18,6 +20,7 @@ from memtable import cf
 from memtable.endpoint import Endpoint, parse_endpoint
 from memtable.errors import ConfigError, CorruptError, MemtableError
 from memtable.limits import CF_INT_MAX
+from memtable.postconf import postfix_settings
 from policyd import limits
 from policyd.dnsbl import DnsblSite, parse_sites
 
@@ -122,8 +125,8 @@ class PolicydConfig:
 
     @property
     def effective_hostname(self) -> str:
-        """``hostname``, else Postfix's myhostname, else the FQDN (asks
-        postconf, maybe DNS: read it once, at start)."""
+        """``hostname``, else Postfix's myhostname, else the system's host
+        name (asks postconf, maybe DNS: read it once, at start)."""
         return self.hostname or default_hostname()
 
     @classmethod
@@ -229,18 +232,52 @@ class PolicydConfig:
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
-def default_hostname() -> str:
-    """Postfix's ``myhostname`` when ``postconf`` can tell it (honouring
-    MAIL_CONFIG, waiting at most POSTCONF_TIMEOUT_SECONDS), else the FQDN:
-    the X-Greylist header then names the host Postfix's own Received:
-    header names.  A fresh install has no main.cf, and postconf fails."""
-    from memtable.ttlreport import read_postconf
+# What a resolver may call this host that names no host: /etc/hosts lines
+# such as "127.0.1.1 localhost mx1" make the system's own name "localhost".
+_LOOPBACK_NAME = re.compile(r"(?:ip6-)?(?:localhost|loopback)[46]?(?:\..*)?", re.IGNORECASE)
 
+
+def default_hostname() -> str:
+    """Postfix's ``myhostname`` when this host has a Postfix configuration
+    (postconf: MAIL_CONFIG honoured, waiting at most POSTCONF_TIMEOUT_SECONDS):
+    the X-Greylist header then names the host Postfix's own Received: header
+    names.  Without one (a fresh install; policyd on a host of its own),
+    the system's host name as Postfix takes it (gethostname()), qualified by
+    the resolver when it has no dot, as ``hostname -f`` does, unless that
+    gives a loopback name (then as is, as postgrey says it)."""
     try:
-        name = read_postconf(None, ["myhostname"]).get("myhostname", "")
+        settings = postfix_settings(["myhostname"])
     except ConfigError:
-        name = ""
-    return name if _HOST_NAME.fullmatch(name) else socket.getfqdn()
+        settings = None
+    if settings is not None and settings.configured:
+        name = settings.values.get("myhostname", "")
+        if _HOST_NAME.fullmatch(name):
+            return name
+    name = socket.gethostname()
+    if "." not in name:
+        qualified = _canonical_name(name)
+        if ("." in qualified and _HOST_NAME.fullmatch(qualified)
+                and not _LOOPBACK_NAME.fullmatch(qualified)):
+            return qualified
+    return name if _HOST_NAME.fullmatch(name) else "localhost"
+
+
+def _canonical_name(name: str) -> str:
+    """``name``'s canonical name from the resolver (/etc/hosts, then DNS,
+    as nsswitch.conf says), or "" when there is none within
+    HOSTNAME_LOOKUP_TIMEOUT_SECONDS: getaddrinfo() cannot be interrupted, so
+    it runs in a daemon thread left behind if the resolver never answers."""
+    answer: list[str] = []
+
+    def lookup() -> None:
+        with contextlib.suppress(OSError, UnicodeError):
+            infos = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)
+            answer.extend(info[3] for info in infos[:1])
+
+    thread = threading.Thread(target=lookup, name="policyd hostname lookup", daemon=True)
+    thread.start()
+    thread.join(limits.HOSTNAME_LOOKUP_TIMEOUT_SECONDS)
+    return answer[0] if answer else ""
 
 
 def _render_value(name: str, value: object) -> str:

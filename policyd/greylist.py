@@ -162,7 +162,7 @@ class GreylistPolicy:
             allowlist_threshold=config.dnsbl_allowlist_threshold,
             greylist_threshold=config.dnsbl_greylist_threshold)
         self.keys = KeyMaker.from_config(config)
-        # postconf and socket.getfqdn() may take a while: once, here, not per request.
+        # postconf and the resolver may take a while: once, here, not per request.
         self.hostname = config.effective_hostname
         self._instances: OrderedDict[str, None] = OrderedDict()
 

@@ -132,8 +132,9 @@ CLEANUP_BATCH_KEYS = 1000
 # Postfix's default smtpd_policy_service_timeout, used when postconf cannot
 # tell (no Postfix configuration on this host): decision_timeout must be below.
 POSTFIX_POLICY_TIMEOUT_DEFAULT_SECONDS = 100
-# Where Postfix reads main.cf when MAIL_CONFIG is not set (Debian's build).
-POSTFIX_CONFIG_DIRECTORY = "/etc/postfix"
+# `hostname` empty and no Postfix configuration: how long policyd waits (once,
+# at start) for the resolver to qualify the system's host name (policyd.config).
+HOSTNAME_LOOKUP_TIMEOUT_SECONDS = 5.0
 
 # --- import-postgrey (policyd.postgrey) ---------------------------------------
 # A line of `db_dump -p` output: postgrey cuts each request attribute at 512

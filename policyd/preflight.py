@@ -24,8 +24,8 @@ from memtable import cf
 from memtable.config import MemcacheConfig
 from memtable.errors import ConfigError, MemtableError, TemporaryError
 from memtable.keys import KeyFormat
+from memtable.postconf import postfix_settings
 from memtable.registry import split_spec
-from memtable.ttlreport import read_postconf
 from memtable.wire import MemcacheWire
 from policyd import limits
 from policyd.config import PolicydConfig
@@ -51,21 +51,17 @@ def postfix_policy_timeout() -> tuple[int, str]:
     """Postfix's smtpd_policy_service_timeout in seconds, and where it came
     from: postconf, when this host has a Postfix configuration ($MAIL_CONFIG,
     else /etc/postfix), else Postfix's default.  postconf is not required."""
-    config_dir = os.environ.get("MAIL_CONFIG") or limits.POSTFIX_CONFIG_DIRECTORY
     default = limits.POSTFIX_POLICY_TIMEOUT_DEFAULT_SECONDS
-    # Without main.cf postconf fails, and a Postfix fatal error costs a second.
-    if not os.path.exists(os.path.join(config_dir, "main.cf")):
-        return default, "Postfix's default"
     try:
-        value = read_postconf(config_dir, [POLICY_TIMEOUT]).get(POLICY_TIMEOUT, "")
+        settings = postfix_settings([POLICY_TIMEOUT])
     except ConfigError as exc:
         log.warning("cannot read %s from postconf (%s); assuming Postfix's default %ds",
                     POLICY_TIMEOUT, exc, default)
         return default, "Postfix's default"
-    seconds = cf.time_seconds(value)
-    if seconds is None:
+    seconds = cf.time_seconds(settings.values.get(POLICY_TIMEOUT, ""))
+    if seconds is None:  # no postconf here
         return default, "Postfix's default"
-    return seconds, f"postconf -c {config_dir}"
+    return seconds, settings.source
 
 
 def _key_problem(param: str, spec: str) -> ConfigError | None:

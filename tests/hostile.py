@@ -240,6 +240,20 @@ class PrivateResolver:
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(self.conf), *argv]
 
+    def as_host(self, hostname: str, hosts: str) -> Callable[[list[str]], list[str]]:
+        """A wrap that also runs the program as on a host called
+        ``hostname`` (a private UTS namespace: gethostname()) whose
+        /etc/hosts holds ``hosts``: the resolver's files, then this server."""
+        hosts_file = self.conf.with_name(f"hosts-{hostname}")
+        hosts_file.write_text(hosts)
+
+        def wrap(argv: list[str]) -> list[str]:
+            return ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c",
+                    'hostname "$0" && mount --bind "$1" /etc/hosts'
+                    ' && mount --bind "$2" /etc/resolv.conf && shift 2 && exec "$@"',
+                    hostname, str(hosts_file), str(self.conf), *argv]
+        return wrap
+
     def close(self) -> None:
         self._stop.set()
         self.sock.close()

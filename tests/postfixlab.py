@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -98,10 +99,13 @@ def _env() -> dict[str, str]:
 # --------------------------------------------------------------------------
 
 def run_postmap(config_dir: Path, *args: str, input: bytes | None = None,
+                stdin: IO[bytes] | None = None, umask: int = -1,
                 timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
-    """``postmap -c config_dir ARGS`` with captured stdout/stderr."""
-    return subprocess.run([POSTMAP, "-c", str(config_dir), *args], input=input,
-                          capture_output=True, timeout=timeout, env=_env(), check=False)
+    """``postmap -c config_dir ARGS`` with captured stdout/stderr (standard
+    input: ``input``, or the open file ``stdin``)."""
+    return subprocess.run([POSTMAP, "-c", str(config_dir), *args], input=input, stdin=stdin,
+                          capture_output=True, timeout=timeout, env=_env(), umask=umask,
+                          check=False)
 
 
 _PARAM = re.compile(r"^([A-Za-z0-9_]+)\s*=")

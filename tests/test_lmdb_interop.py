@@ -148,6 +148,53 @@ def test_file_written_by_memtable_is_read_by_postmap(postmap_config: Path,
         assert pm_seq(postmap_config, db) == list(table.sequence())
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+@pytest.mark.parametrize("dump_mode", [0o644, 0o640, 0o600, None],
+                         ids=["dump0644", "dump0640", "dump0600", "pipe"])
+def test_a_new_file_gets_the_permissions_postmap_i_gives_it(
+        postmap_config: Path, tmp_path: Path, dump_mode: int | None, umask: int) -> None:
+    """postmap -i gives a new file no group or other permission that its
+    standard input, when a regular file, lacks (and forces umask 022);
+    memtable -i the same (keeping a stricter umask): a 0600 dump of
+    policyd's addresses does not become a table every user can read."""
+    dump = tmp_path / "dump"
+    dump.write_text("a@example.com 1\n")
+    if dump_mode is not None:
+        dump.chmod(dump_mode)
+    modes = {}
+    for name in ("postmap", "memtable"):
+        spec = f"lmdb:{tmp_path / name}"
+        with open(dump, "rb") as src:
+            stdin, data = (src, None) if dump_mode is not None else (None, dump.read_bytes())
+            if name == "postmap":
+                done = run_postmap(postmap_config, "-i", spec, input=data, stdin=stdin,
+                                   umask=umask)
+            else:
+                done = subprocess.run([sys.executable, "-m", "memtable.cli", "-i", spec],
+                                      input=data, stdin=stdin, capture_output=True,
+                                      umask=umask, timeout=WAIT, check=False)
+        assert done.returncode == 0, done.stderr
+        modes[name] = (tmp_path / f"{name}.lmdb").stat().st_mode & 0o777
+    expected = 0o644 if dump_mode is None else 0o644 & dump_mode
+    assert modes == {"postmap": expected, "memtable": expected & ~umask}
+
+
+def test_an_existing_file_keeps_its_mode(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    with opened(table) as t:
+        t.update("k", "v")
+    (tmp_path / "t.lmdb").chmod(0o600)
+    dump = tmp_path / "dump"
+    dump.write_text("a@example.com 1\n")
+    dump.chmod(0o644)
+    with open(dump, "rb") as src:
+        done = subprocess.run([sys.executable, "-m", "memtable.cli", "-i", f"lmdb:{table}"],
+                              stdin=src, capture_output=True, umask=0, timeout=WAIT,
+                              check=False)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "t.lmdb").stat().st_mode & 0o777 == 0o600
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -4,7 +4,10 @@ holds afterwards, and what is logged."""
 
 from __future__ import annotations
 
+import bisect
 import logging
+import random
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -14,8 +17,13 @@ import pytest
 
 import memtable.memcache_table
 from memtable import clock, open_table
-from memtable.limits import MEMCACHE_DOWN_HOLD_SECONDS, MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS
+from memtable.limits import (
+    MEMCACHE_DOWN_HOLD_SECONDS,
+    MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS,
+    MEMCACHE_TROUBLE_LOG_STARTS_PER_INTERVAL,
+)
 from memtable.memcache_table import MemcacheTable
+from memtable.outage import OutageLog
 from tests.conftest import Memcached, start_memcached
 
 
@@ -168,6 +176,62 @@ def test_an_outage_is_logged_when_it_starts_now_and_then_and_when_it_ends(
         "from the backup"
 
 
+def test_each_hang_soon_after_an_outage_is_logged_when_it_starts_and_ends(
+        tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The operator's trial: memcached killed and restarted (both logged),
+    then hung (SIGSTOP) twice within the next minute.  Each hang stalls a
+    request for `timeout`: each is logged when it starts and when it ends,
+    though the lines before it are less than a minute old."""
+    cf = tmp_path / "t.cf"
+    cf.write_text(f"memcache = {server.spec}\nbackup = lmdb:{tmp_path / 'bk'}\n"
+                  "timeout = 1\nmax_try = 1\n")
+    table = open_table(f"memcache:{cf}", read_write=True)
+    port = server.port
+    server.stop()
+    restarted: list[Memcached] = []
+    try:
+        with table, caplog.at_level(logging.WARNING, logger="memtable"):
+            assert table.lookup("k") is None            # refused: the backup answers
+            restarted.append(start_memcached(tmp_path, port=port))
+            shift_clock(10)
+            assert table.lookup("k") is None            # memcached again
+            for _ in range(2):
+                shift_clock(5)
+                restarted[0].pause()
+                assert table.lookup("k") is None        # times out: held down
+                shift_clock(MEMCACHE_DOWN_HOLD_SECONDS - 1)
+                assert table.lookup("k") is None        # held down
+                restarted[0].proc.send_signal(signal.SIGCONT)
+                shift_clock(1)
+                assert table.lookup("k") is None        # memcached again
+    finally:
+        for mc in restarted:
+            mc.proc.send_signal(signal.SIGCONT)
+            mc.stop()
+    subject = f"memcache server {server.spec} ({table.spec})"
+    backup = f"lmdb:{tmp_path / 'bk'}"
+    hang = (f"{subject}: unavailable: timeout after 1 s (after 1 attempt); held down for 5 s; "
+            f"answering from the backup {backup}")
+    hang_end = f"{subject}: available again after N s, 2 operations answered from the backup"
+    # The durations are the clock's shifts plus real time (a memcached start):
+    # at most a second more on a busy machine.
+    lines, durations = [], []
+    for record in caplog.records:
+        found = re.search(r" after (\d+) s,", record.getMessage())
+        if found:
+            durations.append(int(found.group(1)))
+        lines.append(re.sub(r" after \d+ s,", " after N s,", record.getMessage()))
+    assert lines == [
+        f"{subject}: unavailable: connect: Connection refused (after 1 attempt); answering "
+        f"from the backup {backup}",
+        f"{subject}: available again after N s, 1 operations answered from the backup",
+        hang, hang_end, hang, hang_end]
+    assert len(durations) == 3, lines
+    assert all(0 <= d - shifted <= 1
+               for d, shifted in zip(durations, (10, 5, 5), strict=True)), durations
+
+
 # -- a full memcached (-M) costs no retry pauses (issue 15, item 8) ---------------
 
 
@@ -226,29 +290,112 @@ def test_a_value_too_long_for_memcached_does_not_leave_the_older_one_there(
     assert memcached.meta("k") is None
 
 
-def test_a_flapping_server_is_announced_at_most_once_per_interval(
-        shift_clock: Callable[[float], None], caplog: pytest.LogCaptureFixture) -> None:
-    """Troubles that start again within the interval after the last line
-    are not announced (nor their ends): their failures are counted into the
-    next line."""
-    from memtable.outage import OutageLog
+def flapping_log() -> OutageLog:
+    return OutageLog("inet:mc:11211 (t.cf)", trouble="unavailable",
+                     fallback="answering from the backup lmdb:bk", recovered="available again")
 
-    trouble = OutageLog("inet:mc:11211 (t.cf)", trouble="unavailable",
-                        fallback="answering from the backup lmdb:bk",
-                        recovered="available again")
-    with caplog.at_level(logging.WARNING, logger="memtable.wire"):
-        for _ in range(50):
-            trouble.failed("SERVER_ERROR busy")
-            trouble.answered_by_backup(1)
-            trouble.succeeded()
-            shift_clock(1)
-        shift_clock(MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS)
+
+def flap(trouble: OutageLog, shift_clock: Callable[[float], None], times: int) -> None:
+    for _ in range(times):
         trouble.failed("SERVER_ERROR busy")
-    assert [r.getMessage() for r in caplog.records] == [
-        "memcache server inet:mc:11211 (t.cf): unavailable: SERVER_ERROR busy; answering from "
-        "the backup lmdb:bk",
-        "memcache server inet:mc:11211 (t.cf): available again after 0 s, 1 operations "
-        "answered from the backup",
-        "memcache server inet:mc:11211 (t.cf): unavailable: SERVER_ERROR busy; answering from "
-        "the backup lmdb:bk (49 more failed commands since the last report)",
-    ]
+        trouble.answered_by_backup(1)
+        trouble.succeeded()
+        shift_clock(1)
+
+
+FLAP = "memcache server inet:mc:11211 (t.cf)"
+FLAP_START = f"{FLAP}: unavailable: SERVER_ERROR busy; answering from the backup lmdb:bk"
+FLAP_END = f"{FLAP}: available again after 0 s, 1 operations answered from the backup"
+
+
+def test_a_flapping_server_is_announced_a_few_times_then_summed_up(
+        shift_clock: Callable[[float], None], caplog: pytest.LogCaptureFixture) -> None:
+    """The first troubles of an interval are announced (start and end); a
+    server that flaps more has the rest summed up in one line at the first
+    command once the interval allows, the ones after that are announced
+    again."""
+    trouble = flapping_log()
+    starts = MEMCACHE_TROUBLE_LOG_STARTS_PER_INTERVAL
+    with caplog.at_level(logging.WARNING, logger="memtable.wire"):
+        flap(trouble, shift_clock, 50)
+        assert len(caplog.records) == 2 * starts
+        shift_clock(MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS - 50)
+        trouble.succeeded()  # the next command after the interval: the summary
+        flap(trouble, shift_clock, 1)  # within the interval of the second start
+        flap(trouble, shift_clock, 1)
+    assert [r.getMessage() for r in caplog.records] == [FLAP_START, FLAP_END] * starts + [
+        f"{FLAP}: unavailable {50 - starts} more times since the last report, 0 s in all: "
+        f"{50 - starts} failed commands, {50 - starts} operations answered from the backup; "
+        "available again",
+        f"{FLAP_START} (unavailable 1 more time, 0 s in all, 1 more failed commands, "
+        "1 operations answered from the backup since the last report)", FLAP_END]
+
+
+def test_a_trouble_announced_late_says_what_came_before_it(
+        shift_clock: Callable[[float], None], caplog: pytest.LogCaptureFixture) -> None:
+    trouble = flapping_log()
+    starts = MEMCACHE_TROUBLE_LOG_STARTS_PER_INTERVAL
+    with caplog.at_level(logging.WARNING, logger="memtable.wire"):
+        flap(trouble, shift_clock, starts + 3)
+        for _ in range(4):  # a longer trouble, begun while the flapping was summed up
+            trouble.failed("timeout after 1 s")
+            trouble.answered_by_backup(2)
+            shift_clock(20)
+    assert [r.getMessage() for r in caplog.records][2 * starts:] == [
+        f"{FLAP}: unavailable: timeout after 1 s; answering from the backup lmdb:bk "
+        "(unavailable 3 more times, 0 s in all, 6 more failed commands, 9 operations "
+        "answered from the backup since the last report)"]
+
+
+def test_troubles_not_reported_yet_are_reported_at_close(
+        shift_clock: Callable[[float], None], caplog: pytest.LogCaptureFixture) -> None:
+    starts = MEMCACHE_TROUBLE_LOG_STARTS_PER_INTERVAL
+    ended, going = flapping_log(), flapping_log()
+    with caplog.at_level(logging.WARNING, logger="memtable.wire"):
+        flap(ended, shift_clock, starts + 2)
+        ended.close()
+        flap(going, shift_clock, starts + 1)
+        going.failed("SERVER_ERROR busy")
+        shift_clock(3)
+        going.close()
+    assert [r.getMessage() for r in caplog.records if "more times" in r.getMessage()] == [
+        f"{FLAP}: unavailable 2 more times since the last report, 0 s in all: 2 failed "
+        "commands, 2 operations answered from the backup; available again",
+        f"{FLAP}: unavailable 2 more times since the last report, 3 s in all: 2 failed "
+        "commands, 1 operations answered from the backup; still unavailable at close"]
+
+
+def test_a_flapping_server_cannot_flood_the_log(
+        shift_clock: Callable[[float], None], caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever a server does, one kind of trouble logs at most 2 lines per
+    announced start (and a summary) per interval, and every trouble is in
+    some line."""
+    rng = random.Random(15)
+    trouble = flapping_log()
+    stamps: list[float] = []
+    troubles = 0
+    with caplog.at_level(logging.WARNING, logger="memtable.wire"):
+        for _ in range(20_000):
+            if rng.random() < 0.5:
+                troubles += not trouble.active
+                trouble.failed("SERVER_ERROR busy")
+            else:
+                trouble.succeeded()
+            if len(caplog.records) > len(stamps):
+                stamps.append(clock.monotonic())
+            shift_clock(rng.choice((0.001, 0.01, 0.1, 1.0)))
+        trouble.succeeded()
+        trouble.close()
+    window = MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS
+    assert len(caplog.records) == len(stamps) + 1  # the line at close
+    most = max(bisect.bisect_left(stamps, t + window) - i for i, t in enumerate(stamps))
+    assert most <= 2 * MEMCACHE_TROUBLE_LOG_STARTS_PER_INTERVAL + 2
+    # Each trouble is in exactly one line: announced, or summed up.
+    counted = 0
+    for record in caplog.records:
+        text = record.getMessage()
+        if ": unavailable: " in text:
+            counted += 1
+        found = re.search(r"unavailable (\d+) more times?", text)
+        counted += int(found.group(1)) if found else 0
+    assert counted == troubles

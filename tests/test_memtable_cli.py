@@ -29,6 +29,21 @@ def table(tmp_path: Path, memcached: Memcached) -> str:
     return f"memcache:{cf}"
 
 
+def test_seeding_a_new_backup_from_a_private_dump_leaves_it_private(
+        tmp_path: Path, table: str) -> None:
+    """docs/operations.md's "seed a new MX": `memtable -i memcache:...` from
+    a 0640 dump (umask 022, as a root shell has) creates the lmdb backup
+    0640, not 0644: it holds addresses."""
+    dump = tmp_path / "triplets.txt"
+    dump.write_text("192.0.2.0/a@example.org/b@example.com 1700000000,1700000300\n")
+    dump.chmod(0o640)
+    with open(dump, "rb") as src:
+        done = subprocess.run([*MEMTABLE, "-i", table], stdin=src, capture_output=True,
+                              umask=0o022, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "bk.lmdb").stat().st_mode & 0o777 == 0o640
+
+
 def test_insert_query_delete_sequence(table: str, memcached: Memcached) -> None:
     done = run("-i", table, stdin="# comment\nOne@Example.com value one\ntwo\tvalue\ttwo\n")
     assert done.returncode == 0, done.stderr
@@ -111,15 +126,25 @@ def test_ttl_command_explains_and_warns(tmp_path: Path) -> None:
     assert "memtable: warning: ttl 7776000 is over 30 days" in done.stderr
 
 
-def test_ttl_command_without_c_reads_mail_config_not_the_hosts(tmp_path: Path) -> None:
-    """Without -c, postconf reads $MAIL_CONFIG/main.cf, as every Postfix
-    program; the test run points it at an empty directory (conftest), so
-    the host's /etc/postfix is never what a test sees."""
+def test_ttl_command_without_a_postfix_configuration_assumes_postfix_defaults(
+        tmp_path: Path) -> None:
+    """A fresh host has no main.cf: postconf alone stops with a fatal error,
+    `memtable ttl` explains the table with Postfix's defaults and says so.
+    Without -c it reads $MAIL_CONFIG, as every Postfix program; the test
+    run points it at an empty directory (conftest), so the host's
+    /etc/postfix is never what a test sees."""
     cf = tmp_path / "t.cf"
     cf.write_text("ttl = 3600\n")
-    done = run("ttl", f"memcache:{cf}")
-    assert done.returncode == 1
-    assert f"postconf: fatal: open {os.environ['MAIL_CONFIG']}/main.cf" in done.stderr
+    empty = tmp_path / "postfix"
+    empty.mkdir()
+    for args, directory in ((), os.environ["MAIL_CONFIG"]), (("-c", str(empty)), str(empty)):
+        done = run("ttl", *args, f"memcache:{cf}")
+        assert (done.returncode, done.stderr) == (0, "")
+        assert done.stdout == (
+            f"table: memcache:{cf}\n"
+            "ttl = 3600: 3600s: relative; memtable and Postfix both send 3600\n"
+            f"postfix: no Postfix configuration in {directory}: Postfix's defaults assumed\n"
+            "postfix: not used as postscreen_cache_map or address_verify_map\n")
 
 
 def ttl_report(tmp_path: Path, ttl: int, main_cf: str) -> subprocess.CompletedProcess[str]:
@@ -182,12 +207,23 @@ def test_ttl_command_verify_advice(tmp_path: Path, ttl: int, expire: str,
 
 
 def test_ttl_command_says_why_postconf_failed(tmp_path: Path) -> None:
+    """A -c directory that does not exist is a typo, not "no configuration";
+    a main.cf postconf cannot read is postconf's own fatal error."""
     cf = tmp_path / "t.cf"
     cf.write_text("ttl = 3600\n")
     done = run("ttl", "-c", str(tmp_path / "missing"), f"memcache:{cf}")
-    assert done.returncode == 1
-    assert "postconf: fatal: open " in done.stderr and "main.cf" in done.stderr
-    assert "not available" not in done.stdout + done.stderr
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (f"memtable: fatal: Postfix configuration directory "
+                           f"{tmp_path / 'missing'}: No such directory\n")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "main.cf").symlink_to(tmp_path / "nowhere")
+    done = run("ttl", "-c", str(broken), f"memcache:{cf}")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.startswith("memtable: fatal: ")  # postconf's own line, one line
+    assert done.stderr.endswith(f"postconf: fatal: open {broken}/main.cf: "
+                                "No such file or directory\n")
+    assert done.stderr.count("\n") == 1
 
 
 def test_a_huge_key_is_not_echoed_whole(table: str) -> None:

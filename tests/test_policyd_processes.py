@@ -4,16 +4,21 @@ and memcached going away and coming back."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import socket
 import stat
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from memtable.limits import MEMCACHE_DOWN_HOLD_SECONDS as MEMCACHE_DOWN_HOLD
 from memtable.registry import open_table
 from tests.conftest import Memcached, free_port, start_memcached
+from tests.hostile import PrivateResolver
 from tests.policyd_helpers import wait_until
 from tests.policyd_proc import WAIT, PolicydProcess
 from tests.postfixcf import postfix_config_dir
@@ -178,20 +183,66 @@ def test_x_greylist_names_postfix_myhostname(tmp_path: Path,
                              "postmap.example; "), header
 
 
+# The trial's host: its /etc/hosts puts its name after localhost, so the
+# resolver's name for it (socket.getfqdn()) is "localhost".
+TRIAL_HOSTS = "127.0.0.1 localhost\n127.0.1.1 localhost vm\n"
+
+
 @requires_postmap
-def test_x_greylist_names_the_fqdn_without_a_postfix_configuration(
+def test_x_greylist_names_the_host_without_a_postfix_configuration(
         tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
-    """A fresh machine: postconf fails (no main.cf); policyd starts and
-    names the host's FQDN."""
+    """A fresh machine: no main.cf, postconf would fail; policyd starts and
+    names the host as gethostname() does (as postgrey), not "localhost"."""
     empty = tmp_path / "no-main-cf"
     empty.mkdir()
-    policyd = policyd_factory(tmp_path / "p", None, hostname=None,
-                              extra="greylist_delay = 0\n",
-                              env={"MAIL_CONFIG": str(empty)}).start()
-    header = policyd.ask(**triplet(1))
-    assert header.startswith("PREPEND X-Greylist: delayed 0 seconds by policyd at "
-                             f"{socket.getfqdn()}; "), header
+    with PrivateResolver(tmp_path, refuse=True) as resolver:
+        policyd = policyd_factory(tmp_path / "p", None, hostname=None,
+                                  extra="greylist_delay = 0\n", env={"MAIL_CONFIG": str(empty)},
+                                  wrap=resolver.as_host("vm", TRIAL_HOSTS)).start()
+        header = policyd.ask(**triplet(1))
+    assert header.startswith("PREPEND X-Greylist: delayed 0 seconds by policyd at vm; "), header
     assert "postconf" not in policyd.log_text()
+
+
+@pytest.mark.parametrize(("hostname", "hosts", "named"), [
+    ("vm", TRIAL_HOSTS, "vm"),
+    ("mx1", "127.0.0.1 localhost.localdomain localhost mx1\n", "mx1"),
+    ("mx1", "::1 ip6-localhost ip6-loopback mx1\n", "mx1"),
+    # Qualified by /etc/hosts, as `hostname -f` does.
+    ("mx1", "127.0.0.1 localhost\n192.0.2.25 mx1.example.org mx1\n", "mx1.example.org"),
+    # Already a domain name; or unknown to the resolver (which refuses).
+    ("mx1.example.net", "127.0.0.1 localhost\n", "mx1.example.net"),
+    ("mx1", "127.0.0.1 localhost\n", "mx1"),
+])
+def test_the_default_hostname_without_a_postfix_configuration(
+        tmp_path: Path, hostname: str, hosts: str, named: str) -> None:
+    empty = tmp_path / "no-main-cf"
+    empty.mkdir()
+    with PrivateResolver(tmp_path, refuse=True) as resolver:
+        done = subprocess.run(
+            resolver.as_host(hostname, hosts)(
+                [sys.executable, "-c",
+                 "from policyd.config import default_hostname; print(default_hostname())"]),
+            capture_output=True, text=True, timeout=WAIT,
+            env={**os.environ, "MAIL_CONFIG": str(empty)}, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, named + "\n", "")
+
+
+def test_the_default_hostname_waits_a_bounded_time_for_the_resolver(tmp_path: Path) -> None:
+    """A DNS server that never answers (glibc would wait 30 s): the name is
+    the unqualified one after HOSTNAME_LOOKUP_TIMEOUT_SECONDS (shortened)."""
+    empty = tmp_path / "no-main-cf"
+    empty.mkdir()
+    with PrivateResolver(tmp_path) as resolver:
+        done = subprocess.run(
+            resolver.as_host("mx1", "127.0.0.1 localhost\n")(
+                [sys.executable, "-c",
+                 "from policyd import limits; limits.HOSTNAME_LOOKUP_TIMEOUT_SECONDS = 0.2\n"
+                 "from policyd.config import default_hostname; print(default_hostname())"]),
+            capture_output=True, text=True, timeout=WAIT,
+            env={**os.environ, "MAIL_CONFIG": str(empty)}, check=False)
+        assert resolver.queries  # it was asked, and never answered
+    assert (done.returncode, done.stdout, done.stderr) == (0, "mx1\n", "")
 
 
 def test_lmdb_files_are_not_world_readable_whatever_the_umask(
@@ -211,8 +262,6 @@ def test_host_lookup_that_never_answers_does_not_stall_policyd(
     one attempt's timeout for the lookup, the server is held down, and every
     request is answered from the backup, not `policy-failure` after
     decision_timeout."""
-    from tests.hostile import PrivateResolver
-
     with PrivateResolver(tmp_path) as resolver:
         p = policyd_factory(tmp_path / "p", "inet:memcache.stall.test:11211",
                             extra="greylist_delay = 1h\nauto_whitelist_clients = 0\n"
