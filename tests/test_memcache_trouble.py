@@ -41,6 +41,18 @@ def shift_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
 
 
 @pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
+    """memtable's monotonic clock stopped, moved only by the test: for
+    durations a log line states exactly (nothing here waits on a timeout)."""
+    offset = [time.monotonic()]
+    monkeypatch.setattr(clock, "monotonic", lambda: offset[0])
+
+    def shift(seconds: float) -> None:
+        offset[0] += seconds
+    return shift
+
+
+@pytest.fixture
 def server(tmp_path: Path) -> Iterator[Memcached]:
     """A memcached of this test's own (it is paused or stopped)."""
     mc = start_memcached(tmp_path)
@@ -140,8 +152,9 @@ def test_keys_still_stale_at_close_are_named(tmp_path: Path, server: Memcached,
 
 
 def test_an_outage_is_logged_when_it_starts_now_and_then_and_when_it_ends(
-        tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None],
+        tmp_path: Path, server: Memcached, frozen_clock: Callable[[float], None],
         caplog: pytest.LogCaptureFixture) -> None:
+    shift_clock = frozen_clock
     port = server.port
     table = table_with_backup(tmp_path, server.spec)
     with table, caplog.at_level(logging.DEBUG, logger="memtable"):
