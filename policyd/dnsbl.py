@@ -35,6 +35,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from memtable.cf import decimal
 from policyd import limits
 from policyd.dns import Answer, Resolver
 
@@ -120,8 +121,8 @@ class _Tokens:
             while end < len(text) and text[end] in "0123456789":
                 end += 1
             self.pos = end
-            value = int(text[pos:end])
-            return ("N", value) if value <= 255 else ("E", 0)
+            value = decimal(text[pos:end])  # None: too many digits, over 255 too
+            return ("N", value) if value is not None and value <= 255 else ("E", 0)
         if pos < len(text):
             self.pos = pos + 1
             return text[pos], 0
@@ -216,7 +217,8 @@ def parse_site(site: str) -> DnsblSite:
     if star:
         if not _WEIGHT.fullmatch(weight_text):
             raise ValueError(f'bad DNSBL weight factor "{weight_text}" in "{site}"')
-        weight = int(weight_text)
+        number = decimal(weight_text)  # None: too many digits, beyond the bound too
+        weight = number if number is not None else limits.DNSBL_MAX_WEIGHT + 1
         if abs(weight) > limits.DNSBL_MAX_WEIGHT:
             raise ValueError(f'DNSBL weight factor "{weight_text}" in "{site}": '
                              f"beyond +-{limits.DNSBL_MAX_WEIGHT}")

@@ -165,15 +165,19 @@ def _exists(spec: str) -> bool:
 
 
 def _ask_memcached(config: MemcacheConfig) -> None:
+    """Ask memcached once.  One that does not answer is logged as policyd
+    would log it running (the outage line names the backup that answers
+    meanwhile); without a backup, also what that costs."""
     wire = MemcacheWire(config.memcache, timeout=config.timeout, max_try=config.max_try,
                         retry_pause=config.retry_pause,
                         line_size_limit=config.line_size_limit,
                         data_size_limit=config.data_size_limit,
-                        name=f"memcache:{config.path}")
+                        name=f"memcache:{config.path}", fallback=config.backup or "")
     try:
         wire.get(_PROBE_KEY)
-    except TemporaryError as exc:
-        fallback = "answers from the backup" if config.backup else "has no backup"
-        log.warning("%s; until it answers, policyd %s", exc, fallback)
+    except TemporaryError:
+        if not config.backup:
+            log.warning("memcache:%s has no backup: until memcached answers, requests fail "
+                        "as store_failure_action says", config.path)
     finally:
         wire.close()

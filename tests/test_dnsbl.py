@@ -118,6 +118,9 @@ def test_filter_matches(pattern: str, address: str, matches: bool) -> None:
     ("127.0.0.1", 'bad DNSBL domain name "127.0.0.1"'),
     ("bl.example.", 'bad DNSBL domain name "bl.example."'),
     ("bl.example*9999999", "beyond +-1000000"),
+    # Past Python's int() limit (4300 digits): the same words, no ValueError.
+    ("bl.example*" + "9" * 5000, "beyond +-1000000"),
+    ("bl.example=127.0.0.[2.." + "9" * 5000 + "]", "bad DNSBL filter syntax: "),
     (".".join(["a" * 60, "b" * 60, "c" * 60, "d" * 10]), "longer than 189 characters"),
 ])
 def test_bad_sites_name_the_file_and_line(tmp_path: Path, site: str, message: str) -> None:

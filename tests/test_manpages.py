@@ -175,3 +175,12 @@ def test_memtable_ttl_help_is_plain_text() -> None:
     assert done.returncode == 0
     assert "memcache:FILE.cf" in done.stdout
     assert not re.search(r"``|:\w+:`|^\.\. ", done.stdout, re.M), done.stdout
+
+
+def test_policyd_8_lists_every_reason_a_decision_line_can_give() -> None:
+    """The reasons operators grep for: policyd(8)'s list is the metrics'."""
+    from policyd.metrics import REASONS
+
+    text = (MAN / "policyd.8").read_text().replace("\\-", "-")
+    listed = text.split("Reasons:", 1)[1].split(".\n", 1)[0]
+    assert set(re.findall(r"\\fB([a-z-]+)\\fR", listed)) == REASONS

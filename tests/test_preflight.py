@@ -89,10 +89,11 @@ def test_unreachable_memcached_is_a_warning(tmp_path: Path,
     cf = policyd_cf(tmp_path, f"triplet_table = memcache:{triplets}\n")
     code, err = check(cf, capsys)
     assert code == 0
-    lines = err.splitlines()
-    assert lines and all(line.startswith("policyd: warning: ") for line in lines), err
-    assert lines[-1].endswith("Connection refused (after 1 attempt); until it answers, "
-                              "policyd answers from the backup")
+    # One line, the one policyd logs running with memcached down.
+    assert err.splitlines() == [
+        f"policyd: warning: memcache server {down} (memcache:{triplets}): unavailable: "
+        f"connect: Connection refused (after 1 attempt); answering from the backup "
+        f"lmdb:{tmp_path}/triplets"], err
 
 
 # --- what breaks at run time --------------------------------------------------
