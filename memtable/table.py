@@ -15,6 +15,18 @@ from types import TracebackType
 
 from memtable.errors import AccessError, SequenceUnsupportedError
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_case(text: str, utf8: bool = True) -> str:
+    """Postfix's casefold(), applied to keys by every table opened with
+    ``fold`` and to domains by the domain list: full Unicode case folding
+    when SMTPUTF8 support is on (the default since compatibility_level 1),
+    else ASCII-only."""
+    if utf8:
+        return text.casefold()
+    return text.translate(_ASCII_LOWER)
+
 
 class Outcome(enum.Enum):
     """What a conditional delete (delete_if) found and did."""

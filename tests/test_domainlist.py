@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from memtable.domainlist import DomainFilter, fold_case, is_table_pattern
+from memtable.domainlist import DomainFilter, is_table_pattern
 from memtable.errors import ConfigError, TemporaryError, UnsupportedTableError
 from memtable.limits import DOMAIN_LIST_MAX_FILE_DEPTH, LOOKUP_FILE_MAX_BYTES
-from memtable.table import Table
+from memtable.table import Table, fold_case
 
 
 class DictTable(Table):

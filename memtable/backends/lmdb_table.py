@@ -52,9 +52,8 @@ import lmdb
 
 from memtable import clock, limits
 from memtable.backends.lmdb_check import LmdbCorrupt, check_lmdb
-from memtable.domainlist import fold_case
 from memtable.errors import BackupError, CorruptError, OpenError
-from memtable.table import Outcome, Table
+from memtable.table import Outcome, Table, fold_case
 
 T = TypeVar("T")
 

@@ -13,11 +13,10 @@ import logging
 from collections.abc import Iterator
 
 from memtable import clock, limits
-from memtable.domainlist import fold_case
 from memtable.errors import AccessError, ConfigError
 from memtable.files import read_regular_file
 from memtable.syntax import parse_key_value, readllines
-from memtable.table import Table
+from memtable.table import Table, fold_case
 
 log = logging.getLogger("memtable.backends")
 
