@@ -27,6 +27,7 @@ from memtable.errors import (
     clip,
 )
 from memtable.limits import CF_MAX_LOGICAL_LINE_BYTES, CLI_MAX_INPUT_LINE_BYTES
+from memtable.logline import CommandFormatter
 from memtable.registry import open_table
 from memtable.syntax import parse_key_value, readllines
 from memtable.table import Table
@@ -98,19 +99,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbose: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_PostfixFormatter())
+    handler.setFormatter(CommandFormatter(PROG))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
-class _PostfixFormatter(logging.Formatter):
-    """``memtable: warning: ...`` like Postfix's msg_warn on stderr."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = record.levelname.lower()
-        prefix = f"{PROG}: " if level == "info" or level == "debug" else f"{PROG}: {level}: "
-        return prefix + record.getMessage()
 
 
 def _read_lines(stream: IO[str]) -> Iterator[str]:
