@@ -133,6 +133,25 @@ class TripletRecord:
         return now - self.first_seen > retry_window
 
 
+def load_triplet_record(value: str | None, now: int, retry_window: int,
+                        max_age: int) -> TripletRecord | None:
+    """The stored record, or None when it must count as new: absent,
+    malformed (logged), retry window missed, or passed but unseen for
+    max_age (as load_client_record for client records)."""
+    if value is None:
+        return None
+    try:
+        record = TripletRecord.parse(value)
+    except ValueError as exc:
+        log.warning("ignoring triplet record: %s", exc)
+        return None
+    if not record.passed and record.first_seen > now:
+        # Written by a host whose clock is ahead: start again from now
+        # (postgrey corrects it the same way), rather than wait forever.
+        return None
+    return None if record.expired(now, retry_window, max_age) else record
+
+
 def expand(template: str, values: Mapping[str, str]) -> str:
     """Replace %x for each x in values, in one pass (a replacement is never
     expanded again); unknown %x are left as they are."""
@@ -234,7 +253,7 @@ class GreylistPolicy:
         if came_back:
             return Decision(DUNNO, "postscreen")
 
-        triplet = self._load_triplet(triplet_value, now)
+        triplet = load_triplet_record(triplet_value, now, config.retry_window, config.max_age)
         if triplet is not None and triplet.passed:
             # Known good triplet: refresh its lifetime now and then.
             writes: list[asyncio.Future[None]] = []
@@ -313,24 +332,6 @@ class GreylistPolicy:
                 and config.greylist_delay_spf_pass is not None:
             return verdict, config.greylist_delay_spf_pass
         return verdict, config.greylist_delay
-
-    def _load_triplet(self, value: str | None, now: int) -> TripletRecord | None:
-        """The stored triplet, or None when it must count as new: absent,
-        malformed, retry window missed, or passed but unseen for max_age."""
-        if value is None:
-            return None
-        try:
-            triplet = TripletRecord.parse(value)
-        except ValueError as exc:
-            log.warning("ignoring triplet record: %s", exc)
-            return None
-        if not triplet.passed and triplet.first_seen > now:
-            # Written by a host whose clock is ahead: start again from now
-            # (postgrey corrects it the same way), rather than wait forever.
-            return None
-        if triplet.expired(now, self.config.retry_window, self.config.max_age):
-            return None
-        return triplet
 
     def _postscreen_lookup(self, address: str) -> asyncio.Future[str | None] | None:
         """The lookup in postscreen's cache, when it is consulted at all."""
