@@ -11,8 +11,8 @@ event loop.
 
 Triplet record, stored as ``first_seen,last_seen,passed,passed_at``
 (passed 0/1; passed_at the UNIX time of the retry that ended greylisting, 0
-while pending; records of older versions have no passed_at and read as 0,
-"delay unknown"): new ones with ttl retry_window, passed ones with ttl
+while pending, and for passes imported from postgrey, which does not
+record it: "delay unknown"): new ones with ttl retry_window, passed ones with ttl
 max_age.  passed_at - first_seen is the sender's retry delay, which
 ``policyd report`` collects (last_seen moves on, so it cannot tell).  A passed
 triplet's last_seen (and ttl) is rewritten at most once per
@@ -94,8 +94,8 @@ T = TypeVar("T")
 CLIENT_WHITELISTED = Decision(DUNNO, "whitelisted", detail="client whitelist")
 RECIPIENT_WHITELISTED = Decision(DUNNO, "whitelisted", detail="recipient whitelist")
 _PERCENT = re.compile(r"%[a-z]")
-# first_seen,last_seen,passed[,passed_at]: ASCII decimal numbers, passed 0 or 1.
-_TRIPLET_RECORD = re.compile(r"(\d+),(\d+),([01])(?:,(\d+))?", re.ASCII)
+# first_seen,last_seen,passed,passed_at: ASCII decimal numbers, passed 0 or 1.
+_TRIPLET_RECORD = re.compile(r"(\d+),(\d+),([01]),(\d+)", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -103,20 +103,19 @@ class TripletRecord:
     first_seen: int
     last_seen: int
     passed: bool = False
-    passed_at: int = 0  # when the delay ended; 0: pending, or unknown (old record)
+    passed_at: int = 0  # when the delay ended; 0: pending, or unknown (imported)
 
     def serialise(self) -> str:
         return f"{self.first_seen},{self.last_seen},{int(self.passed)},{self.passed_at}"
 
     @classmethod
     def parse(cls, value: str) -> TripletRecord:
-        """ValueError unless value is ``first,last,0|1,passed_at`` or the
-        older ``first,last,0|1`` (passed_at 0 then)."""
+        """ValueError unless value is ``first,last,0|1,passed_at``."""
         match = _TRIPLET_RECORD.fullmatch(value) if len(value) <= limits.RECORD_MAX_CHARS else None
         if match is None:
             raise ValueError(f"malformed triplet record {value[:80]!r}")
         first, last, passed, passed_at = match.groups()
-        return cls(int(first), int(last), passed == "1", int(passed_at or 0))
+        return cls(int(first), int(last), passed == "1", int(passed_at))
 
     @property
     def delay(self) -> int | None:

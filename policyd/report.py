@@ -126,7 +126,7 @@ class TripletFigures:
     expired_pending: int = 0
     expired_passed: int = 0
     malformed: int = 0
-    unknown_delay: int = 0  # passed before passed_at was recorded
+    unknown_delay: int = 0  # passes imported from postgrey: no passed_at
 
     @property
     def expired(self) -> int:
@@ -226,7 +226,7 @@ class Report:
                 f"  malformed  {t.malformed:8d}", ""]
         out.append(f"Retry delays (passed_at - first_seen) of {len(self.delays)} passes")
         if t.unknown_delay:
-            out.append(f"  ({t.unknown_delay} passed triplets predate delay recording: "
+            out.append(f"  ({t.unknown_delay} passed triplets imported from postgrey: "
                        "delay unknown)")
         pct = self.percentiles
         if pct is None:
