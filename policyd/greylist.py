@@ -69,7 +69,7 @@ from policyd.api import Decision, PolicyFailure
 from policyd.config import PolicydConfig
 from policyd.dns import Resolver
 from policyd.dnsbl import DNSWL, LISTED, UNLISTED, DnsblScorer, DnsVerdict
-from policyd.metrics import Metrics, NullMetrics
+from policyd.metrics import MetricsSink
 from policyd.reputation import ClientRecord, load_client_record, postscreen_proves_return
 from policyd.store import Store, StoreError, StoreWorker, open_checked
 from policyd.triplet import (
@@ -448,7 +448,7 @@ def _ok(result: T | BaseException) -> T:
 
 
 def build_policy(config: PolicydConfig,
-                 metrics: Metrics | NullMetrics | None = None) -> GreylistPolicy:
+                 metrics: MetricsSink | None = None) -> GreylistPolicy:
     """Read the whitelists and open the stores of ``config`` (blocking: call
     at start-up).  ConfigError (and memtable's open errors) propagate."""
     try:

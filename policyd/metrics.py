@@ -17,7 +17,7 @@ import logging
 import socket
 import socketserver
 import threading
-from typing import Any, Protocol
+from typing import Any, TypeAlias
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from memtable.endpoint import Endpoint
@@ -85,20 +85,6 @@ def reason_label(reason: str) -> str:
 
 def _bounded(value: str, allowed: frozenset[str]) -> str:
     return value if value in allowed else OTHER
-
-
-class MetricsSink(Protocol):
-    """What the server and the policy may call (Metrics or NullMetrics)."""
-
-    def decision(self, action_word: str, reason: str, delay: float | None = None) -> None: ...
-    def observe_decision(self, decision: Decision) -> None: ...
-    def store_latency(self, store: str, op: str, seconds: float) -> None: ...
-    def store_error(self, store: str) -> None: ...
-    def connection_opened(self) -> None: ...
-    def connection_closed(self) -> None: ...
-    def connection_refused(self) -> None: ...
-    def request_size(self, nbytes: int) -> None: ...
-    def close(self) -> None: ...
 
 
 class NullMetrics:
@@ -302,6 +288,10 @@ class Metrics:
             self._thread = None
 
 
+#: What the server and the policy report events to.
+MetricsSink: TypeAlias = "Metrics | NullMetrics"
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per scrape would drown the decision lines
@@ -407,7 +397,7 @@ def start_metrics(endpoint: Endpoint) -> Metrics:
     return metrics
 
 
-def metrics_for(endpoint: Endpoint | None) -> Metrics | NullMetrics:
+def metrics_for(endpoint: Endpoint | None) -> MetricsSink:
     """What the server uses for ``config.metrics_listen``: NullMetrics when
     it is empty, else started Metrics (errors as start_metrics)."""
     if endpoint is None:

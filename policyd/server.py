@@ -39,7 +39,7 @@ from policyd.config import PolicydConfig
 from policyd.errors import PolicyProtocolError
 from policyd.listeners import Listener, open_listeners
 from policyd.logsetup import DECISION_LOGGER, format_decision, log_decision
-from policyd.metrics import Metrics, NullMetrics
+from policyd.metrics import MetricsSink, NullMetrics
 from policyd.protocol import PolicyParser, Request, format_reply
 
 log = logging.getLogger("policyd.server")
@@ -192,7 +192,7 @@ class PolicyServer:
 
     def __init__(self, config: PolicydConfig, policy: Policy,
                  listeners: list[Listener] | None = None,
-                 metrics: Metrics | NullMetrics | None = None) -> None:
+                 metrics: MetricsSink | None = None) -> None:
         self._config = config
         self._policy = policy
         self._metrics = metrics or NullMetrics()
