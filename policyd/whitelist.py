@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from memtable.errors import ConfigError
 from memtable.files import read_regular_file
 from policyd import limits
-from policyd.triplet import IPAddress, parse_client_address, split_address
+from policyd.triplet import IPAddress, split_address
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,13 @@ class ClientWhitelist:
     def __len__(self) -> int:
         return len(self.names) + len(self.networks) + len(self.regexes)
 
-    def matches(self, ip: IPAddress | None, client_name: str) -> bool:
+    def matches(self, ip: IPAddress, client_name: str) -> bool:
         if not self:  # every request asks: no work for an empty list
             return False
         name = client_name.strip().lower().rstrip(".")
         if name and any(s in self.names for s in _domain_suffixes(name)):
             return True
-        if ip is not None and self.networks.contains(ip):
+        if self.networks.contains(ip):
             return True
         return any(r.search(client_name) for r in self.regexes)
 
@@ -249,13 +249,6 @@ class Whitelists:
         log.info("whitelists reloaded: %d client entries, %d recipient entries",
                  len(clients), len(recipients))
         return True
-
-    def client_whitelisted(self, client_address: str, client_name: str) -> bool:
-        try:
-            ip: IPAddress | None = parse_client_address(client_address)
-        except ValueError:
-            ip = None
-        return self.clients.matches(ip, client_name)
 
     def recipient_whitelisted(self, recipient: str) -> bool:
         return self.recipients.matches(recipient)
