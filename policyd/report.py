@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -428,15 +428,6 @@ def _suggest_max_age(cfg: PolicydConfig) -> Suggestion:
         "not derivable: a record keeps only when it was last seen, not the gaps between "
         "visits, so how long after last seen senders come back is unknown; keep "
         f"{duration(cfg.max_age)} (over a month catches monthly senders)")
-
-
-def analyse(config: PolicydConfig, entries: Iterable[Entry], now: int,
-            top: int = DEFAULT_TOP) -> Report:
-    """A report over ``entries`` (tests and callers with their own walk)."""
-    analyser = Analyser(config, now, top)
-    for entry in entries:
-        analyser.add(entry)
-    return analyser.finish()
 
 
 def collect(config: PolicydConfig, *, now: int | None = None, top: int = DEFAULT_TOP,

@@ -16,8 +16,16 @@ from freezegun import freeze_time
 from policyd.cli import main
 from policyd.config import PolicydConfig
 from policyd.greylist import TripletRecord
-from policyd.report import DELAY_BUCKETS, analyse, delay_bucket, duration, percentile
-from policyd.storewalk import TRIPLETS, parse_entry
+from policyd.report import (
+    DEFAULT_TOP,
+    DELAY_BUCKETS,
+    Analyser,
+    Report,
+    delay_bucket,
+    duration,
+    percentile,
+)
+from policyd.storewalk import TRIPLETS, Entry, parse_entry
 from policyd.triplet import KeyMaker
 from tests.conftest import Memcached
 from tests.greylist_helpers import config, make_policy, request, run
@@ -79,6 +87,14 @@ def test_policy_records_the_pass_time_and_keeps_it_on_refresh() -> None:
 
     # last_seen moved on to the refresh; passed_at still says when it passed
     assert run(scenario()) == f"{NOW},{NOW + 420 + 7200},1,{NOW + 420}"
+
+
+def analyse(cfg: PolicydConfig, entries: list[Entry], now: int) -> Report:
+    """What `policyd report` makes of entries its walk read (report.collect)."""
+    analyser = Analyser(cfg, now, DEFAULT_TOP)
+    for entry in entries:
+        analyser.add(entry)
+    return analyser.finish()
 
 
 # --- pure figures ------------------------------------------------------------
