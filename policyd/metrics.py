@@ -49,6 +49,8 @@ DNS_SCORE_BUCKETS = (-10, -5, -3, -2, -1, 0, 1, 2, 3, 5, 10, 20)
 # Store names: the role of each table in policyd.
 STORES = frozenset({"triplets", "clients", "postscreen"})
 STORE_OPS = frozenset({"get", "put"})
+# Why policyd ended a connection itself (policyd.server).
+END_REASONS = frozenset({"idle_timeout", "read_timeout", "protocol_error"})
 OTHER = "other"
 # What DNS contributed to a decision (Decision.fields): SPF results, and
 # whether the client was pooled under its sender domain.
@@ -113,6 +115,9 @@ class NullMetrics:
     def connection_refused(self) -> None:
         pass
 
+    def connection_ended(self, reason: str) -> None:
+        pass
+
     def request_size(self, nbytes: int) -> None:
         pass
 
@@ -173,6 +178,10 @@ class Metrics:
         self._refused = prom.Counter(
             "connections_refused", "Connections closed at once: max_connections reached",
             namespace=NAMESPACE, registry=reg)
+        self._ended = prom.Counter(
+            "connections_ended", "Connections policyd ended itself: idle_timeout, "
+            "read_timeout, protocol_error (the peer broke the policy protocol)",
+            ["reason"], namespace=NAMESPACE, registry=reg)
         self._request_bytes = prom.Histogram(
             "request_bytes", "Size of policy requests in bytes", namespace=NAMESPACE,
             registry=reg, buckets=REQUEST_SIZE_BUCKETS)
@@ -191,6 +200,8 @@ class Metrics:
             self._dns_failures.labels(kind)
         for result in sorted(DNS_RESULTS):
             self._dns_results.labels(result)
+        for reason in sorted(END_REASONS):
+            self._ended.labels(reason)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None
@@ -243,6 +254,9 @@ class Metrics:
 
     def connection_refused(self) -> None:
         self._refused.inc()
+
+    def connection_ended(self, reason: str) -> None:
+        self._ended.labels(_bounded(reason, END_REASONS)).inc()
 
     def request_size(self, nbytes: int) -> None:
         self._request_bytes.observe(max(nbytes, 0))

@@ -116,6 +116,8 @@ def test_store_latency_errors_connections_and_sizes(metrics: Metrics) -> None:
         metrics.connection_opened()
     metrics.connection_closed()
     metrics.connection_refused()
+    metrics.connection_ended("read_timeout")
+    metrics.connection_ended("hung up")
     metrics.request_size(300)
     metrics.request_size(5000)
     s = scrape(metrics)
@@ -130,6 +132,9 @@ def test_store_latency_errors_connections_and_sizes(metrics: Metrics) -> None:
     assert value(s, "policyd_connections_open") == 2
     assert value(s, "policyd_connections_total") == 3
     assert value(s, "policyd_connections_refused_total") == 1
+    assert value(s, "policyd_connections_ended_total", reason="read_timeout") == 1
+    assert value(s, "policyd_connections_ended_total", reason="other") == 1
+    assert ("policyd_connections_ended_total", (("reason", "idle_timeout"),)) in s
     assert value(s, "policyd_request_bytes_count") == 2
     assert value(s, "policyd_request_bytes_bucket", le="512.0") == 1
     assert value(s, "policyd_request_bytes_sum") == 5300
@@ -305,6 +310,7 @@ def test_metrics_off() -> None:
     null.connection_opened()
     null.connection_closed()
     null.connection_refused()
+    null.connection_ended("idle_timeout")
     null.request_size(100)
     null.close()
     assert null.address is None
