@@ -12,12 +12,12 @@ event loop.
 Triplet record, stored as ``first_seen,last_seen,passed,passed_at``
 (passed 0/1; passed_at the UNIX time of the retry that ended greylisting, 0
 while pending, and for passes imported from postgrey, which does not
-record it: "delay unknown"): new ones with ttl retry_window, passed ones with ttl
-max_age.  passed_at - first_seen is the sender's retry delay, which
-``policyd report`` collects (last_seen moves on, so it cannot tell).  A passed
-triplet's last_seen (and ttl) is rewritten at most once per
-RECORD_REFRESH_INTERVAL to save writes, so it stays good for at least
-max_age - RECORD_REFRESH_INTERVAL after it was last seen.  Times are also
+record it: "delay unknown"): new ones with ttl retry_window, passed ones
+with ttl max_age.  passed_at - first_seen is the sender's retry delay,
+which ``policyd report`` collects (last_seen moves on, so it cannot tell).
+A passed triplet's last_seen (and ttl) is rewritten at most once per
+RECORD_REFRESH_INTERVAL (policyd.reputation) to save writes, so it stays
+good for at least max_age - RECORD_REFRESH_INTERVAL after it was last seen.  Times are also
 checked on read, because a backup table (lmdb) never expires entries.
 
 Store traffic per request: the triplet and client lookups are queued
@@ -70,7 +70,12 @@ from policyd.config import PolicydConfig
 from policyd.dns import Resolver
 from policyd.dnsbl import DNSWL, LISTED, UNLISTED, DnsblScorer, DnsVerdict
 from policyd.metrics import MetricsSink
-from policyd.reputation import ClientRecord, load_client_record, postscreen_proves_return
+from policyd.reputation import (
+    ClientRecord,
+    load_client_record,
+    needs_refresh,
+    postscreen_proves_return,
+)
 from policyd.store import Store, StoreError, StoreWorker, open_checked
 from policyd.triplet import (
     IPAddress,
@@ -93,6 +98,9 @@ T = TypeVar("T")
 # the same grep finds both; the reason stays one word for the metrics.
 CLIENT_WHITELISTED = Decision(DUNNO, "whitelisted", detail="client whitelist")
 RECIPIENT_WHITELISTED = Decision(DUNNO, "whitelisted", detail="recipient whitelist")
+# Message instances remembered so that one message with several recipients
+# gets one X-Greylist header (postgrey remembers 20).
+HEADER_INSTANCE_MEMORY = 1024
 _PERCENT = re.compile(r"%[a-z]")
 # first_seen,last_seen,passed,passed_at: ASCII decimal numbers, passed 0 or 1.
 _TRIPLET_RECORD = re.compile(r"(\d+),(\d+),([01]),(\d+)", re.ASCII)
@@ -256,7 +264,7 @@ class GreylistPolicy:
         if triplet is not None and triplet.passed:
             # Known good triplet: refresh its lifetime now and then.
             writes: list[asyncio.Future[None]] = []
-            if not 0 <= now - triplet.last_seen < limits.RECORD_REFRESH_INTERVAL:
+            if needs_refresh(triplet.last_seen, now):
                 writes.append(self.triplets.put(
                     tkey, TripletRecord(triplet.first_seen, now, True,
                                         triplet.passed_at).serialise(),
@@ -358,7 +366,7 @@ class GreylistPolicy:
         if instance in self._instances:
             return False
         self._instances[instance] = None
-        if len(self._instances) > limits.HEADER_INSTANCE_MEMORY:
+        if len(self._instances) > HEADER_INSTANCE_MEMORY:
             self._instances.popitem(last=False)
         return True
 

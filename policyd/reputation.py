@@ -18,6 +18,19 @@ from policyd import limits
 
 log = logging.getLogger(__name__)
 
+# Greylisting rules of records: passes of a client are counted at most once
+# per PASS_COUNT_INTERVAL seconds (postgrey counts auto-whitelist passes once
+# per hour), and a passed triplet's or a client's last_seen (and so its ttl)
+# is rewritten at most once per RECORD_REFRESH_INTERVAL, to save writes.
+PASS_COUNT_INTERVAL = 3600
+RECORD_REFRESH_INTERVAL = 3600
+
+
+def needs_refresh(last_seen: int, now: int) -> bool:
+    """Whether a record last seen at ``last_seen`` is due to be rewritten
+    (a last_seen in the future, from a clock that went back, is too)."""
+    return not 0 <= now - last_seen < RECORD_REFRESH_INTERVAL
+
 # first_seen,last_seen,deferred,passed,last_pass: ASCII decimal numbers only.
 _CLIENT_RECORD = re.compile(r"(\d+),(\d+),(\d+),(\d+),(\d+)", re.ASCII)
 
@@ -65,7 +78,7 @@ class ClientRecord:
         """A triplet of this client ended its delay: one more pass, unless a
         pass was counted in the last hour (or the record is from the future:
         a clock went back, as postgrey allows)."""
-        if (self.last_pass == 0 or now >= self.last_pass + limits.PASS_COUNT_INTERVAL
+        if (self.last_pass == 0 or now >= self.last_pass + PASS_COUNT_INTERVAL
                 or self.last_pass > now):
             return ClientRecord(self.first_seen, now, self.deferred, self.passed + 1, now)
         return self.seen(now)
@@ -81,7 +94,7 @@ class ClientRecord:
 
     def needs_refresh(self, now: int) -> bool:
         """Rewrite last_seen (and so the ttl) at most once an interval."""
-        return not 0 <= now - self.last_seen < limits.RECORD_REFRESH_INTERVAL
+        return needs_refresh(self.last_seen, now)
 
 
 def load_client_record(value: str | None, now: int, max_age: int) -> ClientRecord | None:

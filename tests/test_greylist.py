@@ -13,11 +13,10 @@ from typing import Any
 import pytest
 from freezegun import freeze_time
 
-from policyd import limits
 from policyd.api import Decision, PolicyFailure
 from policyd.greylist import GreylistPolicy, TripletRecord, build_policy, expand
 from policyd.logsetup import format_decision
-from policyd.reputation import ClientRecord, postscreen_proves_return
+from policyd.reputation import RECORD_REFRESH_INTERVAL, ClientRecord, postscreen_proves_return
 from policyd.whitelist import Whitelists
 from tests.conftest import Memcached, free_port
 from tests.greylist_helpers import DictTable, config, make_policy, request, run, write
@@ -151,7 +150,7 @@ def test_known_triplet_is_rewritten_at_most_once_an_interval() -> None:
     steps = [(0, r), (300, r)] + [(300 + i * 60, r) for i in range(1, 30)]
     _, triplets, _ = scenario(config(), steps)
     assert triplets.updates == 2  # new and pass; 29 later passes within the hour
-    _, triplets, _ = scenario(config(), [*steps, (300 + limits.RECORD_REFRESH_INTERVAL, r)])
+    _, triplets, _ = scenario(config(), [*steps, (300 + RECORD_REFRESH_INTERVAL, r)])
     assert triplets.updates == 3
 
 
