@@ -268,8 +268,12 @@ class Metrics:
         data: bytes = self._prom.generate_latest(self.registry)
         return data
 
-    def serve(self, endpoint: Endpoint) -> None:
-        """Serve /metrics on an inet endpoint from a daemon thread."""
+    def serve(self, endpoint: Endpoint, *,
+              max_connections: int = limits.METRICS_MAX_CONNECTIONS,
+              connection_seconds: float = limits.METRICS_CONNECTION_SECONDS) -> None:
+        """Serve /metrics on an inet endpoint from a daemon thread: at most
+        ``max_connections`` scrapes at once, each connection closed after
+        ``connection_seconds`` in all."""
         if endpoint.kind != "inet":
             raise PolicydError(f"metrics_listen = {endpoint}: only inet:host:port is "
                                "supported (Prometheus scrapes over TCP)")
@@ -279,7 +283,8 @@ class Metrics:
             raise PolicydError(f"metrics_listen = {endpoint}: cannot listen: "
                                f"{exc.strerror or exc}") from None
         try:
-            server = _BoundedWSGIServer(listener.sock, self._prom.make_wsgi_app(self.registry))
+            server = _BoundedWSGIServer(listener.sock, self._prom.make_wsgi_app(self.registry),
+                                        max_connections, connection_seconds)
             thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True,
                                       args=(limits.METRICS_POLL_SECONDS,))
             thread.start()
@@ -313,14 +318,15 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     """prometheus_client's start_http_server, bounded: at most
-    METRICS_MAX_CONNECTIONS scrapes at once (a thread each; further
-    connections are closed at once), each connection closed after
-    METRICS_CONNECTION_SECONDS in all, so idle or slow connections cannot
-    pile up threads or hold every slot."""
+    ``max_connections`` scrapes at once (a thread each; further connections
+    are closed at once), each connection closed after ``connection_seconds``
+    in all, so idle or slow connections cannot pile up threads or hold
+    every slot."""
 
     daemon_threads = True
 
-    def __init__(self, sock: socket.socket, app: Any) -> None:
+    def __init__(self, sock: socket.socket, app: Any, max_connections: int,
+                 connection_seconds: float) -> None:
         # The socket comes bound and listening from policyd.listeners (one
         # way to bind inet endpoints: address family, IPV6_V6ONLY), which
         # also skips HTTPServer.server_bind's unbounded getfqdn() lookup.
@@ -333,7 +339,8 @@ class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
             self.server_address[1])
         self.setup_environ()
         self.set_app(app)
-        self._slots = threading.BoundedSemaphore(limits.METRICS_MAX_CONNECTIONS)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._connection_seconds = connection_seconds
         self._watchdogs: dict[socket.socket, _Watchdog] = {}
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -356,7 +363,7 @@ class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
             try:
                 # The whole connection is bounded, not each read: a client
                 # sending a byte now and then must not keep its slot.
-                self._watchdogs[request] = _Watchdog(request)
+                self._watchdogs[request] = _Watchdog(request, self._connection_seconds)
             except BaseException:  # its timer thread could not start
                 self.shutdown_request(request)
                 raise
@@ -376,15 +383,15 @@ class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
 
 
 class _Watchdog:
-    """Shuts a metrics connection down after METRICS_CONNECTION_SECONDS,
-    which ends the handler's current or next read; a lock and a flag keep it
-    off a socket (and a reused descriptor) once the server closed it."""
+    """Shuts a metrics connection down after ``seconds``, which ends the
+    handler's current or next read; a lock and a flag keep it off a socket
+    (and a reused descriptor) once the server closed it."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
         self.sock = sock
         self.lock = threading.Lock()
         self.closed = False
-        self.timer = threading.Timer(limits.METRICS_CONNECTION_SECONDS, self._shut)
+        self.timer = threading.Timer(seconds, self._shut)
         self.timer.daemon = True
         self.timer.start()
 
