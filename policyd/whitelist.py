@@ -211,17 +211,20 @@ def _read_lines(path: str) -> list[tuple[int, str]]:
 
 @dataclass
 class Whitelists:
-    """Both whitelists, read from their files; ``reload()`` on SIGHUP."""
+    """Both whitelists, read from their files; ``reload()`` on SIGHUP.
+    Each list holds at most ``max_entries`` entries."""
 
     client_files: tuple[str, ...] = ()
     recipient_files: tuple[str, ...] = ()
     clients: ClientWhitelist = field(default_factory=ClientWhitelist)
     recipients: RecipientWhitelist = field(default_factory=RecipientWhitelist)
+    max_entries: int = limits.WHITELIST_MAX_ENTRIES
 
     @classmethod
-    def load(cls, client_files: Iterable[str], recipient_files: Iterable[str]) -> Whitelists:
+    def load(cls, client_files: Iterable[str], recipient_files: Iterable[str], *,
+             max_entries: int = limits.WHITELIST_MAX_ENTRIES) -> Whitelists:
         """Read every file; ConfigError (naming file and line) on any problem."""
-        lists = cls(tuple(client_files), tuple(recipient_files))
+        lists = cls(tuple(client_files), tuple(recipient_files), max_entries=max_entries)
         lists.clients, lists.recipients = lists._read()
         return lists
 
@@ -231,11 +234,11 @@ class Whitelists:
         for path in self.client_files:
             for number, entry in _read_lines(path):
                 clients.add_line(entry, path, number)
-                _check_count(len(clients), path, number)
+                self._check_count(len(clients), path, number)
         for path in self.recipient_files:
             for number, entry in _read_lines(path):
                 recipients.add_line(entry, path, number)
-                _check_count(len(recipients), path, number)
+                self._check_count(len(recipients), path, number)
         return clients, recipients
 
     def reload(self) -> bool:
@@ -250,12 +253,10 @@ class Whitelists:
                  len(clients), len(recipients))
         return True
 
+    def _check_count(self, count: int, path: str, line: int) -> None:
+        if count > self.max_entries:
+            raise ConfigError(f"more than {self.max_entries} whitelist entries", path, line)
+
     def recipient_whitelisted(self, recipient: str) -> bool:
         return self.recipients.matches(recipient)
-
-
-def _check_count(count: int, path: str, line: int) -> None:
-    if count > limits.WHITELIST_MAX_ENTRIES:
-        raise ConfigError(f"more than {limits.WHITELIST_MAX_ENTRIES} whitelist entries",
-                          path, line)
 

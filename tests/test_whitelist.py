@@ -133,14 +133,14 @@ def test_missing_file_at_start_is_a_config_error(tmp_path: Path) -> None:
         Whitelists.load([], [missing])
 
 
-def test_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bounds(tmp_path: Path) -> None:
     big = tmp_path / "big"
     big.write_bytes(b"# x\n" * (limits.WHITELIST_FILE_MAX_BYTES // 4 + 1))
     with pytest.raises(ConfigError, match="larger than"):
         Whitelists.load([str(big)], [])
-    monkeypatch.setattr(limits, "WHITELIST_MAX_ENTRIES", 3)
     with pytest.raises(ConfigError, match="more than 3") as err:
-        clients(tmp_path, "a.test\nb.test\nc.test\nd.test\n")
+        Whitelists.load([write(tmp_path / "clients", "a.test\nb.test\nc.test\nd.test\n")], [],
+                        max_entries=3)
     assert err.value.line == 4
     with pytest.raises(ConfigError, match="longer than"):
         clients(tmp_path, "/" + "a" * limits.WHITELIST_MAX_LINE_CHARS + "/\n")
