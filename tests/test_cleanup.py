@@ -82,7 +82,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 
 def test_live_set_is_what_the_data_says() -> None:
-    # guards the fixtures: 95 live passes, 3 old-format passes, 7 pending
+    # guards the fixtures: 95 live passes, 3 imported from postgrey, 7 pending
     assert len(live_triplets()) == LIVE_TRIPLETS == 105
 
 
