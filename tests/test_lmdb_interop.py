@@ -27,6 +27,7 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
@@ -71,8 +72,10 @@ def raw_items(path: Path) -> list[tuple[bytes, bytes]]:
 
 
 @contextlib.contextmanager
-def opened(path: Path, *, read_write: bool = True, fold: bool = True) -> Iterator[LmdbTable]:
-    table = LmdbTable(str(path), read_write=read_write, fold=fold)
+def opened(path: Path, *, read_write: bool = True, fold: bool = True,
+           **bounds: Any) -> Iterator[LmdbTable]:
+    """The table; ``bounds``: LmdbTable's lock_wait, chunk_items, chunk_bytes."""
+    table = LmdbTable(str(path), read_write=read_write, fold=fold, **bounds)
     try:
         yield table
     finally:
@@ -312,13 +315,10 @@ def test_two_tables_on_one_file_in_one_process(tmp_path: Path) -> None:
         assert len(list(table.sequence())) == 2 + 4 * 50
 
 
-def test_sequence_in_chunks(postmap_config: Path, tmp_path: Path,
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sequence_in_chunks(postmap_config: Path, tmp_path: Path) -> None:
     db = tmp_path / "db"
     pm_create(postmap_config, db, "".join(f"k{i:03d} {'v' * (i % 7)}{i}\n" for i in range(100)))
-    monkeypatch.setattr(limits, "LMDB_SEQUENCE_CHUNK_ITEMS", 7)
-    monkeypatch.setattr(limits, "LMDB_SEQUENCE_CHUNK_BYTES", 40)
-    with opened(db) as table:
+    with opened(db, chunk_items=7, chunk_bytes=40) as table:
         assert list(table.sequence()) == pm_seq(postmap_config, db)
         # Changes between chunks: no key twice, later additions seen.
         seen = []
@@ -335,15 +335,13 @@ def test_sequence_in_chunks(postmap_config: Path, tmp_path: Path,
 # Same locks
 # ---------------------------------------------------------------------------
 
-def test_lock_style_is_fcntl_like_postfix(postmap_config: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lock_style_is_fcntl_like_postfix(postmap_config: Path, tmp_path: Path) -> None:
     """An flock(2) lock stops neither Postfix nor memtable; an exclusive
     fcntl() lock stops both (postmap waits forever, memtable gives up)."""
     db = tmp_path / "db"
     db_file = Path(str(db) + ".lmdb")
     pm_create(postmap_config, db, "k v\n")
-    monkeypatch.setattr(limits, "LMDB_LOCK_WAIT_SECONDS", 0.2)
-    with opened(db) as table:
+    with opened(db, lock_wait=0.2) as table:
         with lock_held(db_file, "flock"):
             assert pm_get(postmap_config, "k", db) == "v"
             assert table.lookup("k") == "v"
@@ -366,8 +364,7 @@ def test_lock_style_is_fcntl_like_postfix(postmap_config: Path, tmp_path: Path,
     assert [k for k, _ in pm_seq(postmap_config, db)] == ["k", "k2", "k3"]
 
 
-def test_postmap_bulk_create_holds_the_lock(postmap_config: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_postmap_bulk_create_holds_the_lock(postmap_config: Path, tmp_path: Path) -> None:
     """``postmap lmdb:FILE`` keeps a shared fcntl lock until it commits: our
     writes wait (and give up after the bound), reads go on, and once
     postmap is done its table and our later write are both there."""
@@ -387,8 +384,7 @@ def test_postmap_bulk_create_holds_the_lock(postmap_config: Path, tmp_path: Path
                     break
                 threading.Event().wait(0.01)
             assert fcntl_holder(db_file) == fcntl.F_RDLCK
-            monkeypatch.setattr(limits, "LMDB_LOCK_WAIT_SECONDS", 0.2)
-            with opened(db) as table:
+            with opened(db, lock_wait=0.2) as table:
                 assert table.lookup("old") is not None  # postmap has not committed
                 with pytest.raises(BackupError, match="no exclusive lock"):
                     table.update("mine", "1")

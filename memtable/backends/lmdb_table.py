@@ -129,10 +129,20 @@ def _decode(data: bytes) -> str:
 
 
 class LmdbTable(Table):
-    """``lmdb:/path/NAME`` (the file NAME.lmdb), Postfix's format and locks."""
+    """``lmdb:/path/NAME`` (the file NAME.lmdb), Postfix's format and locks.
 
-    def __init__(self, path: str, *, read_write: bool, fold: bool) -> None:
+    ``lock_wait``: how long an operation waits for Postfix's fcntl lock (and
+    for another thread's operation) before it fails; ``chunk_items`` and
+    ``chunk_bytes``: how much sequence() reads under one lock."""
+
+    def __init__(self, path: str, *, read_write: bool, fold: bool,
+                 lock_wait: float = limits.LMDB_LOCK_WAIT_SECONDS,
+                 chunk_items: int = limits.LMDB_SEQUENCE_CHUNK_ITEMS,
+                 chunk_bytes: int = limits.LMDB_SEQUENCE_CHUNK_BYTES) -> None:
         self.spec = f"lmdb:{path}"
+        self.lock_wait = lock_wait
+        self.chunk_items = chunk_items
+        self.chunk_bytes = chunk_bytes
         self.path = path
         self.db_path = path + ".lmdb"
         self.read_write = read_write
@@ -246,9 +256,9 @@ class LmdbTable(Table):
             # Wait for an operation of another thread to finish.  If it does
             # not, leave the file open: closing the descriptor or the
             # environment would drop that thread's fcntl lock mid-write.
-            if not shared.mutex.acquire(timeout=limits.LMDB_LOCK_WAIT_SECONDS):
+            if not shared.mutex.acquire(timeout=self.lock_wait):
                 log.warning("%s: busy for more than %g s at close; left open",
-                            self.spec, limits.LMDB_LOCK_WAIT_SECONDS)
+                            self.spec, self.lock_wait)
                 return
             try:
                 shared.env.close()
@@ -259,14 +269,13 @@ class LmdbTable(Table):
 
     # -- locking -------------------------------------------------------------
 
-    @staticmethod
-    def _deadline() -> float:
-        return clock.monotonic() + limits.LMDB_LOCK_WAIT_SECONDS
+    def _deadline(self) -> float:
+        return clock.monotonic() + self.lock_wait
 
     def _acquire_mutex(self, shared: _Shared, deadline: float) -> None:
         if not shared.mutex.acquire(timeout=max(0.0, deadline - clock.monotonic())):
             raise BackupError(f"{self.spec}: {self.db_path} is busy in this process for "
-                              f"more than {limits.LMDB_LOCK_WAIT_SECONDS:g} s")
+                              f"more than {self.lock_wait:g} s")
         # Nothing to recover if closing fails: the descriptor is gone either way.
         with suppress(OSError):
             shared.close_orphans()
@@ -278,7 +287,7 @@ class LmdbTable(Table):
         # the wait even when the clock is frozen in tests.
         kind = "exclusive" if exclusive else "shared"
         op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-        wait = limits.LMDB_LOCK_WAIT_SECONDS
+        wait = self.lock_wait
         pause, paused = min(limits.LMDB_LOCK_FIRST_POLL_SECONDS, limits.LMDB_LOCK_POLL_SECONDS), 0.0
         while True:
             try:
@@ -609,7 +618,7 @@ class LmdbTable(Table):
     def sequence(self) -> Iterator[tuple[str, str]]:
         """Every (key, value), in key order, NULs stripped.
 
-        Read in chunks (LMDB_SEQUENCE_CHUNK_ITEMS / _BYTES), each under its
+        Read in chunks (chunk_items / chunk_bytes), each under its
         own shared lock and transaction, and never holding the lock while the
         caller works: memory stays bounded and writers are not starved.  Like
         Postfix's first/next, the walk is not one snapshot; it resumes after
@@ -627,8 +636,7 @@ class LmdbTable(Table):
                 return
             after = chunk[-1][0]
 
-    @staticmethod
-    def _chunk(txn: lmdb.Transaction, *, after: bytes | None
+    def _chunk(self, txn: lmdb.Transaction, *, after: bytes | None
                ) -> tuple[list[tuple[bytes, bytes]], bool]:
         """Up to a chunk of entries after key ``after``; True when cut short."""
         out: list[tuple[bytes, bytes]] = []
@@ -641,8 +649,7 @@ class LmdbTable(Table):
                 key, value = bytes(cursor.key()), bytes(cursor.value())
                 out.append((key, value))
                 size += len(key) + len(value)
-                if (len(out) >= limits.LMDB_SEQUENCE_CHUNK_ITEMS
-                        or size >= limits.LMDB_SEQUENCE_CHUNK_BYTES):
+                if len(out) >= self.chunk_items or size >= self.chunk_bytes:
                     return out, True
                 found = cursor.next()
         return out, False

@@ -22,10 +22,13 @@ log = logging.getLogger("memtable.backends")
 
 
 class TexthashTable(Table):
-    """``texthash:/path``: read-only, loaded at open; supports sequence()."""
+    """``texthash:/path``: read-only, loaded at open (at most ``max_bytes``
+    of file); supports sequence()."""
 
-    def __init__(self, path: str, *, read_write: bool, fold: bool) -> None:
+    def __init__(self, path: str, *, read_write: bool, fold: bool,
+                 max_bytes: int = limits.LOOKUP_FILE_MAX_BYTES) -> None:
         self.spec = f"texthash:{path}"
+        self.max_bytes = max_bytes
         self.path = path
         self.read_write = read_write
         self.fold = fold
@@ -53,7 +56,7 @@ class TexthashTable(Table):
         return entries
 
     def _read(self) -> tuple[bytes, int]:
-        limit = limits.LOOKUP_FILE_MAX_BYTES
+        limit = self.max_bytes
         try:
             data, st = read_regular_file(self.path, limit)
         except OSError as exc:
