@@ -129,19 +129,19 @@ class Server:
         except OSError:
             return ""
 
-    def stop(self) -> None:
-        """Terminate, then kill what is left; never raises, so that every
-        process gets its turn (safe to call twice)."""
+    def stop(self, wait: float = STOP_SECONDS) -> None:
+        """Terminate, then kill what is left after ``wait`` seconds; never
+        raises, so that every process gets its turn (safe to call twice)."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
         for proc in self.procs:
             try:
-                proc.wait(STOP_SECONDS)
+                proc.wait(wait)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(STOP_SECONDS)
+                    proc.wait(wait)
         while self.cleanup:
             with contextlib.suppress(Exception):
                 self.cleanup.pop()()
