@@ -17,9 +17,9 @@ from policyd.api import Decision, PolicyFailure
 from policyd.config import PolicydConfig
 from policyd.metrics import Metrics
 from policyd.server import PolicyServer
+from tests.wait import WAIT
 
 T = TypeVar("T")
-WAIT = 5.0  # bound on every wait in these tests
 
 
 class ScriptedPolicy:

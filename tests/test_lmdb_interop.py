@@ -37,11 +37,11 @@ from memtable.backends import LmdbTable
 from memtable.errors import AccessError, BackupError, OpenError
 from memtable.table import Outcome
 from tests.postfixlab import POSTMAP, run_postmap
+from tests.wait import WAIT
 
 pytestmark = pytest.mark.postfix
 
 REPO = Path(__file__).resolve().parent.parent
-WAIT = 20.0  # bound of every wait on a helper process (seconds)
 
 
 def pm_seq(cfg: Path, path: Path) -> list[tuple[str, str]]:
