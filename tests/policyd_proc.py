@@ -17,7 +17,8 @@ from memtable.registry import open_table
 from policyd.config import PolicydConfig
 from policyd.greylist import TripletRecord
 from tests.conftest import free_port
-from tests.policyd_helpers import WAIT, ask, connect, request
+from tests.policyd_helpers import ask, connect, request
+from tests.wait import WAIT
 
 START_WAIT = 15.0  # seconds for a policyd process to answer
 
@@ -132,4 +133,4 @@ def policyd_factory(tmp_path: Path) -> Iterator[type[PolicydProcess]]:
         proc.stop()
 
 
-__all__ = ["WAIT", "PolicydProcess", "policyd_factory"]
+__all__ = ["PolicydProcess", "policyd_factory"]

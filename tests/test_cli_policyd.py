@@ -22,7 +22,8 @@ from policyd.cli import main
 from policyd.config import DEFAULT_CONFIG_PATH
 from policyd.limits import SHUTDOWN_CANCEL_WAIT_SECONDS
 from tests.conftest import Memcached
-from tests.policyd_helpers import WAIT, ask, is_closed, request, wait_until
+from tests.policyd_helpers import ask, is_closed, request, wait_until
+from tests.wait import WAIT
 
 REPO = Path(__file__).resolve().parent.parent
 

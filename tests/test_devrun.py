@@ -12,7 +12,8 @@ from pathlib import Path
 from memtable.config import MemcacheConfig
 from policyd.devrun import memcached_answers
 from tests.conftest import free_port
-from tests.policyd_helpers import WAIT, ask, connect, request, wait_until
+from tests.policyd_helpers import ask, connect, request, wait_until
+from tests.wait import WAIT
 
 REPO = Path(__file__).resolve().parent.parent
 MEMTABLE = [sys.executable, "-m", "memtable.cli"]

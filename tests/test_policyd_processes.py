@@ -15,9 +15,10 @@ from memtable.limits import MEMCACHE_DOWN_HOLD_SECONDS as MEMCACHE_DOWN_HOLD
 from memtable.registry import open_table
 from tests.conftest import Memcached, free_port, start_memcached
 from tests.policyd_helpers import wait_until
-from tests.policyd_proc import WAIT, PolicydProcess
+from tests.policyd_proc import PolicydProcess
 from tests.postfixcf import postfix_config_dir
 from tests.postfixlab import requires_postmap
+from tests.wait import WAIT
 
 # greylist_delay in these tests: real processes, so a delay is never waited
 # for; the stored triplets are aged instead (PolicydProcess.age_triplets).

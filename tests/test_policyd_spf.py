@@ -11,7 +11,8 @@ from pathlib import Path
 
 from tests.dnslab import Nsd, silent_dns_server
 from tests.policyd_helpers import wait_until
-from tests.policyd_proc import WAIT, PolicydProcess
+from tests.policyd_proc import PolicydProcess
+from tests.wait import WAIT
 
 ZONE = """
 @ TXT "v=spf1 ip4:192.0.2.10 ip4:198.51.100.20 -all"

@@ -26,7 +26,6 @@ from policyd.errors import ListenerError
 from policyd.listeners import open_listeners
 from policyd.server import PolicyServer, _in_daemon_thread
 from tests.policyd_helpers import (
-    WAIT,
     ScriptedPolicy,
     ServerThread,
     ask,
@@ -37,6 +36,7 @@ from tests.policyd_helpers import (
     request,
     wait_until,
 )
+from tests.wait import WAIT
 
 StartServer = Callable[..., ServerThread]
 
