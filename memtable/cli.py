@@ -162,7 +162,9 @@ def _query(tables: _Tables, key: str) -> str | None:
     return None
 
 
-def _run(args: argparse.Namespace, out: IO[str], inp: IO[str]) -> int:
+def _run_command(args: argparse.Namespace, out: IO[str], inp: IO[str]) -> int:
+    """Do what the command line asks (query, delete, sequence, update from
+    input, ttl): the exit status.  Errors raise (see main)."""
     fold = not args.no_fold
     if args.query is not None:
         tables = _Tables(args.tables, read_write=False, fold=fold)
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None, out: IO[str] | None = None,
     try:
         args = _parser().parse_args(argv)
         _setup_logging(args.v)
-        status = _run(args, out, inp)
+        status = _run_command(args, out, inp)
         out.flush()
         return status
     except _Fatal as exc:

@@ -60,8 +60,8 @@ class Table(abc.ABC):
         """Remove key; True when it was there."""
         raise AccessError(f"{self.spec}: table does not support delete")
 
-    def delete_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
-        """Remove key only while its value is one ``doomed(value)`` accepts,
+    def delete_if(self, key: str, deletable: Callable[[str], bool]) -> Outcome:
+        """Remove key only while its value is one ``deletable(value)`` accepts,
         checked and removed in one step, so that a value another process
         writes meanwhile is never removed.  Only types that can do it
         atomically have it (lmdb: one exclusive transaction)."""

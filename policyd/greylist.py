@@ -250,7 +250,7 @@ class GreylistPolicy:
         got = await _wait_all(self.triplets.get(tkey), self.clients.get(ckey))
         came_back = await self._postscreen_proves_return(postscreen, address, now)
         # Every result is in before the first error is raised: none is lost.
-        triplet_value, client_value = _ok(got[0]), _ok(got[1])
+        triplet_value, client_value = _value_or_raise(got[0]), _value_or_raise(got[1])
         record = load_client_record(client_value, now, config.max_age) or ClientRecord.new(now)
 
         if record.auto_whitelisted(config.auto_whitelist_clients):
@@ -272,7 +272,7 @@ class GreylistPolicy:
             if record.needs_refresh(now):
                 writes.append(self.clients.put(ckey, record.seen(now).serialise(),
                                                config.max_age))
-            await _gather(*writes)
+            await _await_writes(*writes)
             return Decision(DUNNO, "passed")
 
         # DNS only now: whitelisted, auto-whitelisted, postscreen-verified
@@ -288,7 +288,7 @@ class GreylistPolicy:
             if triplet is None:
                 writes.append(self.triplets.put(tkey, TripletRecord(now, now).serialise(),
                                                 config.retry_window))
-            await _gather(*writes)
+            await _await_writes(*writes)
             text = expand(config.greylist_text,
                           {"s": str(wait), "r": recipient_domain(recipient)})
             if not text[:1].isdigit():
@@ -301,7 +301,7 @@ class GreylistPolicy:
 
         # The delay is over: this retry ends greylisting for the triplet.
         delay = now - first
-        await _gather(
+        await _await_writes(
             self.triplets.put(tkey, TripletRecord(first, now, True, now).serialise(),
                               config.max_age),
             self.clients.put(ckey, record.count_pass(now).serialise(), config.max_age))
@@ -442,14 +442,15 @@ async def _wait_all(*futures: asyncio.Future[T]) -> list[T | BaseException]:
     return results
 
 
-async def _gather(*writes: asyncio.Future[None]) -> None:
+async def _await_writes(*writes: asyncio.Future[None]) -> None:
     """Wait for every write before raising the first error."""
     for result in await _wait_all(*writes):
         if isinstance(result, BaseException):
             raise result
 
 
-def _ok(result: T | BaseException) -> T:
+def _value_or_raise(result: T | BaseException) -> T:
+    """The value of a lookup, or the error it ended with, raised."""
     if isinstance(result, BaseException):
         raise result
     return result

@@ -344,7 +344,7 @@ def test_memcache_table_without_backup_cannot_be_cleaned(
 
 def test_a_failing_store_stops_with_the_counts_so_far(tmp_path: Path) -> None:
     class FailingDeletes(DictTable):
-        def delete_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
+        def delete_if(self, key: str, deletable: Callable[[str], bool]) -> Outcome:
             raise BackupError("lmdb:/var/lib/policyd/clients: disk trouble")
 
     tspec = f"lmdb:{tmp_path}/triplets"

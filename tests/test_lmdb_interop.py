@@ -191,14 +191,14 @@ HOLDER = textwrap.dedent("""
 
 def test_delete_if_checks_and_deletes_in_one_locked_transaction(
         postmap_config: Path, tmp_path: Path) -> None:
-    """delete_if removes a record only while doomed() accepts its value, and
+    """delete_if removes a record only while deletable() accepts its value, and
     reads it under the exclusive fcntl lock: no other process (postmap,
     Postfix, policyd) can write between the check and the delete."""
     db = tmp_path / "db"
     pm_create(postmap_config, db, "old 1\nnew 2\n")
     held: list[int] = []
 
-    def doomed(value: str) -> bool:
+    def deletable(value: str) -> bool:
         # What another process sees on the file while the check runs.
         done = subprocess.run([sys.executable, "-c", HOLDER, f"{db}.lmdb"],
                               capture_output=True, text=True, timeout=WAIT, check=True)
@@ -206,9 +206,9 @@ def test_delete_if_checks_and_deletes_in_one_locked_transaction(
         return value == "1"
 
     with opened(db) as table:
-        assert table.delete_if("OLD", doomed) is Outcome.DELETED
-        assert table.delete_if("new", doomed) is Outcome.KEPT
-        assert table.delete_if("gone", doomed) is Outcome.ABSENT
+        assert table.delete_if("OLD", deletable) is Outcome.DELETED
+        assert table.delete_if("new", deletable) is Outcome.KEPT
+        assert table.delete_if("gone", deletable) is Outcome.ABSENT
     assert held == [fcntl.F_WRLCK, fcntl.F_WRLCK]  # never called for "gone"
     assert pm_seq(postmap_config, db) == [("new", "2")]
 

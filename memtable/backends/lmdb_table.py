@@ -329,8 +329,8 @@ class LmdbTable(Table):
 
     # -- transactions with slmdb's recovery ------------------------------------
 
-    def _run(self, shared: _Shared, write: bool, what: str,
-             body: Callable[[lmdb.Transaction], T]) -> T:
+    def _in_transaction(self, shared: _Shared, write: bool, what: str,
+                        body: Callable[[lmdb.Transaction], T]) -> T:
         """Run body in a new transaction (committed when writing), recovering
         from MDB_MAP_RESIZED and MDB_MAP_FULL like slmdb does."""
         if shared.corrupt is not None:
@@ -459,7 +459,7 @@ class LmdbTable(Table):
             return None
 
         with self._locked(exclusive=False) as shared:
-            value = self._run(shared, False, "read", get)
+            value = self._in_transaction(shared, False, "read", get)
         return None if value is None else _decode(value)
 
     def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
@@ -491,7 +491,7 @@ class LmdbTable(Table):
             return found
 
         with self._locked(exclusive=False) as shared:
-            found = self._run(shared, False, "read", get_all)
+            found = self._in_transaction(shared, False, "read", get_all)
         results: dict[str, str | None] = {}
         for key, name in names.items():
             data = None if name is None else found.get(name)
@@ -517,7 +517,7 @@ class LmdbTable(Table):
             txn.put(name, data, overwrite=True)
 
         with self._locked(exclusive=True) as shared:
-            self._run(shared, True, "update", put)
+            self._in_transaction(shared, True, "update", put)
 
     def update_many(self, items: Sequence[tuple[str, str, int | None]]
                     ) -> list[BackupError | None]:
@@ -556,7 +556,7 @@ class LmdbTable(Table):
                 txn.put(name, data, overwrite=True)
 
         with self._locked(exclusive=True) as shared:
-            self._run(shared, True, "update", put_all)
+            self._in_transaction(shared, True, "update", put_all)
         return results
 
     def delete(self, key: str) -> bool:
@@ -577,13 +577,13 @@ class LmdbTable(Table):
             return False
 
         with self._locked(exclusive=True) as shared:
-            return self._run(shared, True, "delete", remove)
+            return self._in_transaction(shared, True, "delete", remove)
 
-    def delete_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
-        """Remove key when ``doomed(value)`` is true of its value, read and
+    def delete_if(self, key: str, deletable: Callable[[str], bool]) -> Outcome:
+        """Remove key when ``deletable(value)`` is true of its value, read and
         removed in ONE write transaction under ONE exclusive lock, so that
         no writer (policyd, Postfix, postmap) can store a new value between
-        the check and the delete.  ``doomed`` runs under the lock: keep it
+        the check and the delete.  ``deletable`` runs under the lock: keep it
         quick and free of I/O."""
         self._check_writable()
         name = self._name(key)
@@ -607,13 +607,13 @@ class LmdbTable(Table):
                     self._try1null = False
             if raw is None:
                 return Outcome.ABSENT
-            if not doomed(_decode(bytes(raw))):
+            if not deletable(_decode(bytes(raw))):
                 return Outcome.KEPT
             txn.delete(stored)
             return Outcome.DELETED
 
         with self._locked(exclusive=True) as shared:
-            return self._run(shared, True, "delete", remove)
+            return self._in_transaction(shared, True, "delete", remove)
 
     def sequence(self) -> Iterator[tuple[str, str]]:
         """Every (key, value), in key order, NULs stripped.
@@ -628,8 +628,8 @@ class LmdbTable(Table):
         after: bytes | None = None
         while True:
             with self._locked(exclusive=False) as shared:
-                chunk, more = self._run(shared, False, "read",
-                                        functools.partial(self._chunk, after=after))
+                chunk, more = self._in_transaction(
+                    shared, False, "read", functools.partial(self._chunk, after=after))
             for raw_key, raw_value in chunk:
                 yield _decode(raw_key), _decode(raw_value)
             if not more or not chunk:
