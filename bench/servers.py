@@ -270,16 +270,25 @@ def start_policyd(workdir: Path, memcached: Server, instances: int = 1) -> Serve
     """policyd with the example configuration; ``instances`` > 1 starts
     that many processes on one port (listen_reuse_port = yes), sharing the
     memcached and the lmdb backup files, as docs/operations.md describes."""
+    return _start_policyd("policyd", workdir, memcached, instances)
+
+
+def _start_policyd(name: str, home: Path, memcached: Server, instances: int,
+                   extra: str = "") -> Server:
+    """policyd named ``name`` with the example configuration written in
+    ``home``, plus ``extra`` settings, checked before it starts."""
     port = free_port()
-    cf = write_policyd_config(workdir, memcached, port)
+    cf = write_policyd_config(home, memcached, port)
+    if extra:
+        with open(cf, "a") as f:
+            f.write(extra)
     ok, text = policyd_config_ok(cf)
     if not ok:
         raise ServerError(f"policyd --check-config failed:\n{text[-2000:]}")
     argv = [*policyd_command(), "-c", str(cf)]
     if instances > 1:
         argv += ["-o", "listen_reuse_port=yes"]
-    return _spawn("policyd", argv, workdir / "policyd.log", "127.0.0.1", port,
-                  copies=instances)
+    return _spawn(name, argv, home / "policyd.log", "127.0.0.1", port, copies=instances)
 
 
 # policyd-dns: the same policyd with two DNS lists on a private nsd; the
@@ -317,18 +326,9 @@ def start_policyd_dns(workdir: Path, instances: int = 1) -> Server:
             nsd = stack.enter_context(start_nsd(home / "nsd", dns_zones()))
         except (RuntimeError, OSError) as exc:
             raise ServerError(f"nsd did not start: {exc}") from None
-        port = free_port()
-        cf = write_policyd_config(home, memcached, port)
-        with open(cf, "a") as f:
-            f.write(f"\n# bench: DNS on\ndns_servers = {nsd.spec}\ndnsbl_sites = {DNS_SITES}\n")
-        ok, text = policyd_config_ok(cf)
-        if not ok:
-            raise ServerError(f"policyd --check-config failed:\n{text[-2000:]}")
-        argv = [*policyd_command(), "-c", str(cf)]
-        if instances > 1:
-            argv += ["-o", "listen_reuse_port=yes"]
-        server = _spawn("policyd-dns", argv, home / "policyd.log", "127.0.0.1", port,
-                        copies=instances)
+        server = _start_policyd(
+            "policyd-dns", home, memcached, instances,
+            f"\n# bench: DNS on\ndns_servers = {nsd.spec}\ndnsbl_sites = {DNS_SITES}\n")
         server.cleanup.append(stack.pop_all().close)
         return server
     raise AssertionError("unreachable")  # (mypy: the with block returns or raises)

@@ -74,6 +74,7 @@ from policyd.reputation import (
     ClientRecord,
     load_client_record,
     needs_refresh,
+    parse_record,
     postscreen_proves_return,
 )
 from policyd.store import Store, StoreError, StoreWorker, open_checked
@@ -145,12 +146,8 @@ def load_triplet_record(value: str | None, now: int, retry_window: int,
     """The stored record, or None when it must count as new: absent,
     malformed (logged), retry window missed, or passed but unseen for
     max_age (as load_client_record for client records)."""
-    if value is None:
-        return None
-    try:
-        record = TripletRecord.parse(value)
-    except ValueError as exc:
-        log.warning("ignoring triplet record: %s", exc)
+    record = parse_record(value, TripletRecord.parse, "triplet")
+    if record is None:
         return None
     if not record.passed and record.first_seen > now:
         # Written by a host whose clock is ahead: start again from now

@@ -117,15 +117,21 @@ class Suggestion:
 
 
 @dataclass
-class TripletFigures:
+class TableFigures:
+    """What was read of one table, whatever its records."""
+
     table: str = ""
     read: int = 0
-    capped: bool = False
+    capped: bool = False  # stopped at the bound on entries read
+    malformed: int = 0
+
+
+@dataclass
+class TripletFigures(TableFigures):
     pending: int = 0
     passed: int = 0
     expired_pending: int = 0
     expired_passed: int = 0
-    malformed: int = 0
     unknown_delay: int = 0  # passes imported from postgrey: no passed_at
 
     @property
@@ -134,13 +140,9 @@ class TripletFigures:
 
 
 @dataclass
-class ClientFigures:
-    table: str = ""
-    read: int = 0
-    capped: bool = False
+class ClientFigures(TableFigures):
     live: int = 0
     expired: int = 0
-    malformed: int = 0
     auto_whitelisted: int = 0
     pass_counts: list[int] = field(default_factory=lambda: [0] * len(PASS_BUCKETS))
     top: list[tuple[int, str | None]] = field(default_factory=list)  # (passes, key)

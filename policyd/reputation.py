@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from policyd import limits
 
@@ -97,17 +99,26 @@ class ClientRecord:
         return needs_refresh(self.last_seen, now)
 
 
-def load_client_record(value: str | None, now: int, max_age: int) -> ClientRecord | None:
-    """The stored record, or None when absent, older than max_age (a backup
-    table may not expire entries) or malformed (logged)."""
+R = TypeVar("R")
+
+
+def parse_record(value: str | None, parse: Callable[[str], R], kind: str) -> R | None:
+    """A stored record of ``kind`` as ``parse`` reads it; None when absent
+    or malformed (logged: the record then counts as new)."""
     if value is None:
         return None
     try:
-        record = ClientRecord.parse(value)
+        return parse(value)
     except ValueError as exc:
-        log.warning("ignoring client record: %s", exc)
+        log.warning("ignoring %s record: %s", kind, exc)
         return None
-    return None if record.expired(now, max_age) else record
+
+
+def load_client_record(value: str | None, now: int, max_age: int) -> ClientRecord | None:
+    """The stored record, or None when absent, older than max_age (a backup
+    table may not expire entries) or malformed (logged)."""
+    record = parse_record(value, ClientRecord.parse, "client")
+    return None if record is None or record.expired(now, max_age) else record
 
 
 # ---------------------------------------------------------------------------
