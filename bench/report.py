@@ -138,18 +138,19 @@ def _errors(r: LoadResult) -> str:
 
 def ratio(report: Report, mix: str, connections: int) -> tuple[float, float] | None:
     """(policyd req/s / postgrey req/s, policyd p99 / postgrey p99)."""
-    return _ratio(report, "policyd", "postgrey", mix, connections)
+    return _ratio(report, mix, connections, "policyd", "postgrey")
 
 
 def dns_ratio(report: Report, mix: str, connections: int) -> tuple[float, float] | None:
     """(policyd-dns req/s / policyd req/s, policyd-dns p99 / policyd p99)."""
-    return _ratio(report, "policyd-dns", "policyd", mix, connections)
+    return _ratio(report, mix, connections, "policyd-dns", "policyd")
 
 
-def _ratio(report: Report, ours_name: str, theirs_name: str, mix: str,
-           connections: int) -> tuple[float, float] | None:
-    ours = report.point(ours_name, mix, connections)
-    theirs = report.point(theirs_name, mix, connections)
+def _ratio(report: Report, mix: str, connections: int, server: str,
+           base: str) -> tuple[float, float] | None:
+    """(server's req/s / base's, server's p99 / base's); None without both."""
+    ours = report.point(server, mix, connections)
+    theirs = report.point(base, mix, connections)
     if ours is None or theirs is None or theirs.rps <= 0 or theirs.p99_ms <= 0:
         return None
     return ours.rps / theirs.rps, ours.p99_ms / theirs.p99_ms

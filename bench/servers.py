@@ -129,19 +129,19 @@ class Server:
         except OSError:
             return ""
 
-    def stop(self) -> None:
-        """Terminate, then kill what is left; never raises, so that every
-        process gets its turn (safe to call twice)."""
+    def stop(self, wait: float = STOP_SECONDS) -> None:
+        """Terminate, then kill what is left after ``wait`` seconds; never
+        raises, so that every process gets its turn (safe to call twice)."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
         for proc in self.procs:
             try:
-                proc.wait(STOP_SECONDS)
+                proc.wait(wait)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(STOP_SECONDS)
+                    proc.wait(wait)
         while self.cleanup:
             with contextlib.suppress(Exception):
                 self.cleanup.pop()()
@@ -270,20 +270,25 @@ def start_policyd(workdir: Path, memcached: Server, instances: int = 1) -> Serve
     """policyd with the example configuration; ``instances`` > 1 starts
     that many processes on one port (listen_reuse_port = yes), sharing the
     memcached and the lmdb backup files, as docs/operations.md describes."""
+    return _start_policyd("policyd", workdir, memcached, instances)
+
+
+def _start_policyd(name: str, home: Path, memcached: Server, instances: int,
+                   extra: str = "") -> Server:
+    """policyd named ``name`` with the example configuration written in
+    ``home``, plus ``extra`` settings, checked before it starts."""
     port = free_port()
-    cf = write_policyd_config(workdir, memcached, port)
-    return _launch_policyd("policyd", cf, port, instances)
-
-
-def _launch_policyd(name: str, cf: Path, port: int, instances: int) -> Server:
-    """Check ``cf`` as an operator would, then start ``instances`` processes."""
+    cf = write_policyd_config(home, memcached, port)
+    if extra:
+        with open(cf, "a") as f:
+            f.write(extra)
     ok, text = policyd_config_ok(cf)
     if not ok:
         raise ServerError(f"policyd --check-config failed:\n{text[-2000:]}")
     argv = [*policyd_command(), "-c", str(cf)]
     if instances > 1:
         argv += ["-o", "listen_reuse_port=yes"]
-    return _spawn(name, argv, cf.parent / "policyd.log", "127.0.0.1", port, copies=instances)
+    return _spawn(name, argv, home / "policyd.log", "127.0.0.1", port, copies=instances)
 
 
 # policyd-dns: the same policyd with two DNS lists on a private nsd; the
@@ -321,11 +326,9 @@ def start_policyd_dns(workdir: Path, instances: int = 1) -> Server:
             nsd = stack.enter_context(start_nsd(home / "nsd", dns_zones()))
         except (RuntimeError, OSError) as exc:
             raise ServerError(f"nsd did not start: {exc}") from None
-        port = free_port()
-        cf = write_policyd_config(home, memcached, port)
-        with open(cf, "a") as f:
-            f.write(f"\n# bench: DNS on\ndns_servers = {nsd.spec}\ndnsbl_sites = {DNS_SITES}\n")
-        server = _launch_policyd("policyd-dns", cf, port, instances)
+        server = _start_policyd(
+            "policyd-dns", home, memcached, instances,
+            f"\n# bench: DNS on\ndns_servers = {nsd.spec}\ndnsbl_sites = {DNS_SITES}\n")
         server.cleanup.append(stack.pop_all().close)
         return server
     raise AssertionError("unreachable")  # (mypy: the with block returns or raises)

@@ -31,6 +31,7 @@ from memtable.errors import (
     clip,
 )
 from memtable.limits import CF_MAX_LOGICAL_LINE_BYTES, CLI_MAX_INPUT_LINE_BYTES
+from memtable.logline import CommandFormatter
 from memtable.registry import open_table
 from memtable.syntax import parse_key_value, readllines
 from memtable.table import Table
@@ -102,19 +103,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbose: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_PostfixFormatter())
+    handler.setFormatter(CommandFormatter(PROG))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
-class _PostfixFormatter(logging.Formatter):
-    """``memtable: warning: ...`` like Postfix's msg_warn on stderr."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = record.levelname.lower()
-        prefix = f"{PROG}: " if level == "info" or level == "debug" else f"{PROG}: {level}: "
-        return prefix + record.getMessage()
 
 
 def _read_lines(stream: IO[str]) -> Iterator[str]:
@@ -174,7 +166,9 @@ def _query(tables: _Tables, key: str) -> str | None:
     return None
 
 
-def _run(args: argparse.Namespace, out: IO[str], inp: IO[str]) -> int:
+def _run_command(args: argparse.Namespace, out: IO[str], inp: IO[str]) -> int:
+    """Do what the command line asks (query, delete, sequence, update from
+    input, ttl): the exit status.  Errors raise (see main)."""
     fold = not args.no_fold
     if args.query is not None:
         tables = _Tables(args.tables, read_write=False, fold=fold)
@@ -283,7 +277,7 @@ def main(argv: list[str] | None = None, out: IO[str] | None = None,
     try:
         args = _parser().parse_args(argv)
         _setup_logging(args.v)
-        status = _run(args, out, inp)
+        status = _run_command(args, out, inp)
         out.flush()
         return status
     except _Fatal as exc:

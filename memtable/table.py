@@ -15,6 +15,18 @@ from types import TracebackType
 
 from memtable.errors import AccessError, SequenceUnsupportedError
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_case(text: str, utf8: bool = True) -> str:
+    """Postfix's casefold(), applied to keys by every table opened with
+    ``fold`` and to domains by the domain list: full Unicode case folding
+    when SMTPUTF8 support is on (the default since compatibility_level 1),
+    else ASCII-only."""
+    if utf8:
+        return text.casefold()
+    return text.translate(_ASCII_LOWER)
+
 
 class Outcome(enum.Enum):
     """What a conditional delete (delete_if) found and did."""
@@ -48,8 +60,8 @@ class Table(abc.ABC):
         """Remove key; True when it was there."""
         raise AccessError(f"{self.spec}: table does not support delete")
 
-    def delete_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
-        """Remove key only while its value is one ``doomed(value)`` accepts,
+    def delete_if(self, key: str, deletable: Callable[[str], bool]) -> Outcome:
+        """Remove key only while its value is one ``deletable(value)`` accepts,
         checked and removed in one step, so that a value another process
         writes meanwhile is never removed.  Only types that can do it
         atomically have it (lmdb: one exclusive transaction)."""

@@ -26,11 +26,6 @@ def wire_exptime(ttl: int) -> int:
     return exptime
 
 
-def postfix_exptime(ttl: int) -> int:
-    """What Postfix itself sends for the same ttl (the number as is)."""
-    return ttl
-
-
 def describe(ttl: int) -> str:
     """A one-line explanation of a ttl, for `memtable ttl` and docs."""
     if ttl == 0:

@@ -67,11 +67,11 @@ class Counts:
     capped: bool = False
 
     @property
-    def doomed(self) -> int:
+    def to_delete(self) -> int:
         return self.expired_pending + self.expired_passed + self.malformed
 
 
-def doomed_reason(entry: Entry, now: int, config: PolicydConfig) -> str | None:
+def deletion_reason(entry: Entry, now: int, config: PolicydConfig) -> str | None:
     """Why ``entry`` goes (``malformed``, ``pending``, ``passed``, i.e.
     unseen for max_age), or None when the policy still uses it."""
     if entry.triplet is not None:
@@ -108,7 +108,7 @@ def _walk(stores: Stores, config: PolicydConfig, now: int, counts: dict[str, Cou
         for entry in stores.walk(kind, max_entries):
             count = counts[entry.kind]
             count.examined += 1
-            reason = doomed_reason(entry, now, config)
+            reason = deletion_reason(entry, now, config)
             if reason is None:
                 continue
             if reason == "malformed":
@@ -131,18 +131,18 @@ def _walk(stores: Stores, config: PolicydConfig, now: int, counts: dict[str, Cou
 
 def delete_batch(stores: Stores, config: PolicydConfig, now: int, batch: list[Entry],
                  counts: dict[str, Counts]) -> None:
-    """Delete the doomed entries of ``batch`` that are still doomed (the
+    """Delete the entries of ``batch`` that are still to be deleted (the
     same value, or a new value that is expired or malformed too), each
     checked and deleted in one step (Stores.delete_if), so that a record
     policyd rewrites meanwhile is never deleted."""
     for entry in batch:
         count = counts[entry.kind]
 
-        def doomed(current: Entry, walked: Entry = entry) -> bool:
-            return (current.value == walked.value
-                    or doomed_reason(current, now, config) is not None)
+        def still_deletable(stored: Entry, walked: Entry = entry) -> bool:
+            return (stored.value == walked.value
+                    or deletion_reason(stored, now, config) is not None)
 
-        stored, cached = stores.delete_if(entry, doomed)
+        stored, cached = stores.delete_if(entry, still_deletable)
         if stored is not Outcome.DELETED:
             count.kept_changed += 1
             continue
@@ -167,7 +167,7 @@ def render(config: PolicydConfig, counts: dict[str, Counts], *, dry_run: bool,
                        f"{c.expired_passed} passed but unseen for max_age)")
         else:
             expired = f"{c.expired_passed} expired (unseen for max_age)"
-        done = (f"{c.doomed} would be deleted (dry run: nothing deleted)" if dry_run
+        done = (f"{c.to_delete} would be deleted (dry run: nothing deleted)" if dry_run
                 else f"{c.deleted} deleted")
         if c.backup_only:
             done += (f" ({c.backup_only} from the backup only: memcached holds a newer "

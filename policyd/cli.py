@@ -275,7 +275,7 @@ def _early_hangup(signum: int, frame: object) -> None:
 async def _serve(config: PolicydConfig) -> None:
     # Imported here: the policy factory is optional for --check-config and
     # the server module pulls in the whole asyncio stack.
-    from policyd import sdnotify
+    from policyd import limits, sdnotify
     from policyd.greylist import build_policy
     from policyd.metrics import metrics_for
     from policyd.server import PolicyServer
@@ -291,7 +291,7 @@ async def _serve(config: PolicydConfig) -> None:
         await server.start()
         server.install_signal_handlers()
         log.info("policyd started (%s)", config.path)
-        sdnotify.ready(server.status(), wait=True)
+        sdnotify.ready(server.status(), wait=limits.SD_NOTIFY_TIMEOUT_SECONDS)
         if _hangups:
             server.reload()  # asked for while starting
         try:

@@ -11,13 +11,13 @@ event loop.
 
 Triplet record, stored as ``first_seen,last_seen,passed,passed_at``
 (passed 0/1; passed_at the UNIX time of the retry that ended greylisting, 0
-while pending; records of older versions have no passed_at and read as 0,
-"delay unknown"): new ones with ttl retry_window, passed ones with ttl
-max_age.  passed_at - first_seen is the sender's retry delay, which
-``policyd report`` collects (last_seen moves on, so it cannot tell).  A passed
-triplet's last_seen (and ttl) is rewritten at most once per
-RECORD_REFRESH_INTERVAL to save writes, so it stays good for at least
-max_age - RECORD_REFRESH_INTERVAL after it was last seen.  Times are also
+while pending, and for passes imported from postgrey, which does not
+record it: "delay unknown"): new ones with ttl retry_window, passed ones
+with ttl max_age.  passed_at - first_seen is the sender's retry delay,
+which ``policyd report`` collects (last_seen moves on, so it cannot tell).
+A passed triplet's last_seen (and ttl) is rewritten at most once per
+RECORD_REFRESH_INTERVAL (policyd.reputation) to save writes, so it stays
+good for at least max_age - RECORD_REFRESH_INTERVAL after it was last seen.  Times are also
 checked on read, because a backup table (lmdb) never expires entries.
 
 Store traffic per request: the triplet and client lookups are queued
@@ -75,8 +75,14 @@ from policyd.api import Decision, PolicyFailure
 from policyd.config import PolicydConfig
 from policyd.dns import Resolver
 from policyd.dnsbl import DNSWL, LISTED, UNLISTED, DnsblScorer, DnsScore, DnsVerdict
-from policyd.metrics import Metrics, NullMetrics
-from policyd.reputation import ClientRecord, load_client_record, postscreen_proves_return
+from policyd.metrics import MetricsSink
+from policyd.reputation import (
+    ClientRecord,
+    load_client_record,
+    needs_refresh,
+    parse_record,
+    postscreen_proves_return,
+)
 from policyd.store import Store, StoreError, StoreWorker, open_checked
 from policyd.triplet import (
     IPAddress,
@@ -99,9 +105,12 @@ T = TypeVar("T")
 # the same grep finds both; the reason stays one word for the metrics.
 CLIENT_WHITELISTED = Decision(DUNNO, "whitelisted", detail="client whitelist")
 RECIPIENT_WHITELISTED = Decision(DUNNO, "whitelisted", detail="recipient whitelist")
+# Message instances remembered so that one message with several recipients
+# gets one X-Greylist header (postgrey remembers 20).
+HEADER_INSTANCE_MEMORY = 1024
 _PERCENT = re.compile(r"%[a-z]")
-# first_seen,last_seen,passed[,passed_at]: ASCII decimal numbers, passed 0 or 1.
-_TRIPLET_RECORD = re.compile(r"(\d+),(\d+),([01])(?:,(\d+))?", re.ASCII)
+# first_seen,last_seen,passed,passed_at: ASCII decimal numbers, passed 0 or 1.
+_TRIPLET_RECORD = re.compile(r"(\d+),(\d+),([01]),(\d+)", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -109,20 +118,19 @@ class TripletRecord:
     first_seen: int
     last_seen: int
     passed: bool = False
-    passed_at: int = 0  # when the delay ended; 0: pending, or unknown (old record)
+    passed_at: int = 0  # when the delay ended; 0: pending, or unknown (imported)
 
     def serialise(self) -> str:
         return f"{self.first_seen},{self.last_seen},{int(self.passed)},{self.passed_at}"
 
     @classmethod
     def parse(cls, value: str) -> TripletRecord:
-        """ValueError unless value is ``first,last,0|1,passed_at`` or the
-        older ``first,last,0|1`` (passed_at 0 then)."""
+        """ValueError unless value is ``first,last,0|1,passed_at``."""
         match = _TRIPLET_RECORD.fullmatch(value) if len(value) <= limits.RECORD_MAX_CHARS else None
         if match is None:
             raise ValueError(f"malformed triplet record {value[:80]!r}")
         first, last, passed, passed_at = match.groups()
-        return cls(int(first), int(last), passed == "1", int(passed_at or 0))
+        return cls(int(first), int(last), passed == "1", int(passed_at))
 
     @property
     def delay(self) -> int | None:
@@ -137,6 +145,21 @@ class TripletRecord:
         if self.passed:
             return now - self.last_seen > max_age
         return now - self.first_seen > retry_window
+
+
+def load_triplet_record(value: str | None, now: int, retry_window: int,
+                        max_age: int) -> TripletRecord | None:
+    """The stored record, or None when it must count as new: absent,
+    malformed (logged), retry window missed, or passed but unseen for
+    max_age (as load_client_record for client records)."""
+    record = parse_record(value, TripletRecord.parse, "triplet")
+    if record is None:
+        return None
+    if not record.passed and record.first_seen > now:
+        # Written by a host whose clock is ahead: start again from now
+        # (postgrey corrects it the same way), rather than wait forever.
+        return None
+    return None if record.expired(now, retry_window, max_age) else record
 
 
 def expand(template: str, values: Mapping[str, str]) -> str:
@@ -230,7 +253,7 @@ class GreylistPolicy:
         got = await _wait_all(self.triplets.get(tkey), self.clients.get(ckey))
         came_back = await self._postscreen_proves_return(postscreen, address, now)
         # Every result is in before the first error is raised: none is lost.
-        triplet_value, client_value = _ok(got[0]), _ok(got[1])
+        triplet_value, client_value = _value_or_raise(got[0]), _value_or_raise(got[1])
         record = load_client_record(client_value, now, config.max_age) or ClientRecord.new(now)
 
         if record.auto_whitelisted(config.auto_whitelist_clients):
@@ -240,11 +263,11 @@ class GreylistPolicy:
         if came_back:
             return Decision(DUNNO, "postscreen")
 
-        triplet = self._load_triplet(triplet_value, now)
+        triplet = load_triplet_record(triplet_value, now, config.retry_window, config.max_age)
         if triplet is not None and triplet.passed:
             # Known good triplet: refresh its lifetime now and then.
             writes: list[asyncio.Future[None]] = []
-            if not 0 <= now - triplet.last_seen < limits.RECORD_REFRESH_INTERVAL:
+            if needs_refresh(triplet.last_seen, now):
                 writes.append(self.triplets.put(
                     tkey, TripletRecord(triplet.first_seen, now, True,
                                         triplet.passed_at).serialise(),
@@ -252,7 +275,7 @@ class GreylistPolicy:
             if record.needs_refresh(now):
                 writes.append(self.clients.put(ckey, record.seen(now).serialise(),
                                                config.max_age))
-            await _gather(*writes)
+            await _await_writes(*writes)
             return Decision(DUNNO, "passed")
 
         # DNS only now: whitelisted, auto-whitelisted, postscreen-verified
@@ -268,7 +291,7 @@ class GreylistPolicy:
             if triplet is None:
                 writes.append(self.triplets.put(tkey, TripletRecord(now, now).serialise(),
                                                 config.retry_window))
-            await _gather(*writes)
+            await _await_writes(*writes)
             text = expand(config.greylist_text,
                           {"s": str(wait), "r": recipient_domain(recipient)})
             if not text[:1].isdigit():
@@ -281,7 +304,7 @@ class GreylistPolicy:
 
         # The delay is over: this retry ends greylisting for the triplet.
         delay = now - first
-        await _gather(
+        await _await_writes(
             self.triplets.put(tkey, TripletRecord(first, now, True, now).serialise(),
                               config.max_age),
             self.clients.put(ckey, record.count_pass(now).serialise(), config.max_age))
@@ -340,24 +363,6 @@ class GreylistPolicy:
             log.debug("DNS lists for %s not asked or cut short: SPF used the DNS bound", ip)
             return self.dnsbl.judge(DnsScore(None, "timeout"))
 
-    def _load_triplet(self, value: str | None, now: int) -> TripletRecord | None:
-        """The stored triplet, or None when it must count as new: absent,
-        malformed, retry window missed, or passed but unseen for max_age."""
-        if value is None:
-            return None
-        try:
-            triplet = TripletRecord.parse(value)
-        except ValueError as exc:
-            log.warning("ignoring triplet record: %s", exc)
-            return None
-        if not triplet.passed and triplet.first_seen > now:
-            # Written by a host whose clock is ahead: start again from now
-            # (postgrey corrects it the same way), rather than wait forever.
-            return None
-        if triplet.expired(now, self.config.retry_window, self.config.max_age):
-            return None
-        return triplet
-
     def _postscreen_lookup(self, address: str) -> asyncio.Future[str | None] | None:
         """The lookup in postscreen's cache, when it is consulted at all."""
         if self.postscreen is None or not self.config.postscreen_skip:
@@ -384,7 +389,7 @@ class GreylistPolicy:
         if instance in self._instances:
             return False
         self._instances[instance] = None
-        if len(self._instances) > limits.HEADER_INSTANCE_MEMORY:
+        if len(self._instances) > HEADER_INSTANCE_MEMORY:
             self._instances.popitem(last=False)
         return True
 
@@ -472,21 +477,22 @@ async def _wait_all(*futures: asyncio.Future[T]) -> list[T | BaseException]:
     return results
 
 
-async def _gather(*writes: asyncio.Future[None]) -> None:
+async def _await_writes(*writes: asyncio.Future[None]) -> None:
     """Wait for every write before raising the first error."""
     for result in await _wait_all(*writes):
         if isinstance(result, BaseException):
             raise result
 
 
-def _ok(result: T | BaseException) -> T:
+def _value_or_raise(result: T | BaseException) -> T:
+    """The value of a lookup, or the error it ended with, raised."""
     if isinstance(result, BaseException):
         raise result
     return result
 
 
 def build_policy(config: PolicydConfig,
-                 metrics: Metrics | NullMetrics | None = None) -> GreylistPolicy:
+                 metrics: MetricsSink | None = None) -> GreylistPolicy:
     """Read the whitelists and open the stores of ``config`` (blocking: call
     at start-up).  ConfigError (and memtable's open errors) propagate."""
     try:

@@ -9,40 +9,36 @@ MAX_LINE_BYTES = 4096
 MAX_ATTRIBUTES = 100
 MAX_REQUEST_BYTES = 32 * 1024
 
-# --- server (policyd.server) -----------------------------------------------
+# --- server (policyd.server, policyd.listeners) -----------------------------
 MAX_LISTENERS = 16
 MAX_CONNECTIONS_CEILING = 100_000
 MAX_TIMEOUT_SECONDS = 24 * 3600
 # Bytes read from a connection at once, and the most it may have sent
 # ahead, unread, before reading from it pauses.
 READ_CHUNK_BYTES = 64 * 1024
+# Replies are ~50 bytes; a peer that lets this much pile up unread is not
+# Postfix (which waits for each reply) and is disconnected.
+MAX_WRITE_BUFFER_BYTES = 256 * 1024
+# "too many connections" is logged at most once per this many seconds.
+REFUSAL_LOG_INTERVAL_SECONDS = 10.0
+# listen(2) backlog of every listening socket (the kernel caps it at somaxconn).
+LISTEN_BACKLOG = 1024
+# systemd socket activation: LISTEN_FDS above this is refused as nonsense.
+MAX_INHERITED_FDS = MAX_LISTENERS
+# Probe of an existing UNIX socket file (is another server still there?).
+UNIX_PROBE_TIMEOUT_SECONDS = 1.0
+# How long telling systemd a state change (sd_notify) may wait for room.
+SD_NOTIFY_TIMEOUT_SECONDS = 2.0
 
-# --- whitelists (policyd.whitelist) ----------------------------------------
-WHITELIST_FILE_MAX_BYTES = 4 * 1024 * 1024
-WHITELIST_MAX_ENTRIES = 100_000
-
-# --- greylisting keys and records (policyd.triplet, policyd.reputation) ----
-# memcached refuses keys over 250 bytes; a table's key_format may add a
-# prefix, so triplet and client keys longer than this are replaced by their
-# sha256 (64 hex characters).
-STORE_KEY_MAX_BYTES = 200
-# A stored record (triplet or client) is a few numbers; longer is garbage.
-RECORD_MAX_CHARS = 200
-# postscreen cache values: five numbers of at most 20 digits and separators.
-POSTSCREEN_VALUE_MAX_CHARS = 200
-# Passes of a client are counted at most once per this many seconds, and a
-# passed triplet's or client's last_seen is rewritten at most this often
-# (postgrey counts auto-whitelist passes once per hour).
-PASS_COUNT_INTERVAL = 3600
-RECORD_REFRESH_INTERVAL = 3600
-# Message instances remembered so that one message with several recipients
-# gets one X-Greylist header (postgrey remembers 20).
-HEADER_INSTANCE_MEMORY = 1024
-
-# --- decision lines (policyd.logsetup) ---------------------------------------
-# Distinct actions whose logfmt text is remembered (a greylist action varies
-# only with the wait and the recipient domain).
-DECISION_ACTION_CACHE = 256
+# --- metrics endpoint (policyd.metrics) -------------------------------------
+# Scrapes served at once (one thread each; more are closed at once), how
+# long one connection may last in all, and how long a stop waits for its
+# serving thread.
+METRICS_MAX_CONNECTIONS = 8
+METRICS_CONNECTION_SECONDS = 10.0
+METRICS_CLOSE_WAIT_SECONDS = 2.0
+# How often the metrics server's loop looks for a stop (a stop may wait one).
+METRICS_POLL_SECONDS = 0.5
 
 # --- stores (policyd.store) -------------------------------------------------
 # Operations waiting for a store's worker thread; beyond this, callers get a
@@ -51,37 +47,14 @@ STORE_MAX_PENDING = 10_000
 # Operations the worker takes from its queue in one go (gets among them are
 # coalesced into one lookup_many call when the table offers it).
 STORE_MAX_BATCH = 256
-# Whitelist regular expressions (one line each) are bounded in length.
-WHITELIST_MAX_LINE_CHARS = 1000
 
-# --- server, continued (policyd.server, policyd.listeners) -------------------
-# listen(2) backlog of every listening socket (the kernel caps it at somaxconn).
-LISTEN_BACKLOG = 1024
-# Replies are ~50 bytes; a peer that lets this much pile up unread is not
-# Postfix (which waits for each reply) and is disconnected.
-MAX_WRITE_BUFFER_BYTES = 256 * 1024
-# "too many connections" is logged at most once per this many seconds.
-REFUSAL_LOG_INTERVAL_SECONDS = 10.0
-# systemd socket activation: LISTEN_FDS above this is refused as nonsense.
-MAX_INHERITED_FDS = MAX_LISTENERS
-# Probe of an existing UNIX socket file (is another server still there?).
-UNIX_PROBE_TIMEOUT_SECONDS = 1.0
+# --- stopping (policyd.server) ------------------------------------------------
 # After shutdown_grace, how long cancelled connections get to finish.
 SHUTDOWN_CANCEL_WAIT_SECONDS = 2.0
 # Then how long each store's worker gets to finish what is queued and close
 # its table before it is abandoned (its thread is a daemon; an lmdb commit
 # cut short by the exit is rolled back by LMDB).  The stores close together.
 STORE_CLOSE_WAIT_SECONDS = 5.0
-# The metrics endpoint: scrapes served at once (one thread each; more are
-# closed at once), how long one connection may last in all, and how long a
-# stop waits for its serving thread.
-METRICS_MAX_CONNECTIONS = 8
-METRICS_CONNECTION_SECONDS = 10.0
-METRICS_CLOSE_WAIT_SECONDS = 2.0
-# How often the metrics server's loop looks for a stop (a stop may wait one).
-METRICS_POLL_SECONDS = 0.5
-# How long telling systemd a state change (sd_notify) may wait for room.
-SD_NOTIFY_TIMEOUT_SECONDS = 2.0
 
 
 def longest_stop_seconds(shutdown_grace: float) -> float:
@@ -92,6 +65,28 @@ def longest_stop_seconds(shutdown_grace: float) -> float:
     must exceed it."""
     return (shutdown_grace + 2 * SHUTDOWN_CANCEL_WAIT_SECONDS + STORE_CLOSE_WAIT_SECONDS
             + METRICS_POLL_SECONDS + METRICS_CLOSE_WAIT_SECONDS)
+
+
+# --- whitelists (policyd.whitelist) ----------------------------------------
+WHITELIST_FILE_MAX_BYTES = 4 * 1024 * 1024
+WHITELIST_MAX_ENTRIES = 100_000
+# Whitelist regular expressions (one line each) are bounded in length.
+WHITELIST_MAX_LINE_CHARS = 1000
+
+# --- greylisting keys and records (policyd.triplet, policyd.reputation) ----
+# memcached refuses keys over 250 bytes; a table's key_format may add a
+# prefix, so triplet and client keys longer than this are replaced by their
+# sha256 (64 hex characters).
+STORE_KEY_MAX_BYTES = 200
+# A stored record (triplet or client) is a few numbers; longer is garbage.
+RECORD_MAX_CHARS = 200
+# postscreen cache values: five numbers of at most 20 digits and separators.
+POSTSCREEN_VALUE_MAX_CHARS = 200
+
+# --- decision lines (policyd.logsetup) ---------------------------------------
+# Distinct actions whose logfmt text is remembered (a greylist action varies
+# only with the wait and the recipient domain).
+DECISION_ACTION_CACHE = 256
 
 # --- DNS (policyd.dns) --------------------------------------------------------
 # dns_timeout's default: one query, all servers and retries included.

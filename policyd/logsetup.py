@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TextIO
 
+from memtable.logline import SEVERITY_PREFIXES, CommandFormatter
 from policyd import limits
 from policyd.api import Decision
 from policyd.config import PolicydConfig
@@ -57,8 +58,6 @@ _ESCAPES.update({ord("\\"): "\\\\", ord('"'): '\\"'})
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
            "warning": logging.WARNING, "error": logging.ERROR}
-_PREFIXES = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
-             logging.CRITICAL: "fatal: "}
 # sd-daemon(3) priority prefixes, for stderr lines that go to the journal.
 _JOURNAL_PRIORITIES = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>",
                        logging.ERROR: "<3>", logging.CRITICAL: "<2>"}
@@ -168,7 +167,7 @@ def _msecs(created: float) -> float:
     return int((created - int(created)) * 1000) + 0.0  # as LogRecord computes it
 
 
-class _PostfixFormatter(logging.Formatter):
+class _ServerFormatter(logging.Formatter):
     """``[time ]policyd[pid]: [severity: ]message``: Postfix's severity
     prefix (none for info); the time stamp (logging's default format)
     formatted once per second.  For the journal (``journal=True``):
@@ -190,7 +189,7 @@ class _PostfixFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        record.severity = _PREFIXES.get(record.levelno, "")
+        record.severity = SEVERITY_PREFIXES.get(record.levelno, "")
         if record.process is None:  # logging.logProcesses is off: see setup_logging
             record.process = _pid
         if not self.journal:
@@ -249,7 +248,7 @@ class _BatchingStreamHandler(logging.StreamHandler[TextIO]):
         if self.level > logging.INFO:
             return
         formatter = self.formatter
-        if self.filters or not isinstance(formatter, _PostfixFormatter):
+        if self.filters or not isinstance(formatter, _ServerFormatter):
             self.handle(_info_record(message, created))
             return
         line = formatter.info_line(message, created) + self.terminator
@@ -317,6 +316,9 @@ def error_line(message: str) -> str:
     return f"{_JOURNAL_PRIORITIES[logging.ERROR]}{message}" if stderr_is_journal() else message
 
 
+_COMMAND_FORMATTER = CommandFormatter("policyd")
+
+
 class _CommandHandler(logging.Handler):
     """Warnings and errors before setup_logging, and in the commands that
     never call it (--check-config, report, cleanup): one line on stderr,
@@ -326,7 +328,7 @@ class _CommandHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = f"policyd: {_PREFIXES.get(record.levelno, '')}{record.getMessage()}"
+            line = _COMMAND_FORMATTER.format(record)
             if stderr_is_journal():
                 line = _JOURNAL_PRIORITIES.get(record.levelno, "<6>") + line
             sys.stderr.write(line + "\n")
@@ -363,7 +365,7 @@ def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     root = logging.getLogger()
     end_command_logging()
     # No getpid() and thread lookup per record: the formatters add the pid
-    # (_PostfixFormatter), and no policyd format shows the thread.
+    # (_ServerFormatter), and no policyd format shows the thread.
     logging.logProcesses = False
     logging.logThreads = False
     for handler in _installed:
@@ -372,7 +374,7 @@ def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     _installed.clear()
 
     stderr = _BatchingStreamHandler(sys.stderr)
-    stderr.setFormatter(_PostfixFormatter(with_time=True, journal=stderr_is_journal()))
+    stderr.setFormatter(_ServerFormatter(with_time=True, journal=stderr_is_journal()))
     _installed.append(stderr)
 
     problem = ""
@@ -383,7 +385,7 @@ def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
         if sock is None or sock.fileno() < 0:
             problem = (f"syslog socket {config.syslog_socket} is not available yet; "
                        "lines go to stderr only until it is")
-        syslog.setFormatter(_PostfixFormatter(with_time=False))
+        syslog.setFormatter(_ServerFormatter(with_time=False))
         _installed.append(syslog)
 
     for handler in _installed:
@@ -394,18 +396,13 @@ def setup_logging(config: PolicydConfig) -> list[logging.Handler]:
     return list(_installed)
 
 
-class _CommandFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"policyd: {_PREFIXES.get(record.levelno, '')}{record.getMessage()}"
-
-
 @contextlib.contextmanager
 def command_logging() -> Iterator[None]:
     """Warnings of a one-shot command (--check-config) to stderr, as
     Postfix's commands write them: ``policyd: warning: ...``; the handlers
     before it are back afterwards."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_CommandFormatter())
+    handler.setFormatter(_COMMAND_FORMATTER)
     root = logging.getLogger()
     saved, level = root.handlers[:], root.level
     root.handlers[:] = [handler]

@@ -17,7 +17,7 @@ import logging
 import socket
 import socketserver
 import threading
-from typing import Any, Protocol
+from typing import Any, TypeAlias
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from memtable.endpoint import Endpoint
@@ -49,6 +49,8 @@ DNS_SCORE_BUCKETS = (-10, -5, -3, -2, -1, 0, 1, 2, 3, 5, 10, 20)
 # Store names: the role of each table in policyd.
 STORES = frozenset({"triplets", "clients", "postscreen"})
 STORE_OPS = frozenset({"get", "put"})
+# Why policyd ended a connection itself (policyd.server).
+END_REASONS = frozenset({"idle_timeout", "read_timeout", "protocol_error"})
 OTHER = "other"
 # What DNS contributed to a decision (Decision.fields): SPF results, and
 # whether the client was pooled under its sender domain.
@@ -87,20 +89,6 @@ def _bounded(value: str, allowed: frozenset[str]) -> str:
     return value if value in allowed else OTHER
 
 
-class MetricsSink(Protocol):
-    """What the server and the policy may call (Metrics or NullMetrics)."""
-
-    def decision(self, action_word: str, reason: str, delay: float | None = None) -> None: ...
-    def observe_decision(self, decision: Decision) -> None: ...
-    def store_latency(self, store: str, op: str, seconds: float) -> None: ...
-    def store_error(self, store: str) -> None: ...
-    def connection_opened(self) -> None: ...
-    def connection_closed(self) -> None: ...
-    def connection_refused(self) -> None: ...
-    def request_size(self, nbytes: int) -> None: ...
-    def close(self) -> None: ...
-
-
 class NullMetrics:
     """Metrics switched off: every call is a no-op."""
 
@@ -125,6 +113,9 @@ class NullMetrics:
         pass
 
     def connection_refused(self) -> None:
+        pass
+
+    def connection_ended(self, reason: str) -> None:
         pass
 
     def request_size(self, nbytes: int) -> None:
@@ -187,6 +178,10 @@ class Metrics:
         self._refused = prom.Counter(
             "connections_refused", "Connections closed at once: max_connections reached",
             namespace=NAMESPACE, registry=reg)
+        self._ended = prom.Counter(
+            "connections_ended", "Connections policyd ended itself: idle_timeout, "
+            "read_timeout, protocol_error (the peer broke the policy protocol)",
+            ["reason"], namespace=NAMESPACE, registry=reg)
         self._request_bytes = prom.Histogram(
             "request_bytes", "Size of policy requests in bytes", namespace=NAMESPACE,
             registry=reg, buckets=REQUEST_SIZE_BUCKETS)
@@ -205,6 +200,8 @@ class Metrics:
             self._dns_failures.labels(kind)
         for result in sorted(DNS_RESULTS):
             self._dns_results.labels(result)
+        for reason in sorted(END_REASONS):
+            self._ended.labels(reason)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None
@@ -258,6 +255,9 @@ class Metrics:
     def connection_refused(self) -> None:
         self._refused.inc()
 
+    def connection_ended(self, reason: str) -> None:
+        self._ended.labels(_bounded(reason, END_REASONS)).inc()
+
     def request_size(self, nbytes: int) -> None:
         self._request_bytes.observe(max(nbytes, 0))
 
@@ -268,8 +268,12 @@ class Metrics:
         data: bytes = self._prom.generate_latest(self.registry)
         return data
 
-    def serve(self, endpoint: Endpoint) -> None:
-        """Serve /metrics on an inet endpoint from a daemon thread."""
+    def serve(self, endpoint: Endpoint, *,
+              max_connections: int = limits.METRICS_MAX_CONNECTIONS,
+              connection_seconds: float = limits.METRICS_CONNECTION_SECONDS) -> None:
+        """Serve /metrics on an inet endpoint from a daemon thread: at most
+        ``max_connections`` scrapes at once, each connection closed after
+        ``connection_seconds`` in all."""
         if endpoint.kind != "inet":
             raise PolicydError(f"metrics_listen = {endpoint}: only inet:host:port is "
                                "supported (Prometheus scrapes over TCP)")
@@ -279,7 +283,8 @@ class Metrics:
             raise PolicydError(f"metrics_listen = {endpoint}: cannot listen: "
                                f"{exc.strerror or exc}") from None
         try:
-            server = _BoundedWSGIServer(listener.sock, self._prom.make_wsgi_app(self.registry))
+            server = _BoundedWSGIServer(listener.sock, self._prom.make_wsgi_app(self.registry),
+                                        max_connections, connection_seconds)
             thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True,
                                       args=(limits.METRICS_POLL_SECONDS,))
             thread.start()
@@ -302,6 +307,10 @@ class Metrics:
             self._thread = None
 
 
+#: What the server and the policy report events to.
+MetricsSink: TypeAlias = "Metrics | NullMetrics"
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per scrape would drown the decision lines
@@ -309,14 +318,15 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     """prometheus_client's start_http_server, bounded: at most
-    METRICS_MAX_CONNECTIONS scrapes at once (a thread each; further
-    connections are closed at once), each connection closed after
-    METRICS_CONNECTION_SECONDS in all, so idle or slow connections cannot
-    pile up threads or hold every slot."""
+    ``max_connections`` scrapes at once (a thread each; further connections
+    are closed at once), each connection closed after ``connection_seconds``
+    in all, so idle or slow connections cannot pile up threads or hold
+    every slot."""
 
     daemon_threads = True
 
-    def __init__(self, sock: socket.socket, app: Any) -> None:
+    def __init__(self, sock: socket.socket, app: Any, max_connections: int,
+                 connection_seconds: float) -> None:
         # The socket comes bound and listening from policyd.listeners (one
         # way to bind inet endpoints: address family, IPV6_V6ONLY), which
         # also skips HTTPServer.server_bind's unbounded getfqdn() lookup.
@@ -329,7 +339,8 @@ class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
             self.server_address[1])
         self.setup_environ()
         self.set_app(app)
-        self._slots = threading.BoundedSemaphore(limits.METRICS_MAX_CONNECTIONS)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._connection_seconds = connection_seconds
         self._watchdogs: dict[socket.socket, _Watchdog] = {}
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -352,7 +363,7 @@ class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
             try:
                 # The whole connection is bounded, not each read: a client
                 # sending a byte now and then must not keep its slot.
-                self._watchdogs[request] = _Watchdog(request)
+                self._watchdogs[request] = _Watchdog(request, self._connection_seconds)
             except BaseException:  # its timer thread could not start
                 self.shutdown_request(request)
                 raise
@@ -372,15 +383,15 @@ class _BoundedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
 
 
 class _Watchdog:
-    """Shuts a metrics connection down after METRICS_CONNECTION_SECONDS,
-    which ends the handler's current or next read; a lock and a flag keep it
-    off a socket (and a reused descriptor) once the server closed it."""
+    """Shuts a metrics connection down after ``seconds``, which ends the
+    handler's current or next read; a lock and a flag keep it off a socket
+    (and a reused descriptor) once the server closed it."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
         self.sock = sock
         self.lock = threading.Lock()
         self.closed = False
-        self.timer = threading.Timer(limits.METRICS_CONNECTION_SECONDS, self._shut)
+        self.timer = threading.Timer(seconds, self._shut)
         self.timer.daemon = True
         self.timer.start()
 
@@ -407,7 +418,7 @@ def start_metrics(endpoint: Endpoint) -> Metrics:
     return metrics
 
 
-def metrics_for(endpoint: Endpoint | None) -> Metrics | NullMetrics:
+def metrics_for(endpoint: Endpoint | None) -> MetricsSink:
     """What the server uses for ``config.metrics_listen``: NullMetrics when
     it is empty, else started Metrics (errors as start_metrics)."""
     if endpoint is None:

@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,16 +117,22 @@ class Suggestion:
 
 
 @dataclass
-class TripletFigures:
+class TableFigures:
+    """What was read of one table, whatever its records."""
+
     table: str = ""
     read: int = 0
-    capped: bool = False
+    capped: bool = False  # stopped at the bound on entries read
+    malformed: int = 0
+
+
+@dataclass
+class TripletFigures(TableFigures):
     pending: int = 0
     passed: int = 0
     expired_pending: int = 0
     expired_passed: int = 0
-    malformed: int = 0
-    unknown_delay: int = 0  # passed before passed_at was recorded
+    unknown_delay: int = 0  # passes imported from postgrey: no passed_at
 
     @property
     def expired(self) -> int:
@@ -134,13 +140,9 @@ class TripletFigures:
 
 
 @dataclass
-class ClientFigures:
-    table: str = ""
-    read: int = 0
-    capped: bool = False
+class ClientFigures(TableFigures):
     live: int = 0
     expired: int = 0
-    malformed: int = 0
     auto_whitelisted: int = 0
     pass_counts: list[int] = field(default_factory=lambda: [0] * len(PASS_BUCKETS))
     top: list[tuple[int, str | None]] = field(default_factory=list)  # (passes, key)
@@ -226,7 +228,7 @@ class Report:
                 f"  malformed  {t.malformed:8d}", ""]
         out.append(f"Retry delays (passed_at - first_seen) of {len(self.delays)} passes")
         if t.unknown_delay:
-            out.append(f"  ({t.unknown_delay} passed triplets predate delay recording: "
+            out.append(f"  ({t.unknown_delay} passed triplets imported from postgrey: "
                        "delay unknown)")
         pct = self.percentiles
         if pct is None:
@@ -443,15 +445,6 @@ def _suggest_max_age(cfg: PolicydConfig) -> Suggestion:
         "not derivable: a record keeps only when it was last seen, not the gaps between "
         "visits, so how long after last seen senders come back is unknown; keep "
         f"{duration(cfg.max_age)} (over a month catches monthly senders)")
-
-
-def analyse(config: PolicydConfig, entries: Iterable[Entry], now: int,
-            top: int = DEFAULT_TOP) -> Report:
-    """A report over ``entries`` (tests and callers with their own walk)."""
-    analyser = Analyser(config, now, top)
-    for entry in entries:
-        analyser.add(entry)
-    return analyser.finish()
 
 
 def collect(config: PolicydConfig, *, now: int | None = None, top: int = DEFAULT_TOP,

@@ -12,11 +12,26 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from policyd import limits
 
 log = logging.getLogger(__name__)
+
+# Greylisting rules of records: passes of a client are counted at most once
+# per PASS_COUNT_INTERVAL seconds (postgrey counts auto-whitelist passes once
+# per hour), and a passed triplet's or a client's last_seen (and so its ttl)
+# is rewritten at most once per RECORD_REFRESH_INTERVAL, to save writes.
+PASS_COUNT_INTERVAL = 3600
+RECORD_REFRESH_INTERVAL = 3600
+
+
+def needs_refresh(last_seen: int, now: int) -> bool:
+    """Whether a record last seen at ``last_seen`` is due to be rewritten
+    (a last_seen in the future, from a clock that went back, is too)."""
+    return not 0 <= now - last_seen < RECORD_REFRESH_INTERVAL
 
 # first_seen,last_seen,deferred,passed,last_pass: ASCII decimal numbers only.
 _CLIENT_RECORD = re.compile(r"(\d+),(\d+),(\d+),(\d+),(\d+)", re.ASCII)
@@ -65,7 +80,7 @@ class ClientRecord:
         """A triplet of this client ended its delay: one more pass, unless a
         pass was counted in the last hour (or the record is from the future:
         a clock went back, as postgrey allows)."""
-        if (self.last_pass == 0 or now >= self.last_pass + limits.PASS_COUNT_INTERVAL
+        if (self.last_pass == 0 or now >= self.last_pass + PASS_COUNT_INTERVAL
                 or self.last_pass > now):
             return ClientRecord(self.first_seen, now, self.deferred, self.passed + 1, now)
         return self.seen(now)
@@ -81,20 +96,29 @@ class ClientRecord:
 
     def needs_refresh(self, now: int) -> bool:
         """Rewrite last_seen (and so the ttl) at most once an interval."""
-        return not 0 <= now - self.last_seen < limits.RECORD_REFRESH_INTERVAL
+        return needs_refresh(self.last_seen, now)
+
+
+R = TypeVar("R")
+
+
+def parse_record(value: str | None, parse: Callable[[str], R], kind: str) -> R | None:
+    """A stored record of ``kind`` as ``parse`` reads it; None when absent
+    or malformed (logged: the record then counts as new)."""
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as exc:
+        log.warning("ignoring %s record: %s", kind, exc)
+        return None
 
 
 def load_client_record(value: str | None, now: int, max_age: int) -> ClientRecord | None:
     """The stored record, or None when absent, older than max_age (a backup
     table may not expire entries) or malformed (logged)."""
-    if value is None:
-        return None
-    try:
-        record = ClientRecord.parse(value)
-    except ValueError as exc:
-        log.warning("ignoring client record: %s", exc)
-        return None
-    return None if record.expired(now, max_age) else record
+    record = parse_record(value, ClientRecord.parse, "client")
+    return None if record is None or record.expired(now, max_age) else record
 
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ it listens; ``systemctl status`` shows a reload in progress and a stop.
 Outside systemd ($NOTIFY_SOCKET unset) every call is a no-op.  The first
 READY=1 waits up to SD_NOTIFY_TIMEOUT_SECONDS for room in systemd's queue
 (lost, systemd would kill policyd at TimeoutStartSec); later messages run on
-the event loop while it serves, so they never wait.  A message that cannot
+the event loop while it serves, so they never wait (``wait`` 0).  A message that cannot
 be sent is logged as a warning and otherwise ignored.
 """
 
@@ -17,7 +17,6 @@ import os
 import socket
 
 from memtable import clock
-from policyd import limits
 
 log = logging.getLogger("policyd.sdnotify")
 
@@ -34,9 +33,9 @@ def notify_address(value: str | None) -> str | None:
     return None  # vsock and other forms: not used by the units shipped here
 
 
-def notify(*fields: str, wait: bool = False) -> bool:
+def notify(*fields: str, wait: float = 0.0) -> bool:
     """Send ``NAME=value`` fields as one message; True when it was sent.
-    ``wait``: wait up to SD_NOTIFY_TIMEOUT_SECONDS for room in the queue."""
+    ``wait``: the seconds it may wait for room in systemd's queue (0: none)."""
     address = notify_address(os.environ.get("NOTIFY_SOCKET"))
     if address is None:
         return False
@@ -44,7 +43,7 @@ def notify(*fields: str, wait: bool = False) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             # Connected: an unconnected datagram socket always polls as
             # writable, so a timed send would spin instead of sleeping.
-            sock.settimeout(limits.SD_NOTIFY_TIMEOUT_SECONDS if wait else 0)
+            sock.settimeout(wait)
             sock.connect(address)
             sock.send("\n".join(fields).encode())
     except OSError as exc:
@@ -53,7 +52,7 @@ def notify(*fields: str, wait: bool = False) -> bool:
     return True
 
 
-def ready(status: str, wait: bool = False) -> bool:
+def ready(status: str, wait: float = 0.0) -> bool:
     return notify("READY=1", f"STATUS={status}", wait=wait)
 
 

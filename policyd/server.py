@@ -30,7 +30,6 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 from policyd import limits, sdnotify
@@ -39,27 +38,13 @@ from policyd.config import PolicydConfig
 from policyd.errors import PolicyProtocolError
 from policyd.listeners import Listener, open_listeners
 from policyd.logsetup import DECISION_LOGGER, format_decision, log_decision
-from policyd.metrics import Metrics, NullMetrics
+from policyd.metrics import MetricsSink, NullMetrics
 from policyd.protocol import PolicyParser, Request, format_reply
 
 log = logging.getLogger("policyd.server")
 _decision_log = logging.getLogger(DECISION_LOGGER)
 
 _DUNNO_REPLY = format_reply("DUNNO")
-
-
-@dataclass
-class ServerStats:
-    """Counters since start (read by metrics and tests)."""
-
-    connections: int = 0           # accepted and served
-    refused: int = 0               # closed at once: max_connections reached
-    requests: int = 0              # complete requests received
-    replies: int = 0               # replies written
-    protocol_errors: int = 0
-    policy_failures: int = 0       # answered as store_failure_action says
-    read_timeouts: int = 0
-    idle_timeouts: int = 0
 
 
 class State(enum.Enum):
@@ -164,7 +149,6 @@ class _Connection(asyncio.BufferedProtocol):
         if transport.is_closing():
             return False  # the peer left while its request was decided
         transport.write(reply)
-        self.server.stats.replies += 1
         if transport.get_write_buffer_size() > limits.MAX_WRITE_BUFFER_BYTES:
             log.warning("%s: peer does not read its replies; closing", self.peer)
             return False
@@ -192,7 +176,7 @@ class PolicyServer:
 
     def __init__(self, config: PolicydConfig, policy: Policy,
                  listeners: list[Listener] | None = None,
-                 metrics: Metrics | NullMetrics | None = None) -> None:
+                 metrics: MetricsSink | None = None) -> None:
         self._config = config
         self._policy = policy
         self._metrics = metrics or NullMetrics()
@@ -207,7 +191,6 @@ class PolicyServer:
         self._signals: list[int] = []
         self._reload_task: asyncio.Task[None] | None = None
         self._read_buffer = memoryview(bytearray(limits.READ_CHUNK_BYTES))
-        self.stats = ServerStats()
 
     # --- public ----------------------------------------------------------
 
@@ -364,12 +347,10 @@ class PolicyServer:
             self._refuse(conn.peer, conn.transport)
             return
         self._conns[conn] = None
-        self.stats.connections += 1
         self._metrics.connection_opened()
         conn.task = conn.loop.create_task(self._serve(conn))
 
     def _refuse(self, peer: str, transport: asyncio.Transport) -> None:
-        self.stats.refused += 1
         self._metrics.connection_refused()
         transport.abort()
         if self._closing:
@@ -435,7 +416,6 @@ class PolicyServer:
                         return []
                     requests = parser.feed(data)
                     if requests:
-                        self.stats.requests += len(requests)
                         for request in requests:
                             self._metrics.request_size(request.size)
                         return requests
@@ -446,15 +426,15 @@ class PolicyServer:
                         timeout.reschedule(loop.time() + config.read_timeout)
         except TimeoutError:
             if conn.state is State.READING:
-                self.stats.read_timeouts += 1
+                self._metrics.connection_ended("read_timeout")
                 log.warning("%s: request incomplete after read_timeout (%ss); closing",
                             conn.peer, config.read_timeout)
             else:
-                self.stats.idle_timeouts += 1
+                self._metrics.connection_ended("idle_timeout")
                 log.debug("%s: idle for %ss; closing", conn.peer, config.idle_timeout)
             return []
         except PolicyProtocolError as exc:
-            self.stats.protocol_errors += 1
+            self._metrics.connection_ended("protocol_error")
             log.warning("%s: protocol error: %s; closing without reply", conn.peer, exc)
             return []
 
@@ -486,7 +466,6 @@ class PolicyServer:
         failed (``reason``: ``store-failure`` or ``policy-failure``; ``why``
         says how) or took longer than decision_timeout.  store_failure_action
         says which: DUNNO, or None to close without a reply."""
-        self.stats.policy_failures += 1
         disconnect = self._config.store_failure_action == "disconnect"
         failure = Decision(action="DUNNO", reason=reason, disconnect=disconnect, detail=why)
         _decision_log.warning("%s", format_decision(attrs, failure))

@@ -77,7 +77,7 @@ class WalkStats:
     capped: bool = False
 
 
-def _source(table: Table) -> Table:
+def _walked_table(table: Table) -> Table:
     """The table whose sequence() lists ``table``'s entries."""
     if isinstance(table, MemcacheTable):
         if table.backup is None:
@@ -115,8 +115,8 @@ class Stores:
             for spec in (config.triplet_table, config.client_table):
                 tables.append(open_checked(spec, read_write=read_write))
             stores = cls(config, tables[0], tables[1])
-            _source(stores.triplets)
-            _source(stores.clients)
+            _walked_table(stores.triplets)
+            _walked_table(stores.clients)
         except (MemtableError, OSError, WalkError) as exc:
             for table in tables:
                 table.close()
@@ -128,7 +128,7 @@ class Stores:
     @property
     def shared(self) -> bool:
         """Both tables list their entries from one store."""
-        return _identity(_source(self.triplets)) == _identity(_source(self.clients))
+        return _identity(_walked_table(self.triplets)) == _identity(_walked_table(self.clients))
 
     def kinds(self) -> tuple[str, ...]:
         """The tables to walk: both, or one when they share a store."""
@@ -141,7 +141,7 @@ class Stores:
         """Every record of table ``kind``, at most ``max_entries`` of them
         (``stats[kind].capped`` then tells).  WalkError on failure."""
         stats = self.stats[kind] = WalkStats()
-        source = _source(self.table(kind))
+        source = _walked_table(self.table(kind))
         by_shape = self.shared
         try:
             items = source.sequence()
@@ -165,9 +165,9 @@ class Stores:
             if close is not None:
                 close()
 
-    def delete_if(self, entry: Entry, doomed: Callable[[Entry], bool]
+    def delete_if(self, entry: Entry, deletable: Callable[[Entry], bool]
                   ) -> tuple[Outcome, Outcome | None]:
-        """Delete ``entry.key`` wherever its record is still one ``doomed``
+        """Delete ``entry.key`` wherever its record is still one ``deletable``
         accepts: from the walked store (the lmdb backup) checked and deleted
         in one exclusive transaction, then, for a memcache table, from
         memcached with a cas-guarded delete; a record written meanwhile is
@@ -179,10 +179,10 @@ class Stores:
         kind, key = entry.kind, entry.key
 
         def check(value: str) -> bool:
-            return doomed(parse_entry(kind, key, value, by_shape=self.shared))
+            return deletable(parse_entry(kind, key, value, by_shape=self.shared))
 
         table = self.table(kind)
-        source = _source(table)
+        source = _walked_table(table)
         try:
             stored = source.delete_if(key, check)
         except (MemtableError, OSError) as exc:
@@ -193,11 +193,11 @@ class Stores:
         if entry.malformed and self.shared and self.clients is not self.triplets:
             tables = [self.triplets, self.clients]
         cached: Outcome | None = None
-        for front in tables:
-            if not isinstance(front, MemcacheTable):
+        for cache in tables:
+            if not isinstance(cache, MemcacheTable):
                 continue
             try:
-                outcome = front.delete_cached_if(key, check)
+                outcome = cache.delete_cached_if(key, check)
             except TemporaryError:
                 continue
             if cached is None or outcome is Outcome.KEPT:

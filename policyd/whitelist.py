@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from memtable.errors import ConfigError
 from memtable.files import read_regular_file
 from policyd import limits
-from policyd.triplet import IPAddress, parse_client_address, split_address
+from policyd.triplet import IPAddress, split_address
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,13 @@ class ClientWhitelist:
     def __len__(self) -> int:
         return len(self.names) + len(self.networks) + len(self.regexes)
 
-    def matches(self, ip: IPAddress | None, client_name: str) -> bool:
+    def matches(self, ip: IPAddress, client_name: str) -> bool:
         if not self:  # every request asks: no work for an empty list
             return False
         name = client_name.strip().lower().rstrip(".")
         if name and any(s in self.names for s in _domain_suffixes(name)):
             return True
-        if ip is not None and self.networks.contains(ip):
+        if self.networks.contains(ip):
             return True
         return any(r.search(client_name) for r in self.regexes)
 
@@ -211,17 +211,20 @@ def _read_lines(path: str) -> list[tuple[int, str]]:
 
 @dataclass
 class Whitelists:
-    """Both whitelists, read from their files; ``reload()`` on SIGHUP."""
+    """Both whitelists, read from their files; ``reload()`` on SIGHUP.
+    Each list holds at most ``max_entries`` entries."""
 
     client_files: tuple[str, ...] = ()
     recipient_files: tuple[str, ...] = ()
     clients: ClientWhitelist = field(default_factory=ClientWhitelist)
     recipients: RecipientWhitelist = field(default_factory=RecipientWhitelist)
+    max_entries: int = limits.WHITELIST_MAX_ENTRIES
 
     @classmethod
-    def load(cls, client_files: Iterable[str], recipient_files: Iterable[str]) -> Whitelists:
+    def load(cls, client_files: Iterable[str], recipient_files: Iterable[str], *,
+             max_entries: int = limits.WHITELIST_MAX_ENTRIES) -> Whitelists:
         """Read every file; ConfigError (naming file and line) on any problem."""
-        lists = cls(tuple(client_files), tuple(recipient_files))
+        lists = cls(tuple(client_files), tuple(recipient_files), max_entries=max_entries)
         lists.clients, lists.recipients = lists._read()
         return lists
 
@@ -231,11 +234,11 @@ class Whitelists:
         for path in self.client_files:
             for number, entry in _read_lines(path):
                 clients.add_line(entry, path, number)
-                _check_count(len(clients), path, number)
+                self._check_count(len(clients), path, number)
         for path in self.recipient_files:
             for number, entry in _read_lines(path):
                 recipients.add_line(entry, path, number)
-                _check_count(len(recipients), path, number)
+                self._check_count(len(recipients), path, number)
         return clients, recipients
 
     def reload(self) -> bool:
@@ -250,19 +253,10 @@ class Whitelists:
                  len(clients), len(recipients))
         return True
 
-    def client_whitelisted(self, client_address: str, client_name: str) -> bool:
-        try:
-            ip: IPAddress | None = parse_client_address(client_address)
-        except ValueError:
-            ip = None
-        return self.clients.matches(ip, client_name)
+    def _check_count(self, count: int, path: str, line: int) -> None:
+        if count > self.max_entries:
+            raise ConfigError(f"more than {self.max_entries} whitelist entries", path, line)
 
     def recipient_whitelisted(self, recipient: str) -> bool:
         return self.recipients.matches(recipient)
-
-
-def _check_count(count: int, path: str, line: int) -> None:
-    if count > limits.WHITELIST_MAX_ENTRIES:
-        raise ConfigError(f"more than {limits.WHITELIST_MAX_ENTRIES} whitelist entries",
-                          path, line)
 

@@ -1,59 +1,23 @@
-"""Shared pieces of the greylisting tests: an in-memory Table that honours
-ttls by memtable's clock (so freezegun can expire entries), and builders
-for policies over it."""
+"""Shared pieces of the greylisting tests: builders for policies over
+in-memory tables (tests.dict_table)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from memtable import clock
 from memtable.table import Table
 from policyd.config import PolicydConfig
 from policyd.dns import Resolver
 from policyd.greylist import GreylistPolicy
 from policyd.store import Store
 from policyd.whitelist import Whitelists
+from tests.dict_table import DictTable
 
 T = TypeVar("T")
-
-
-class DictTable(Table):
-    """A read-write Table over a dict; entries expire after their ttl."""
-
-    def __init__(self, spec: str = "dict:test") -> None:
-        self.spec = spec
-        self.read_write = True
-        self.fold = False
-        self.data: dict[str, tuple[str, float | None]] = {}
-        self.lookups = 0
-        self.updates = 0
-        self.closed = False
-
-    def lookup(self, key: str) -> str | None:
-        self.lookups += 1
-        item = self.data.get(key)
-        if item is None:
-            return None
-        value, expires = item
-        if expires is not None and clock.now() >= expires:
-            del self.data[key]
-            return None
-        return value
-
-    def update(self, key: str, value: str, ttl: int | None = None) -> None:
-        self.updates += 1
-        self.data[key] = (value, clock.now() + ttl if ttl else None)
-
-    def sequence(self) -> Iterator[tuple[str, str]]:
-        for key, (value, _) in list(self.data.items()):
-            yield key, value
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def config(**overrides: Any) -> PolicydConfig:

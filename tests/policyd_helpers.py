@@ -15,10 +15,11 @@ from typing import Any, TypeVar
 
 from policyd.api import Decision, PolicyFailure
 from policyd.config import PolicydConfig
+from policyd.metrics import Metrics
 from policyd.server import PolicyServer
+from tests.wait import WAIT
 
 T = TypeVar("T")
-WAIT = 5.0  # bound on every wait in these tests
 
 
 class ScriptedPolicy:
@@ -97,12 +98,14 @@ class SteppedLoop(asyncio.SelectorEventLoop):
 
 
 class ServerThread:
-    """A PolicyServer on its own event loop in a daemon thread."""
+    """A PolicyServer on its own event loop in a daemon thread, reporting
+    to Metrics (not served: count() reads them)."""
 
     def __init__(self, config: PolicydConfig, policy: ScriptedPolicy) -> None:
         self.policy = policy
         self.loop = SteppedLoop()
-        self.server = PolicyServer(config, policy)
+        self.metrics = Metrics()
+        self.server = PolicyServer(config, policy, metrics=self.metrics)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.call(self.server.start())
@@ -123,6 +126,14 @@ class ServerThread:
             self.loop.offset += seconds
             await _loop_turns()
         self.call(step())
+
+    def count(self, counter: str, **labels: str) -> float:
+        """The counter ``policyd_<counter>_total`` as a scrape shows it,
+        summed over the label values not given."""
+        name = f"policyd_{counter}_total"
+        return float(sum(sample.value for metric in self.metrics.registry.collect()
+                         for sample in metric.samples
+                         if sample.name == name and labels.items() <= sample.labels.items()))
 
     def connections(self) -> int:
         async def count() -> int:

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from memtable.registry import open_table
+from policyd.config import PolicydConfig
+from policyd.greylist import TripletRecord
 from tests.conftest import free_port
-from tests.policyd_helpers import WAIT, ask, connect, request
+from tests.policyd_helpers import ask, connect, request
+from tests.wait import WAIT
 
 START_WAIT = 15.0  # seconds for a policyd process to answer
 
@@ -93,6 +97,26 @@ class PolicydProcess:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def age_triplets(self, seconds: int, *, backup_only: bool = False) -> None:
+        """Move every stored triplet ``seconds`` into the past, as if that
+        much time had gone by since it was seen: a real process's
+        greylist_delay runs out without sleeping through it.  The triplets
+        are read from the lmdb backup (every one is there) and rewritten
+        through the triplet table (memcached and backup), or with
+        ``backup_only`` in the backup alone."""
+        config = PolicydConfig.from_file(str(self.config))
+        backup = f"lmdb:{self.dir / 'triplets'}"
+        with open_table(backup) as table:
+            records = [(key, TripletRecord.parse(value)) for key, value in table.sequence()]
+        assert records, f"no triplet in {backup}"
+        with open_table(backup if backup_only else config.triplet_table,
+                        read_write=True) as table:
+            for key, old in records:
+                table.update(key, TripletRecord(
+                    old.first_seen - seconds, old.last_seen - seconds, old.passed,
+                    old.passed_at - seconds if old.passed_at else 0).serialise(),
+                    config.max_age if old.passed else config.retry_window)
+
 
 @pytest.fixture
 def policyd_factory(tmp_path: Path) -> Iterator[type[PolicydProcess]]:
@@ -109,4 +133,4 @@ def policyd_factory(tmp_path: Path) -> Iterator[type[PolicydProcess]]:
         proc.stop()
 
 
-__all__ = ["WAIT", "PolicydProcess", "policyd_factory"]
+__all__ = ["PolicydProcess", "policyd_factory"]

@@ -26,8 +26,8 @@ def triplet_key(i: int, kind: str = "p") -> str:
 
 
 def triplets(delays: list[int] = DELAYS) -> dict[str, str]:
-    """Triplet records by key: passes with the given delays, 3 passes of an
-    older policyd (no passed_at), 7 pending, 12 pending past retry_window
+    """Triplet records by key: passes with the given delays, 3 passes
+    imported from postgrey (passed_at 0), 7 pending, 12 pending past retry_window
     (2 days), 2 malformed."""
     out: dict[str, str] = {}
     for i, delay in enumerate(delays):
@@ -37,7 +37,7 @@ def triplets(delays: list[int] = DELAYS) -> dict[str, str]:
             first, last = NOW - 40 * DAY - delay, NOW - 36 * DAY
         out[triplet_key(i)] = TripletRecord(first, last, True, first + delay).serialise()
     for i in range(3):
-        out[triplet_key(i, "old")] = f"{NOW - 5 * DAY},{NOW - HOUR},1"
+        out[triplet_key(i, "old")] = f"{NOW - 5 * DAY},{NOW - HOUR},1,0"
     for i in range(7):
         out[triplet_key(i, "new")] = TripletRecord(NOW - HOUR, NOW - HOUR).serialise()
     for i in range(12):

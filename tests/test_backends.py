@@ -344,7 +344,7 @@ def test_texthash_hot_rereads_are_bounded(tmp_path: Path, monkeypatch: pytest.Mo
     assert "keeps changing" in caplog.text
 
 
-def test_texthash_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_texthash_errors(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     with pytest.raises(ConfigError, match=f"open database {missing}: No such file"):
         TexthashTable(str(missing), read_write=False, fold=True)
@@ -352,9 +352,8 @@ def test_texthash_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         TexthashTable(str(tmp_path), read_write=False, fold=True)
     src = tmp_path / "big"
     write_old(src, b"k " + b"v" * 100 + b"\n")
-    monkeypatch.setattr(limits, "LOOKUP_FILE_MAX_BYTES", 50)
     with pytest.raises(ConfigError, match="larger than 50 bytes"):
-        TexthashTable(str(src), read_write=False, fold=True)
+        TexthashTable(str(src), read_write=False, fold=True, max_bytes=50)
     with pytest.raises(AccessError, match="requires O_RDONLY"):
         TexthashTable(str(src), read_write=True, fold=True)
 
@@ -443,8 +442,7 @@ def test_lmdb_batches_on_read_only_and_closed_tables(tmp_path: Path) -> None:
         table.lookup_many(["k"])
 
 
-def test_lmdb_update_many_waits_for_the_exclusive_lock(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lmdb_update_many_waits_for_the_exclusive_lock(tmp_path: Path) -> None:
     """The batch takes Postfix's exclusive fcntl lock like update(): held by
     another process, the batch gives up after the bound and stores nothing."""
     import sys
@@ -453,7 +451,6 @@ def test_lmdb_update_many_waits_for_the_exclusive_lock(tmp_path: Path,
 
     db = tmp_path / "db"
     LmdbTable(str(db), read_write=True, fold=False).close()
-    monkeypatch.setattr(limits, "LMDB_LOCK_WAIT_SECONDS", 0.2)
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
@@ -462,7 +459,7 @@ def test_lmdb_update_many_waits_for_the_exclusive_lock(tmp_path: Path,
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline() == b"locked\n"
-        table = LmdbTable(str(db), read_write=True, fold=False)
+        table = LmdbTable(str(db), read_write=True, fold=False, lock_wait=0.2)
         with table:
             with pytest.raises(BackupError, match="no exclusive lock"):
                 table.update_many([("a", "1", None), ("b", "2", None)])

@@ -255,11 +255,9 @@ def test_a_server_that_died_between_points_is_reported_not_retried(tmp_path: Pat
     assert report.unavailable["null"] == "exited during the run (new, 1 connections)"
 
 
-def test_stop_kills_a_server_that_ignores_sigterm(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stop_kills_a_server_that_ignores_sigterm(tmp_path: Path) -> None:
     # stop() must leave nothing running and never raise, so that every
     # server of a run gets stopped.
-    monkeypatch.setattr(servers, "STOP_SECONDS", 0.5)
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
                "print('ready', flush=True); time.sleep(60)"
     procs = [subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE)
@@ -267,8 +265,8 @@ def test_stop_kills_a_server_that_ignores_sigterm(tmp_path: Path,
     for proc in procs:
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
     server = servers.Server("stubborn", procs, "127.0.0.1", 0, tmp_path / "log")
-    server.stop()
-    server.stop()  # twice is fine
+    server.stop(wait=0.5)
+    server.stop(wait=0.5)  # twice is fine
     assert all(proc.poll() is not None for proc in procs)
     for proc in procs:
         assert proc.stdout is not None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from freezegun import freeze_time
 
-from memtable import limits as memtable_limits
+from memtable.backends.lmdb_table import LmdbTable
 from memtable.errors import BackupError
 from memtable.registry import open_table
 from memtable.table import Outcome
@@ -82,7 +82,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 
 def test_live_set_is_what_the_data_says() -> None:
-    # guards the fixtures: 95 live passes, 3 old-format passes, 7 pending
+    # guards the fixtures: 95 live passes, 3 imported from postgrey, 7 pending
     assert len(live_triplets()) == LIVE_TRIPLETS == 105
 
 
@@ -122,14 +122,14 @@ def test_time_decides_what_is_expired(tmp_path: Path,
     assert not any(k.startswith("198.51.100.0/new") for k in dump(tspec))
 
 
-def test_walk_and_deletes_interleave_across_chunks(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_walk_and_deletes_interleave_across_chunks(tmp_path: Path) -> None:
     # lmdb hands the walk 7 entries per lock; deletes of 5 at a time in
     # between must neither skip nor repeat entries
-    monkeypatch.setattr(memtable_limits, "LMDB_SEQUENCE_CHUNK_ITEMS", 7)
     cf, tspec, cspec = lmdb_setup(tmp_path)
     config = PolicydConfig.from_file(cf)
-    with Stores.open(config, read_write=True) as stores:
+    tables = [LmdbTable(spec.removeprefix("lmdb:"), read_write=True, fold=True, chunk_items=7)
+              for spec in (tspec, cspec)]
+    with Stores(config, *tables) as stores:
         counts = cleanup(stores, config, NOW, batch_keys=5)
     assert (counts["triplets"].examined, counts["triplets"].deleted) == (124, 19)
     assert (counts["clients"].examined, counts["clients"].deleted) == (9, 2)
@@ -344,7 +344,7 @@ def test_memcache_table_without_backup_cannot_be_cleaned(
 
 def test_a_failing_store_stops_with_the_counts_so_far(tmp_path: Path) -> None:
     class FailingDeletes(DictTable):
-        def delete_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
+        def delete_if(self, key: str, deletable: Callable[[str], bool]) -> Outcome:
             raise BackupError("lmdb:/var/lib/policyd/clients: disk trouble")
 
     tspec = f"lmdb:{tmp_path}/triplets"

@@ -29,6 +29,7 @@ from policyd.config import PolicydConfig
 from tests.conftest import Memcached, free_port
 from tests.postfixcf import backdate, postfix_config_dir
 from tests.postfixlab import requires_postmap, run_postmap
+from tests.wait import WAIT
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -44,7 +45,6 @@ STATE_DIR = "/var/lib/policyd"
 SHARED_TABLES = [DEPLOY / "policyd" / "triplets.cf", DEPLOY / "policyd" / "clients.cf",
                  DEPLOY / "postfix" / "postscreen_cache.cf",
                  DEPLOY / "postfix" / "verify_cache.cf"]
-WAIT = 20.0
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 requires_systemd = pytest.mark.skipif(

@@ -12,7 +12,8 @@ from pathlib import Path
 from memtable.config import MemcacheConfig
 from policyd.devrun import memcached_answers
 from tests.conftest import free_port
-from tests.policyd_helpers import WAIT, ask, connect, request, wait_until
+from tests.policyd_helpers import ask, connect, request, wait_until
+from tests.wait import WAIT
 
 REPO = Path(__file__).resolve().parent.parent
 MEMTABLE = [sys.executable, "-m", "memtable.cli"]
@@ -47,7 +48,7 @@ def test_dev_run_uses_its_own_memcached_and_says_so(tmp_path: Path) -> None:
             except OSError:
                 return False
 
-        assert wait_until(answers, WAIT * 4)
+        assert wait_until(answers, WAIT)
         listed = subprocess.run([*MEMTABLE, "-s", f"memcache:{state / 'triplets.cf'}"],
                                 capture_output=True, text=True, timeout=30, check=False)
         assert listed.returncode == 0, listed.stderr
@@ -58,6 +59,6 @@ def test_dev_run_uses_its_own_memcached_and_says_so(tmp_path: Path) -> None:
         assert got.returncode == 0, got.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=WAIT * 4)
+        proc.communicate(timeout=WAIT)
     assert proc.returncode == 0
     assert not memcached_answers("127.0.0.1", mc_port)  # stopped with the dev instance

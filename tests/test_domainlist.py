@@ -11,29 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from memtable.domainlist import DomainFilter, fold_case, is_table_pattern
+from memtable.domainlist import DomainFilter, is_table_pattern
 from memtable.errors import ConfigError, TemporaryError, UnsupportedTableError
 from memtable.limits import DOMAIN_LIST_MAX_FILE_DEPTH, LOOKUP_FILE_MAX_BYTES
-from memtable.table import Table
-
-
-class DictTable(Table):
-    """A tiny read-only table over a dict (a fake of OUR Table interface)."""
-
-    def __init__(self, spec: str, data: dict[str, str] | None = None):
-        self.spec = spec
-        self.read_write = False
-        self.fold = False
-        self.data = data or {}
-        self.queries: list[str] = []
-        self.closed = False
-
-    def lookup(self, key: str) -> str | None:
-        self.queries.append(key)
-        return self.data.get(key)
-
-    def close(self) -> None:
-        self.closed = True
+from memtable.table import Table, fold_case
+from tests.dict_table import DictTable
 
 
 class Opener:

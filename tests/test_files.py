@@ -35,7 +35,7 @@ def test_refuses_fifo_directory_and_missing(tmp_path: Path) -> None:
         read_regular_file(str(tmp_path / "missing"), 10)
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+def _python(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
                           timeout=COMMAND_TIMEOUT, check=False)
 
@@ -58,7 +58,7 @@ def test_memtable_fifo_is_a_fatal_error(tmp_path: Path, place: str) -> None:
     else:
         cf.write_text(f"memcache = inet:127.0.0.1:9\nbackup = memcache:{fifo}\n")
         spec = f"memcache:{cf}"
-    done = _run("-m", "memtable.cli", "-q", "user@example.com", spec)
+    done = _python("-m", "memtable.cli", "-q", "user@example.com", spec)
     assert done.returncode == 1, done
     assert "not a regular file" in done.stderr
     assert "Traceback" not in done.stderr
@@ -74,7 +74,7 @@ def test_policyd_check_config_fifo_is_an_error(tmp_path: Path, place: str) -> No
         cf = tmp_path / "policyd.cf"
         cf.write_text(f"triplet_table = lmdb:{tmp_path}/t\nclient_table = lmdb:{tmp_path}/c\n"
                       f"whitelist_clients = {fifo}\n")
-    done = _run("-m", "policyd", "-c", str(cf), "--check-config")
+    done = _python("-m", "policyd", "-c", str(cf), "--check-config")
     assert done.returncode == 1, done
     assert "not a regular file" in done.stderr
     assert "Traceback" not in done.stderr

@@ -13,11 +13,10 @@ from typing import Any
 import pytest
 from freezegun import freeze_time
 
-from policyd import limits
 from policyd.api import Decision, PolicyFailure
 from policyd.greylist import GreylistPolicy, TripletRecord, build_policy, expand
 from policyd.logsetup import format_decision
-from policyd.reputation import ClientRecord, postscreen_proves_return
+from policyd.reputation import RECORD_REFRESH_INTERVAL, ClientRecord, postscreen_proves_return
 from policyd.whitelist import Whitelists
 from tests.conftest import Memcached, free_port
 from tests.greylist_helpers import DictTable, config, make_policy, request, run, write
@@ -88,10 +87,9 @@ _RECORD_ERRORS = {TripletRecord: "malformed triplet record", ClientRecord: "clie
 @pytest.mark.parametrize(("kind", "value", "expected"), [
     (TripletRecord, "1,2,0,0", TripletRecord(1, 2)),
     (TripletRecord, "1,2,1,5", TripletRecord(1, 2, True, 5)),
-    (TripletRecord, "1,2,1", TripletRecord(1, 2, True, 0)),   # older records: no passed_at
-    (TripletRecord, "007,2,0", TripletRecord(7, 2)),
+    (TripletRecord, "007,2,0,0", TripletRecord(7, 2)),
     *((TripletRecord, bad, None) for bad in (
-        "1,2,2,0", "1,2,0,", "1,2", "1,2,0,0,0", "-1,2,0,0", "1,2,0,0\n", " 1,2,0,0",
+        "1,2,2,0", "1,2,0,", "1,2", "1,2,1", "1,2,0,0,0", "-1,2,0,0", "1,2,0,0\n", " 1,2,0,0",
         "\u0661,2,0,0",  # a non-ASCII digit
         "1," * 100 + "0")),
     (ClientRecord, "1,2,3,4,5", ClientRecord(1, 2, 3, 4, 5)),
@@ -152,7 +150,7 @@ def test_known_triplet_is_rewritten_at_most_once_an_interval() -> None:
     steps = [(0, r), (300, r)] + [(300 + i * 60, r) for i in range(1, 30)]
     _, triplets, _ = scenario(config(), steps)
     assert triplets.updates == 2  # new and pass; 29 later passes within the hour
-    _, triplets, _ = scenario(config(), [*steps, (300 + limits.RECORD_REFRESH_INTERVAL, r)])
+    _, triplets, _ = scenario(config(), [*steps, (300 + RECORD_REFRESH_INTERVAL, r)])
     assert triplets.updates == 3
 
 
@@ -443,11 +441,11 @@ def test_malformed_and_future_records(caplog: pytest.LogCaptureFixture) -> None:
     assert "malformed client record" in caplog.text
     assert clients.data["192.0.2.0"][0] == f"{START},{START},1,0,0"
     # first_seen in the future (another host's clock): counts from now
-    triplets.data[key] = (f"{START + DAY},{START + DAY},0", None)
+    triplets.data[key] = (f"{START + DAY},{START + DAY},0,0", None)
     decisions, _, _ = scenario(config(), [(0, request()), (301, request())],
                                triplets=triplets)
     assert [d.reason for d in decisions] == ["new", "passed"]
     # a passed triplet from a host a little ahead stays passed
-    triplets.data[key] = (f"{START + 5},{START + 5},1", None)
+    triplets.data[key] = (f"{START + 5},{START + 5},1,{START + 5}", None)
     decisions, _, _ = scenario(config(), [(0, request())], triplets=triplets)
     assert decisions[0].reason == "passed"

@@ -31,8 +31,8 @@ from memtable.keys import (
     resolve_digest,
 )
 from memtable.limits import MEMCACHED_MAX_KEY_BYTES
-from memtable.table import Table
 from tests.conftest import Memcached
+from tests.dict_table import DictTable
 from tests.postfixlab import postmap_config, run_postmap  # noqa: F401
 
 
@@ -229,24 +229,9 @@ def test_controls_reported_before_length() -> None:
 # ---------------------------------------------------------------- pipeline
 
 
-class DictTable(Table):
-    """A tiny read-only table over a dict (a fake of OUR Table interface)."""
-
-    def __init__(self, data: dict[str, str], spec: str = "test:dict"):
-        self.data = data
-        self.spec = spec
-        self.read_write = False
-        self.fold = False
-        self.queries: list[str] = []
-
-    def lookup(self, key: str) -> str | None:
-        self.queries.append(key)
-        return self.data.get(key)
-
-
 def pipeline(fmt: str = "%s", digest: str = "", domain: tuple[str, ...] = (),
              utf8: bool = True) -> KeyPipeline:
-    dom = DomainFilter.build(domain, lambda spec: DictTable({}, spec))
+    dom = DomainFilter.build(domain, DictTable)
     return KeyPipeline(KeyFormat.compile(fmt), digest, dom, utf8=utf8)
 
 
@@ -346,7 +331,7 @@ def test_domain_table_sees_folded_domain_and_errors_propagate() -> None:
         def lookup(self, key: str) -> str | None:
             raise TemporaryError("down")
 
-    dom = DomainFilter.build(("test:broken",), lambda spec: Broken({}, spec))
+    dom = DomainFilter.build(("test:broken",), lambda spec: Broken(spec))
     p = KeyPipeline(KeyFormat.compile("%s"), "", dom)
     with pytest.raises(TemporaryError):
         p.prepare("a@b", fold=True)
@@ -355,7 +340,7 @@ def test_domain_table_sees_folded_domain_and_errors_propagate() -> None:
         def lookup(self, key: str) -> str | None:
             raise AccessError("no")
 
-    dom = DomainFilter.build(("test:refusing",), lambda spec: Refusing({}, spec))
+    dom = DomainFilter.build(("test:refusing",), lambda spec: Refusing(spec))
     p = KeyPipeline(KeyFormat.compile("%s"), "", dom)
     with pytest.raises(TemporaryError, match="table lookup problem"):
         p.prepare("a@b", fold=True)
@@ -422,7 +407,7 @@ def test_keys_agree_with_postmap(fmt: str, domain: str, fold: bool, memcached: M
     for path in (cf, postmap_config / "main.cf"):
         os.utime(path, (past, past))
     p = KeyPipeline(KeyFormat.compile(fmt), "",
-                    DomainFilter.build(split_list(domain), lambda spec: DictTable({}, spec)))
+                    DomainFilter.build(split_list(domain), DictTable))
     values: dict[bytes, str] = {}
     expected: dict[str, str] = {}
     for name in ORACLE_NAMES:

@@ -27,6 +27,7 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
@@ -36,11 +37,11 @@ from memtable.backends import LmdbTable
 from memtable.errors import AccessError, BackupError, OpenError
 from memtable.table import Outcome
 from tests.postfixlab import POSTMAP, run_postmap
+from tests.wait import WAIT
 
 pytestmark = pytest.mark.postfix
 
 REPO = Path(__file__).resolve().parent.parent
-WAIT = 20.0  # bound of every wait on a helper process (seconds)
 
 
 def pm_seq(cfg: Path, path: Path) -> list[tuple[str, str]]:
@@ -71,8 +72,10 @@ def raw_items(path: Path) -> list[tuple[bytes, bytes]]:
 
 
 @contextlib.contextmanager
-def opened(path: Path, *, read_write: bool = True, fold: bool = True) -> Iterator[LmdbTable]:
-    table = LmdbTable(str(path), read_write=read_write, fold=fold)
+def opened(path: Path, *, read_write: bool = True, fold: bool = True,
+           **bounds: Any) -> Iterator[LmdbTable]:
+    """The table; ``bounds``: LmdbTable's lock_wait, chunk_items, chunk_bytes."""
+    table = LmdbTable(str(path), read_write=read_write, fold=fold, **bounds)
     try:
         yield table
     finally:
@@ -235,14 +238,14 @@ HOLDER = textwrap.dedent("""
 
 def test_delete_if_checks_and_deletes_in_one_locked_transaction(
         postmap_config: Path, tmp_path: Path) -> None:
-    """delete_if removes a record only while doomed() accepts its value, and
+    """delete_if removes a record only while deletable() accepts its value, and
     reads it under the exclusive fcntl lock: no other process (postmap,
     Postfix, policyd) can write between the check and the delete."""
     db = tmp_path / "db"
     pm_create(postmap_config, db, "old 1\nnew 2\n")
     held: list[int] = []
 
-    def doomed(value: str) -> bool:
+    def deletable(value: str) -> bool:
         # What another process sees on the file while the check runs.
         done = subprocess.run([sys.executable, "-c", HOLDER, f"{db}.lmdb"],
                               capture_output=True, text=True, timeout=WAIT, check=True)
@@ -250,9 +253,9 @@ def test_delete_if_checks_and_deletes_in_one_locked_transaction(
         return value == "1"
 
     with opened(db) as table:
-        assert table.delete_if("OLD", doomed) is Outcome.DELETED
-        assert table.delete_if("new", doomed) is Outcome.KEPT
-        assert table.delete_if("gone", doomed) is Outcome.ABSENT
+        assert table.delete_if("OLD", deletable) is Outcome.DELETED
+        assert table.delete_if("new", deletable) is Outcome.KEPT
+        assert table.delete_if("gone", deletable) is Outcome.ABSENT
     assert held == [fcntl.F_WRLCK, fcntl.F_WRLCK]  # never called for "gone"
     assert pm_seq(postmap_config, db) == [("new", "2")]
 
@@ -359,13 +362,10 @@ def test_two_tables_on_one_file_in_one_process(tmp_path: Path) -> None:
         assert len(list(table.sequence())) == 2 + 4 * 50
 
 
-def test_sequence_in_chunks(postmap_config: Path, tmp_path: Path,
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sequence_in_chunks(postmap_config: Path, tmp_path: Path) -> None:
     db = tmp_path / "db"
     pm_create(postmap_config, db, "".join(f"k{i:03d} {'v' * (i % 7)}{i}\n" for i in range(100)))
-    monkeypatch.setattr(limits, "LMDB_SEQUENCE_CHUNK_ITEMS", 7)
-    monkeypatch.setattr(limits, "LMDB_SEQUENCE_CHUNK_BYTES", 40)
-    with opened(db) as table:
+    with opened(db, chunk_items=7, chunk_bytes=40) as table:
         assert list(table.sequence()) == pm_seq(postmap_config, db)
         # Changes between chunks: no key twice, later additions seen.
         seen = []
@@ -382,15 +382,13 @@ def test_sequence_in_chunks(postmap_config: Path, tmp_path: Path,
 # Same locks
 # ---------------------------------------------------------------------------
 
-def test_lock_style_is_fcntl_like_postfix(postmap_config: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lock_style_is_fcntl_like_postfix(postmap_config: Path, tmp_path: Path) -> None:
     """An flock(2) lock stops neither Postfix nor memtable; an exclusive
     fcntl() lock stops both (postmap waits forever, memtable gives up)."""
     db = tmp_path / "db"
     db_file = Path(str(db) + ".lmdb")
     pm_create(postmap_config, db, "k v\n")
-    monkeypatch.setattr(limits, "LMDB_LOCK_WAIT_SECONDS", 0.2)
-    with opened(db) as table:
+    with opened(db, lock_wait=0.2) as table:
         with lock_held(db_file, "flock"):
             assert pm_get(postmap_config, "k", db) == "v"
             assert table.lookup("k") == "v"
@@ -413,8 +411,7 @@ def test_lock_style_is_fcntl_like_postfix(postmap_config: Path, tmp_path: Path,
     assert [k for k, _ in pm_seq(postmap_config, db)] == ["k", "k2", "k3"]
 
 
-def test_postmap_bulk_create_holds_the_lock(postmap_config: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_postmap_bulk_create_holds_the_lock(postmap_config: Path, tmp_path: Path) -> None:
     """``postmap lmdb:FILE`` keeps a shared fcntl lock until it commits: our
     writes wait (and give up after the bound), reads go on, and once
     postmap is done its table and our later write are both there."""
@@ -434,8 +431,7 @@ def test_postmap_bulk_create_holds_the_lock(postmap_config: Path, tmp_path: Path
                     break
                 threading.Event().wait(0.01)
             assert fcntl_holder(db_file) == fcntl.F_RDLCK
-            monkeypatch.setattr(limits, "LMDB_LOCK_WAIT_SECONDS", 0.2)
-            with opened(db) as table:
+            with opened(db, lock_wait=0.2) as table:
                 assert table.lookup("old") is not None  # postmap has not committed
                 with pytest.raises(BackupError, match="no exclusive lock"):
                     table.update("mine", "1")

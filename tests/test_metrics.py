@@ -16,7 +16,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from memtable.endpoint import parse_endpoint
-from policyd import limits
 from policyd.api import Decision
 from policyd.errors import PolicydError
 from policyd.metrics import (
@@ -116,6 +115,8 @@ def test_store_latency_errors_connections_and_sizes(metrics: Metrics) -> None:
         metrics.connection_opened()
     metrics.connection_closed()
     metrics.connection_refused()
+    metrics.connection_ended("read_timeout")
+    metrics.connection_ended("hung up")
     metrics.request_size(300)
     metrics.request_size(5000)
     s = scrape(metrics)
@@ -130,6 +131,9 @@ def test_store_latency_errors_connections_and_sizes(metrics: Metrics) -> None:
     assert value(s, "policyd_connections_open") == 2
     assert value(s, "policyd_connections_total") == 3
     assert value(s, "policyd_connections_refused_total") == 1
+    assert value(s, "policyd_connections_ended_total", reason="read_timeout") == 1
+    assert value(s, "policyd_connections_ended_total", reason="other") == 1
+    assert ("policyd_connections_ended_total", (("reason", "idle_timeout"),)) in s
     assert value(s, "policyd_request_bytes_count") == 2
     assert value(s, "policyd_request_bytes_bucket", le="512.0") == 1
     assert value(s, "policyd_request_bytes_sum") == 5300
@@ -219,15 +223,18 @@ def scrapes(metrics: Metrics) -> bool:
         return False
 
 
-def test_idle_connections_are_bounded(monkeypatch: pytest.MonkeyPatch,
-                                      capfd: pytest.CaptureFixture[str]) -> None:
+def serve_bounded(max_connections: int, connection_seconds: float) -> Metrics:
+    m = Metrics()
+    m.serve(parse_endpoint("inet:127.0.0.1:0"), max_connections=max_connections,
+            connection_seconds=connection_seconds)
+    return m
+
+
+def test_idle_connections_are_bounded(capfd: pytest.CaptureFixture[str]) -> None:
     """Connections that never finish their request hold at most
-    METRICS_MAX_CONNECTIONS threads, further ones are closed at once, and
-    each is closed after METRICS_CONNECTION_SECONDS, quietly; then scrapes
-    work again."""
-    monkeypatch.setattr(limits, "METRICS_MAX_CONNECTIONS", 3)
-    monkeypatch.setattr(limits, "METRICS_CONNECTION_SECONDS", 1.5)
-    m = start_metrics(parse_endpoint("inet:127.0.0.1:0"))
+    max_connections threads, further ones are closed at once, and each is
+    closed after connection_seconds, quietly; then scrapes work again."""
+    m = serve_bounded(max_connections=3, connection_seconds=1.5)
     assert m.address is not None
     before = threading.active_count()
     idle = [socket.create_connection(m.address, timeout=SCRAPE_TIMEOUT) for _ in range(10)]
@@ -252,12 +259,10 @@ def test_idle_connections_are_bounded(monkeypatch: pytest.MonkeyPatch,
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_a_dripping_client_is_closed_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dripping_client_is_closed_in_time() -> None:
     """The bound is on the whole connection, not on each read: a client
     sending a byte now and then does not keep its slot."""
-    monkeypatch.setattr(limits, "METRICS_MAX_CONNECTIONS", 1)
-    monkeypatch.setattr(limits, "METRICS_CONNECTION_SECONDS", 1.0)
-    m = start_metrics(parse_endpoint("inet:127.0.0.1:0"))
+    m = serve_bounded(max_connections=1, connection_seconds=1.0)
     assert m.address is not None
     try:
         with socket.create_connection(m.address, timeout=SCRAPE_TIMEOUT) as sock:
@@ -305,6 +310,7 @@ def test_metrics_off() -> None:
     null.connection_opened()
     null.connection_closed()
     null.connection_refused()
+    null.connection_ended("idle_timeout")
     null.request_size(100)
     null.close()
     assert null.address is None

@@ -20,11 +20,14 @@ from memtable.registry import open_table
 from tests.conftest import Memcached, free_port, start_memcached
 from tests.hostile import PrivateResolver
 from tests.policyd_helpers import wait_until
-from tests.policyd_proc import WAIT, PolicydProcess
+from tests.policyd_proc import PolicydProcess
 from tests.postfixcf import postfix_config_dir
 from tests.postfixlab import requires_postmap
+from tests.wait import WAIT
 
-DELAY = 1  # greylist_delay in these tests: real processes, real time
+# greylist_delay in these tests: real processes, so a delay is never waited
+# for; the stored triplets are aged instead (PolicydProcess.age_triplets).
+DELAY = 60
 FAST = f"greylist_delay = {DELAY}s\nauto_whitelist_clients = 0\n"
 
 
@@ -42,7 +45,7 @@ def test_two_policyd_share_one_memcached(tmp_path: Path, memcached: Memcached,
     b = policyd_factory(tmp_path / "b", memcached.spec, extra=FAST).start()
     assert a.ask(**triplet(1)).startswith("DEFER_IF_PERMIT")
     assert b.ask(**triplet(1)).startswith("DEFER_IF_PERMIT")  # early retry, seen by A
-    time.sleep(DELAY + 0.3)
+    a.age_triplets(DELAY)
     assert b.ask(**triplet(1)).startswith("PREPEND X-Greylist: delayed")
     assert a.ask(**triplet(1)) == "DUNNO"
     assert "reason=new" in a.log_text()
@@ -104,7 +107,7 @@ def test_memcached_outage_with_backup(tmp_path: Path,
     try:
         p = policyd_factory(tmp_path / "p", server.spec, extra=FAST).start()
         assert p.ask(**triplet(2)).startswith("DEFER_IF_PERMIT")
-        time.sleep(DELAY + 0.3)
+        p.age_triplets(DELAY)
         assert p.ask(**triplet(2)).startswith("PREPEND")
         server.stop()
         assert p.ask(**triplet(2)) == "DUNNO"           # passed, from the backup
@@ -112,7 +115,7 @@ def test_memcached_outage_with_backup(tmp_path: Path,
         assert "127.0.0.1" in p.log_text() and "warning" in p.log_text().lower()
         server = start_memcached(tmp_path, port=port)  # back, but empty
         assert p.ask(**triplet(2)) == "DUNNO"
-        time.sleep(DELAY + 0.3)
+        p.age_triplets(DELAY, backup_only=True)  # memcached has none
         assert p.ask(**triplet(3)).startswith("PREPEND")  # first sight kept in the backup
     finally:
         server.stop()
@@ -147,7 +150,7 @@ def test_hung_memcached_does_not_stall_policyd(tmp_path: Path,
     try:
         p = policyd_factory(tmp_path / "p", server.spec, extra=FAST).start()
         assert p.ask(**triplet(5)).startswith("DEFER_IF_PERMIT")
-        time.sleep(DELAY + 0.3)
+        p.age_triplets(DELAY)
         assert p.ask(**triplet(5)).startswith("PREPEND")
         server.pause()
         started = time.monotonic()
@@ -288,7 +291,7 @@ def test_a_pass_recorded_during_a_memcached_hang_is_not_undone(
     try:
         p = policyd_factory(tmp_path / "p", server.spec, extra=FAST).start()
         assert p.ask(**triplet(10)).startswith("DEFER_IF_PERMIT")
-        time.sleep(DELAY + 0.3)
+        p.age_triplets(DELAY)
         server.pause()
         assert p.ask(**triplet(10)).startswith("PREPEND X-Greylist: delayed")
         server.proc.send_signal(signal.SIGCONT)

@@ -13,9 +13,9 @@ from policyd.cli import main
 from tests.conftest import Memcached, free_port
 from tests.postfixcf import backdate, postfix_config_dir
 from tests.postfixlab import POSTCONF
+from tests.wait import WAIT
 
 REPO = Path(__file__).resolve().parent.parent
-WAIT = 30.0
 
 
 def policyd_cf(tmp_path: Path, text: str = "") -> Path:

@@ -16,8 +16,16 @@ from freezegun import freeze_time
 from policyd.cli import main
 from policyd.config import PolicydConfig
 from policyd.greylist import TripletRecord
-from policyd.report import DELAY_BUCKETS, analyse, delay_bucket, duration, percentile
-from policyd.storewalk import TRIPLETS, parse_entry
+from policyd.report import (
+    DEFAULT_TOP,
+    DELAY_BUCKETS,
+    Analyser,
+    Report,
+    delay_bucket,
+    duration,
+    percentile,
+)
+from policyd.storewalk import TRIPLETS, Entry, parse_entry
 from policyd.triplet import KeyMaker
 from tests.conftest import Memcached
 from tests.greylist_helpers import config, make_policy, request, run
@@ -52,15 +60,15 @@ def report(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, st
 
 # --- the record --------------------------------------------------------------
 
-def test_triplet_record_keeps_the_pass_time_and_reads_old_records() -> None:
+def test_triplet_record_keeps_the_pass_time() -> None:
     record = TripletRecord(100, 500, True, 400)
     assert record.serialise() == "100,500,1,400"
     assert TripletRecord.parse("100,500,1,400") == record and record.delay == 300
-    old = TripletRecord.parse("100,500,1")  # written before passed_at existed
-    assert old == TripletRecord(100, 500, True, 0) and old.delay is None
+    imported = TripletRecord.parse("100,500,1,0")  # from postgrey: no pass time
+    assert imported == TripletRecord(100, 500, True, 0) and imported.delay is None
     assert TripletRecord(100, 100).serialise() == "100,100,0,0"
     assert TripletRecord(100, 100).delay is None  # pending
-    for bad in ("100,500", "100,500,1,400,9", "100,500,2,400", "1,2,1,-3", "a,b,1,2"):
+    for bad in ("100,500", "100,500,1", "100,500,1,400,9", "100,500,2,400", "1,2,1,-3", "a,b,1,2"):
         with pytest.raises(ValueError, match="malformed triplet record"):
             TripletRecord.parse(bad)
 
@@ -79,6 +87,14 @@ def test_policy_records_the_pass_time_and_keeps_it_on_refresh() -> None:
 
     # last_seen moved on to the refresh; passed_at still says when it passed
     assert run(scenario()) == f"{NOW},{NOW + 420 + 7200},1,{NOW + 420}"
+
+
+def analyse(cfg: PolicydConfig, entries: list[Entry], now: int) -> Report:
+    """What `policyd report` makes of entries its walk read (report.collect)."""
+    analyser = Analyser(cfg, now, DEFAULT_TOP)
+    for entry in entries:
+        analyser.add(entry)
+    return analyser.finish()
 
 
 # --- pure figures ------------------------------------------------------------
@@ -118,7 +134,7 @@ def test_report_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
             "unseen for max_age") in lines
     assert "  malformed         2" in lines
     assert "Retry delays (passed_at - first_seen) of 100 passes" in lines
-    assert "  (3 passed triplets predate delay recording: delay unknown)" in lines
+    assert "  (3 passed triplets imported from postgrey: delay unknown)" in lines
     assert "  p10 6m 40s  p50 15m  p90 2h 30m  p99 1d 16h  max 1d 16h" in lines
     assert "    5-10m       10 #####" in lines
     assert "   10-30m       70 " + "#" * 40 in lines

@@ -29,11 +29,11 @@ from tests.conftest import Memcached, free_port, start_memcached
 from tests.policyd_helpers import ask as ask_raw
 from tests.policyd_helpers import connect
 from tests.policyd_proc import PolicydProcess
+from tests.wait import WAIT
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_NUTCRACKER = ROOT / "deploy" / "nutcracker" / "nutcracker.yml"
 NUTCRACKER = shutil.which("nutcracker") or shutil.which("nutcracker", path="/usr/sbin") or ""
-WAIT = 10.0  # bound on every wait here (seconds)
 KEYS = 60
 
 pytestmark = pytest.mark.skipif(not NUTCRACKER, reason="nutcracker (twemproxy) not installed")

@@ -26,7 +26,6 @@ from policyd.errors import ListenerError
 from policyd.listeners import open_listeners
 from policyd.server import PolicyServer, _in_daemon_thread
 from tests.policyd_helpers import (
-    WAIT,
     ScriptedPolicy,
     ServerThread,
     ask,
@@ -37,6 +36,7 @@ from tests.policyd_helpers import (
     request,
     wait_until,
 )
+from tests.wait import WAIT
 
 StartServer = Callable[..., ServerThread]
 
@@ -191,7 +191,7 @@ def test_bad_input_closes_only_that_connection(server: ServerThread, bad: bytes,
     assert len(errors) == 1
     assert "127.0.0.1:" in errors[0].getMessage()
     assert errors[0].exc_info is None
-    assert server.server.stats.protocol_errors == 1
+    assert server.count("connections_ended", reason="protocol_error") == 1
 
 
 @pytest.mark.parametrize("flood", ["random", "no_newline", "endless_attributes"])
@@ -211,7 +211,7 @@ def test_flood_is_cut_off_with_bounded_buffering(server: ServerThread, flood: st
     # Cut off well before the flood ended: the server stopped reading at the
     # first chunk that broke a bound (kernel buffers hold the rest).
     assert sent < 64 * 1024 * 1024
-    assert server.server.stats.protocol_errors == 1
+    assert server.count("connections_ended", reason="protocol_error") == 1
 
 
 def test_idle_timeout_closes_quietly(start_server: StartServer,
@@ -223,7 +223,7 @@ def test_idle_timeout_closes_quietly(start_server: StartServer,
         began = time.monotonic()
         assert is_closed(sock)
         assert time.monotonic() - began < WAIT
-    assert srv.server.stats.idle_timeouts == 1
+    assert srv.count("connections_ended", reason="idle_timeout") == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -237,7 +237,7 @@ def test_activity_and_slow_decisions_do_not_count_as_idle(start_server: StartSer
         srv.advance(100)
         assert read_reply(sock) == b"action=DUNNO\n\n"
         assert ask(sock, request(test_action="OK")) == b"action=OK\n\n"
-    assert srv.server.stats.idle_timeouts == 0
+    assert srv.count("connections_ended", reason="idle_timeout") == 0
 
 
 def test_read_timeout_bounds_an_unfinished_request(start_server: StartServer,
@@ -251,7 +251,7 @@ def test_read_timeout_bounds_an_unfinished_request(start_server: StartServer,
         sock.sendall(data[10:20])  # trickling does not extend read_timeout
         srv.advance(20)
         assert is_closed(sock)
-    assert srv.server.stats.read_timeouts == 1
+    assert srv.count("connections_ended", reason="read_timeout") == 1
     assert any("read_timeout" in r.getMessage() for r in caplog.records)
 
 
@@ -263,8 +263,8 @@ def test_read_timeout_bounds_a_request_begun_behind_another(
     with connect(srv.inet) as sock:
         assert ask(sock, request() + request()[:10]) == b"action=DUNNO\n\n"
         assert is_closed(sock)
-    assert srv.server.stats.read_timeouts == 1
-    assert srv.server.stats.idle_timeouts == 0
+    assert srv.count("connections_ended", reason="read_timeout") == 1
+    assert srv.count("connections_ended", reason="idle_timeout") == 0
 
 
 def test_max_connections_refuses_extra(start_server: StartServer,
@@ -278,7 +278,7 @@ def test_max_connections_refuses_extra(start_server: StartServer,
             with connect(srv.inet) as extra:
                 assert is_closed(extra)
         assert ask(one, request(test_action="OK")) == b"action=OK\n\n"
-    assert srv.server.stats.refused == 3
+    assert srv.count("connections_refused") == 3
     refusals = [r for r in caplog.records if "max_connections" in r.getMessage()]
     assert len(refusals) == 1  # rate-limited
     # Freed slots are usable again.
@@ -309,7 +309,7 @@ def test_policy_failure(start_server: StartServer, failure: dict[str, str],
     action = "disconnect" if store_failure_action == "disconnect" else "DUNNO"
     assert lines[0].startswith(f"action={action} reason=policy-failure "), lines[0]
     assert "client=192.0.2.1" in lines[0]
-    assert srv.server.stats.policy_failures == 1
+    assert srv.count("decisions", reason="policy-failure") == 1
 
 
 @pytest.mark.parametrize("store_failure_action", ["DUNNO", "disconnect"])
@@ -350,7 +350,7 @@ def test_policy_timeout_error_is_not_the_decision_timeout(
 def test_invalid_action_is_a_policy_failure(server: ServerThread) -> None:
     with connect(server.inet) as sock:
         assert ask(sock, request(test_action="")) == b"action=DUNNO\n\n"
-    assert server.server.stats.policy_failures == 1
+    assert server.count("decisions", reason="policy-failure") == 1
 
 
 def test_decision_disconnect_closes_without_reply(server: ServerThread) -> None:
@@ -529,4 +529,4 @@ def test_decision_deadlines_apply_to_their_own_decisions(start_server: StartServ
         slow.sendall(request(test_action="OK", test_sleep="20"))
         srv.advance(20)
         assert read_reply(slow) == b"action=OK\n\n"
-    assert srv.server.stats.policy_failures == 1
+    assert srv.count("decisions", reason="policy-failure") == 1

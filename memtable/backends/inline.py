@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from memtable.domainlist import fold_case
 from memtable.errors import AccessError, ConfigError
 from memtable.syntax import balpar, extpar, split_qnameval, strtokq
-from memtable.table import Table
+from memtable.table import Table, fold_case
 
 
 class InlineTable(Table):

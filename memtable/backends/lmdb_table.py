@@ -52,9 +52,8 @@ import lmdb
 
 from memtable import clock, limits
 from memtable.backends.lmdb_check import LmdbCorrupt, check_lmdb
-from memtable.domainlist import fold_case
 from memtable.errors import BackupError, CorruptError, OpenError
-from memtable.table import Outcome, Table
+from memtable.table import Outcome, Table, fold_case
 
 T = TypeVar("T")
 
@@ -130,10 +129,20 @@ def _decode(data: bytes) -> str:
 
 
 class LmdbTable(Table):
-    """``lmdb:/path/NAME`` (the file NAME.lmdb), Postfix's format and locks."""
+    """``lmdb:/path/NAME`` (the file NAME.lmdb), Postfix's format and locks.
 
-    def __init__(self, path: str, *, read_write: bool, fold: bool) -> None:
+    ``lock_wait``: how long an operation waits for Postfix's fcntl lock (and
+    for another thread's operation) before it fails; ``chunk_items`` and
+    ``chunk_bytes``: how much sequence() reads under one lock."""
+
+    def __init__(self, path: str, *, read_write: bool, fold: bool,
+                 lock_wait: float = limits.LMDB_LOCK_WAIT_SECONDS,
+                 chunk_items: int = limits.LMDB_SEQUENCE_CHUNK_ITEMS,
+                 chunk_bytes: int = limits.LMDB_SEQUENCE_CHUNK_BYTES) -> None:
         self.spec = f"lmdb:{path}"
+        self.lock_wait = lock_wait
+        self.chunk_items = chunk_items
+        self.chunk_bytes = chunk_bytes
         self.path = path
         self.db_path = path + ".lmdb"
         self.read_write = read_write
@@ -247,9 +256,9 @@ class LmdbTable(Table):
             # Wait for an operation of another thread to finish.  If it does
             # not, leave the file open: closing the descriptor or the
             # environment would drop that thread's fcntl lock mid-write.
-            if not shared.mutex.acquire(timeout=limits.LMDB_LOCK_WAIT_SECONDS):
+            if not shared.mutex.acquire(timeout=self.lock_wait):
                 log.warning("%s: busy for more than %g s at close; left open",
-                            self.spec, limits.LMDB_LOCK_WAIT_SECONDS)
+                            self.spec, self.lock_wait)
                 return
             try:
                 shared.env.close()
@@ -260,14 +269,13 @@ class LmdbTable(Table):
 
     # -- locking -------------------------------------------------------------
 
-    @staticmethod
-    def _deadline() -> float:
-        return clock.monotonic() + limits.LMDB_LOCK_WAIT_SECONDS
+    def _deadline(self) -> float:
+        return clock.monotonic() + self.lock_wait
 
     def _acquire_mutex(self, shared: _Shared, deadline: float) -> None:
         if not shared.mutex.acquire(timeout=max(0.0, deadline - clock.monotonic())):
             raise BackupError(f"{self.spec}: {self.db_path} is busy in this process for "
-                              f"more than {limits.LMDB_LOCK_WAIT_SECONDS:g} s")
+                              f"more than {self.lock_wait:g} s")
         # Nothing to recover if closing fails: the descriptor is gone either way.
         with suppress(OSError):
             shared.close_orphans()
@@ -279,7 +287,7 @@ class LmdbTable(Table):
         # the wait even when the clock is frozen in tests.
         kind = "exclusive" if exclusive else "shared"
         op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-        wait = limits.LMDB_LOCK_WAIT_SECONDS
+        wait = self.lock_wait
         pause, paused = min(limits.LMDB_LOCK_FIRST_POLL_SECONDS, limits.LMDB_LOCK_POLL_SECONDS), 0.0
         while True:
             try:
@@ -321,8 +329,8 @@ class LmdbTable(Table):
 
     # -- transactions with slmdb's recovery ------------------------------------
 
-    def _run(self, shared: _Shared, write: bool, what: str,
-             body: Callable[[lmdb.Transaction], T]) -> T:
+    def _in_transaction(self, shared: _Shared, write: bool, what: str,
+                        body: Callable[[lmdb.Transaction], T]) -> T:
         """Run body in a new transaction (committed when writing), recovering
         from MDB_MAP_RESIZED and MDB_MAP_FULL like slmdb does."""
         if shared.corrupt is not None:
@@ -451,7 +459,7 @@ class LmdbTable(Table):
             return None
 
         with self._locked(exclusive=False) as shared:
-            value = self._run(shared, False, "read", get)
+            value = self._in_transaction(shared, False, "read", get)
         return None if value is None else _decode(value)
 
     def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
@@ -483,7 +491,7 @@ class LmdbTable(Table):
             return found
 
         with self._locked(exclusive=False) as shared:
-            found = self._run(shared, False, "read", get_all)
+            found = self._in_transaction(shared, False, "read", get_all)
         results: dict[str, str | None] = {}
         for key, name in names.items():
             data = None if name is None else found.get(name)
@@ -509,7 +517,7 @@ class LmdbTable(Table):
             txn.put(name, data, overwrite=True)
 
         with self._locked(exclusive=True) as shared:
-            self._run(shared, True, "update", put)
+            self._in_transaction(shared, True, "update", put)
 
     def update_many(self, items: Sequence[tuple[str, str, int | None]]
                     ) -> list[BackupError | None]:
@@ -548,7 +556,7 @@ class LmdbTable(Table):
                 txn.put(name, data, overwrite=True)
 
         with self._locked(exclusive=True) as shared:
-            self._run(shared, True, "update", put_all)
+            self._in_transaction(shared, True, "update", put_all)
         return results
 
     def delete(self, key: str) -> bool:
@@ -569,13 +577,13 @@ class LmdbTable(Table):
             return False
 
         with self._locked(exclusive=True) as shared:
-            return self._run(shared, True, "delete", remove)
+            return self._in_transaction(shared, True, "delete", remove)
 
-    def delete_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
-        """Remove key when ``doomed(value)`` is true of its value, read and
+    def delete_if(self, key: str, deletable: Callable[[str], bool]) -> Outcome:
+        """Remove key when ``deletable(value)`` is true of its value, read and
         removed in ONE write transaction under ONE exclusive lock, so that
         no writer (policyd, Postfix, postmap) can store a new value between
-        the check and the delete.  ``doomed`` runs under the lock: keep it
+        the check and the delete.  ``deletable`` runs under the lock: keep it
         quick and free of I/O."""
         self._check_writable()
         name = self._name(key)
@@ -599,18 +607,18 @@ class LmdbTable(Table):
                     self._try1null = False
             if raw is None:
                 return Outcome.ABSENT
-            if not doomed(_decode(bytes(raw))):
+            if not deletable(_decode(bytes(raw))):
                 return Outcome.KEPT
             txn.delete(stored)
             return Outcome.DELETED
 
         with self._locked(exclusive=True) as shared:
-            return self._run(shared, True, "delete", remove)
+            return self._in_transaction(shared, True, "delete", remove)
 
     def sequence(self) -> Iterator[tuple[str, str]]:
         """Every (key, value), in key order, NULs stripped.
 
-        Read in chunks (LMDB_SEQUENCE_CHUNK_ITEMS / _BYTES), each under its
+        Read in chunks (chunk_items / chunk_bytes), each under its
         own shared lock and transaction, and never holding the lock while the
         caller works: memory stays bounded and writers are not starved.  Like
         Postfix's first/next, the walk is not one snapshot; it resumes after
@@ -620,16 +628,15 @@ class LmdbTable(Table):
         after: bytes | None = None
         while True:
             with self._locked(exclusive=False) as shared:
-                chunk, more = self._run(shared, False, "read",
-                                        functools.partial(self._chunk, after=after))
+                chunk, more = self._in_transaction(
+                    shared, False, "read", functools.partial(self._chunk, after=after))
             for raw_key, raw_value in chunk:
                 yield _decode(raw_key), _decode(raw_value)
             if not more or not chunk:
                 return
             after = chunk[-1][0]
 
-    @staticmethod
-    def _chunk(txn: lmdb.Transaction, *, after: bytes | None
+    def _chunk(self, txn: lmdb.Transaction, *, after: bytes | None
                ) -> tuple[list[tuple[bytes, bytes]], bool]:
         """Up to a chunk of entries after key ``after``; True when cut short."""
         out: list[tuple[bytes, bytes]] = []
@@ -642,8 +649,7 @@ class LmdbTable(Table):
                 key, value = bytes(cursor.key()), bytes(cursor.value())
                 out.append((key, value))
                 size += len(key) + len(value)
-                if (len(out) >= limits.LMDB_SEQUENCE_CHUNK_ITEMS
-                        or size >= limits.LMDB_SEQUENCE_CHUNK_BYTES):
+                if len(out) >= self.chunk_items or size >= self.chunk_bytes:
                     return out, True
                 found = cursor.next()
         return out, False

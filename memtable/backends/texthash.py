@@ -13,20 +13,22 @@ import logging
 from collections.abc import Iterator
 
 from memtable import clock, limits
-from memtable.domainlist import fold_case
 from memtable.errors import AccessError, ConfigError
 from memtable.files import read_regular_file
 from memtable.syntax import parse_key_value, readllines
-from memtable.table import Table
+from memtable.table import Table, fold_case
 
 log = logging.getLogger("memtable.backends")
 
 
 class TexthashTable(Table):
-    """``texthash:/path``: read-only, loaded at open; supports sequence()."""
+    """``texthash:/path``: read-only, loaded at open (at most ``max_bytes``
+    of file); supports sequence()."""
 
-    def __init__(self, path: str, *, read_write: bool, fold: bool) -> None:
+    def __init__(self, path: str, *, read_write: bool, fold: bool,
+                 max_bytes: int = limits.LOOKUP_FILE_MAX_BYTES) -> None:
         self.spec = f"texthash:{path}"
+        self.max_bytes = max_bytes
         self.path = path
         self.read_write = read_write
         self.fold = fold
@@ -54,7 +56,7 @@ class TexthashTable(Table):
         return entries
 
     def _read(self) -> tuple[bytes, int]:
-        limit = limits.LOOKUP_FILE_MAX_BYTES
+        limit = self.max_bytes
         try:
             data, st = read_regular_file(self.path, limit)
         except OSError as exc:
