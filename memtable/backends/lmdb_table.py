@@ -149,14 +149,9 @@ class LmdbTable(Table):
     def _attach(self) -> _Shared:
         # Like Postfix, a read-write open creates a missing file (mode 0644
         # minus umask); a read-only open of a missing file is an error.
-        flags = (os.O_RDWR | os.O_CREAT) if self.read_write else os.O_RDONLY
-        try:
-            # O_NONBLOCK: a FIFO in the file's place must not block open();
-            # this descriptor only carries the fcntl locks.
-            fd = os.open(self.db_path, flags | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
-        except OSError as exc:
-            raise OpenError(f"{self.spec}: open database {self.db_path}: "
-                            f"{exc.strerror}") from None
+        fd, created = self._open_file()
+        if created:
+            self._give_to_directory_owner(fd)
         try:
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
@@ -193,6 +188,48 @@ class LmdbTable(Table):
             finally:
                 shared.mutex.release()
             return shared
+
+    def _open_file(self) -> tuple[int, bool]:
+        """A descriptor of the .lmdb file, and whether this open created it."""
+        # O_NONBLOCK: a FIFO in the file's place must not block open();
+        # this descriptor only carries the fcntl locks.
+        base = os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            if not self.read_write:
+                return os.open(self.db_path, os.O_RDONLY | base), False
+            try:
+                # O_EXCL tells who created the file (and never follows a link).
+                return os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | base,
+                               0o644), True
+            except FileExistsError:
+                return os.open(self.db_path, os.O_RDWR | os.O_CREAT | base, 0o644), False
+        except OSError as exc:
+            raise OpenError(f"{self.spec}: open database {self.db_path}: "
+                            f"{exc.strerror}") from None
+
+    def _give_to_directory_owner(self, fd: int) -> None:
+        """Run as root, a new file gets the owner and group of its directory.
+
+        The service's state directory belongs to policyd's user (systemd's
+        StateDirectory=); a root-owned file there (policyd started as root,
+        ``policyd cleanup`` or ``memtable -i`` run by root) could not be
+        opened by the service afterwards.  postmap, run as root, takes the
+        owner of its source file for the same reason; memtable's tables have
+        no source file, so the directory decides.  The new, still empty
+        file is removed again when that fails."""
+        if os.geteuid() != 0:
+            return
+        try:
+            directory = os.stat(os.path.dirname(self.db_path) or ".")
+            if (directory.st_uid, directory.st_gid) != (0, 0):
+                # fchown() on the descriptor just created: no link is followed.
+                os.fchown(fd, directory.st_uid, directory.st_gid)
+        except OSError as exc:
+            os.close(fd)
+            with suppress(OSError):
+                os.unlink(self.db_path)
+            raise OpenError(f"{self.spec}: give {self.db_path} the owner of its directory: "
+                            f"{exc.strerror}") from None
 
     def _reopen_writable(self, shared: _Shared, fd: int, deadline: float) -> None:
         """Replace a shared read-only environment by a read-write one (py-lmdb
