@@ -47,11 +47,12 @@ def open_table(spec: str, *, read_write: bool = False, fold: bool = True,
             raise AccessError(f"memcache:{name} map is not allowed for security-sensitive data")
         return _open_memcache(name, read_write=read_write, fold=fold, depth=_depth,
                               missing_empty=missing_empty)
-    if (missing_empty and not read_write and type_ == "lmdb"
-            and not os.path.lexists(name + ".lmdb")
+    from memtable.backends import open_backend
+    from memtable.backends.lmdb_table import not_created
+
+    if (missing_empty and not read_write and type_ == "lmdb" and not_created(name)
             and os.path.isdir(os.path.dirname(name) or ".")):
         return EmptyTable(f"{type_}:{name}", fold=fold)
-    from memtable.backends import open_backend
 
     return open_backend(type_, name, read_write=read_write, fold=fold)
 

@@ -124,6 +124,19 @@ def _check(data: mmap.mmap) -> str | None:
     return None
 
 
+def not_created(path: str) -> bool:
+    """True when ``lmdb:path`` has no database yet: NAME.lmdb is missing, or
+    an empty (0-byte) regular file, which LMDB initialises on its first
+    read-write open as it would a new one."""
+    try:
+        st = os.stat(path + ".lmdb")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # opening it says why
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 def _decode(data: bytes) -> str:
     # Postfix copies up to the first NUL (its SCOPY macro).
     return data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
