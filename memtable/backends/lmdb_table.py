@@ -53,7 +53,7 @@ import lmdb
 from memtable import clock, limits
 from memtable.backends.lmdb_check import LmdbCorrupt, check_lmdb
 from memtable.domainlist import fold_case
-from memtable.errors import BackupError, CorruptError, OpenError
+from memtable.errors import BackupError, CorruptError, DamagedError, OpenError
 from memtable.table import Outcome, Table
 
 T = TypeVar("T")
@@ -376,7 +376,7 @@ class LmdbTable(Table):
         """Run body in a new transaction (committed when writing), recovering
         from MDB_MAP_RESIZED and MDB_MAP_FULL like slmdb does."""
         if shared.corrupt is not None:
-            raise BackupError(shared.corrupt)
+            raise DamagedError(shared.corrupt, self.db_path)
         for _ in range(limits.LMDB_RETRY_LIMIT + 1):
             env = shared.env
             try:
@@ -457,7 +457,7 @@ class LmdbTable(Table):
             raise CorruptError(f"{self.spec}: {self.db_path} is corrupt ({problem})",
                                self.db_path)
 
-    def _corrupt(self, shared: _Shared, what: str, exc: lmdb.Error) -> BackupError:
+    def _corrupt(self, shared: _Shared, what: str, exc: lmdb.Error) -> DamagedError:
         """LMDB found the file damaged while working: said once as an error;
         from now on every operation on the file fails at once with the same
         message, without LMDB (until the process opens it afresh)."""
@@ -465,7 +465,7 @@ class LmdbTable(Table):
                    f"{CORRUPT_ADVICE}")
         shared.corrupt = message
         log.error("%s", message)
-        return BackupError(message)
+        return DamagedError(message, self.db_path)
 
     # -- the Table operations ------------------------------------------------
 
