@@ -4,7 +4,8 @@ Output and exit status follow postmap: 0 when the requested information was
 found, 1 when not (and on configuration or usage errors, as postmap's fatal
 errors).  Where postmap also exits 1 on a temporary failure, memtable exits
 75 (EX_TEMPFAIL) with the reason on standard error, so scripts can tell
-"not found" from "try again".
+"not found" from "try again".  A corrupt lmdb file is no temporary failure:
+it stays until rebuilt, so it exits 1, as postmap's fatal error does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import IO, NoReturn
 from memtable.errors import (
     AccessError,
     ConfigError,
+    CorruptError,
+    DamagedError,
     KeySkippedError,
     MemtableError,
     SequenceUnsupportedError,
@@ -204,6 +207,9 @@ def _run_command(args: argparse.Namespace, out: IO[str], inp: IO[str]) -> int:
         spec = args.tables[0]
         table = open_table(spec, read_write=False, fold=fold)
         try:
+            # The walk reads the whole file: check it first, so that damage is
+            # named in the check's words (CorruptError) before LMDB trips on it.
+            table.verify()
             for key, value in table.sequence():
                 _emit(out, key, value, args.json)
         except SequenceUnsupportedError:
@@ -283,6 +289,13 @@ def main(argv: list[str] | None = None, out: IO[str] | None = None,
     except _Fatal as exc:
         print(f"{PROG}: fatal: {exc}", file=sys.stderr)
         return exc.status
+    except DamagedError:
+        return EX_NOTFOUND  # the table has said so, as an error, when it found it
+    except CorruptError as exc:
+        from memtable.backends.lmdb_table import CORRUPT_ADVICE
+
+        print(f"{PROG}: fatal: {exc}: {CORRUPT_ADVICE}", file=sys.stderr)
+        return EX_NOTFOUND
     except TemporaryError as exc:
         print(f"{PROG}: temporary failure: {exc}", file=sys.stderr)
         return EX_TEMPFAIL

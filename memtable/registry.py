@@ -9,10 +9,12 @@ write it).
 
 from __future__ import annotations
 
+import os
+
 from memtable.config import MemcacheConfig
 from memtable.errors import AccessError, ConfigError, UnsupportedTableError
 from memtable.limits import MAX_TABLE_NESTING
-from memtable.table import Table
+from memtable.table import EmptyTable, Table
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -25,13 +27,17 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 
 def open_table(spec: str, *, read_write: bool = False, fold: bool = True,
-               security_sensitive: bool = False, _depth: int = 0) -> Table:
+               security_sensitive: bool = False, missing_empty: bool = False,
+               _depth: int = 0) -> Table:
     """Open ``spec`` (``memcache:/path.cf``, ``lmdb:/path``, ...).
 
     ``read_write`` is Postfix's O_RDWR (needed for update and delete);
     ``fold`` is DICT_FLAG_FOLD_FIX (keys to lower case, postmap's default);
     ``security_sensitive`` is DICT_FLAG_NO_UNAUTH (alias_maps,
-    virtual_*_maps ...), which memcache tables refuse.
+    virtual_*_maps ...), which memcache tables refuse.  ``missing_empty``:
+    a read-only open of an lmdb file that does not exist yet (a read-write
+    open creates it), here or as a memcache table's backup, gives an empty
+    table instead of Postfix's "open database ...: No such file or directory".
     """
     if _depth > MAX_TABLE_NESTING:
         raise ConfigError(f'"{spec}": tables nested more than {MAX_TABLE_NESTING} deep')
@@ -39,13 +45,20 @@ def open_table(spec: str, *, read_write: bool = False, fold: bool = True,
     if type_ == "memcache":
         if security_sensitive:
             raise AccessError(f"memcache:{name} map is not allowed for security-sensitive data")
-        return _open_memcache(name, read_write=read_write, fold=fold, depth=_depth)
+        return _open_memcache(name, read_write=read_write, fold=fold, depth=_depth,
+                              missing_empty=missing_empty)
     from memtable.backends import open_backend
+    from memtable.backends.lmdb_table import not_created
+
+    if (missing_empty and not read_write and type_ == "lmdb" and not_created(name)
+            and os.path.isdir(os.path.dirname(name) or ".")):
+        return EmptyTable(f"{type_}:{name}", fold=fold)
 
     return open_backend(type_, name, read_write=read_write, fold=fold)
 
 
-def _open_memcache(path: str, *, read_write: bool, fold: bool, depth: int) -> Table:
+def _open_memcache(path: str, *, read_write: bool, fold: bool, depth: int,
+                   missing_empty: bool) -> Table:
     from memtable.domainlist import DomainFilter
     from memtable.keys import KeyFormat, KeyPipeline
     from memtable.memcache_table import MemcacheTable
@@ -61,7 +74,7 @@ def _open_memcache(path: str, *, read_write: bool, fold: bool, depth: int) -> Ta
     if config.backup:
         try:
             backup = open_table(config.backup, read_write=read_write, fold=fold,
-                                _depth=depth + 1)
+                                missing_empty=missing_empty, _depth=depth + 1)
         except ConfigError as exc:
             # Keep the class (UnsupportedTableError stays one) and name this file.
             raise type(exc)(f"backup = {config.backup}: {exc}", path) from None

@@ -88,3 +88,20 @@ class Table(abc.ABC):
     def _check_writable(self) -> None:
         if not self.read_write:
             raise AccessError(f"{self.spec}: table is opened read-only")
+
+
+class EmptyTable(Table):
+    """A read-only table with nothing in it: an lmdb file that a read-write
+    open would create, seen by a read-only open that asked for it (see
+    memtable.registry.open_table's ``missing_empty``)."""
+
+    def __init__(self, spec: str, *, fold: bool = True) -> None:
+        self.spec = spec
+        self.read_write = False
+        self.fold = fold
+
+    def lookup(self, key: str) -> str | None:
+        return None
+
+    def sequence(self) -> Iterator[tuple[str, str]]:
+        return iter(())

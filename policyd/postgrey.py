@@ -803,8 +803,8 @@ def _write_table(spec: str, path: Path, name: str, mapper: Callable[[bytes, byte
                  config: PolicydConfig, now: int, counts: Counts, notes: list[str], *,
                  dry_run: bool) -> None:
     table: Table | None = None
-    # Run as root (postgrey's directory is root's), new lmdb files would be
-    # root's, and policyd, running as its own user, could not open them.
+    # Run as root, new lmdb files get their directory's owner (memtable's
+    # lmdb table does it); the report names who that is.
     created = [] if dry_run or os.geteuid() != 0 else [
         file for file in lmdb_files(spec) if not os.path.lexists(file)]
     try:
@@ -817,7 +817,7 @@ def _write_table(spec: str, path: Path, name: str, mapper: Callable[[bytes, byte
         notes.append(f"dry run: cannot read {spec} ({exc}): counted as empty")
     try:
         for file in created:
-            notes.append(_give_to_directory_owner(file))
+            notes.append(_owner_note(file))
         writer = _Writer(table, config, now, counts, merge, kind.parse, dry_run=dry_run)
         for mapped in _mapped(path, name, mapper):
             if isinstance(mapped.record, kind):
@@ -845,18 +845,15 @@ def lmdb_files(spec: str, depth: int = 0) -> list[str]:
     return []
 
 
-def _give_to_directory_owner(path: str) -> str:
-    """Make ``path``, just created by root, owned by its directory's owner
-    and group (the state directory policyd's unit creates for its user), as
-    if policyd had created it; the note that says so."""
+def _owner_note(path: str) -> str:
+    """What the report says of ``path``, just created by root: its owner,
+    its directory's (see memtable.backends.lmdb_table)."""
     try:
-        directory = os.stat(os.path.dirname(path) or ".")
-        os.chown(path, directory.st_uid, directory.st_gid, follow_symlinks=False)
+        st = os.stat(path, follow_symlinks=False)
     except OSError as exc:
-        raise PostgreyImportError(f"{path}: cannot give it its directory's owner: "
-                                  f"{exc.strerror or exc}") from None
-    owner = f"{_user(directory.st_uid)}:{_group(directory.st_gid)}"
-    if directory.st_uid == 0:
+        return f"created {path} ({exc.strerror or exc})"
+    owner = f"{_user(st.st_uid)}:{_group(st.st_gid)}"
+    if st.st_uid == 0:
         return (f"created {path} owned by {owner}, as its directory: if policyd runs as "
                 "another user, chown the file to that user before starting policyd")
     return f"created {path} owned by {owner}, as its directory"

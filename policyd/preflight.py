@@ -21,6 +21,7 @@ import logging
 import os
 
 from memtable import cf
+from memtable.backends.lmdb_table import not_created
 from memtable.config import MemcacheConfig
 from memtable.errors import ConfigError, MemtableError, TemporaryError
 from memtable.keys import KeyFormat
@@ -148,8 +149,8 @@ def _probe_table(spec: str, *, check: bool = True) -> None:
                 open_checked(spec, read_write=False).close()
         _ask_memcached(config)
     elif not _exists(spec):
-        # policyd creates it at start (as the service's user): only its
-        # directory must exist.
+        # policyd creates (or initialises) it at start, as the service's
+        # user: only its directory must exist.
         directory = os.path.dirname(name) or "."
         if not os.path.isdir(directory):
             raise ConfigError(f"{spec}: directory {directory} does not exist "
@@ -159,9 +160,10 @@ def _probe_table(spec: str, *, check: bool = True) -> None:
 
 
 def _exists(spec: str) -> bool:
-    """False for an lmdb table whose file is not there yet."""
+    """False for an lmdb table whose file is not there yet, or is empty (0
+    bytes): policyd creates or initialises it at start, as LMDB does."""
     type_, name = split_spec(spec)
-    return type_ != "lmdb" or os.path.exists(name + ".lmdb")
+    return type_ != "lmdb" or not not_created(name)
 
 
 def _ask_memcached(config: MemcacheConfig) -> None:

@@ -426,15 +426,17 @@ class Store:
 _last_loop: asyncio.AbstractEventLoop | None = None
 
 
-def open_checked(spec: str, *, read_write: bool) -> Table:
+def open_checked(spec: str, *, read_write: bool, missing_empty: bool = False) -> Table:
     """Open one of policyd's tables and check its files (Table.verify)
     before anything writes them: a damaged lmdb file makes LMDB abort the
     process on its first write, and policyd would die at every start.  A
-    damaged file is CorruptError saying what to do; other errors propagate."""
+    damaged file is CorruptError saying what to do; other errors propagate.
+    ``missing_empty``: read-only, an lmdb file policyd has not created yet
+    is an empty table (memtable.registry.open_table)."""
     from memtable.registry import open_table
 
     try:
-        table = open_table(spec, read_write=read_write)
+        table = open_table(spec, read_write=read_write, missing_empty=missing_empty)
     except CorruptError as exc:
         raise _recovery(spec, exc) from None
     try:

@@ -109,11 +109,13 @@ class Stores:
     @classmethod
     def open(cls, config: PolicydConfig, *, read_write: bool) -> Stores:
         """Open both tables (read-write for cleanup).  WalkError when one
-        cannot be opened or walked; nothing is read yet."""
+        cannot be opened or walked; nothing is read yet.  Read-only (report,
+        cleanup --dry-run), an lmdb file policyd creates at start and has
+        not yet (a fresh install) is an empty table."""
         tables: list[Table] = []
         try:
             for spec in (config.triplet_table, config.client_table):
-                tables.append(open_checked(spec, read_write=read_write))
+                tables.append(open_checked(spec, read_write=read_write, missing_empty=True))
             stores = cls(config, tables[0], tables[1])
             _walked_table(stores.triplets)
             _walked_table(stores.clients)

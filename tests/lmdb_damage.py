@@ -84,10 +84,12 @@ def overwrite_page(db_file: Path, target: int, source: int) -> None:
     db_file.write_bytes(bytes(data))
 
 
-def zero_page(db_file: Path, pgno: int) -> None:
+def zero_page(db_file: Path, pgno: int, fill: int = 0) -> None:
+    """Overwrite page ``pgno`` with ``fill`` bytes (0xff: a page number of
+    all ones, LMDB's P_INVALID)."""
     data = bytearray(db_file.read_bytes())
     psize = layout(bytes(data)).psize
-    data[pgno * psize:(pgno + 1) * psize] = bytes(psize)
+    data[pgno * psize:(pgno + 1) * psize] = bytes([fill]) * psize
     db_file.write_bytes(bytes(data))
 
 

@@ -332,6 +332,25 @@ def test_dry_run_leaves_memcached_alone(tmp_path: Path, memcached: Memcached,
     assert dump(f"lmdb:{tmp_path}/tb") == triplets()
 
 
+def test_dry_run_before_policyd_created_its_backups(
+        tmp_path: Path, memcached: Memcached, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fresh install: the backups policyd creates at start are empty
+    tables to a dry run, which creates nothing.  Before: `open database
+    ...: No such file or directory`."""
+    tspec = memcache_cf(tmp_path, "t", memcached.spec, f"lmdb:{tmp_path}/tb")
+    cspec = f"lmdb:{tmp_path}/clients"
+    status, out, err = run_cli(capsys, "cleanup", "-c", policyd_cf(tmp_path, tspec, cspec),
+                               "--dry-run")
+    assert status == 0, err
+    assert out.splitlines() == [
+        f"policyd cleanup: triplets ({tspec}): 0 examined, 0 expired (0 pending past "
+        "retry_window, 0 passed but unseen for max_age), 0 malformed: 0 would be deleted "
+        "(dry run: nothing deleted)",
+        f"policyd cleanup: clients ({cspec}): 0 examined, 0 expired (unseen for max_age), "
+        "0 malformed: 0 would be deleted (dry run: nothing deleted)"]
+    assert not list(tmp_path.glob("*.lmdb"))
+
+
 def test_memcache_table_without_backup_cannot_be_cleaned(
         tmp_path: Path, memcached: Memcached, capsys: pytest.CaptureFixture[str]) -> None:
     tspec = memcache_cf(tmp_path, "t", memcached.spec, None)

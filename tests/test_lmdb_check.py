@@ -102,7 +102,7 @@ def test_a_free_list_holding_a_live_page_is_found_before_lmdb_aborts(
     assert "Assertion 'mp->mp_pgno != pgno' failed" in done.stderr
 
 
-@pytest.mark.parametrize("damage", ["overwritten", "zeroed", "meta", "truncated"])
+@pytest.mark.parametrize("damage", ["overwritten", "zeroed", "garbage", "meta", "truncated"])
 def test_damaged_pages_are_named(tmp_path: Path, damage: str) -> None:
     db = fill(tmp_path / "t")
     leaves = lmdb_damage.leaf_pages(db)
@@ -112,6 +112,9 @@ def test_damaged_pages_are_named(tmp_path: Path, damage: str) -> None:
     elif damage == "zeroed":
         lmdb_damage.zero_page(db, leaves[0])
         expected = f"page {leaves[0]} holds page 0's header"
+    elif damage == "garbage":  # before: "holds page 18446744073709551615's header"
+        lmdb_damage.zero_page(db, leaves[2], fill=0xFF)
+        expected = f"page {leaves[2]} is overwritten: what it holds is not a page of this file$"
     elif damage == "meta":
         lmdb_damage.zero_page(db, 1)
         expected = "meta page 1 is not an LMDB meta page"
@@ -146,6 +149,33 @@ def test_lmdb_reporting_damage_at_run_time_is_a_backup_error(
         assert [r.levelname for r in caplog.records] == ["ERROR"]
     finally:
         table.close()
+
+
+def memtable_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "memtable.cli", *argv], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_memtable_on_a_corrupt_file_is_a_fatal_error_not_a_temporary_failure(
+        tmp_path: Path) -> None:
+    """The damage stays until the file is rebuilt: exit 1 with one line,
+    never 75 (temporary failure).  Before: `memtable: error: ...` then
+    `memtable: temporary failure: ...`, exit 75."""
+    db = fill(tmp_path / "t", rewrites=0)
+    leaves = lmdb_damage.leaf_pages(db)
+    lmdb_damage.zero_page(db, leaves[0])
+    # -s reads the whole file: checked first, named in the check's words.
+    done = memtable_cli("-s", f"lmdb:{tmp_path}/t")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (f"memtable: fatal: lmdb:{tmp_path}/t: {db} is corrupt (main "
+                           f"database: page {leaves[0]} holds page 0's header (overwritten)): "
+                           "move it away (then rebuild it from a dump or its source)\n")
+    # -q reads a few pages: LMDB finds the damage, said once.
+    done = memtable_cli("-q", "k000000", f"lmdb:{tmp_path}/t")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.count("\n") == 1 and "temporary failure" not in done.stderr
+    assert done.stderr.startswith(f"memtable: error: lmdb:{tmp_path}/t: read {db}: ")
+    assert "MDB_CORRUPTED" in done.stderr and "the file is corrupt: move it away" in done.stderr
 
 
 # --- policyd ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import pwd
 import select
 import struct
 import subprocess
@@ -36,6 +37,7 @@ from memtable import limits
 from memtable.backends import LmdbTable
 from memtable.errors import AccessError, BackupError, OpenError
 from memtable.table import Outcome
+from tests.policyd_proc import PolicydProcess
 from tests.postfixlab import POSTMAP, run_postmap
 from tests.wait import WAIT
 
@@ -196,6 +198,69 @@ def test_an_existing_file_keeps_its_mode(tmp_path: Path) -> None:
                               check=False)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "t.lmdb").stat().st_mode & 0o777 == 0o600
+
+
+def _state_directory(tmp_path: Path) -> tuple[Path, pwd.struct_passwd]:
+    """The state directory systemd's StateDirectory= makes for policyd's
+    user (here nobody), before anything created a file in it."""
+    nobody = pwd.getpwnam("nobody")
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, nobody.pw_uid, nobody.pw_gid)
+    state.chmod(0o750)
+    return state, nobody
+
+
+def _owner(path: Path) -> tuple[int, int]:
+    st = path.stat(follow_symlinks=False)
+    return st.st_uid, st.st_gid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the files created as root")
+@pytest.mark.parametrize("creator", ["memtable -i", "policyd cleanup", "policyd"])
+def test_run_as_root_a_new_file_gets_its_directorys_owner(
+        tmp_path: Path, creator: str, policyd_factory: type[PolicydProcess]) -> None:
+    """Before: root-owned files (-rw-r----- root root) the service, running
+    as its own user, could not open: `open database ...: Permission denied`."""
+    state, nobody = _state_directory(tmp_path)
+    names = ["triplets.lmdb"]
+    if creator == "memtable -i":
+        done = subprocess.run([sys.executable, "-m", "memtable.cli", "-i",
+                               f"lmdb:{state / 'triplets'}"], input=b"k v\n",
+                              capture_output=True, timeout=WAIT, check=False)
+        assert done.returncode == 0, done.stderr
+    else:
+        names.append("clients.lmdb")
+        proc = policyd_factory(state, None)
+        if creator == "policyd":
+            proc.start()
+            assert proc.stop() == 0, proc.log_text()
+        else:
+            done = subprocess.run([sys.executable, "-m", "policyd", "-c", str(proc.config),
+                                   "cleanup"], capture_output=True, text=True,
+                                  timeout=WAIT, check=False)
+            assert done.returncode == 0, done.stderr
+    for name in names:
+        assert _owner(state / name) == (nobody.pw_uid, nobody.pw_gid), name
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the files created as root")
+def test_run_as_root_an_existing_file_keeps_its_owner(tmp_path: Path) -> None:
+    state, nobody = _state_directory(tmp_path)
+    with opened(state / "t") as t:
+        t.update("k", "v")
+    assert _owner(state / "t.lmdb") == (nobody.pw_uid, nobody.pw_gid)
+    os.chown(state / "t.lmdb", 0, 0)
+    with opened(state / "t") as t:
+        t.update("k", "w")
+    assert _owner(state / "t.lmdb") == (0, 0)
+    # A link in the file's place is not followed, nor its target chowned.
+    target = tmp_path / "target"
+    target.write_bytes(b"")
+    (state / "l.lmdb").symlink_to(target)
+    with opened(state / "l") as t:
+        t.update("k", "v")
+    assert _owner(target) == (0, 0)
 
 
 def _umask() -> int:

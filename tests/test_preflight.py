@@ -68,6 +68,22 @@ def test_check_creates_no_file(tmp_path: Path, memcached: Memcached,
     assert list(state.iterdir()) == []
 
 
+def test_an_empty_lmdb_file_is_one_policyd_initialises(
+        tmp_path: Path, memcached: Memcached, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 0-byte file: policyd's start initialises it (as LMDB does), so the
+    check accepts it too.  Before: `open database ...: Bad file descriptor`."""
+    clients = table_cf(tmp_path / "clients.cf", memcached.spec, f"{tmp_path}/cb")
+    cf = policyd_cf(tmp_path, f"client_table = memcache:{clients}\n")
+    for name in ("triplets.lmdb", "cb.lmdb"):
+        (tmp_path / name).write_bytes(b"")
+    code, err = check(cf, capsys)
+    assert (code, err) == (0, "")
+    assert [(tmp_path / n).stat().st_size for n in ("triplets.lmdb", "cb.lmdb")] == [0, 0]
+    # policyd report (read-only too) sees an empty table.
+    assert main(["report", "-c", str(cf)]) == 0
+    assert "Triplets (lmdb:" in capsys.readouterr().out
+
+
 def test_missing_backup_directory_is_an_error(tmp_path: Path, memcached: Memcached,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     triplets = table_cf(tmp_path / "triplets.cf", memcached.spec, f"{tmp_path}/none/triplets")

@@ -277,9 +277,28 @@ def test_plot_without_matplotlib_is_a_clear_error(
                    "(pip install matplotlib)\n")
 
 
+def test_a_store_policyd_has_not_created_yet_is_empty(
+        tmp_path: Path, memcached: Memcached, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fresh install: policyd creates its lmdb files at start.  Before:
+    `policyd: report: lmdb:...: open database ...: No such file or directory`."""
+    tspec = f"lmdb:{tmp_path}/triplets"
+    cspec = memcache_cf(tmp_path, "c", memcached.spec, f"lmdb:{tmp_path}/cb")
+    cf = policyd_cf(tmp_path, tspec, cspec)
+    status, out, err = report(capsys, "report", "-c", cf, "--json")
+    assert status == 0, err
+    data = json.loads(out)
+    assert (data["triplets"]["read"], data["triplets"]["passed"]) == (0, 0)
+    assert (data["clients"]["read"], data["clients"]["live"]) == (0, 0)
+    status, out, err = report(capsys, "report", "-c", cf)
+    assert status == 0 and err == ""
+    assert f"Triplets ({tspec}: 0 read)" in out
+    assert not list(tmp_path.glob("*.lmdb"))  # the report created nothing
+
+
 def test_missing_store_is_a_clear_error(tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    cf = policyd_cf(tmp_path, f"lmdb:{tmp_path}/none", f"lmdb:{tmp_path}/none2")
+    # No directory: policyd would not create the file at start either.
+    cf = policyd_cf(tmp_path, f"lmdb:{tmp_path}/no/t", f"lmdb:{tmp_path}/no/c")
     status, out, err = report(capsys, "report", "-c", cf)
     assert status == 1 and out == ""
     assert err.startswith("policyd: report: lmdb:") and "No such file" in err

@@ -176,6 +176,9 @@ def _page(walk: _Walk, name: str, pgno: int, *, leaf: bool, free: bool,
     own, _, flags, lower, upper = _HEADER.unpack_from(view, offset)
     where = f"{name}: page {pgno}"
     if own != pgno:
+        if own > walk.last:  # garbage, such as all ones (-1 read unsigned)
+            raise LmdbCorrupt(f"{where} is overwritten: what it holds is not a page "
+                              "of this file")
         raise LmdbCorrupt(f"{where} holds page {own}'s header (overwritten)")
     want = _P_LEAF if leaf else _P_BRANCH
     if flags & (_P_BRANCH | _P_LEAF | _P_OVERFLOW | _P_META) != want:

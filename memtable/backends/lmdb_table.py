@@ -52,7 +52,7 @@ import lmdb
 
 from memtable import clock, limits
 from memtable.backends.lmdb_check import LmdbCorrupt, check_lmdb
-from memtable.errors import BackupError, CorruptError, OpenError
+from memtable.errors import BackupError, CorruptError, DamagedError, OpenError
 from memtable.table import Outcome, Table, fold_case
 
 T = TypeVar("T")
@@ -123,6 +123,19 @@ def _check(data: mmap.mmap) -> str | None:
     return None
 
 
+def not_created(path: str) -> bool:
+    """True when ``lmdb:path`` has no database yet: NAME.lmdb is missing, or
+    an empty (0-byte) regular file, which LMDB initialises on its first
+    read-write open as it would a new one."""
+    try:
+        st = os.stat(path + ".lmdb")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # opening it says why
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 def _decode(data: bytes) -> str:
     # Postfix copies up to the first NUL (its SCOPY macro).
     return data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -158,14 +171,9 @@ class LmdbTable(Table):
     def _attach(self) -> _Shared:
         # Like Postfix, a read-write open creates a missing file (mode 0644
         # minus umask); a read-only open of a missing file is an error.
-        flags = (os.O_RDWR | os.O_CREAT) if self.read_write else os.O_RDONLY
-        try:
-            # O_NONBLOCK: a FIFO in the file's place must not block open();
-            # this descriptor only carries the fcntl locks.
-            fd = os.open(self.db_path, flags | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
-        except OSError as exc:
-            raise OpenError(f"{self.spec}: open database {self.db_path}: "
-                            f"{exc.strerror}") from None
+        fd, created = self._open_file()
+        if created:
+            self._give_to_directory_owner(fd)
         try:
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
@@ -202,6 +210,48 @@ class LmdbTable(Table):
             finally:
                 shared.mutex.release()
             return shared
+
+    def _open_file(self) -> tuple[int, bool]:
+        """A descriptor of the .lmdb file, and whether this open created it."""
+        # O_NONBLOCK: a FIFO in the file's place must not block open();
+        # this descriptor only carries the fcntl locks.
+        base = os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            if not self.read_write:
+                return os.open(self.db_path, os.O_RDONLY | base), False
+            try:
+                # O_EXCL tells who created the file (and never follows a link).
+                return os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | base,
+                               0o644), True
+            except FileExistsError:
+                return os.open(self.db_path, os.O_RDWR | os.O_CREAT | base, 0o644), False
+        except OSError as exc:
+            raise OpenError(f"{self.spec}: open database {self.db_path}: "
+                            f"{exc.strerror}") from None
+
+    def _give_to_directory_owner(self, fd: int) -> None:
+        """Run as root, a new file gets the owner and group of its directory.
+
+        The service's state directory belongs to policyd's user (systemd's
+        StateDirectory=); a root-owned file there (policyd started as root,
+        ``policyd cleanup`` or ``memtable -i`` run by root) could not be
+        opened by the service afterwards.  postmap, run as root, takes the
+        owner of its source file for the same reason; memtable's tables have
+        no source file, so the directory decides.  The new, still empty
+        file is removed again when that fails."""
+        if os.geteuid() != 0:
+            return
+        try:
+            directory = os.stat(os.path.dirname(self.db_path) or ".")
+            if (directory.st_uid, directory.st_gid) != (0, 0):
+                # fchown() on the descriptor just created: no link is followed.
+                os.fchown(fd, directory.st_uid, directory.st_gid)
+        except OSError as exc:
+            os.close(fd)
+            with suppress(OSError):
+                os.unlink(self.db_path)
+            raise OpenError(f"{self.spec}: give {self.db_path} the owner of its directory: "
+                            f"{exc.strerror}") from None
 
     def _reopen_writable(self, shared: _Shared, fd: int, deadline: float) -> None:
         """Replace a shared read-only environment by a read-write one (py-lmdb
@@ -334,7 +384,7 @@ class LmdbTable(Table):
         """Run body in a new transaction (committed when writing), recovering
         from MDB_MAP_RESIZED and MDB_MAP_FULL like slmdb does."""
         if shared.corrupt is not None:
-            raise BackupError(shared.corrupt)
+            raise DamagedError(shared.corrupt, self.db_path)
         for _ in range(limits.LMDB_RETRY_LIMIT + 1):
             env = shared.env
             try:
@@ -415,7 +465,7 @@ class LmdbTable(Table):
             raise CorruptError(f"{self.spec}: {self.db_path} is corrupt ({problem})",
                                self.db_path)
 
-    def _corrupt(self, shared: _Shared, what: str, exc: lmdb.Error) -> BackupError:
+    def _corrupt(self, shared: _Shared, what: str, exc: lmdb.Error) -> DamagedError:
         """LMDB found the file damaged while working: said once as an error;
         from now on every operation on the file fails at once with the same
         message, without LMDB (until the process opens it afresh)."""
@@ -423,7 +473,7 @@ class LmdbTable(Table):
                    f"{CORRUPT_ADVICE}")
         shared.corrupt = message
         log.error("%s", message)
-        return BackupError(message)
+        return DamagedError(message, self.db_path)
 
     # -- the Table operations ------------------------------------------------
 
