@@ -150,7 +150,12 @@ class _Tables:
 
     def get(self, spec: str) -> Table:
         if spec not in self.opened:
-            self.opened[spec] = open_table(spec, read_write=self.read_write, fold=self.fold)
+            table = open_table(spec, read_write=self.read_write, fold=self.fold)
+            self.opened[spec] = table
+            if self.read_write:
+                # LMDB may abort the process on its first write to a damaged
+                # file: check it first (-d, -i), as policyd does at start.
+                table.verify()
         return self.opened[spec]
 
     def close(self) -> None:
@@ -248,6 +253,8 @@ def _insert(args: argparse.Namespace, inp: IO[str], fold: bool) -> int:
     tables = _Tables(args.tables, read_write=True, fold=fold)
     status = EX_OK
     try:
+        for spec in args.tables:
+            tables.get(spec)  # opened (and checked) before any input is read, as postmap -i
         for logical in readllines(_byte_lines(inp), "stdin",
                                   max_bytes=CF_MAX_LOGICAL_LINE_BYTES):
             record = parse_key_value(logical, "stdin")

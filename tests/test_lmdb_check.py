@@ -151,9 +151,9 @@ def test_lmdb_reporting_damage_at_run_time_is_a_backup_error(
         table.close()
 
 
-def memtable_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+def memtable_cli(*argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "memtable.cli", *argv], capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, timeout=60, check=False, input=stdin)
 
 
 def test_memtable_on_a_corrupt_file_is_a_fatal_error_not_a_temporary_failure(
@@ -177,6 +177,21 @@ def test_memtable_on_a_corrupt_file_is_a_fatal_error_not_a_temporary_failure(
     assert done.stderr.startswith(f"memtable: error: lmdb:{tmp_path}/t: read {db}: ")
     assert "MDB_CORRUPTED" in done.stderr and "the file is corrupt: move it away" in done.stderr
 
+
+
+def test_memtable_writes_refuse_a_damaged_file_instead_of_aborting(tmp_path: Path) -> None:
+    """A live page on the free list: LMDB's first write aborts the process
+    (SIGABRT).  memtable -i and -d check the file first and say so in one
+    line, exit 1; the file is left as it was."""
+    db = fill(tmp_path / "t")
+    lmdb_damage.free_main_root(db)
+    before = db.read_bytes()
+    for args, stdin in ((("-i",), "knew value\n"), (("-d", "k000000"), "")):
+        done = memtable_cli(*args, f"lmdb:{tmp_path}/t", stdin=stdin)
+        assert done.returncode == 1, done
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith(f"memtable: fatal: lmdb:{tmp_path}/t: {db} is corrupt (")
+    assert db.read_bytes() == before
 
 # --- policyd ----------------------------------------------------------------------
 
