@@ -415,9 +415,11 @@ def _dns_servers(entry: cf.CfEntry) -> tuple[tuple[str, int], ...]:
             address = ipaddress.ip_address(host)
         except ValueError:
             raise entry.error(f'"{item}": not an IP address') from None
-        if not port_text.isdigit() or not 0 < int(port_text[:6]) < 65536:
+        # A number as every number of the configuration (cf.decimal).
+        port = cf.decimal(port_text) if port_text.isascii() and port_text.isdigit() else None
+        if port is None or not 0 < port < 65536:
             raise entry.error(f'"{item}": bad port')
-        servers.append((str(address), int(port_text)))
+        servers.append((str(address), port))
     if len(servers) > limits.DNS_MAX_SERVERS:
         raise entry.error(f"more than {limits.DNS_MAX_SERVERS} DNS servers")
     return tuple(servers)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import pytest
 
 from memtable import clock
+from memtable.errors import ConfigError
 from policyd import limits
+from policyd.config import PolicydConfig
 from policyd.dns import Resolver, Status
 from tests.dnslab import Nsd, silent_dns, silent_dns_server
 
@@ -127,3 +130,34 @@ def test_a_failure_is_cached_briefly(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen == [(Status.FAILURE, "timeout", asked_first)] * 3 + [
         (Status.FAILURE, "timeout", seen[3][2])]
     assert seen[3][2] > asked_first  # asked again after the interval
+
+
+@pytest.mark.parametrize(("value", "servers"), [
+    ("127.0.0.1", ((("127.0.0.1", 53),))),
+    ("127.0.0.1:5353, [::1]:54, ::1", (("127.0.0.1", 5353), ("::1", 54), ("::1", 53))),
+    ("127.0.0.1:0000053", (("127.0.0.1", 53),)),
+])
+def test_dns_servers_are_addresses_with_ports(tmp_path: Path, value: str,
+                                              servers: tuple[tuple[str, int], ...]) -> None:
+    cf = tmp_path / "policyd.cf"
+    cf.write_text(f"dns_servers = {value}\n")
+    assert PolicydConfig.from_file(str(cf)).dns_servers == servers
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("ns.example.org", '"ns.example.org": not an IP address'),
+    ("127.0.0.1:0", '"127.0.0.1:0": bad port'),
+    ("127.0.0.1:65536", '"127.0.0.1:65536": bad port'),
+    # Leading zeros hide no port above 65535; nor does a number of 5,000 digits.
+    ("127.0.0.1:0000099999", '"127.0.0.1:0000099999": bad port'),
+    ("127.0.0.1:" + "9" * 5000, "bad port"),
+    ("[::1", '"[::1": expected [address]:port'),
+])
+def test_bad_dns_servers_are_one_line_with_file_and_line(tmp_path: Path, value: str,
+                                                         message: str) -> None:
+    cf = tmp_path / "policyd.cf"
+    cf.write_text(f"dns_servers = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        PolicydConfig.from_file(str(cf))
+    assert str(info.value).startswith(f"{cf}, line 1: dns_servers = ")
+    assert message in str(info.value)
