@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import stop_process
+
 MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
 HOSTGUARD_DIR = Path(__file__).resolve().parent / "hostguard"
 _empty_mail_config: list[str] = []
@@ -124,13 +126,7 @@ class Memcached:
         self.raw(b"flush_all\r\n")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def _wait_ready(mc: Memcached) -> None:

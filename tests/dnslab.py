@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import stop_process
+
 NSD = shutil.which("nsd") or "/usr/sbin/nsd"
 START_WAIT = 10.0  # seconds for nsd to answer its first query
 
@@ -117,12 +119,7 @@ def start_nsd(directory: Path, zones: Mapping[str, str]) -> Iterator[Nsd]:
             time.sleep(0.02)
         yield nsd
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 class SilentServer:

@@ -28,6 +28,7 @@ from policyd.metrics import (
 )
 from tests.conftest import Memcached, free_port
 from tests.policyd_helpers import ask, connect
+from tests.processes import stop_process
 
 SCRAPE_TIMEOUT = 5.0
 
@@ -380,9 +381,4 @@ def test_policyd_serves_metrics_that_follow_traffic(tmp_path: Path,
         assert value(after, "policyd_store_latency_seconds_count",
                      store="triplets", op="get") >= 2
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 10)

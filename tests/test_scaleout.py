@@ -29,6 +29,7 @@ from tests.conftest import Memcached, free_port, start_memcached
 from tests.policyd_helpers import ask as ask_raw
 from tests.policyd_helpers import connect
 from tests.policyd_proc import PolicydProcess
+from tests.processes import stop_process
 from tests.wait import WAIT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,13 +70,7 @@ class Proxy:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
+        stop_process(self.proc, WAIT)
 
 
 def _answers(port: int) -> bool:
