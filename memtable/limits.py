@@ -45,6 +45,13 @@ LMDB_LOCK_FIRST_POLL_SECONDS = 0.0002
 # 1,000,000 triplets, 270 MB); a file larger than this is not checked.
 LMDB_VERIFY_MAX_BYTES = 4 * 1024 * 1024 * 1024
 
+# ThreadedTable (memtable.committer): jobs waiting for the table's thread
+# before callers are refused at once, items one transaction may carry, and
+# how long close() waits for the thread to finish.
+COMMIT_MAX_WAITING_JOBS = 10_000
+COMMIT_MAX_GROUP_ITEMS = 4_096
+COMMIT_CLOSE_WAIT_SECONDS = 10.0
+
 # `memtable -q -` and `memtable -i`: longest input line accepted.
 CLI_MAX_INPUT_LINE_BYTES = 64 * 1024
 

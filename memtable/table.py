@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 
-from memtable.errors import AccessError, SequenceUnsupportedError
+from memtable.errors import AccessError, MemtableError, SequenceUnsupportedError
+
+#: One update of a batch: (key, value, ttl); ttl None is the table's own.
+Item = tuple[str, str, int | None]
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
@@ -60,6 +63,28 @@ class Table(abc.ABC):
         """Remove key; True when it was there."""
         raise AccessError(f"{self.spec}: table does not support delete")
 
+    def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """lookup() of each key: {key: value or None}.  Types that can
+        do better (one round trip, one transaction) override it; a failure
+        that is not one key's raises, as lookup() does."""
+        return {key: self.lookup(key) for key in dict.fromkeys(keys)}
+
+    def update_many(self, items: Sequence[Item]) -> list[MemtableError | None]:
+        """update() of each (key, value, ttl) item, in order: one entry per
+        item, None when stored, else the MemtableError update() raised for
+        that item.  Types that can do better (one pipelined round trip, one
+        transaction: one sync) override it."""
+        self._check_writable()
+        results: list[MemtableError | None] = []
+        for key, value, ttl in items:
+            try:
+                self.update(key, value, ttl)
+            except MemtableError as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        return results
+
     def delete_if(self, key: str, deletable: Callable[[str], bool]) -> Outcome:
         """Remove key only while its value is one ``deletable(value)`` accepts,
         checked and removed in one step, so that a value another process
@@ -105,3 +130,28 @@ class EmptyTable(Table):
 
     def sequence(self) -> Iterator[tuple[str, str]]:
         return iter(())
+
+
+class AsyncTable(abc.ABC):
+    """A Table for an asyncio event loop: the batch operations, awaited.
+
+    policyd's stores use it; nothing here blocks the loop (memcached is
+    spoken to on the loop, files are written by a thread of the table's
+    own, see memtable.committer).  The semantics are Table's.
+    """
+
+    #: The ``type:name`` this table was opened from.
+    spec: str
+
+    @abc.abstractmethod
+    async def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """Table.lookup_many, awaited."""
+
+    @abc.abstractmethod
+    async def update_many(self, items: Sequence[Item]) -> list[MemtableError | None]:
+        """Table.update_many, awaited: done when every item is stored
+        (written to memcached and committed to the backup, synced)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish what was asked, release files and connections."""

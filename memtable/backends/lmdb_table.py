@@ -52,8 +52,8 @@ import lmdb
 
 from memtable import clock, limits
 from memtable.backends.lmdb_check import LmdbCorrupt, check_lmdb
-from memtable.errors import BackupError, CorruptError, DamagedError, OpenError
-from memtable.table import Outcome, Table, fold_case
+from memtable.errors import BackupError, CorruptError, DamagedError, MemtableError, OpenError
+from memtable.table import Item, Outcome, Table, fold_case
 
 T = TypeVar("T")
 
@@ -569,8 +569,7 @@ class LmdbTable(Table):
         with self._locked(exclusive=True) as shared:
             self._in_transaction(shared, True, "update", put)
 
-    def update_many(self, items: Sequence[tuple[str, str, int | None]]
-                    ) -> list[BackupError | None]:
+    def update_many(self, items: Sequence[Item]) -> list[MemtableError | None]:
         """Store several (key, value, ttl) items, in order (a later item of
         the same key wins), in ONE transaction under ONE exclusive lock.
 
@@ -581,7 +580,7 @@ class LmdbTable(Table):
         BackupError and stores nothing.  ttl means nothing to lmdb.
         """
         self._check_writable()
-        results: list[BackupError | None] = []
+        results: list[MemtableError | None] = []
         pairs: list[tuple[bytes, bytes]] = []
         for key, value, _ttl in items:
             name = self._name(key)
