@@ -115,6 +115,6 @@ class BackupError(TemporaryError):
 class DamagedError(BackupError, CorruptError):
     """Raised when LMDB finds a table's file damaged while working (its
     MDB_CORRUPTED, ...), after it was opened.  A BackupError to the table's
-    users (policyd answers its store_failure_action; a memcache table still
+    users (policyd answers its failure_action; a memcache table still
     has memcached) and a CorruptError: the damage stays until the file is
     rebuilt, so the memtable command exits 1, not 75 (temporary failure)."""

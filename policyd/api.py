@@ -40,7 +40,7 @@ class Decision:
 
 class PolicyFailure(Exception):
     """decide() could not decide (its stores failed, say).  The server
-    answers as ``store_failure_action`` says, as for any other failure of
+    answers as ``failure_action`` says, as for any other failure of
     the policy, and logs ``reason`` and the message as the decision line's
     ``reason`` and ``detail``."""
 

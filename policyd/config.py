@@ -29,7 +29,7 @@ DEFAULT_CONFIG_PATH = "/etc/policyd/policyd.cf"
 CLIENT_KEYS = ("subnet", "host", "smart", "spf")
 # What client_key = spf falls back to when SPF does not pass.
 SPF_FALLBACK_CLIENT_KEYS = ("subnet", "host", "smart")
-STORE_FAILURE_ACTIONS = ("DUNNO", "disconnect")
+FAILURE_ACTIONS = ("DUNNO", "disconnect")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -55,7 +55,7 @@ class PolicydConfig:
     # --- stores -----------------------------------------------------------
     triplet_table: str = "memcache:/etc/policyd/triplets.cf"
     client_table: str = "memcache:/etc/policyd/clients.cf"
-    store_failure_action: str = "DUNNO"
+    failure_action: str = "DUNNO"
     # --- greylisting ------------------------------------------------------
     greylist_delay: int = 300
     retry_window: int = 2 * 86400
@@ -458,7 +458,7 @@ _PARSERS: dict[str, Callable[[cf.CfEntry], Any]] = {
     "metrics_listen": _optional_endpoint,
     "triplet_table": _text,
     "client_table": _text,
-    "store_failure_action": _choice(STORE_FAILURE_ACTIONS),
+    "failure_action": _choice(FAILURE_ACTIONS),
     "greylist_delay": _time(0),
     "retry_window": _time(1),
     "max_age": _time(1),

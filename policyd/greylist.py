@@ -223,7 +223,7 @@ class GreylistPolicy:
             decision = await self._greylist(request, address, ip, client, recipient,
                                             sender_spf)
         except StoreError as exc:
-            # The server answers it, as store_failure_action says.
+            # The server answers it, as failure_action says.
             raise PolicyFailure("store-failure", str(exc)) from exc
         if sender_spf is None or sender_spf.result is None:
             return decision

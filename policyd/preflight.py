@@ -180,6 +180,6 @@ def _ask_memcached(config: MemcacheConfig) -> None:
     except TemporaryError:
         if not config.backup:
             log.warning("memcache:%s has no backup: until memcached answers, requests fail "
-                        "as store_failure_action says", config.path)
+                        "as failure_action says", config.path)
     finally:
         wire.close()

@@ -12,7 +12,7 @@ and closes the connection, which makes Postfix retry later; a protocol
 error affects only its own connection and logs one line.  A policy that
 fails (raises, PolicyFailure for its stores, or exceeds decision_timeout)
 is answered in one place, PolicyServer._failure, as
-``store_failure_action`` says: ``DUNNO`` or ``disconnect``.
+``failure_action`` says: ``DUNNO`` or ``disconnect``.
 
 Bytes reach the coroutine through a BufferedProtocol (_Connection) rather
 than asyncio's streams: it costs less per request (docs/design.md, "The
@@ -464,9 +464,9 @@ class PolicyServer:
     def _failure(self, attrs: dict[str, str], reason: str, why: str) -> bytes | None:
         """The one answer to every request without a decision: the policy
         failed (``reason``: ``store-failure`` or ``policy-failure``; ``why``
-        says how) or took longer than decision_timeout.  store_failure_action
+        says how) or took longer than decision_timeout.  failure_action
         says which: DUNNO, or None to close without a reply."""
-        disconnect = self._config.store_failure_action == "disconnect"
+        disconnect = self._config.failure_action == "disconnect"
         failure = Decision(action="DUNNO", reason=reason, disconnect=disconnect, detail=why)
         _decision_log.warning("%s", format_decision(attrs, failure))
         self._metrics.observe_decision(failure)

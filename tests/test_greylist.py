@@ -402,10 +402,10 @@ def test_a_slash_in_an_address_does_not_share_a_triplet(
 
 def test_store_failure_is_raised_for_the_server(tmp_path: Path) -> None:
     """The policy does not choose the answer to a store failure: it raises,
-    and the server answers as store_failure_action says (test_server.py)."""
+    and the server answers as failure_action says (test_server.py)."""
     down = f"inet:127.0.0.1:{free_port()}"  # nobody listens: connection refused
     cfg = config(triplet_table=_cf(tmp_path, "t", down), client_table=_cf(tmp_path, "c", down),
-                 postscreen_cache=_cf(tmp_path, "ps", down), store_failure_action="disconnect")
+                 postscreen_cache=_cf(tmp_path, "ps", down), failure_action="disconnect")
 
     async def main() -> None:
         policy = build_policy(cfg)

@@ -129,7 +129,7 @@ def test_damaged_pages_are_named(tmp_path: Path, damage: str) -> None:
 def test_lmdb_reporting_damage_at_run_time_is_a_backup_error(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """LMDB's own MDB_CORRUPTED while working: a BackupError that says the
-    file is corrupt and what to do (policyd answers store_failure_action),
+    file is corrupt and what to do (policyd answers failure_action),
     said once as an error; LMDB is not asked to touch the file again, even
     where its pages are intact."""
     db = fill(tmp_path / "t", rewrites=0)
@@ -246,11 +246,11 @@ def test_policyd_and_cleanup_refuse_to_start_on_a_corrupt_backup(
     assert main(["--check-config", "-c", str(policyd_cf)]) == 0
 
 
-def test_damage_found_while_running_fails_as_store_failure_action_says(
+def test_damage_found_while_running_fails_as_failure_action_says(
         tmp_path: Path, memcached: Memcached,
         policyd_factory: type[PolicydProcess]) -> None:
     """The process stays up for every other connection, and says loudly what
-    is wrong: each affected decision is store_failure_action (DUNNO here)."""
+    is wrong: each affected decision is failure_action (DUNNO here)."""
     proc = policyd_factory(tmp_path / "p", memcached.spec,
                            extra="auto_whitelist_clients = 0\n").start()
     assert proc.ask(sender="a@example.org").startswith("DEFER_IF_PERMIT")

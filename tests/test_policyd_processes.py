@@ -121,15 +121,15 @@ def test_memcached_outage_with_backup(tmp_path: Path,
         server.stop()
 
 
-def test_store_failure_action(tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
+def test_failure_action(tmp_path: Path, policyd_factory: type[PolicydProcess]) -> None:
     """Without a backup, a dead memcached is a store failure: DUNNO (fail
-    open) or no reply at all, as store_failure_action says, and it is logged."""
+    open) or no reply at all, as failure_action says, and it is logged."""
     server = start_memcached(tmp_path)
     try:
         open_ = policyd_factory(tmp_path / "open", server.spec, backup=False,
                                 extra=FAST).start()
         closed = policyd_factory(tmp_path / "closed", server.spec, backup=False,
-                                 extra=FAST + "store_failure_action = disconnect\n").start()
+                                 extra=FAST + "failure_action = disconnect\n").start()
         assert open_.ask(**triplet(4)).startswith("DEFER_IF_PERMIT")
         server.stop()
         assert open_.ask(**triplet(4)) == "DUNNO"

@@ -288,14 +288,14 @@ def test_max_connections_refuses_extra(start_server: StartServer,
 
 
 @pytest.mark.parametrize("failure", [{"test_sleep": "5"}, {"test_raise": "store down"}])
-@pytest.mark.parametrize("store_failure_action", ["DUNNO", "disconnect"])
+@pytest.mark.parametrize("failure_action", ["DUNNO", "disconnect"])
 def test_policy_failure(start_server: StartServer, failure: dict[str, str],
-                        store_failure_action: str, caplog: pytest.LogCaptureFixture) -> None:
+                        failure_action: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="policyd")
-    srv = start_server(decision_timeout=0.2, store_failure_action=store_failure_action)
+    srv = start_server(decision_timeout=0.2, failure_action=failure_action)
     with connect(srv.inet) as sock:
         reply = ask(sock, request(**failure))
-        if store_failure_action == "DUNNO":
+        if failure_action == "DUNNO":
             assert reply == b"action=DUNNO\n\n"
             assert ask(sock, request(test_action="OK")) == b"action=OK\n\n"
         else:
@@ -306,23 +306,23 @@ def test_policy_failure(start_server: StartServer, failure: dict[str, str],
     detail = ('detail="no decision within decision_timeout (0.2s)"' if "test_sleep" in failure
               else 'detail="RuntimeError: store down"')
     assert lines[0].endswith(detail), lines[0]
-    action = "disconnect" if store_failure_action == "disconnect" else "DUNNO"
+    action = "disconnect" if failure_action == "disconnect" else "DUNNO"
     assert lines[0].startswith(f"action={action} reason=policy-failure "), lines[0]
     assert "client=192.0.2.1" in lines[0]
     assert srv.count("decisions", reason="policy-failure") == 1
 
 
-@pytest.mark.parametrize("store_failure_action", ["DUNNO", "disconnect"])
+@pytest.mark.parametrize("failure_action", ["DUNNO", "disconnect"])
 def test_store_failure_answered_by_the_server(start_server: StartServer,
-                                              store_failure_action: str,
+                                              failure_action: str,
                                               caplog: pytest.LogCaptureFixture) -> None:
     """A policy whose stores failed raises PolicyFailure; the server answers
-    it as store_failure_action says, with one warning decision line."""
+    it as failure_action says, with one warning decision line."""
     caplog.set_level(logging.INFO, logger="policyd")
-    srv = start_server(store_failure_action=store_failure_action)
+    srv = start_server(failure_action=failure_action)
     with connect(srv.inet) as sock:
         reply = ask(sock, request(test_store_failure="memcached down"))
-        if store_failure_action == "DUNNO":
+        if failure_action == "DUNNO":
             assert reply == b"action=DUNNO\n\n"
             assert ask(sock, request(test_action="OK")) == b"action=OK\n\n"
         else:
@@ -330,7 +330,7 @@ def test_store_failure_answered_by_the_server(start_server: StartServer,
             assert is_closed(sock)
     (line,) = [r for r in caplog.records
                if r.name == "policyd.decision" and "reason=test" not in r.getMessage()]
-    action = "disconnect" if store_failure_action == "disconnect" else "DUNNO"
+    action = "disconnect" if failure_action == "disconnect" else "DUNNO"
     assert line.levelno == logging.WARNING
     assert line.getMessage().startswith(f"action={action} reason=store-failure client=192.0.2.1 ")
     assert line.getMessage().endswith('detail="memcached down"')
@@ -519,7 +519,7 @@ def test_decision_deadlines_apply_to_their_own_decisions(start_server: StartServ
     """One slow decision times out while quick ones on other connections
     (which started later and finished) are unaffected, and a later slow one
     gets its own full decision_timeout."""
-    srv = start_server(decision_timeout=30, store_failure_action="DUNNO")
+    srv = start_server(decision_timeout=30, failure_action="DUNNO")
     with connect(srv.unix) as slow, connect(srv.unix) as quick:
         slow.sendall(request(test_sleep="500"))
         for i in range(5):
