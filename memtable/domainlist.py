@@ -27,10 +27,6 @@ from memtable.limits import (
 from memtable.syntax import readllines
 from memtable.table import Table, fold_case
 
-# keys.py still imports fold_case from here, until the memcache redesign
-# (issue 14) rewrites it; its home is memtable.table.
-__all__ = ["DomainFilter", "OpenLookup", "fold_case", "is_table_pattern"]
-
 log = logging.getLogger("memtable.domainlist")
 
 #: Opens a ``type:table`` named in a domain list (injected by the caller, so

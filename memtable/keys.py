@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from memtable.domainlist import DomainFilter, fold_case
+from memtable.domainlist import DomainFilter
 from memtable.limits import MEMCACHED_MAX_KEY_BYTES
+from memtable.table import fold_case
 
 # Postfix's skip reasons (dict_memcache_valid_key), word for word.
 SKIP_EMPTY_KEY = "empty lookup key"
