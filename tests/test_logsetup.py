@@ -139,38 +139,37 @@ def test_syslog_socket_absent_at_start(tmp_path: Path,
 @pytest.mark.usefixtures("restore_root_logger")
 def test_decision_line_without_record_matches_logging(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shortcut past logging's handler chain writes what logging would."""
-    records: list[str] = []
-    real = logsetup._info_record
-
-    def counted(message: str, created: float) -> logging.LogRecord:
-        records.append(message)
-        return real(message, created)
-
-    monkeypatch.setattr(logsetup, "_info_record", counted)
+    """The shortcut past logging's handler chain writes what logging would,
+    and gives way to logging's own path as soon as a filter or a handler
+    is added on the way (which it would otherwise skip)."""
     root = logging.getLogger()
     handlers = setup_logging(PolicydConfig(log_level="info"))
     monkeypatch.setattr(root, "handlers", list(handlers))  # without pytest's capture
     decision = Decision("DEFER_IF_PERMIT 4.2.0 Greylisted", "new")
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
     with freeze_time("2026-11-21 12:34:56.789"):
-        log_decision(REQUEST, decision)
-        assert records == []  # the shortcut: no record made
-        # A filter on the decision logger: logging's own path.
-        logging.getLogger(DECISION_LOGGER).addFilter(logging.Filter())
+        log_decision(REQUEST, decision)                      # the shortcut
+        decisions = logging.getLogger(DECISION_LOGGER)
+        decisions.addFilter(lambda record: False)            # drops every decision
         try:
             log_decision(REQUEST, decision)
         finally:
-            logging.getLogger(DECISION_LOGGER).filters.clear()
-        assert len(records) == 1
-        logging.getLogger("policyd").addHandler(logging.NullHandler())  # likewise
+            decisions.filters.clear()
+        keep = Keep()
+        logging.getLogger("policyd").addHandler(keep)        # sees every decision
         try:
             log_decision(REQUEST, decision)
         finally:
-            logging.getLogger("policyd").handlers.clear()
-        assert len(records) == 2
+            logging.getLogger("policyd").removeHandler(keep)
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 3 and lines[0] == lines[1] == lines[2]
+    assert len(lines) == 2 and lines[0] == lines[1]          # the filtered one is gone
     assert lines[0].startswith(f"2026-11-21 12:34:56,789 policyd[{os.getpid()}]: action=")
+    assert len(seen) == 1 and seen[0].getMessage() == lines[0].split(": ", 1)[1]
 
 
 @pytest.mark.usefixtures("restore_root_logger")
