@@ -97,7 +97,7 @@ class ThreadedTable(AsyncTable):
                 f"{self.spec}: more than {self.max_waiting} operations waiting"))
             return future
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True,
+            self._thread = threading.Thread(target=self._take_jobs, daemon=True,
                                             name=f"commit {self.spec}")
             self._thread.start()
         self._asked += 1
@@ -130,7 +130,7 @@ class ThreadedTable(AsyncTable):
 
     # -- the thread ------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _take_jobs(self) -> None:
         while True:
             jobs = [self._jobs.get()]
             while True:

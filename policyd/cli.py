@@ -233,7 +233,7 @@ def _check_config(config: PolicydConfig) -> int:
     return 1 if problems else 0
 
 
-def _run(config: PolicydConfig, args: argparse.Namespace) -> int:
+def _run_daemon(config: PolicydConfig, args: argparse.Namespace) -> int:
     from policyd import preflight
     from policyd.logsetup import setup_logging
 
@@ -334,4 +334,4 @@ def _import_postgrey(config: PolicydConfig, args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Callable[[PolicydConfig, argparse.Namespace], int]] = {
-    "run": _run, "report": _report, "cleanup": _cleanup, "import-postgrey": _import_postgrey}
+    "run": _run_daemon, "report": _report, "cleanup": _cleanup, "import-postgrey": _import_postgrey}

@@ -461,9 +461,9 @@ class SpfStage:
         """Evaluate every pair, at most POSTGREY_SPF_CONCURRENCY at a time and
         max_seconds in all; pairs left are SPF_NOT_EVALUATED."""
         if self.evaluate and self.pairs:
-            asyncio.run(self._run(config))
+            asyncio.run(self._evaluate_all(config))
 
-    async def _run(self, config: PolicydConfig) -> None:
+    async def _evaluate_all(self, config: PolicydConfig) -> None:
         resolver = Resolver(config.dns_servers or None, timeout=config.dns_timeout)
         todo = iter(self.pairs.items())
 
@@ -527,7 +527,7 @@ def _tool(names: tuple[str, ...]) -> str:
                               "(./dev deps does)")
 
 
-def _run(argv: list[str], stdout: BinaryIO | None = None) -> None:
+def _run_db_tool(argv: list[str], stdout: BinaryIO | None = None) -> None:
     try:
         done = subprocess.run(argv, stdout=stdout if stdout is not None else subprocess.DEVNULL,
                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
@@ -574,12 +574,12 @@ def snapshot(dbdir: Path) -> Iterator[Snapshot]:
             raise PostgreyImportError(f"{dbdir}: cannot copy postgrey's database: "
                                       f"{exc.strerror or exc}") from None
         if any(copy.glob("log.*")):
-            _run([recover, "-c", "-h", str(copy)])
+            _run_db_tool([recover, "-c", "-h", str(copy)])
         dumps: dict[str, Path] = {}
         for name in databases:
             out = work / f"{name}.dump"
             with open(out, "wb") as stream:
-                _run([dump, "-p", str(copy / name)], stdout=stream)
+                _run_db_tool([dump, "-p", str(copy / name)], stdout=stream)
             dumps[name] = out
         yield Snapshot(dumps[TRIPLET_DB], dumps.get(CLIENT_DB), running)
 
