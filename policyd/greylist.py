@@ -20,12 +20,15 @@ RECORD_REFRESH_INTERVAL (policyd.reputation) to save writes, so it stays
 good for at least max_age - RECORD_REFRESH_INTERVAL after it was last seen.  Times are also
 checked on read, because a backup table (lmdb) never expires entries.
 
-Store traffic per request: the triplet and client lookups are queued
-together (one batch of the shared store worker, see policyd.store), then
-the writes together; the decision is returned only once every write is
-committed.  Writes: a new triplet costs two (triplet and client record), an
-early retry one (the client's deferred count), the pass two; a passed
-triplet or auto-whitelisted client at most one per RECORD_REFRESH_INTERVAL.
+Store traffic per request: the triplet and client lookups (and
+postscreen's cache) are asked together, then the writes together; the
+decision is returned only once every write is committed (the write-ahead
+guarantee).  Each table has its own Store (policyd.store): a store sends
+everything asked while its previous batch was in flight as one lookup_many
+and one update_many, and the three stores' batches run at the same time.
+Writes: a new triplet costs two (triplet and client record), an early retry
+one (the client's deferred count), the pass two; a passed triplet or
+auto-whitelisted client at most one per RECORD_REFRESH_INTERVAL.
 The early retry's write is kept: the deferred count is the number of
 deferrals, and counting them less often would change what it says.
 
@@ -83,7 +86,7 @@ from policyd.reputation import (
     parse_record,
     postscreen_proves_return,
 )
-from policyd.store import Store, StoreError, StoreWorker, open_checked
+from policyd.store import Store, StoreError, asynchronous, open_checked
 from policyd.triplet import (
     IPAddress,
     KeyMaker,
@@ -248,7 +251,8 @@ class GreylistPolicy:
         tkey = self.keys.triplet_key(client, normalise_sender(request.get("sender", "")),
                                      normalise_recipient(recipient))
         ckey = self.keys.client_record_key(client)
-        # All lookups at once: queued together, they go out in one batch.
+        # All lookups at once: asked together, they go out together (one
+        # batch per store, the stores at the same time).
         postscreen = self._postscreen_lookup(address)
         got = await _wait_all(self.triplets.get(tkey), self.clients.get(ckey))
         came_back = await self._postscreen_proves_return(postscreen, address, now)
@@ -456,9 +460,9 @@ def _dns_fields(verdict: DnsVerdict | None) -> tuple[int | None, str | None]:
 async def _wait_all(*futures: asyncio.Future[T]) -> list[T | BaseException]:
     """Each future's result or exception, in order, once all are done.
 
-    The store operations behind the futures are queued already (they run
-    together); awaiting them one by one costs no task per operation, as
-    asyncio.gather would.  When the caller is cancelled, the futures still
+    The store operations behind the futures are asked already (they go
+    out together); awaiting them one by one costs no task per operation,
+    as asyncio.gather would.  When the caller is cancelled, the futures still
     waited for are cancelled too.
     """
     results: list[T | BaseException] = []
@@ -511,10 +515,9 @@ def build_policy(config: PolicydConfig,
             table.close()
         raise
     names = ("triplets", "clients", "postscreen")
-    # One worker thread for every store: the lookups of a request for all
-    # tables go out in one batch step (see policyd.store).
-    worker = StoreWorker(name="stores")
-    stores = [Store(table, name=name, metrics=metrics, worker=worker)
+    # A store per table: each has its own memcached connection and backup
+    # thread, so their batches run at the same time.
+    stores = [Store(asynchronous(table), name=name, metrics=metrics)
               for name, table in zip(names, tables, strict=False)]
     postscreen = stores[2] if len(stores) > 2 else None
     resolver = None

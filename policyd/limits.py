@@ -41,19 +41,20 @@ METRICS_CLOSE_WAIT_SECONDS = 2.0
 METRICS_POLL_SECONDS = 0.5
 
 # --- stores (policyd.store) -------------------------------------------------
-# Operations waiting for a store's worker thread; beyond this, callers get a
+# Operations a store holds asked and not yet answered (waiting for the next
+# batch or in flight; Store's max_pending); beyond this, callers get a
 # StoreError at once instead of an unbounded queue behind a slow memcached.
+# It also bounds a batch: one lookup_many and one update_many carry at most
+# this many operations.
 STORE_MAX_PENDING = 10_000
-# Operations the worker takes from its queue in one go (gets among them are
-# coalesced into one lookup_many call when the table offers it).
-STORE_MAX_BATCH = 256
 
 # --- stopping (policyd.server) ------------------------------------------------
 # After shutdown_grace, how long cancelled connections get to finish.
 SHUTDOWN_CANCEL_WAIT_SECONDS = 2.0
-# Then how long each store's worker gets to finish what is queued and close
-# its table before it is abandoned (its thread is a daemon; an lmdb commit
-# cut short by the exit is rolled back by LMDB).  The stores close together.
+# Then how long each store gets to finish what was asked and close its table
+# before it is abandoned (Store's close_wait; a table's thread is a daemon,
+# an lmdb commit cut short by the exit is rolled back by LMDB).  The stores
+# close together.
 STORE_CLOSE_WAIT_SECONDS = 5.0
 
 

@@ -138,8 +138,9 @@ def require_prometheus_client() -> Any:
 
 
 class Metrics:
-    """policyd's metrics in a private registry (thread-safe: stores report
-    from their worker threads, the server from the event loop)."""
+    """policyd's metrics in a private registry (thread-safe: the stores and
+    the server report from the event loop, the metrics endpoint's thread
+    reads them)."""
 
     def __init__(self) -> None:
         prom = require_prometheus_client()

@@ -1,429 +1,263 @@
-"""An asyncio face on blocking memtable Tables.
+"""policyd's stores: get and put for the event loop, over one AsyncTable.
 
-memtable's tables block (sockets to memcached, lmdb file locks); the policy
-server's event loop must never wait on them.  A StoreWorker owns one
-thread that performs the operations of the Stores attached to it (one
-Store per Table) and hands the results back to the event loop.  policyd runs
-its triplet and client stores on one shared worker, so the lookups of a
-request for both tables go out in the same batch step.  When one round
-holds operations of several tables, a helper thread runs all tables but the
-first while the worker runs the first: the tables share nothing (each has
-its own memcached connection and backup file), so their round trips and
-synced commits overlap, and the round ends when all are done.  A Table is
-still used by one thread at a time, as memtable requires.
+A Store wraps one memtable AsyncTable (``asynchronous(table)`` below makes
+it from a Table) and gives the greylisting policy two operations, get() and
+put(), each returning at once a future to await.  Nothing here blocks the
+event loop or owns a thread; policyd.greylist gives each of its tables
+(triplets, clients, postscreen's cache) its own Store, so their round trips
+and backup commits overlap.
 
-Batching, on both sides of the thread boundary:
+Batching.  A store runs one batch at a time, in one task (started by the
+first operation asked, ended when nothing waits).  A batch's gets are ONE
+``table.lookup_many`` (a key asked twice is looked up once), its puts ONE
+``table.update_many`` (in the order asked), started together and awaited
+together.  Operations asked while a batch is in flight wait and form the
+next batch.  So a lone request goes out at once, and under load each round
+trip to memcached and each synced backup commit carries every request that
+arrived meanwhile, with no timer and no batch size to tune.
 
-- The event loop collects the operations asked for during one loop
-  iteration and hands them over as one list (one queue put, one wakeup).
-- The worker takes everything waiting (up to STORE_MAX_BATCH operations)
-  and runs it as a batch in rounds: all puts that may go first, then all
-  gets that may go next, then puts that must follow those gets, and so on.
-  Puts go first because their requests are answered as soon as they are
-  committed, while a get's request still has its writes ahead.
-  Per key the order of operations is kept (a get asked for after a put of
-  the same key sees it, a get asked for before it does not; puts of one key
-  land in the order asked); operations on different keys commute.  Per
-  table and round, the gets become one ``table.lookup_many(keys)`` call (a
-  memcache table: one ``get k1 k2 ...`` round trip) and the puts one
-  ``table.update_many(items)`` call (a memcache table: one pipelined
-  round trip of ``set`` commands, then one lmdb transaction for its
-  backup), when the table has those methods; else one call per operation.
-- The results of a round reach the event loop with ONE
-  ``loop.call_soon_threadsafe``, so the loop goes on deciding requests
-  whose lookups are done while the worker writes the next round.
+Order.  A get sees every put of its key asked before it: while such a put
+waits or is in flight, the get is not looked up but answered with the put's
+value when the put completes (a StoreError when the put fails).  Puts of
+one key land in the order asked: update_many writes its items in order, and
+a batch starts only when the one before it has completed.  A get asked
+before a put of its key, both waiting for the same batch, may see it or
+not: they were pending together.
 
-Write-ahead guarantee: a put's future completes only after the table's
-update returned, i.e. after memcached answered STORED and the backup
-transaction holding the item was committed (lmdb: synced to disk).  policyd
-answers a request only after all its puts completed, so a reply never
-claims state that a crash of policyd or of memcached could lose; a batch
-only makes several requests share one commit.
+Write-ahead guarantee (docs/design.md): a put's future completes only after
+update_many returned without an error for its item, i.e. memcached answered
+STORED and the backup transaction holding the item was committed (lmdb:
+synced).  policyd answers a request only after its puts completed, so a
+reply never claims state that a crash of policyd (kill -9) or of memcached
+can lose; batching only makes several requests share one commit.
 
-Every failure of the table (memtable's MemtableError: TemporaryError,
-AccessError, KeySkippedError, ...) reaches the caller as StoreError; a
-batch call that fails fails each of its operations, a per-item error of
-update_many only its own.
+Failures.  Every failure of the table (memtable's MemtableError: a
+TemporaryError, AccessError, KeySkippedError, ...; or an OSError) reaches
+each caller as its own StoreError: a failed call fails each of its
+operations, a per-item error of update_many only its put and the gets
+answered by it.  ``max_pending`` bounds the operations asked and not yet
+answered; beyond it, and once the store is closed, StoreError at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import queue
-import threading
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TypeVar
 
 from memtable import clock
+from memtable.committer import ThreadedTable
 from memtable.errors import CorruptError, MemtableError
-from memtable.table import Table
+from memtable.table import AsyncTable, Item, Table
 from policyd import limits
 from policyd.errors import PolicydError
 from policyd.metrics import Metrics, NullMetrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StoreError(PolicydError):
     """A store could not answer now (memcached down, timeout, backup failure,
-    full queue, closed store); nothing is known about the key."""
+    too many operations waiting, closed store); nothing is known about the
+    key."""
 
 
-_GET, _PUT, _CLOSE = 0, 1, 2
+def asynchronous(table: Table) -> AsyncTable:
+    """The AsyncTable policyd's Store runs ``table`` through."""
+    # memtable.registry.as_async (memcached spoken to on the loop) replaces this.
+    return ThreadedTable(table)
 
 
-class _Op:
-    __slots__ = ("error", "future", "key", "kind", "loop", "result", "store", "ttl", "value")
+class _Put:
+    """A put waiting or in flight, and the gets its value answers."""
 
-    def __init__(self, kind: int, store: Store, loop: asyncio.AbstractEventLoop,
-                 future: asyncio.Future[Any], key: str = "", value: str = "",
-                 ttl: int = 0) -> None:
-        self.kind = kind
-        self.store = store
-        self.loop = loop
+    __slots__ = ("future", "item", "readers")
+
+    def __init__(self, item: Item, future: asyncio.Future[None]) -> None:
+        self.item = item
         self.future = future
-        self.key = key
-        self.value = value
-        self.ttl = ttl
-        self.result: Any = None
-        self.error: BaseException | None = None
+        self.readers: list[asyncio.Future[str | None]] = []
 
 
-def _deliver(ops: list[_Op]) -> None:
-    """Runs on the event loop: complete the callers' futures."""
-    for op in ops:
-        future = op.future
-        if future.done():  # the caller gave up (timeout, cancellation)
-            continue
-        if op.error is not None:
-            future.set_exception(op.error)
-        else:
-            future.set_result(op.result)
+class _Batch:
+    """The operations waiting for the next batch."""
 
+    __slots__ = ("gets", "puts")
 
-def _run_group(group: list[_Op]) -> None:
-    """Run one round's operations on one table (all gets or all puts)."""
-    store = group[0].store
-    if group[0].kind == _GET:
-        store._run_gets(group)
-    else:
-        store._run_puts(group)
+    def __init__(self) -> None:
+        self.gets: dict[str, list[asyncio.Future[str | None]]] = {}
+        self.puts: list[_Put] = []
 
-
-class _Helper:
-    """A second thread of a StoreWorker: runs the groups of other tables
-    while the worker runs its own, one round at a time."""
-
-    def __init__(self, name: str) -> None:
-        self._todo: queue.SimpleQueue[list[list[_Op]] | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, groups: list[list[_Op]]) -> None:
-        self._todo.put(groups)
-
-    def wait(self) -> None:
-        """Until the groups submitted are done; a bug in them is raised here."""
-        error = self._done.get()
-        if error is not None:
-            raise error
-
-    def stop(self) -> None:
-        self._todo.put(None)
-
-    def _run(self) -> None:
-        while (groups := self._todo.get()) is not None:
-            error: BaseException | None = None
-            try:
-                for group in groups:
-                    _run_group(group)
-            except BaseException as exc:  # handed to the worker thread
-                error = exc
-            self._done.put(error)
-
-
-class StoreWorker:
-    """One thread running the operations of the Stores attached to it.
-
-    ``max_pending`` bounds the operations asked for and not yet taken up by
-    the thread (beyond it, callers get StoreError at once), ``max_batch``
-    the operations run as one batch.  The thread ends when every attached
-    store is closed.
-    """
-
-    def __init__(self, *, max_pending: int = limits.STORE_MAX_PENDING,
-                 max_batch: int = limits.STORE_MAX_BATCH, name: str = "store") -> None:
-        self.max_pending = max_pending
-        self.max_batch = max(1, max_batch)
-        self._queue: queue.SimpleQueue[list[_Op]] = queue.SimpleQueue()
-        self._pending: list[_Op] = []   # asked for in this loop iteration
-        self._flush_scheduled = False
-        # Operations asked for (event-loop side) and taken (worker side):
-        # each counter has one writer, so no lock is needed.
-        self._asked = 0
-        self._taken = 0
-        self._open_stores = 0
-        self._helper: _Helper | None = None  # started when two tables first meet in a round
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    @property
-    def waiting(self) -> int:
-        """Operations asked for and not yet taken up by the thread."""
-        return self._asked - self._taken
-
-    def _attach(self) -> None:
-        self._open_stores += 1
-
-    # --- the event-loop side ----------------------------------------------
-
-    def _submit(self, op: _Op) -> None:
-        self._asked += 1
-        self._pending.append(op)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            op.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        ops, self._pending = self._pending, []
-        if ops:
-            self._queue.put(ops)
-
-    # --- the worker thread ------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            ops = self._queue.get()
-            while len(ops) < self.max_batch:
-                try:
-                    ops += self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            self._taken += len(ops)
-            for start in range(0, len(ops), self.max_batch):
-                self._run_batch(ops[start:start + self.max_batch])
-            if self._open_stores <= 0:
-                if self._helper is not None:
-                    self._helper.stop()
-                return
-
-    def _run_batch(self, batch: list[_Op]) -> None:
-        """Run a batch in rounds (see the module docstring).
-
-        Rounds alternate: even ones hold puts, odd ones gets.  Each
-        operation goes to the earliest round of its kind that is not before
-        the round of the previous operation on the same key.
-        """
-        rounds: list[list[_Op]] = []
-        last: dict[tuple[int, str], int] = {}
-        for op in batch:
-            if op.kind == _CLOSE:
-                # Everything asked for before the close runs first.
-                self._run_rounds(rounds)
-                rounds, last = [], {}
-                op.store._call_close(op)
-                self._open_stores -= 1
-                self._send([op])
-                continue
-            key = (id(op.store), op.key)
-            prev = last.get(key)
-            if prev is None:
-                target = 1 - op.kind  # 0: first put round, 1: first get round
-            elif prev % 2 == 1 - op.kind:
-                target = prev
-            else:
-                target = prev + 1
-            last[key] = target
-            while len(rounds) <= target:
-                rounds.append([])
-            rounds[target].append(op)
-        self._run_rounds(rounds)
-
-    def _run_rounds(self, rounds: list[list[_Op]]) -> None:
-        for ops in rounds:
-            if not ops:
-                continue
-            by_store: dict[int, list[_Op]] = {}
-            for op in ops:
-                by_store.setdefault(id(op.store), []).append(op)
-            groups = list(by_store.values())
-            if len(groups) > 1 and len({id(g[0].store.table) for g in groups}) == len(groups):
-                # Different tables share nothing (own memcached connection,
-                # own backup file): the helper runs all but the first, so
-                # their round trips and backup commits (fsync) overlap.
-                helper = self._helper_thread()
-                helper.submit(groups[1:])
-                _run_group(groups[0])
-                helper.wait()
-            else:
-                for group in groups:
-                    _run_group(group)
-            self._send(ops)
-
-    def _helper_thread(self) -> _Helper:
-        if self._helper is None:
-            self._helper = _Helper(f"{self._thread.name} helper")
-        return self._helper
-
-    @staticmethod
-    def _send(ops: list[_Op]) -> None:
-        """ONE wakeup of each event loop waiting for ``ops``."""
-        loop = ops[0].loop
-        if any(op.loop is not loop for op in ops):
-            by_loop: dict[int, list[_Op]] = {}
-            for op in ops:
-                by_loop.setdefault(id(op.loop), []).append(op)
-            groups = list(by_loop.values())
-        else:
-            groups = [ops]
-        for group in groups:
-            # A closed loop (RuntimeError) means nobody is waiting any more.
-            with contextlib.suppress(RuntimeError):
-                group[0].loop.call_soon_threadsafe(_deliver, group)
+    def __bool__(self) -> bool:
+        return bool(self.gets or self.puts)
 
 
 class Store:
-    """Async get/put over one Table, run by a StoreWorker thread (its own
-    unless ``worker`` is given)."""
+    """get/put over one AsyncTable, batched (see the module docstring).
 
-    def __init__(self, table: Table, *, max_pending: int = limits.STORE_MAX_PENDING,
-                 max_batch: int = limits.STORE_MAX_BATCH, name: str = "",
+    ``max_pending`` bounds the operations asked and not yet answered;
+    ``close_wait`` how long close() waits for the table to finish.
+    """
+
+    def __init__(self, table: AsyncTable, *, name: str = "",
                  metrics: Metrics | NullMetrics | None = None,
-                 worker: StoreWorker | None = None) -> None:
+                 max_pending: int = limits.STORE_MAX_PENDING,
+                 close_wait: float = limits.STORE_CLOSE_WAIT_SECONDS) -> None:
         self.table = table
         self.spec = table.spec
         self.name = name or table.spec
+        self.max_pending = max_pending
+        self.close_wait = close_wait
         self._metrics = metrics or NullMetrics()
-        self._closed = False
-        self._close_future: asyncio.Future[Any] | None = None
-        self._lookup_many = getattr(table, "lookup_many", None)
-        self._update_many = getattr(table, "update_many", None)
-        if worker is None:
-            worker = StoreWorker(max_pending=max_pending, max_batch=max_batch,
-                                 name=f"store {self.spec}")
-        self._worker = worker
-        worker._attach()
-
-    @classmethod
-    def open(cls, spec: str, *, read_write: bool) -> Store:
-        """Open ``spec`` with memtable's registry (blocking: call at start-up).
-        ConfigError and friends propagate unchanged."""
-        from memtable.registry import open_table
-
-        return cls(open_table(spec, read_write=read_write))
+        self._next = _Batch()
+        self._unanswered = 0
+        # Per key, the last put asked and not yet completed.
+        self._last_put: dict[str, _Put] = {}
+        self._running: asyncio.Task[None] | None = None  # runs the batches
+        self._closing: asyncio.Task[None] | None = None
+        self._close_error: Exception | None = None
 
     @property
     def closed(self) -> bool:
-        return self._closed
-
-    # --- the event-loop side ----------------------------------------------
-
-    def _submit(self, kind: int, key: str = "", value: str = "", ttl: int = 0) -> \
-            asyncio.Future[Any]:
-        loop = _running_loop()
-        future = loop.create_future()
-        worker = self._worker
-        if self._closed:
-            future.set_exception(StoreError(f"{self.spec}: store is closed"))
-        elif worker.waiting >= worker.max_pending:
-            future.set_exception(StoreError(
-                f"{self.spec}: more than {worker.max_pending} operations waiting"))
-        else:
-            worker._submit(_Op(kind, self, loop, future, key, value, ttl))
-        return future
+        return self._closing is not None
 
     def get(self, key: str) -> asyncio.Future[str | None]:
         """The value stored under key (None when there is none), as a future
-        to await.  The operation is queued at once, so several gets and puts
-        asked for before awaiting any go out together."""
-        return self._submit(_GET, key)
+        to await.  Asked at once: gets and puts asked before awaiting any
+        go out together."""
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        if self._refused(future):
+            return future
+        put = self._last_put.get(key)
+        if put is not None:
+            put.readers.append(future)
+        else:
+            self._next.gets.setdefault(key, []).append(future)
+            self._run_batches()
+        return future
 
     def put(self, key: str, value: str, ttl: int) -> asyncio.Future[None]:
-        """Store key = value for ttl seconds (tables without expiry keep it);
-        the future completes once the write is committed (see the module
-        docstring)."""
-        return self._submit(_PUT, key, value, ttl)
+        """Store key = value for ttl seconds (tables without expiry keep
+        it); the future completes once the write is committed (the
+        write-ahead guarantee)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._refused(future):
+            return future
+        put = _Put((key, value, ttl), future)
+        self._next.puts.append(put)
+        self._last_put[key] = put
+        self._run_batches()
+        return future
 
     async def close(self) -> None:
-        """Finish what is queued, close the table, end the worker when no
-        other store uses it.  Idempotent."""
-        if self._close_future is None:
-            self._closed = True
-            loop = asyncio.get_running_loop()
-            op = _Op(_CLOSE, self, loop, loop.create_future())
-            self._close_future = op.future
-            self._worker._submit(op)  # never refused: the bound is for gets and puts
+        """Finish what was asked, then close the table.  Waits at most
+        ``close_wait`` seconds, then abandons the table with a warning (its
+        thread, stuck on a hung memcached, is a daemon; an lmdb commit cut
+        short by the exit is rolled back by LMDB).  Idempotent; StoreError
+        when the table fails to close."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._finish())
         try:
-            await asyncio.wait_for(asyncio.shield(self._close_future),
-                                   limits.STORE_CLOSE_WAIT_SECONDS)
+            await asyncio.wait_for(asyncio.shield(self._closing), self.close_wait)
         except TimeoutError:
-            log.warning("%s: worker did not finish within %ss; abandoning it",
-                        self.spec, limits.STORE_CLOSE_WAIT_SECONDS)
-
-    # --- run by the worker thread ------------------------------------------
-
-    def _run_gets(self, ops: list[_Op]) -> None:
-        # A get whose caller gave up (decision timeout) need not run: after
-        # a stall the backlog then drains at once.  Puts still run.
-        ops = [op for op in ops if not op.future.done()]
-        if not ops:
+            log.warning("%s: not finished within %gs; abandoning it", self.spec,
+                        self.close_wait)
             return
-        if len(ops) > 1 and self._lookup_many is not None:
-            keys = list(dict.fromkeys(op.key for op in ops))
-            started = clock.monotonic()
-            try:
-                values = _as_mapping(keys, self._lookup_many(keys))
-                self._metrics.store_latency(self.name, "get", clock.monotonic() - started)
-            except Exception as exc:
-                self._metrics.store_error(self.name)
-                for op in ops:  # each caller its own exception object
-                    op.error = _translate(self.spec, exc)
-            else:
-                for op in ops:
-                    op.result = values.get(op.key)
-            return
-        for op in ops:
-            self._call(op, "get", self.table.lookup, op.key)
+        if self._close_error is not None:
+            raise _translate(self.spec, self._close_error)
 
-    def _run_puts(self, ops: list[_Op]) -> None:
-        if len(ops) > 1 and self._update_many is not None:
-            items = [(op.key, op.value, op.ttl) for op in ops]
-            started = clock.monotonic()
-            try:
-                errors: Sequence[BaseException | None] = self._update_many(items)
-            except Exception as exc:
-                self._metrics.store_error(self.name)
-                for op in ops:  # each caller its own exception object
-                    op.error = _translate(self.spec, exc)
-                return
-            self._metrics.store_latency(self.name, "put", clock.monotonic() - started)
-            for op, item_error in zip(ops, errors, strict=True):
-                if item_error is not None:
-                    self._metrics.store_error(self.name)
-                    op.error = _translate(self.spec, item_error)
-            return
-        for op in ops:
-            self._call(op, "put", self.table.update, op.key, op.value, op.ttl)
+    # --- the batches ----------------------------------------------------------
 
-    def _call_close(self, op: _Op) -> None:
-        self._call(op, "close", self.table.close)
-
-    def _call(self, op: _Op, name: str, fn: Any, *args: Any) -> None:
-        started = clock.monotonic()
-        try:
-            op.result = fn(*args)
-        except Exception as exc:  # handed to the caller
-            self._metrics.store_error(self.name)
-            op.error = _translate(self.spec, exc)
+    def _refused(self, future: asyncio.Future[T]) -> bool:
+        """Fail ``future`` at once when the store takes no more operations."""
+        if self._closing is not None:
+            future.set_exception(StoreError(f"{self.spec}: store is closed"))
+        elif self._unanswered >= self.max_pending:
+            future.set_exception(StoreError(
+                f"{self.spec}: more than {self.max_pending} operations waiting"))
         else:
-            self._metrics.store_latency(self.name, name, clock.monotonic() - started)
+            self._unanswered += 1
+            return False
+        return True
 
+    def _run_batches(self) -> None:
+        """Start the task that runs the batches, unless it runs already.
+        It takes its first batch in the next loop iteration, so everything
+        asked in this one goes out together."""
+        if self._running is None:
+            self._running = asyncio.create_task(self._batches(), name=f"store {self.name}")
 
-_last_loop: asyncio.AbstractEventLoop | None = None
+    async def _batches(self) -> None:
+        try:
+            while self._next:
+                batch, self._next = self._next, _Batch()
+                if batch.gets and batch.puts:
+                    await asyncio.gather(self._lookup(batch.gets), self._update(batch.puts))
+                elif batch.gets:
+                    await self._lookup(batch.gets)
+                else:
+                    await self._update(batch.puts)
+        finally:
+            self._running = None
+
+    async def _lookup(self, gets: dict[str, list[asyncio.Future[str | None]]]) -> None:
+        # A key whose callers all gave up (decision timeout) is not looked
+        # up: after a stall the backlog drains at once.
+        keys = [key for key, futures in gets.items() if not all(f.done() for f in futures)]
+        found: dict[str, str | None] = {}
+        error: Exception | None = None
+        if keys:
+            started = clock.monotonic()
+            try:
+                found = await self.table.lookup_many(keys)
+            except Exception as exc:  # handed to each caller
+                self._metrics.store_error(self.name)
+                error = exc
+            else:
+                self._metrics.store_latency(self.name, "get", clock.monotonic() - started)
+        for key, futures in gets.items():
+            for future in futures:
+                self._answer(future, found.get(key), error)
+
+    async def _update(self, puts: list[_Put]) -> None:
+        started = clock.monotonic()
+        errors: Sequence[BaseException | None]
+        try:
+            errors = await self.table.update_many([put.item for put in puts])
+        except Exception as exc:  # handed to each caller
+            self._metrics.store_error(self.name)
+            errors = [exc] * len(puts)
+        else:
+            self._metrics.store_latency(self.name, "put", clock.monotonic() - started)
+            for _ in filter(None, errors):
+                self._metrics.store_error(self.name)
+        for put, error in zip(puts, errors, strict=True):
+            key, value, _ttl = put.item
+            if self._last_put.get(key) is put:
+                del self._last_put[key]
+            self._answer(put.future, None, error)
+            for reader in put.readers:
+                self._answer(reader, value, error)
+
+    def _answer(self, future: asyncio.Future[T], result: T,
+                error: BaseException | None) -> None:
+        self._unanswered -= 1
+        if future.done():  # the caller gave up (timeout, cancellation)
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(_translate(self.spec, error))
+
+    async def _finish(self) -> None:
+        while self._running is not None:
+            await asyncio.wait([self._running])  # never cancels the batches
+        try:
+            await self.table.close()
+        except Exception as exc:  # raised by close()
+            self._close_error = exc
 
 
 def open_checked(spec: str, *, read_write: bool, missing_empty: bool = False) -> Table:
@@ -460,36 +294,9 @@ def _recovery(spec: str, exc: CorruptError) -> CorruptError:
         'and start policyd again (see "A corrupt backup" in docs/operations.md)', exc.path)
 
 
-def _running_loop() -> asyncio.AbstractEventLoop:
-    """asyncio.get_running_loop(), without its cost on the hot path.
-
-    On Python 3.11 every get_running_loop() makes a getpid() system call
-    (a fork check), ~12% of the event loop's CPU under load here.  The
-    loop last seen is still this thread's running loop when its
-    ``_thread_id`` (set by BaseEventLoop.run_forever, None once stopped) is
-    this thread; loops without it (uvloop) take the slow path.
-    """
-    loop = _last_loop
-    if loop is not None and getattr(loop, "_thread_id", None) == threading.get_ident():
-        return loop
-    return _remember_loop(asyncio.get_running_loop())
-
-
-def _remember_loop(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
-    global _last_loop
-    _last_loop = loop
-    return loop
-
-
-def _as_mapping(keys: Sequence[str], found: Any) -> Mapping[str, str | None]:
-    """lookup_many may answer a mapping or a list in key order."""
-    if isinstance(found, Mapping):
-        return found
-    return dict(zip(keys, found, strict=True))
-
-
 def _translate(spec: str, exc: BaseException) -> BaseException:
-    """The exception a caller sees: a new StoreError for table failures."""
+    """The exception a caller sees: a new StoreError for table failures,
+    anything else (a bug) as it is."""
     if isinstance(exc, MemtableError | OSError):
         error = StoreError(f"{spec}: {exc}")
         error.__cause__ = exc

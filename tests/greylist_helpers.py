@@ -13,7 +13,7 @@ from memtable.table import Table
 from policyd.config import PolicydConfig
 from policyd.dns import Resolver
 from policyd.greylist import GreylistPolicy
-from policyd.store import Store
+from policyd.store import Store, asynchronous
 from policyd.whitelist import Whitelists
 from tests.dict_table import DictTable
 
@@ -34,8 +34,8 @@ def make_policy(cfg: PolicydConfig, *, postscreen: Table | None = None,
     inside a running event loop's thread, closed with aclose()."""
     ttable = triplets or DictTable("dict:triplets")
     ctable = clients or DictTable("dict:clients")
-    policy = GreylistPolicy(cfg, Store(ttable), Store(ctable),
-                            Store(postscreen) if postscreen is not None else None,
+    policy = GreylistPolicy(cfg, Store(asynchronous(ttable)), Store(asynchronous(ctable)),
+                            Store(asynchronous(postscreen)) if postscreen is not None else None,
                             whitelist or Whitelists(), resolver)
     return policy, ttable, ctable
 

@@ -4,11 +4,13 @@ and memcached going away and coming back."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,12 +19,20 @@ import pytest
 
 from memtable.limits import MEMCACHE_DOWN_HOLD_SECONDS as MEMCACHE_DOWN_HOLD
 from memtable.registry import open_table
+from policyd.config import PolicydConfig
+from policyd.triplet import (
+    KeyMaker,
+    client_key,
+    normalise_recipient,
+    normalise_sender,
+    parse_client_address,
+)
 from tests.conftest import Memcached, free_port, start_memcached
 from tests.hostile import PrivateResolver
-from tests.policyd_helpers import wait_until
+from tests.policyd_helpers import ask, connect, request, wait_until
 from tests.policyd_proc import PolicydProcess
 from tests.postfixcf import postfix_config_dir
-from tests.postfixlab import requires_postmap
+from tests.postfixlab import requires_postmap, run_postmap
 from tests.wait import WAIT
 
 # greylist_delay in these tests: real processes, so a delay is never waited
@@ -339,3 +349,63 @@ def test_a_memcached_outage_is_logged_once_per_table(
                 warnings
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("tables", ["memcache-with-backup", "lmdb"])
+def test_kill_9_loses_no_acknowledged_triplet(
+        tmp_path: Path, memcached: Memcached, postmap_config: Path,
+        policyd_factory: type[PolicydProcess], tables: str) -> None:
+    """The write-ahead guarantee end to end: clients on several connections
+    send new triplets and note each DEFER that comes back; policyd is
+    killed (SIGKILL) while requests are in flight; every triplet whose
+    DEFER was received is in the lmdb file, read by memtable and by
+    postmap."""
+    p = policyd_factory(tmp_path / "p", memcached.spec if tables != "lmdb" else None,
+                        extra=FAST).start()
+    config = PolicydConfig.from_file(str(p.config))
+    keys = KeyMaker.from_config(config)
+    acknowledged: list[str] = []  # the triplet keys of the DEFERs received
+    unexpected: list[str] = []
+    enough = threading.Event()
+
+    def send_until_killed(thread: int) -> None:
+        with contextlib.suppress(OSError), connect(("127.0.0.1", p.port)) as sock:
+            for n in itertools.count():
+                attrs = {"client_address": f"198.51.100.{thread}", "client_name": "unknown",
+                         "sender": f"s{thread}@example.org",
+                         "recipient": f"rcpt-{thread}-{n}@example.com"}
+                reply = ask(sock, request(**attrs)).decode()
+                if not reply:
+                    return  # policyd is gone
+                if not reply.startswith("action=DEFER_IF_PERMIT"):
+                    unexpected.append(reply)
+                    return
+                client = client_key(config, parse_client_address(attrs["client_address"]),
+                                    "unknown")
+                acknowledged.append(keys.triplet_key(
+                    client, normalise_sender(attrs["sender"]),
+                    normalise_recipient(attrs["recipient"])))
+                if len(acknowledged) >= 300:
+                    enough.set()
+
+    threads = [threading.Thread(target=send_until_killed, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert enough.wait(WAIT), unexpected
+        assert p.proc is not None
+        p.proc.send_signal(signal.SIGKILL)
+        assert p.proc.wait(WAIT) == -signal.SIGKILL
+    finally:
+        for thread in threads:
+            thread.join(WAIT)
+    assert unexpected == []
+    assert len(set(acknowledged)) == len(acknowledged) >= 300
+    backup = tmp_path / "p" / "triplets"
+    with open_table(f"lmdb:{backup}") as table:
+        in_memtable = dict(table.sequence())
+    result = run_postmap(postmap_config, "-s", f"lmdb:{backup}")
+    assert result.returncode == 0, result.stderr
+    in_postmap = dict(line.split("\t", 1) for line in result.stdout.decode().splitlines())
+    assert [key for key in acknowledged if key not in in_memtable] == []
+    assert [key for key in acknowledged if key not in in_postmap] == []

@@ -1,60 +1,92 @@
-"""policyd.store: async get/put over a Table in one worker thread, with
-coalesced lookups, error translation and bounded queues."""
+"""policyd.store: get/put over one AsyncTable, batched, in order, write-ahead,
+bounded, failures per caller.  Real lmdb tables run through
+policyd.store.asynchronous (a ThreadedTable), gated to let work pile up;
+DictTable (a fake of our own Table interface) where a table must fail."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from memtable.backends import LmdbTable
-from memtable.errors import BackupError, KeySkippedError, MemtableError
+from memtable.errors import BackupError, MemtableError, ServerUnavailableError
 from memtable.registry import open_table
-from policyd import limits
-from policyd.store import Store, StoreError, StoreWorker
-from tests.conftest import Memcached, start_memcached
-from tests.greylist_helpers import DictTable, run, write
+from memtable.table import Item
+from policyd.metrics import NullMetrics
+from policyd.store import Store, StoreError, asynchronous
+from tests.conftest import Memcached, free_port, start_memcached
+from tests.dict_table import DictTable
+from tests.greylist_helpers import run, write
+from tests.wait import WAIT
 
-WAIT = 5.0  # bound on every wait in these tests
 
+class GatedLmdb(LmdbTable):
+    """A real lmdb table that records its batch calls.  While ``gate`` is
+    clear, update_many waits for it before its transaction (``entered``
+    says one is waiting); ``committed`` holds the keys of every
+    update_many that returned, ``closed_after`` those committed at close."""
 
-class BatchTable(DictTable):
-    """DictTable with lookup_many; its update() can be held to let work pile up."""
-
-    def __init__(self) -> None:
-        super().__init__("dict:batch")
-        self.batches: list[list[str]] = []
-        self.hold = threading.Event()
-        self.hold.set()
-        self.holding = threading.Event()
-        self.threads: set[str] = set()
-
-    def update(self, key: str, value: str, ttl: int | None = None) -> None:
-        self.threads.add(threading.current_thread().name)
-        self.holding.set()
-        assert self.hold.wait(WAIT)
-        super().update(key, value, ttl)
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path), read_write=True, fold=False)
+        self.calls: list[tuple[str, list[str]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.committed: list[str] = []
+        self.closed_after: list[str] | None = None
 
     def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
-        self.threads.add(threading.current_thread().name)
-        self.batches.append(list(keys))
-        return {k: self.lookup(k) for k in keys}
+        self.calls.append(("lookup_many", list(keys)))
+        return super().lookup_many(keys)
+
+    def update_many(self, items: Sequence[Item]) -> list[MemtableError | None]:
+        self.calls.append(("update_many", [key for key, _, _ in items]))
+        self.entered.set()
+        assert self.gate.wait(WAIT)
+        errors = super().update_many(items)
+        self.committed += [key for key, _, _ in items]
+        return errors
+
+    def close(self) -> None:
+        self.closed_after = list(self.committed)
+        super().close()
+
+    async def in_update(self) -> None:
+        """Until an update_many waits at the closed gate."""
+        assert await asyncio.to_thread(self.entered.wait, WAIT)
+        self.entered.clear()
 
 
-def memcache_store(tmp_path: Path, server: str, read_write: bool = True) -> Store:
-    cf = write(tmp_path / "t.cf", f"memcache = {server}\ntimeout = 1\nmax_try = 1\n")
-    return Store.open(f"memcache:{cf}", read_write=read_write)
+class RecordingMetrics(NullMetrics):
+    def __init__(self) -> None:
+        self.latencies: list[tuple[str, str]] = []
+        self.errors: list[str] = []
+
+    def store_latency(self, store: str, op: str, seconds: float) -> None:
+        self.latencies.append((store, op))
+
+    def store_error(self, store: str) -> None:
+        self.errors.append(store)
+
+
+def stored(path: Path, key: str) -> str | None:
+    """What another reader of the lmdb file finds under key."""
+    with LmdbTable(str(path), read_write=False, fold=False) as table:
+        return table.lookup(key)
 
 
 def test_roundtrip_with_real_memcached(tmp_path: Path, memcached: Memcached) -> None:
+    cf = write(tmp_path / "t.cf", f"memcache = {memcached.spec}\ntimeout = 1\nmax_try = 1\n"
+               f"backup = lmdb:{tmp_path / 'backup'}\n")
+
     async def main() -> None:
-        store = memcache_store(tmp_path, memcached.spec)
+        store = Store(asynchronous(open_table(f"memcache:{cf}", read_write=True)))
         assert await store.get("192.0.2.0/a@x/b@y") is None
         await store.put("192.0.2.0/a@x/b@y", "1,2,0", 600)
         assert await store.get("192.0.2.0/a@x/b@y") == "1,2,0"
@@ -68,317 +100,279 @@ def test_roundtrip_with_real_memcached(tmp_path: Path, memcached: Memcached) -> 
     meta = memcached.meta("192.0.2.0/a@x/b@y")
     assert meta is not None and meta["value"] == "1,2,0"
     assert 590 <= int(meta["ttl"]) <= 600  # type: ignore[call-overload]
-
-
-def test_close_abandons_a_worker_stuck_on_a_hung_memcached(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
-    """A stop must not wait for memcached's timeouts (up to max_try x
-    timeout): close() waits STORE_CLOSE_WAIT_SECONDS, then leaves the
-    worker (a daemon thread) behind."""
-    monkeypatch.setattr(limits, "STORE_CLOSE_WAIT_SECONDS", 0.3)
-    server = start_memcached(tmp_path)
-    try:
-        cf = write(tmp_path / "t.cf", f"memcache = {server.spec}\ntimeout = 20\n")
-        store = Store.open(f"memcache:{cf}", read_write=True)
-        server.pause()
-
-        async def main() -> float:
-            pending = store.get("key")  # the worker now waits for memcached
-            await asyncio.sleep(0.1)
-            started = time.monotonic()
-            await store.close()
-            pending.cancel()
-            return time.monotonic() - started
-        assert run(main()) < 5
-        assert "worker did not finish within 0.3s; abandoning it" in caplog.text
-    finally:
-        server.proc.send_signal(signal.SIGCONT)
-        server.stop()
+    assert stored(tmp_path / "backup", "k49") == "K49"
 
 
 def test_unreachable_memcached_is_a_store_error(tmp_path: Path) -> None:
-    from tests.conftest import free_port
+    cf = write(tmp_path / "t.cf", f"memcache = inet:127.0.0.1:{free_port()}\n"
+               "timeout = 1\nmax_try = 1\n")
 
     async def main() -> None:
-        store = memcache_store(tmp_path, f"inet:127.0.0.1:{free_port()}")
+        store = Store(asynchronous(open_table(f"memcache:{cf}", read_write=True)))
         with pytest.raises(StoreError, match="memcache"):
             await store.get("key")
         with pytest.raises(StoreError):
             await store.put("key", "v", 60)
-        with pytest.raises(StoreError):  # the coalesced path fails the same way
-            await asyncio.gather(store.get("a"), store.get("b"))
         await store.close()
     run(main())
 
 
-def test_concurrent_gets_are_coalesced_in_order() -> None:
-    table = BatchTable()
+def test_operations_asked_during_a_batch_go_out_as_one_lookup_and_one_update(
+        tmp_path: Path) -> None:
+    table = GatedLmdb(tmp_path / "t")
+    table.update("d", "4")
 
     async def main() -> None:
-        store = Store(table)
-        table.hold.clear()
-        blocker = asyncio.ensure_future(store.put("a", "1", 60))
-        await asyncio.to_thread(table.holding.wait, WAIT)  # the worker is inside update()
-        gets = [asyncio.ensure_future(store.get(k)) for k in ["a", "b", "a", "c"]]
-        put_b = asyncio.ensure_future(store.put("b", "2", 60))
-        get_b = asyncio.ensure_future(store.get("b"))
-        await asyncio.sleep(0)  # let every op reach the queue
-        table.hold.set()
-        await blocker
-        assert await asyncio.gather(*gets) == ["1", None, "1", None]
-        await put_b
-        assert await get_b == "2"  # queued after the put: sees it
+        store = Store(asynchronous(table))
+        table.gate.clear()
+        first = store.put("a", "1", 60)
+        await table.in_update()
+        gets = [store.get(key) for key in ("b", "c", "b", "d")]
+        puts = [store.put("e", "5", 60), store.put("f", "6", 60)]
+        table.gate.set()
+        assert await first is None
+        assert await asyncio.gather(*gets) == [None, None, None, "4"]
+        assert await asyncio.gather(*puts) == [None, None]
         await store.close()
 
     run(main())
-    # four gets in one call (duplicates looked up once), then the lone get
-    assert table.batches[0] == ["a", "b", "c"]
-    assert table.lookups == 4
-    assert len(table.threads) == 1 and table.closed
+    assert table.calls[0] == ("update_many", ["a"])
+    # Everything asked meanwhile: one call of each kind, a key looked up once.
+    assert sorted(table.calls[1:]) == [("lookup_many", ["b", "c", "d"]),
+                                       ("update_many", ["e", "f"])]
+    assert stored(tmp_path / "t", "f") == "6"
 
 
-def test_pending_operations_are_bounded() -> None:
-    table = BatchTable()
+def test_a_get_sees_every_put_of_its_key_asked_before_it(tmp_path: Path) -> None:
+    """A get of a key with a put waiting or in flight is answered with that
+    put's value (no lookup); puts of one key land in the order asked."""
+    table = GatedLmdb(tmp_path / "t")
+
+    async def main() -> list[str | None]:
+        store = Store(asynchronous(table))
+        table.gate.clear()
+        first = store.put("k", "1", 60)
+        await table.in_update()
+        during = store.get("k")             # the put of "1" is in flight
+        second = store.put("k", "2", 60)
+        between = store.get("k")            # the put of "2" waits
+        third = store.put("k", "3", 60)
+        after = store.get("k")              # the put of "3" waits
+        assert not during.done()            # not before "1" is committed
+        table.gate.set()
+        await asyncio.gather(first, second, third)
+        values = list(await asyncio.gather(during, between, after))
+        values.append(await store.get("k"))  # looked up now
+        await store.close()
+        return values
+
+    assert run(main()) == ["1", "2", "3", "3"]
+    assert table.calls == [("update_many", ["k"]), ("update_many", ["k", "k"]),
+                           ("lookup_many", ["k"])]
+    assert stored(tmp_path / "t", "k") == "3"
+
+
+def test_a_put_completes_only_after_its_update_returned(tmp_path: Path) -> None:
+    """The write-ahead guarantee: when a put's future (or a get answered by
+    it) completes, the table's update_many has returned, and another
+    reader of the file finds the value."""
+    table = GatedLmdb(tmp_path / "t")
+    seen: list[tuple[list[str], str | None]] = []
+
+    def check(_: asyncio.Future[object]) -> None:
+        seen.append((list(table.committed), stored(tmp_path / "t", "k")))
 
     async def main() -> None:
-        store = Store(table, max_pending=2)
-        table.hold.clear()
-        blocker = asyncio.ensure_future(store.put("x", "1", 60))
-        await asyncio.to_thread(table.holding.wait, WAIT)
-        queued = [asyncio.ensure_future(store.get("x")) for _ in range(2)]
-        await asyncio.sleep(0)
-        with pytest.raises(StoreError, match="more than 2"):
-            await store.get("x")
-        table.hold.set()
-        await blocker
-        assert await asyncio.gather(*queued) == ["1", "1"]
+        store = Store(asynchronous(table))
+        table.gate.clear()
+        put = store.put("k", "v", 60)
+        reader = store.get("k")
+        put.add_done_callback(check)
+        reader.add_done_callback(check)
+        await table.in_update()
+        for _ in range(10):  # loop iterations, no time: nothing may complete them
+            await asyncio.sleep(0)
+        assert not put.done() and not reader.done()
+        table.gate.set()
+        await put
+        assert await reader == "v"
+        await store.close()
+
+    run(main())
+    assert seen == [(["k"], "v"), (["k"], "v")]
+
+
+def test_what_waits_is_bounded(tmp_path: Path) -> None:
+    table = GatedLmdb(tmp_path / "t")
+
+    async def main() -> None:
+        store = Store(asynchronous(table), max_pending=3)
+        table.gate.clear()
+        first = store.put("x", "1", 60)
+        await table.in_update()
+        waiting = [store.get("x"), store.get("y")]
+        refused = store.get("z")
+        assert refused.done()  # at once, not after the batch
+        with pytest.raises(StoreError, match="more than 3 operations waiting"):
+            await refused
+        table.gate.set()
+        await first
+        assert await asyncio.gather(*waiting) == ["1", None]
+        assert await store.get("z") is None  # answered ones no longer count
         await store.close()
 
     run(main())
 
 
-def test_table_errors_become_store_errors_and_others_pass() -> None:
-    class Odd(DictTable):
+def test_table_failures_reach_each_caller_as_its_own_store_error(tmp_path: Path) -> None:
+    """A failed call fails each of its operations, a per-item error only its
+    put and the gets it answers; each caller raises its own StoreError;
+    metrics count one error per failed call or item."""
+    table = GatedLmdb(tmp_path / "t")
+    metrics = RecordingMetrics()
+
+    async def main() -> None:
+        store = Store(asynchronous(table), name="triplets", metrics=metrics)
+        futures = [store.put("good", "v", 60), store.put("bad\0key", "v", 60),
+                   store.get("bad\0key")]
+        good, bad, reader = await asyncio.gather(*futures, return_exceptions=True)
+        assert good is None
+        assert isinstance(bad, StoreError) and isinstance(bad.__cause__, BackupError)
+        assert isinstance(reader, StoreError) and reader is not bad
+        assert "cannot store" in str(bad)
+        await store.close()
+
+    run(main())
+    assert metrics.errors == ["triplets"]
+    assert metrics.latencies == [("triplets", "put")]
+
+    class Down(DictTable):
+        def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
+            raise ServerUnavailableError("memcache:x: unavailable")
+
+        def update_many(self, items: Sequence[Item]) -> list[MemtableError | None]:
+            raise BackupError("lmdb:/x: no exclusive lock within 10 s")
+
+    metrics = RecordingMetrics()
+
+    async def down() -> None:
+        store = Store(asynchronous(Down("dict:down")), name="clients", metrics=metrics)
+        results = await asyncio.gather(store.put("a", "1", 1), store.put("b", "2", 1),
+                                       store.get("c"), store.get("d"),
+                                       return_exceptions=True)
+        assert all(isinstance(r, StoreError) for r in results)
+        assert len({id(r) for r in results}) == 4
+        assert all("no exclusive lock" in str(r) for r in results[:2])
+        assert all("unavailable" in str(r) for r in results[2:])
+        await store.close()
+
+    run(down())
+    assert metrics.errors == ["clients", "clients"] and metrics.latencies == []
+
+
+def test_a_bug_in_a_table_is_raised_as_it_is_and_the_store_goes_on() -> None:
+    class Buggy(DictTable):
         def update(self, key: str, value: str, ttl: int | None = None) -> None:
             if key == "bug":
                 raise ZeroDivisionError("a bug is not a store failure")
-            raise KeySkippedError(key, "domain mismatch")
+            super().update(key, value, ttl)
 
     async def main() -> None:
-        store = Store(Odd())
-        with pytest.raises(StoreError, match="domain mismatch") as err:
-            await store.put("k", "v", 1)
-        assert isinstance(err.value.__cause__, KeySkippedError)
+        store = Store(asynchronous(Buggy()))
         with pytest.raises(ZeroDivisionError):
             await store.put("bug", "v", 1)
-        assert await store.get("k") is None  # the worker survived both
+        await store.put("k", "v", 1)
+        assert await store.get("k") == "v"
         await store.close()
 
     run(main())
 
 
-def test_close_is_idempotent_and_refuses_later_work() -> None:
-    table = DictTable()
+def test_a_caller_giving_up_keeps_its_put_and_drops_its_lookup(tmp_path: Path) -> None:
+    table = GatedLmdb(tmp_path / "t")
 
     async def main() -> None:
-        store = Store(table)
-        await store.put("k", "v", 0)
-        await asyncio.gather(store.close(), store.close())
-        await store.close()
-        assert table.closed and store.closed
-        with pytest.raises(StoreError, match="closed"):
-            await store.get("k")
-
-    run(main())
-
-
-def test_caller_giving_up_does_not_break_the_worker() -> None:
-    table = BatchTable()
-
-    async def main() -> None:
-        store = Store(table)
-        table.hold.clear()
-        slow = asyncio.ensure_future(store.put("k", "v", 60))
-        await asyncio.to_thread(table.holding.wait, WAIT)
-        slow.cancel()
-        table.hold.set()
+        store = Store(asynchronous(table))
+        table.gate.clear()
+        blocker = store.put("z", "0", 60)
+        await table.in_update()
+        put, get = store.put("k", "v", 60), store.get("gone")
+        put.cancel()
+        get.cancel()
+        table.gate.set()
+        await blocker
         assert await store.get("k") == "v"  # the put still ran, in order
         await store.close()
 
     run(main())
+    assert ("lookup_many", ["gone"]) not in table.calls
 
 
-class UpdateManyTable(BatchTable):
-    """BatchTable with update_many; records the calls (kind, keys) in order.
-    Keys starting with "skip" get a per-item KeySkippedError."""
-
-    def __init__(self, spec: str = "dict:many") -> None:
-        super().__init__()
-        self.spec = spec
-        self.calls: list[tuple[str, list[str]]] = []
-
-    def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
-        self.calls.append(("get", list(keys)))
-        return {k: DictTable.lookup(self, k) for k in keys}
-
-    def lookup(self, key: str) -> str | None:
-        self.calls.append(("get", [key]))
-        return super().lookup(key)
-
-    def update(self, key: str, value: str, ttl: int | None = None) -> None:
-        self.calls.append(("put", [key]))
-        super().update(key, value, ttl)
-
-    def update_many(self, items: Sequence[tuple[str, str, int | None]]
-                    ) -> list[MemtableError | None]:
-        self.calls.append(("put", [key for key, _, _ in items]))
-        self.threads.add(threading.current_thread().name)
-        self.holding.set()
-        assert self.hold.wait(WAIT)
-        results: list[MemtableError | None] = []
-        for key, value, _ttl in items:
-            if key.startswith("skip"):
-                results.append(KeySkippedError(key, "domain mismatch"))
-            else:
-                self.data[key] = (value, None)
-                results.append(None)
-        return results
-
-
-def test_batch_runs_in_rounds_keeping_per_key_order() -> None:
-    """Puts that may go first go out as one update_many, then the gets as
-    one lookup_many, then the puts that must follow those gets, and so on
-    (a lone operation: update()/lookup()); per key the order asked for
-    holds, and per-item errors reach only their own caller."""
-    table = UpdateManyTable()
+def test_each_store_runs_its_batches_on_its_own(tmp_path: Path) -> None:
+    """policyd's stores do not wait for each other: a store's put completes
+    while another store's update is held."""
+    held, free = GatedLmdb(tmp_path / "held"), GatedLmdb(tmp_path / "free")
 
     async def main() -> None:
-        store = Store(table)
-        table.hold.clear()
-        blocker = store.put("z", "0", 60)
-        await asyncio.to_thread(table.holding.wait, WAIT)  # the worker is busy
-        table.holding.clear()
-        futures: list[asyncio.Future[Any]] = [
-            store.get("a"), store.put("a", "1", 60), store.get("a"), store.get("b"),
-            store.put("skip-me", "x", 60), store.put("c", "3", 60), store.get("c"),
-            store.put("a", "2", 60), store.get("d")]
-        await asyncio.sleep(0)  # let the batch reach the queue
-        table.hold.set()
-        await blocker
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        assert results[:4] == [None, None, "1", None]
-        assert isinstance(results[4], StoreError) and "domain mismatch" in str(results[4])
-        assert isinstance(results[4].__cause__, KeySkippedError)
-        assert results[5:] == [None, "3", None, None]
-        assert await store.get("a") == "2"  # the later put of a key wins
-        await store.close()
+        stores = [Store(asynchronous(held)), Store(asynchronous(free))]
+        held.gate.clear()
+        waiting = stores[0].put("a", "1", 60)
+        await held.in_update()
+        await asyncio.wait_for(stores[1].put("a", "2", 60), WAIT)
+        assert not waiting.done()
+        held.gate.set()
+        await waiting
+        await asyncio.gather(*(store.close() for store in stores))
 
     run(main())
-    assert table.calls[1:] == [
-        ("put", ["skip-me", "c"]),        # round 0: puts of keys not read before
-        ("get", ["a", "b", "c", "d"]),    # round 1: c after its put, a before its put
-        ("put", ["a"]),                   # round 2: a's first put, after a's first get
-        ("get", ["a"]),                   # round 3: the get of a between its puts
-        ("put", ["a"]),                   # round 4: a's second put
-        ("get", ["a"]),                   # the last check above
-    ]
+    assert stored(tmp_path / "held", "a") == "1" and stored(tmp_path / "free", "a") == "2"
 
 
-def test_shared_worker_serves_several_stores_in_one_thread(tmp_path: Path,
-                                                           memcached: Memcached) -> None:
-    """Two memcache stores with lmdb backups on one worker: everything
-    lands in memcached and in the backups, read back through the stores."""
-    stores: list[Store] = []
-    worker = StoreWorker(name="shared")
-    for name in ("t", "c"):
-        cf = write(tmp_path / f"{name}.cf",
-                   f"memcache = {memcached.spec}\nkey_format = {name}:%s\n"
-                   f"backup = lmdb:{tmp_path / name}\n")
-        stores.append(Store(open_table(f"memcache:{cf}", read_write=True), worker=worker))
-    t, c = stores
-    prefix = {t: "t", c: "c"}
+def test_close_finishes_what_was_asked_then_closes_the_table(tmp_path: Path) -> None:
+    table = GatedLmdb(tmp_path / "t")
 
     async def main() -> None:
-        keys = [f"k{i}" for i in range(40)]
-        await asyncio.gather(*(s.put(k, prefix[s] + k, 600) for k in keys for s in stores))
-        got = await asyncio.gather(*(s.get(k) for k in keys for s in stores))
-        assert got == [prefix[s] + k for k in keys for s in stores]
-        await t.close()
-        assert await c.get("k1") == "ck1"  # the worker still serves the other store
-        await c.close()
+        store = Store(asynchronous(table))
+        table.gate.clear()
+        first = store.put("a", "1", 60)
+        await table.in_update()
+        second = store.put("b", "2", 60)  # waits for the next batch
+        closing = asyncio.gather(store.close(), store.close())
+        await asyncio.sleep(0)
+        assert store.closed
+        refused = store.get("a")
+        table.gate.set()
+        await closing
+        await store.close()  # idempotent
+        assert first.result() is None and second.result() is None
+        with pytest.raises(StoreError, match="closed"):
+            await refused
 
     run(main())
-    worker._thread.join(WAIT)
-    assert not worker._thread.is_alive()  # ended with the last of its stores
-    assert memcached.meta("t:k39") is not None and memcached.meta("c:k0") is not None
-    with LmdbTable(str(tmp_path / "c"), read_write=False, fold=True) as backup:
-        assert backup.lookup("k7") == "ck7"
+    assert table.closed_after == ["a", "b"]
+    assert stored(tmp_path / "t", "b") == "2"
 
 
-def test_failed_batch_call_fails_each_of_its_operations() -> None:
-    class Down(UpdateManyTable):
-        def update_many(self, items: Sequence[tuple[str, str, int | None]]
-                        ) -> list[MemtableError | None]:
-            raise BackupError("lmdb:/x: no exclusive lock within 10 s")
+def test_close_abandons_a_table_stuck_on_a_hung_memcached(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A stop must not wait for memcached's timeouts (up to max_try x
+    timeout): close() waits close_wait, then leaves the table's thread (a
+    daemon) behind."""
+    server = start_memcached(tmp_path)
+    try:
+        cf = write(tmp_path / "t.cf", f"memcache = {server.spec}\ntimeout = 20\n")
+        table = open_table(f"memcache:{cf}", read_write=True)
+        server.pause()
 
-    table = Down()
-
-    async def main() -> None:
-        store = Store(table)
-        table.hold.clear()
-        blocker = store.get("x")  # lone get: table.lookup, not held
-        await blocker
-        results = await asyncio.gather(store.put("a", "1", 1), store.put("b", "2", 1),
-                                       return_exceptions=True)
-        # both in one batch or one each: either way each gets the error
-        assert all(isinstance(r, StoreError) and "no exclusive lock" in str(r)
-                   for r in results)
-        await store.close()
-
-    run(main())
-
-
-def test_a_round_over_two_tables_runs_them_at_once() -> None:
-    """The puts of two tables in one round overlap (each table's backup
-    commit waits on the disk on its own), yet the round ends only when both
-    are done; a table that fails fails only its own operations."""
-    slow, other = UpdateManyTable("dict:slow"), UpdateManyTable("dict:other")
-
-    class Broken(UpdateManyTable):
-        def update_many(self, items: Sequence[tuple[str, str, int | None]]
-                        ) -> list[MemtableError | None]:
-            raise BackupError("lmdb:/x: no exclusive lock within 10 s")
-
-    broken = Broken("dict:broken")
-    worker = StoreWorker(name="pair")
-    stores = [Store(t, worker=worker) for t in (slow, other, broken)]
-    s, o, b = stores
-
-    async def main() -> None:
-        slow.hold.clear()
-        other.hold.clear()
-        futures = [s.put("a", "1", 60), s.put("b", "2", 60), o.put("a", "x", 60),
-                   o.put("b", "y", 60), b.put("a", "z", 60), b.put("b", "z", 60)]
-        # Both tables are inside update_many at the same time.
-        assert await asyncio.to_thread(slow.holding.wait, WAIT)
-        assert await asyncio.to_thread(other.holding.wait, WAIT)
-        assert not any(f.done() for f in futures)
-        slow.hold.set()
-        await asyncio.sleep(0.05)
-        assert not any(f.done() for f in futures[:4])  # the round waits for other
-        other.hold.set()
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        assert results[:4] == [None] * 4
-        assert all(isinstance(r, StoreError) and "no exclusive lock" in str(r)
-                   for r in results[4:])
-        assert await asyncio.gather(s.get("a"), o.get("b")) == ["1", "y"]
-        for store in stores:
-            await store.close()
-
-    run(main())
-    worker._thread.join(WAIT)
-    assert worker._helper is not None
-    worker._helper._thread.join(WAIT)
-    assert not worker._thread.is_alive() and not worker._helper._thread.is_alive()
-    assert {name for t in (slow, other) for name in t.threads} == {"pair", "pair helper"}
+        async def main() -> None:
+            store = Store(asynchronous(table), close_wait=0.2)
+            pending = store.get("key")  # waits for memcached
+            with caplog.at_level(logging.WARNING):
+                await store.close()
+            assert not pending.done()
+            pending.cancel()
+        run(main())
+        assert "not finished within 0.2s; abandoning it" in caplog.text
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
