@@ -29,6 +29,7 @@ from policyd.metrics import (
 from tests.conftest import Memcached, free_port
 from tests.policyd_helpers import ask, connect
 from tests.processes import stop_process
+from tests.wait import WAIT
 
 SCRAPE_TIMEOUT = 5.0
 
@@ -363,7 +364,14 @@ def test_policyd_serves_metrics_that_follow_traffic(tmp_path: Path,
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
                 time.sleep(0.05)
-        before = scrape_at(("127.0.0.1", metrics_port))
+        # The start-up probe above was a connection too: wait until it is
+        # counted (it is accepted after the probe returned), then count the
+        # difference.
+        deadline = time.monotonic() + WAIT
+        while value(before := scrape_at(("127.0.0.1", metrics_port)),
+                    "policyd_connections_total") < 1:
+            assert time.monotonic() < deadline, "the probe connection was never counted"
+            time.sleep(0.01)
         assert value(before, "policyd_decisions_total", action="DEFER_IF_PERMIT",
                      reason="new") == 0
         assert _ask(port, POLICY_REQUEST).startswith(b"action=DEFER_IF_PERMIT")
@@ -373,7 +381,6 @@ def test_policyd_serves_metrics_that_follow_traffic(tmp_path: Path,
                      reason="new") == 1
         assert value(after, "policyd_decisions_total", action="DEFER_IF_PERMIT",
                      reason="early-retry") == 1
-        # The start-up probe above was a connection too: count the difference.
         assert (value(after, "policyd_connections_total")
                 - value(before, "policyd_connections_total")) == 2
         assert value(after, "policyd_request_bytes_count") == 2
