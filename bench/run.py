@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> rep.Report:
     report = rep.Report(command="python -m bench.run " + shlex.join(sys.argv[1:]),
                         quick=args.quick, duration=args.duration, machine=rep.machine_info(),
                         started=time.strftime("%Y-%m-%d %H:%M %Z"))
+    if not args.skip_load and {"policyd", "policyd-dns"} & set(args.servers):
+        report.machine["policyd processes (load points)"] = str(args.policyd_instances)
     print("machine: " + "; ".join(f"{k} {v}" for k, v in report.machine.items()), flush=True)
     _raise_fd_limit(4 * max([*args.connections, args.idle_connections]) + 1000)
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
@@ -209,7 +211,7 @@ def _load_point(report: rep.Report, args: argparse.Namespace, name: str,
         spec = LoadSpec(server.host, server.port, connections, mix=mix,
                         duration=args.duration, timeout=args.timeout, processes=args.processes)
         try:
-            result = run_load(spec)
+            result = run_load(spec, meter=server.cpu_seconds)
         except LoadError as exc:
             print(f"  {name} {mix} {connections}: load generator failed: {exc}", flush=True)
     if result is not None:
