@@ -85,6 +85,9 @@ class LoadResult:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     processes: int = 1
+    # CPU time the server under test used while the requests ran (from the
+    # meter given to run_load), None when not measured.
+    server_cpu_seconds: float | None = None
 
     @property
     def error_count(self) -> int:
@@ -93,6 +96,13 @@ class LoadResult:
     @property
     def rps(self) -> float:
         return self.requests / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        """The server's CPU time per request answered, in microseconds."""
+        if self.server_cpu_seconds is None or self.requests <= 0:
+            return None
+        return self.server_cpu_seconds / self.requests * 1e6
 
 
 def percentile(sorted_values: list[int] | array[int], fraction: float) -> int:
@@ -408,8 +418,13 @@ def _recv(pipe: Connection) -> tuple[str, Any]:
     return kind, payload
 
 
-def run_load(spec: LoadSpec) -> LoadResult:
-    """Run ``spec`` in worker processes; block until every one reports."""
+def run_load(spec: LoadSpec, meter: Callable[[], float] | None = None) -> LoadResult:
+    """Run ``spec`` in worker processes; block until every one reports.
+
+    ``meter`` (the server's CPU seconds so far) is read when every
+    connection is open, just before the first request, and again when the
+    last worker reported: the difference is the server's CPU for the
+    requests counted, without the connection set-up."""
     if spec.connections < 1:
         raise ValueError("connections must be at least 1")
     nproc = spec.process_count()
@@ -436,6 +451,7 @@ def run_load(spec: LoadSpec) -> LoadResult:
             kind, payload = _recv(pipe)
             if kind != "ready":
                 raise LoadError(f"load generator failed while connecting: {payload}")
+        cpu_before = meter() if meter else 0.0
         start.set()
         results = []
         run_wait = spec.duration + spec.timeout + WORKER_GRACE_SECONDS
@@ -446,16 +462,18 @@ def run_load(spec: LoadSpec) -> LoadResult:
             if "crashed" in payload:
                 raise LoadError(f"load generator crashed: {payload['crashed']}")
             results.append(payload)
+        cpu = meter() - cpu_before if meter else None
     finally:
         for p in procs:
             p.join(5)
             if p.is_alive():
                 p.terminate()
                 p.join(5)
-    return _merge(spec, results, nproc)
+    return _merge(spec, results, nproc, cpu)
 
 
-def _merge(spec: LoadSpec, results: list[dict[str, Any]], nproc: int) -> LoadResult:
+def _merge(spec: LoadSpec, results: list[dict[str, Any]], nproc: int,
+           server_cpu_seconds: float | None = None) -> LoadResult:
     latencies: array[int] = array("q")
     errors: Counter[str] = Counter()
     actions: Counter[str] = Counter()
@@ -479,4 +497,5 @@ def _merge(spec: LoadSpec, results: list[dict[str, Any]], nproc: int) -> LoadRes
         p99_ms=percentile(ordered, 0.99) / 1e6,
         max_ms=(ordered[-1] if ordered else 0) / 1e6,
         processes=nproc,
+        server_cpu_seconds=server_cpu_seconds,
     )

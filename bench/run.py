@@ -124,19 +124,15 @@ def _start(name: str, workdir: Path, memcached: servers.Server,
     if name == "postgrey":
         return servers.start_postgrey(workdir)
     if name == "policyd-dns":
-        server = servers.start_policyd_dns(workdir, instances)
-        try:
-            _warm_dns(server, instances)
-        except BaseException:
-            server.stop()
-            raise
-        return server
+        return servers.start_policyd_dns(workdir, instances)
     return servers.start_policyd(workdir, memcached, instances)
 
 
 def _warm_dns(server: servers.Server, instances: int) -> None:
     """Fill each policyd-dns process's DNS cache with the pool clients'
-    answers ("DNS on, warm cache")."""
+    answers ("DNS on, warm cache").  Run right before each pool point: an
+    unlisted client's answer (NXDOMAIN) stays cached only for the zone's
+    negative TTL (a minute), and a pool point comes minutes after the start."""
     try:
         run_load(LoadSpec(server.host, server.port, 10 * instances, mix="pool",
                           duration=60.0, requests=WARM_REQUESTS_PER_PROCESS * instances,
@@ -149,6 +145,8 @@ def run(args: argparse.Namespace) -> rep.Report:
     report = rep.Report(command="python -m bench.run " + shlex.join(sys.argv[1:]),
                         quick=args.quick, duration=args.duration, machine=rep.machine_info(),
                         started=time.strftime("%Y-%m-%d %H:%M %Z"))
+    if not args.skip_load and {"policyd", "policyd-dns"} & set(args.servers):
+        report.machine["policyd processes (load points)"] = str(args.policyd_instances)
     print("machine: " + "; ".join(f"{k} {v}" for k, v in report.machine.items()), flush=True)
     _raise_fd_limit(4 * max([*args.connections, args.idle_connections]) + 1000)
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
@@ -205,11 +203,19 @@ def _load_point(report: rep.Report, args: argparse.Namespace, name: str,
     """Measure one point; False when the server is dead (it may also have
     died while the others were measured)."""
     result: LoadResult | None = None
-    if server.alive():
+    ready = server.alive()
+    if ready and name == "policyd-dns" and mix == "pool":
+        try:
+            _warm_dns(server, args.policyd_instances)
+            print(f"  {name} {mix} {connections}: DNS caches warmed", flush=True)
+        except servers.ServerError as exc:
+            print(f"  {name} {mix} {connections}: not measured: {exc}", flush=True)
+            ready = False
+    if ready:
         spec = LoadSpec(server.host, server.port, connections, mix=mix,
                         duration=args.duration, timeout=args.timeout, processes=args.processes)
         try:
-            result = run_load(spec)
+            result = run_load(spec, meter=server.cpu_seconds)
         except LoadError as exc:
             print(f"  {name} {mix} {connections}: load generator failed: {exc}", flush=True)
     if result is not None:

@@ -7,14 +7,19 @@ requests counted, no errors, every reply seen as DUNNO, p50 <= p99 <= max.
 Also: the request is a complete Postfix 3.7 RCPT request, and a server
 that answers garbage or hangs up is counted as errors, not a crash; the
 memtable benchmark reports every client and gives back the CPU affinity
-it pins while measuring; the bench command itself runs end to end.
+it pins while measuring; the bench command itself runs end to end; the
+server's CPU is metered over exactly the requests counted, threads and
+children included; the goals table reports each of the issue's goals, met
+or not, from a report of known figures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,8 +33,9 @@ import pytest
 from bench import report as rep
 from bench import run as bench_run
 from bench import servers
-from bench.loadgen import LoadSpec, parse_reply, percentile, run_load
-from bench.memtable_bench import SLICE_OPS, run_memtable_bench
+from bench.loadgen import LoadResult, LoadSpec, parse_reply, percentile, run_load
+from bench.memory import GrowthResult, IdleResult
+from bench.memtable_bench import SLICE_OPS, OpResult, run_memtable_bench
 from bench.requests import MIXES, POOL_CLIENTS, make_source, pool_address
 
 THREAD_JOIN_SECONDS = 5.0
@@ -90,6 +96,155 @@ def policy_server(reply: Callable[[int], bytes | None]) -> Iterator[int]:
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(THREAD_JOIN_SECONDS)
+
+
+def test_the_cpu_meter_spans_exactly_the_requests_counted() -> None:
+    # A meter that reads the server's answered-request count instead of its
+    # CPU: read just before the first request and after the last reply, the
+    # difference is every request counted, and none of the connection set-up.
+    answered = itertools.count(1)
+    last = [0]
+
+    def reply(_: int) -> bytes:
+        last[0] = next(answered)
+        return b"action=DUNNO\n\n"
+
+    with policy_server(reply) as port:
+        result = run_load(LoadSpec("127.0.0.1", port, connections=3, mix="new", duration=0.5,
+                                   timeout=5.0, connect_timeout=5.0),
+                          meter=lambda: float(last[0]))
+    assert result.requests > 0 and result.error_count == 0
+    assert result.server_cpu_seconds == result.requests
+    assert result.cpu_us_per_request == pytest.approx(1e6)
+
+
+_BURN = """
+import os, subprocess, sys, threading, time
+def burn():
+    t = time.thread_time()
+    while time.thread_time() - t < 0.2:
+        pass
+child = "import time\\nwhile time.process_time() < 0.2: pass\\n"
+subprocess.run([sys.executable, "-c", child], check=True)  # ended and waited for
+live = subprocess.Popen([sys.executable, "-c", child + "print('done', flush=True)\\n"
+                         "time.sleep(60)"], stdout=subprocess.PIPE)
+thread = threading.Thread(target=burn)
+thread.start()
+thread.join()
+assert live.stdout.readline() == b"done\\n"
+print(live.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_cpu_seconds_counts_threads_and_children() -> None:
+    # 0.2 s of CPU each in a thread, a child that ended, and a child still
+    # running: over 0.5 s only if all three are counted.
+    proc = subprocess.Popen([sys.executable, "-c", _BURN], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        live = int(proc.stdout.readline())
+        assert servers.cpu_seconds(live) >= 0.15
+        assert servers.cpu_seconds(proc.pid) >= 0.5
+    finally:
+        for pid in (live, proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(THREAD_JOIN_SECONDS)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert servers.cpu_seconds(proc.pid) == 0  # gone: nothing to read
+
+
+def _point(server: str, mix: str, connections: int, rps: float, p99_ms: float,
+           cpu_us: float | None = None, errors: int = 0) -> rep.Point:
+    requests = int(rps * 10)
+    cpu = None if cpu_us is None else cpu_us * requests / 1e6
+    return rep.Point(server, LoadResult(connections, mix, requests, 10.0,
+                                        {"timeout": errors} if errors else {},
+                                        {"DEFER_IF_PERMIT": requests}, p99_ms / 2, p99_ms,
+                                        p99_ms * 2, server_cpu_seconds=cpu), 0)
+
+
+def _known_report() -> rep.Report:
+    """Two mixes; `new` meets every goal, `hot` misses each one."""
+    report = rep.Report(command="test", quick=False, duration=10.0, machine={}, started="now")
+    for mix, good in (("new", True), ("hot", False)):
+        for c, least, most in rep.PEER_GOALS:
+            report.points.append(_point("postgrey", mix, c, 2000, 10.0, cpu_us=400))
+            report.points.append(_point("policyd", mix, c, 2000 * (least + (0.5 if good else -0.2)),
+                                        10.0 * (most - 0.05 if good else most + 0.05),
+                                        cpu_us={1: 900, 20: 300, 100: 150}[c]))
+        report.points.append(_point("policyd", mix, 1000, 9000, 100.0, cpu_us=140,
+                                    errors=0 if good else 3))
+    report.memtable = [OpResult("pymemcache (raw)", "lookup", 1000, 1.0),
+                       OpResult("pymemcache (raw)", "update", 1000, 1.0),
+                       OpResult("memtable", "lookup", 1000, 1 / 0.90),  # 90%: met
+                       OpResult("memtable", "update", 1000, 1 / 0.80)]  # 80%: missed
+    report.idle = [IdleResult("policyd", 1000, 1000, 0, 26_000, 33_000, 33_000, 16_000, 22_000)]
+    report.growth = GrowthResult("policyd", 1_000_000, 0, 33_000, 22_000,
+                                 points=[(250_000, 50_000, 23_000), (500_000, 60_000, 23_000),
+                                         (750_000, 60_000, 23_500), (1_000_000, 60_000, 24_000)])
+    return report
+
+
+def test_goals_table_reports_each_goal_of_the_issue_met_or_not() -> None:
+    report = _known_report()
+    goals = {g.goal: g for g in rep.goals(report)}
+    assert list(goals) == [
+        "1 connection: policyd req/s >= 1.0x postgrey's",
+        "1 connection: policyd p99 <= 1.0x postgrey's (no worse)",
+        "20 connections: policyd req/s >= 3.0x postgrey's",
+        "20 connections: policyd p99 <= 0.3x postgrey's",
+        "100 connections: policyd req/s >= 5.0x postgrey's",
+        "100 connections: policyd p99 <= 0.25x postgrey's",
+        "1,000 connections: no errors, bounded memory (anonymous RSS growth over the second "
+        "half of the request run <= 10 MiB)",
+        "memtable single lookups within 15% of raw pymemcache",
+        "memtable single updates within 15% of raw pymemcache",
+        "policyd's own CPU per request at 1, 20, 100 connections (user + system time of its "
+        "processes / requests)",
+        "DNS on (warm cache) costs <= 10% of policyd's req/s at 20 and 100 connections "
+        "(pool mix)"]
+    # hot misses every peer goal: not met, its figure in bold, new's not.
+    g = goals["20 connections: policyd req/s >= 3.0x postgrey's"]
+    assert (g.mark, g.figures) == (
+        "**no**", "new 3.50x (7,000 vs 2,000/s), **hot 2.80x (5,600 vs 2,000/s)**")
+    g = goals["100 connections: policyd p99 <= 0.25x postgrey's"]
+    assert (g.mark, g.figures) == (
+        "**no**", "new 0.20x (2.00 vs 10.00 ms), **hot 0.30x (3.00 vs 10.00 ms)**")
+    g = goals["1,000 connections: no errors, bounded memory (anonymous RSS growth over the "
+              "second half of the request run <= 10 MiB)"]
+    assert g.mark == "**no**" and "**hot 3 (timeout 3)**" in g.figures
+    assert "anonymous RSS growth over the second half +1.0 MiB" in g.figures
+    assert goals["memtable single lookups within 15% of raw pymemcache"].mark == "yes"
+    assert goals["memtable single updates within 15% of raw pymemcache"].mark == "**no**"
+    g = goals["policyd's own CPU per request at 1, 20, 100 connections (user + system time "
+              "of its processes / requests)"]
+    assert (g.mark, g.figures) == ("reported", "new 900 / 300 / 150 us, hot 900 / 300 / 150 us")
+    assert goals["DNS on (warm cache) costs <= 10% of policyd's req/s at 20 and 100 "
+                 "connections (pool mix)"].mark == "not measured"
+
+    # Without hot, every goal of the new mix is met.
+    report.points = [p for p in report.points if p.result.mix == "new"]
+    marks = [g.mark for g in rep.goals(report) if "connection:" in g.goal
+             or "connections:" in g.goal]
+    assert marks == ["yes"] * 7
+
+    # The markdown: the goals table and a CPU column in each mix's table.
+    text = rep.generated_section(report, None)
+    assert ("| 20 connections: policyd req/s >= 3.0x postgrey's | yes | new 3.50x (7,000 vs "
+            "2,000/s) |") in text
+    assert "| 1 | policyd | 3,000 | 4.75 | 9.50 | 19.0 | 0 | 900 us | 1.50x | 0.95x |" in text
+    assert "| 1 | postgrey | 2,000 | 5.00 | 10.00 | 20.0 | 0 | 400 us |  |  |" in text
+
+
+def test_goals_not_measured_say_so() -> None:
+    report = rep.Report(command="test", quick=True, duration=1.0, machine={}, started="now")
+    report.points.append(_point("policyd", "new", 1, 1000, 1.0))  # no postgrey, no CPU
+    goals = rep.goals(report)
+    assert all(g.mark == "not measured" for g in goals), goals
+    assert "cpu - us/req" in rep.console_line("policyd", report.points[0].result, 0)
 
 
 def test_closed_loop_figures_are_sane() -> None:
@@ -218,7 +373,13 @@ def test_bench_command_measures_the_servers_back_to_back(tmp_path: Path) -> None
               if line.startswith("  ") and " req/s " in line]
     assert points == [["null", "new", "1"], ["policyd", "new", "1"],
                       ["null", "new", "2"], ["policyd", "new", "2"]]
+    # Each server's CPU per request, metered from its process.
+    cpu = [float(line.split(" cpu ")[1].split()[0]) for line in proc.stdout.splitlines()
+           if line.startswith("  policyd ") and " req/s " in line]
+    assert len(cpu) == 2 and all(us > 0 for us in cpu)
     text = out.read_text()
+    assert "| errors | CPU per request |" in text
+    assert "[INFO] policyd's own CPU per request at 1, 20, 100 connections" in proc.stdout
     assert text.startswith("# Benchmarks\n")
     assert "## Method" not in text  # the method lives in docs/benchmarks.md only
     assert "<!-- bench:generated:begin" in text and "### Mix: new" in text
@@ -228,18 +389,27 @@ def test_bench_command_measures_the_servers_back_to_back(tmp_path: Path) -> None
 def test_bench_measures_dns_on_beside_dns_off(tmp_path: Path) -> None:
     # policyd-dns: its own memcached and nsd, its DNS cache warmed first;
     # reported beside plain policyd with the ratio and the goal line.
+    # Warmed right before each of its pool points: unlisted clients' answers
+    # stay cached for a minute only, and a full run's pool points come later.
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--servers", "policyd,policyd-dns", "--mixes",
-         "pool", "--connections", "2", "--duration", "0.3", "--policyd-instances", "1",
+         "new,pool", "--connections", "2,3", "--duration", "0.3", "--policyd-instances", "1",
          "--skip-memtable", "--skip-memory", "--no-write"],
         cwd=servers.ROOT, capture_output=True, text=True, timeout=BENCH_COMMAND_SECONDS)
     assert proc.returncode == 0, proc.stderr
+    steps = [line.split()[:3] for line in proc.stdout.splitlines()
+             if line.startswith("  ") and (" req/s " in line or "DNS caches warmed" in line)]
+    assert steps == [["policyd", "new", "2"], ["policyd-dns", "new", "2"],
+                     ["policyd", "new", "3"], ["policyd-dns", "new", "3"],
+                     ["policyd", "pool", "2"], ["policyd-dns", "pool", "2:"],
+                     ["policyd-dns", "pool", "2"],
+                     ["policyd", "pool", "3"], ["policyd-dns", "pool", "3:"],
+                     ["policyd-dns", "pool", "3"]]
     lines = [line for line in proc.stdout.splitlines()
              if line.startswith("  ") and " req/s " in line]
-    assert [line.split()[:3] for line in lines] == [["policyd", "pool", "2"],
-                                                    ["policyd-dns", "pool", "2"]]
     assert all(" errors 0 " in line for line in lines)
     assert "policyd-dns/policyd pool       2 conn: req/s x" in proc.stdout
+    assert "policyd-dns/policyd pool       3 conn: req/s x" in proc.stdout
     assert "DNS on (warm cache) costs <= 10% of policyd's req/s" in proc.stdout
 
 
