@@ -237,11 +237,14 @@ def _run_daemon(config: PolicydConfig, args: argparse.Namespace) -> int:
     from policyd import preflight
     from policyd.logsetup import setup_logging
 
-    # SIGHUP's default action ends the process: a reload asked for while
-    # policyd starts (reading large whitelists takes a while) is remembered
-    # and done once the server runs, instead.
-    _hangups.clear()
-    previous = signal.signal(signal.SIGHUP, _early_hangup)
+    # SIGHUP's and SIGTERM's default actions end the process at once: while
+    # policyd starts (reading large whitelists takes a while, and the
+    # listening socket takes connections before the server's own handlers
+    # are installed), they are remembered instead: a reload is done once the
+    # server runs, a stop stops it as soon as it has started.
+    _early_signals.clear()
+    previous = {signum: signal.signal(signum, _early_signal)
+                for signum in (signal.SIGHUP, signal.SIGTERM)}
     try:
         setup_logging(config)
         # What would fail later, or silently misbehave, stops the start now.
@@ -261,15 +264,16 @@ def _run_daemon(config: PolicydConfig, args: argparse.Namespace) -> int:
             return 1
         return 0
     finally:
-        # None: the handler was not set from Python; the default is what was.
-        signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
+        for signum, handler in previous.items():
+            # None: the handler was not set from Python; the default is what was.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
-_hangups: list[int] = []
+_early_signals: list[int] = []
 
 
-def _early_hangup(signum: int, frame: object) -> None:
-    _hangups.append(signum)
+def _early_signal(signum: int, frame: object) -> None:
+    _early_signals.append(signum)
 
 
 async def _serve(config: PolicydConfig) -> None:
@@ -292,10 +296,13 @@ async def _serve(config: PolicydConfig) -> None:
         server.install_signal_handlers()
         log.info("policyd started (%s)", config.path)
         sdnotify.ready(server.status(), wait=limits.SD_NOTIFY_TIMEOUT_SECONDS)
-        if _hangups:
+        if signal.SIGTERM in _early_signals:
+            log.info("SIGTERM received while starting: shutting down")
+        elif signal.SIGHUP in _early_signals:
             server.reload()  # asked for while starting
         try:
-            await server.serve_forever()
+            if signal.SIGTERM not in _early_signals:
+                await server.serve_forever()
         finally:
             await server.shutdown()
             server.remove_signal_handlers()

@@ -307,6 +307,24 @@ def test_sighup_while_starting_is_a_reload_once_started(tmp_path: Path, wrapper:
     assert err.index("policyd started") < err.index("reloading policy (SIGHUP)")
 
 
+def test_sigterm_while_starting_stops_cleanly_once_started(
+        tmp_path: Path, wrapper: Path, listening: socket.socket) -> None:
+    """SIGTERM's default action would kill the process (exit -15, which
+    systemd reports as a failure); while policyd starts it is remembered
+    and policyd stops as soon as it has started, with exit status 0."""
+    gate = tmp_path / "gate"
+    cf = write_cf(tmp_path, "listen = inet:127.0.0.1:0\n")
+    env = {"TEST_BUILD_GATE": str(gate)}
+    with running(wrapper, cf, listen_fd=listening, extra_env=env) as proc:
+        wait_for(Path(f"{gate}.started"))
+        proc.send_signal(signal.SIGTERM)
+        gate.touch()
+        code, err = finish(proc)
+    assert code == 0, err
+    assert "SIGTERM received while starting: shutting down" in err
+    assert "Traceback" not in err
+
+
 def test_sigterm_does_not_wait_for_a_stuck_reload(tmp_path: Path, wrapper: Path,
                                                   listening: socket.socket) -> None:
     """A reload stuck reading a file (a hung network filesystem) must not
