@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import memtable.memcache_table
+import memtable.memcache_rules
 from memtable import clock, open_table
 from memtable.limits import (
     MEMCACHE_DOWN_HOLD_SECONDS,
@@ -119,7 +119,7 @@ def test_stale_keys_over_the_bound_are_forgotten_with_a_warning(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Over MEMCACHE_STALE_KEYS_MAX the oldest stale keys are forgotten,
     with a warning: those (and only those) memcached may serve stale."""
-    monkeypatch.setattr(memtable.memcache_table, "MEMCACHE_STALE_KEYS_MAX", 2)
+    monkeypatch.setattr(memtable.memcache_rules, "MEMCACHE_STALE_KEYS_MAX", 2)
     table = table_with_backup(tmp_path, server.spec)
     with table:
         for key in ("a", "b", "c"):
