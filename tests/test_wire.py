@@ -527,11 +527,9 @@ def test_a_server_that_timed_out_is_held_down(make_wire: Callable[..., MemcacheW
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """After a timeout on every attempt, calls fail at once (no connection,
     no wait) until the hold-down ends; then the server is tried again."""
-    import memtable.wire
-
-    monkeypatch.setattr(memtable.wire, "MEMCACHE_DOWN_HOLD_SECONDS", 0.3)
     with hostile.HostileServer(hostile.stall()) as server:
         wire = hostile_wire(make_wire, server, timeout=TIMEOUT)
+        wire.core.down_hold_seconds = 0.3
         with pytest.raises(ServerUnavailableError, match="timeout"):
             wire.get(b"k")
         assert server.connections == MAX_TRY
