@@ -1,6 +1,8 @@
 """A memcache table with a backup while its real memcached misbehaves:
 hung (SIGSTOP), dead, or full (``-M``).  What is answered, what memcached
-holds afterwards, and what is logged."""
+holds afterwards, and what is logged: on both memcache drivers (the
+table's wire is the blocking MemcacheWire or the asyncio one,
+tests/wire_drivers.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ from memtable.limits import (
 from memtable.memcache_table import MemcacheTable
 from memtable.outage import OutageLog
 from tests.conftest import Memcached, start_memcached
+
+
+@pytest.fixture(autouse=True)
+def driver(wire_driver: Callable[..., object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables built here talk to memcached through the driver under test."""
+    monkeypatch.setattr(memtable.memcache_table, "MemcacheWire", wire_driver)
 
 
 @pytest.fixture
@@ -269,7 +277,12 @@ def test_a_full_memcached_that_refuses_writes_costs_no_retry_pause(
             else:
                 pytest.fail("memcached -M -m 2 never filled up")
         pauses: list[float] = []
+
+        async def async_pause(seconds: float) -> None:
+            pauses.append(seconds)
+
         monkeypatch.setattr(clock, "sleep", pauses.append)
+        monkeypatch.setattr(clock, "async_sleep", async_pause)
         table = table_with_backup(tmp_path, full.spec, "retry_pause = 1")
         with table, caplog.at_level(logging.WARNING, logger="memtable"):
             for batch in range(5):
