@@ -219,7 +219,8 @@ def run_memtable(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, memcached: Memcached) -> Lab:
+def lab(tmp_path: Path, memcached: Memcached, memcache_runner: str) -> Lab:
+    """memtable's side runs the blocking table and the async one in turn."""
     return Lab(tmp_path, memcached)
 
 

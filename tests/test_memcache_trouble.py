@@ -24,9 +24,10 @@ from memtable.limits import (
     MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS,
     MEMCACHE_TROUBLE_LOG_STARTS_PER_INTERVAL,
 )
-from memtable.memcache_table import MemcacheTable
 from memtable.outage import OutageLog
+from memtable.table import Table
 from tests.conftest import Memcached, start_memcached
+from tests.memcache_runners import MemcacheTables
 
 
 @pytest.fixture(autouse=True)
@@ -69,12 +70,12 @@ def server(tmp_path: Path) -> Iterator[Memcached]:
     mc.stop()
 
 
-def table_with_backup(tmp_path: Path, memcache: str, *lines: str) -> MemcacheTable:
+def table_with_backup(tmp_path: Path, memcache: str, *lines: str) -> Table:
     cf = tmp_path / "t.cf"
     cf.write_text("\n".join([f"memcache = {memcache}", f"backup = lmdb:{tmp_path / 'bk'}",
                              "timeout = 1", "max_try = 2", *lines]) + "\n")
     table = open_table(f"memcache:{cf}", read_write=True)
-    assert isinstance(table, MemcacheTable)
+    assert isinstance(table, MemcacheTables)
     return table
 
 
@@ -86,6 +87,7 @@ def value(server: Memcached, key: str) -> object:
 # -- a write memcached missed is never read back stale (issue 15, item 2) -------
 
 
+@pytest.mark.usefixtures("memcache_runner")
 def test_writes_during_a_hang_are_not_read_back_stale_and_are_repaired(
         tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None]) -> None:
     """memcached hangs: the first command times out and holds it down, the
@@ -122,6 +124,7 @@ def test_writes_during_a_hang_are_not_read_back_stale_and_are_repaired(
             assert ttl - 10 <= int(str(meta["ttl"])) <= ttl
 
 
+@pytest.mark.usefixtures("memcache_runner")
 def test_stale_keys_over_the_bound_are_forgotten_with_a_warning(
         tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -144,6 +147,7 @@ def test_stale_keys_over_the_bound_are_forgotten_with_a_warning(
         assert table.lookup_many(["a", "b", "c"]) == {"a": "old", "b": "new", "c": "new"}
 
 
+@pytest.mark.usefixtures("memcache_runner")
 def test_keys_still_stale_at_close_are_named(tmp_path: Path, server: Memcached,
                                              caplog: pytest.LogCaptureFixture) -> None:
     table = table_with_backup(tmp_path, server.spec)
