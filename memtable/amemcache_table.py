@@ -16,7 +16,9 @@ update_many completes when memcached answered STORED and the backup's
 commit returned (docs/design.md, "The write-ahead guarantee"): the set
 round trip and the commit are both started, then both awaited, so that
 they overlap.  Several operations of one table may run at once (one per
-request); the rules' stale-key memory allows for that.
+request); the rules' stale-key memory allows for that.  A ``domain`` list
+naming a table (``domain = lmdb:/path``) is looked up on the loop, as the
+key pipeline does it: keep such tables to local files.
 
 Open one with memtable.registry.as_async(open_table(...)).
 """
@@ -104,7 +106,11 @@ class AsyncMemcacheTable(AsyncTable):
         if isinstance(effect, SetAndCommit):
             return await self._set_and_commit(effect)
         if isinstance(effect, McSet):
-            await wire.set_many(effect.items)
+            if len(effect.items) == 1:
+                key, data, flags, exptime = effect.items[0]
+                await wire.set(key, data, flags=flags, exptime=exptime)
+            else:
+                await wire.set_many(effect.items)
             return None
         backup = self.backup
         if isinstance(effect, BackupLookup):
