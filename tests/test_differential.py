@@ -1,4 +1,5 @@
-"""Differential tests: memtable against Postfix's own ``postmap``.
+"""Differential tests: memtable against Postfix's own ``postmap`` (memtable on
+both memcache drivers, blocking and asyncio).
 
 For each case both tools run against the same memcached state: flush, seed,
 rebuild the lmdb: backup, run ``postmap -c PRIVATE ...`` and snapshot the raw
@@ -41,12 +42,13 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+import memtable.memcache_table
 from memtable import cli as memtable_cli
 from tests.conftest import Memcached
 from tests.postfixcf import postfix_config_dir, write_aged
@@ -219,7 +221,11 @@ def run_memtable(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, memcached: Memcached) -> Lab:
+def lab(tmp_path: Path, memcached: Memcached, wire_driver: Callable[..., object],
+        monkeypatch: pytest.MonkeyPatch) -> Lab:
+    """Every comparison on both memcache drivers: memtable's tables talk
+    to memcached through the driver under test (tests/wire_drivers.py)."""
+    monkeypatch.setattr(memtable.memcache_table, "MemcacheWire", wire_driver)
     return Lab(tmp_path, memcached)
 
 
