@@ -146,12 +146,18 @@ def idle_connection_usable(sock: socket.socket, poller: select.poll, name: str,
         early = sock.recv(RECV_CHUNK_BYTES, socket.MSG_DONTWAIT | socket.MSG_PEEK)
     except OSError:
         early = b""
+    log_idle_drop(name, endpoint, early)
+    return False
+
+
+def log_idle_drop(name: str, endpoint: Endpoint, early: bytes) -> None:
+    """Say why an idle connection is dropped: what the server sent on it
+    (a warning: no memcached does that), or that it closed it."""
     if early:
         log.warning("database %s: unexpected data from %s on an idle connection: %r "
                     "-- connection dropped", name, endpoint, early[:40])
     else:
         log.debug("database %s: %s closed the idle connection", name, endpoint)
-    return False
 
 
 class _Connection:
