@@ -63,6 +63,7 @@ T = TypeVar("T")
 # memcached splits commands on white space and ends them at LF.
 _BAD_KEY_BYTE: Final = re.compile(rb"[\x00-\x20\x7f]")
 _FLAGS_MAX: Final = 2**32 - 1
+_CAS_MAX: Final = 2**64 - 1  # a cas unique is a 64-bit unsigned number
 # An absolute expiration time (over 30 days is a UNIX time) long past:
 # an item stored with it is expired at once (delete_unchanged).
 _EXPIRED: Final = MEMCACHED_RELATIVE_TTL_MAX + 1
@@ -329,6 +330,8 @@ class McCore:
         """A ``cas`` of an empty value with an expiration time in the past:
         True when removed, False when written meanwhile, None when gone."""
         self.check_key(key)
+        if not 0 <= cas <= _CAS_MAX:
+            raise ValueError(f"cas unique {cas} out of range 0..{_CAS_MAX}")
         client = self._client
         return Request("cas", (lambda: client.cas(key, b"", cas, expire=_EXPIRED,
                                                   noreply=False, flags=0),), None)

@@ -49,7 +49,6 @@ from memtable import clock
 from memtable.endpoint import Endpoint
 from memtable.limits import MEMCACHE_DEADLINE_SLACK_SECONDS, RECV_CHUNK_BYTES
 from memtable.mcproto import Attempts, Item, LookupTimeout, McCore, Request, log
-from memtable.mcproto import chunks as _chunks  # noqa: F401  (tests split keys with it)
 
 T = TypeVar("T")
 
@@ -394,9 +393,8 @@ class MemcacheWire:
             except BaseException:
                 self._drop()  # state unknown (KeyboardInterrupt): start afresh
                 raise
-            finally:
-                conn.meanwhile = None
-                conn.attempts = None
+            # (A connection that failed is dropped; on success, meanwhile has
+            # run and the next attempt sets both again.)
             attempts.succeeded()
             return result
         raise attempts.give_up()

@@ -100,6 +100,8 @@ def test_invalid_arguments_are_value_errors(key: bytes) -> None:
         mc.set(b"k", b"x" * 10241, 0, 0)
     with pytest.raises(ValueError, match="out of range"):
         mc.set_many([(b"k", b"v", 2**32, 0)])
+    with pytest.raises(ValueError, match="cas unique -1 out of range"):
+        mc.delete_unchanged(b"k", -1)
 
 
 # -- replies: whole, byte by byte, trailing data -----------------------------------
