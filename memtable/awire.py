@@ -5,9 +5,12 @@ thread between the loop and memcached: the same constructor, the same
 operations as coroutines, the same rules, because both drive the same core
 (memtable.mcproto) and only the I/O differs:
 
-- the command is framed first (the core's capture), sent with
-  loop.sock_sendall(), and the reply read with loop.sock_recv() until the
-  core says it is complete; pymemcache then parses it (replay);
+- the command is framed first (the core's capture) and written to the
+  connection's transport; its protocol (_Stream) hands every chunk received
+  to the core until the core says the reply is complete; pymemcache then
+  parses it (replay).  A transport keeps the socket registered with the
+  loop's selector: no epoll_ctl() per command, as loop.sock_recv() would
+  make;
 - each attempt (connect + command + reply) is held to one deadline of
   ``timeout`` seconds with asyncio.timeout_at();
 - the host name is looked up by memtable.wire.HostLookup (at most one
@@ -33,8 +36,8 @@ from typing import Any, TypeVar
 from memtable import clock
 from memtable.endpoint import Endpoint
 from memtable.limits import RECV_CHUNK_BYTES
-from memtable.mcproto import Item, McCore, Request
-from memtable.wire import host_lookup, idle_connection_usable
+from memtable.mcproto import Attempts, Item, McCore, Request
+from memtable.wire import host_lookup, idle_connection_usable, log_idle_drop
 
 T = TypeVar("T")
 
@@ -58,8 +61,7 @@ class AsyncMemcacheWire:
         self.name = self.core.name
         self.timeout = self.core.timeout
         self.fallback = fallback
-        self._sock: socket.socket | None = None
-        self._poller: select.poll | None = None
+        self._stream: _Stream | None = None
         self._lookup = host_lookup(endpoint, self.core.timeout)
         self._lock = asyncio.Lock()
 
@@ -135,17 +137,14 @@ class AsyncMemcacheWire:
                     await clock.async_sleep(pause)
                 deadline = loop.time() + core.timeout
                 try:
-                    sock = await self._connection(loop, deadline)
+                    stream = await self._connection(loop, deadline)
                 except OSError as exc:
                     attempts.connect_failed(exc)
                     break
                 attempts.connected()
                 try:
                     async with asyncio.timeout_at(deadline):
-                        await loop.sock_sendall(sock, data)
-                        receive = attempts.receive
-                        while not receive(await loop.sock_recv(sock, RECV_CHUNK_BYTES)):
-                            pass
+                        await stream.exchange(loop, data, attempts)
                     result = core.replay(request, attempts.reply())
                 except Exception as exc:
                     self._drop()
@@ -160,17 +159,29 @@ class AsyncMemcacheWire:
             raise attempts.give_up()
 
     async def _connection(self, loop: asyncio.AbstractEventLoop,
-                          deadline: float) -> socket.socket:
-        sock, poller = self._sock, self._poller
-        if sock is not None and poller is not None:
-            if idle_connection_usable(sock, poller, self.name, self.endpoint):
-                return sock
+                          deadline: float) -> _Stream:
+        stream = self._stream
+        if stream is not None:
+            # The server closed or wrote to the idle connection: dropped
+            # before reuse, without costing an attempt (as MemcacheWire),
+            # whether the loop has seen it yet or not.
+            if stream.lost:
+                log_idle_drop(self.name, self.endpoint, stream.idle_data)
+            elif idle_connection_usable(stream.sock, stream.poller, self.name,
+                                        self.endpoint):
+                return stream
             self._drop()
         sock = await self._connect(loop, deadline)
-        self._poller = select.poll()
-        self._poller.register(sock.fileno(), select.POLLIN)
-        self._sock = sock
-        return sock
+        try:
+            if self.endpoint.kind == "unix":
+                _, stream = await loop.create_unix_connection(lambda: _Stream(sock), sock=sock)
+            else:
+                _, stream = await loop.create_connection(lambda: _Stream(sock), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._stream = stream
+        return stream
 
     async def _connect(self, loop: asyncio.AbstractEventLoop,
                        deadline: float) -> socket.socket:
@@ -201,9 +212,92 @@ class AsyncMemcacheWire:
         raise last
 
     def _drop(self) -> None:
-        sock, self._sock, self._poller = self._sock, None, None
-        if sock is not None:
-            sock.close()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+
+class _Stream(asyncio.BufferedProtocol):
+    """One connection's protocol: every chunk received goes to the attempt
+    in progress (the core's Attempts) until the reply is complete.
+
+    The transport reads into a buffer of RECV_CHUNK_BYTES (a plain
+    Protocol's transport reads 256 KiB at a time): the guard refuses an
+    oversized value from its header before more than that is read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock  # the transport's: for the idle check
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN)
+        self._buffer = bytearray(RECV_CHUNK_BYTES)
+        self.transport: asyncio.Transport | None = None
+        self.attempts: Attempts | None = None
+        self.waiter: asyncio.Future[None] | None = None  # set when the reply is complete
+        self.lost = False      # closed, by either side: never used again
+        self.idle_data = b""   # what the server sent while no command was in progress
+
+    async def exchange(self, loop: asyncio.AbstractEventLoop, data: bytes,
+                       attempts: Attempts) -> None:
+        """Send a command and wait until the core has its whole reply."""
+        transport = self.transport
+        assert transport is not None and self.waiter is None
+        waiter = self.waiter = loop.create_future()
+        self.attempts = attempts
+        try:
+            transport.write(data)
+            await waiter
+        finally:
+            self.waiter = self.attempts = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        with memoryview(self._buffer) as view:
+            data = bytes(view[:nbytes])
+        waiter, attempts = self.waiter, self.attempts
+        if waiter is None or attempts is None or waiter.done():
+            # No memcached speaks unasked: drop the connection (logged at
+            # its next use, as MemcacheWire does).
+            if not self.idle_data:
+                self.idle_data = data[:40]
+            self.close()
+            return
+        try:
+            if attempts.receive(data):
+                waiter.set_result(None)
+        except Exception as exc:  # ProtocolError: the guard found a violation
+            waiter.set_exception(exc)
+
+    def eof_received(self) -> bool:
+        self._ended(None)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._ended(exc)
+
+    def _ended(self, exc: Exception | None) -> None:
+        self.lost = True
+        waiter, attempts = self.waiter, self.attempts
+        if waiter is None or attempts is None or waiter.done():
+            return
+        if exc is not None:
+            waiter.set_exception(exc)
+            return
+        try:
+            attempts.receive(b"")  # the core says what an early end is
+        except Exception as ended:
+            waiter.set_exception(ended)
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 async def _open(loop: asyncio.AbstractEventLoop, family: int, type_: int, proto: int,

@@ -63,6 +63,7 @@ T = TypeVar("T")
 # memcached splits commands on white space and ends them at LF.
 _BAD_KEY_BYTE: Final = re.compile(rb"[\x00-\x20\x7f]")
 _FLAGS_MAX: Final = 2**32 - 1
+_CAS_MAX: Final = 2**64 - 1  # a cas unique is a 64-bit unsigned number
 # An absolute expiration time (over 30 days is a UNIX time) long past:
 # an item stored with it is expired at once (delete_unchanged).
 _EXPIRED: Final = MEMCACHED_RELATIVE_TTL_MAX + 1
@@ -173,19 +174,14 @@ class Request(Generic[T]):
     __slots__ = ("calls", "finish", "keys", "kind", "lines", "replies")
 
     def __init__(self, kind: Kind, calls: Sequence[Callable[[], Any]],
-                 finish: Callable[[list[Any]], T], *, replies: int = 1,
-                 keys: Collection[bytes] | None = None,
-                 lines: Sequence[int] = ()) -> None:
+                 finish: Callable[[list[Any]], T] | None, replies: int = 1,
+                 keys: Collection[bytes] | None = None, lines: Sequence[int] = ()) -> None:
         self.kind = kind
         self.calls = calls
-        self.finish = finish
+        self.finish = finish  # None: the one call's result is the result
         self.replies = replies
         self.keys = keys
         self.lines = lines
-
-
-def _first(results: list[Any]) -> Any:
-    return results[0]
 
 
 class McCore:
@@ -273,7 +269,7 @@ class McCore:
         """(flags, value) for key, or None."""
         self.check_key(key)
         client = self._client
-        return Request("get", (lambda: client.get(key),), _first, keys=(key,))
+        return Request("get", (lambda: client.get(key),), None, 1, (key,))
 
     def get_many(self, keys: Sequence[bytes]) -> list[Request[dict[bytes, tuple[int, bytes]]]]:
         """One ``get k1 k2 ...`` per get_line_max_bytes of keys (each is a
@@ -282,8 +278,8 @@ class McCore:
         for key in unique:
             self.check_key(key)
         get_many = self._client.get_many
-        return [Request("get", (functools.partial(get_many, chunk),), _first,
-                        keys=frozenset(chunk))
+        return [Request("get", (functools.partial(get_many, chunk),), None, 1,
+                        frozenset(chunk))
                 for chunk in chunks(unique, self.get_line_max_bytes)]
 
     def set(self, key: bytes, value: bytes, flags: int, exptime: int) -> Request[None]:
@@ -321,28 +317,30 @@ class McCore:
         calls: list[Callable[[], Any]] = [
             functools.partial(set_many, values, exptime, noreply=False, flags=flags)
             for (flags, exptime), values in groups.items()]
-        return Request("storage", calls, _all_stored, replies=len(batch),
-                       lines=[len(values) for values in groups.values()])
+        return Request("storage", calls, _all_stored, len(batch), None,
+                       [len(values) for values in groups.values()])
 
     def gets(self, key: bytes) -> Request[tuple[int, bytes, int] | None]:
         """(flags, value, cas unique) for key, or None."""
         self.check_key(key)
         client = self._client
-        return Request("gets", (lambda: client.gets(key),), _with_cas, keys=(key,))
+        return Request("gets", (lambda: client.gets(key),), _with_cas, 1, (key,))
 
     def delete_unchanged(self, key: bytes, cas: int) -> Request[bool | None]:
         """A ``cas`` of an empty value with an expiration time in the past:
         True when removed, False when written meanwhile, None when gone."""
         self.check_key(key)
+        if not 0 <= cas <= _CAS_MAX:
+            raise ValueError(f"cas unique {cas} out of range 0..{_CAS_MAX}")
         client = self._client
         return Request("cas", (lambda: client.cas(key, b"", cas, expire=_EXPIRED,
-                                                  noreply=False, flags=0),), _first)
+                                                  noreply=False, flags=0),), None)
 
     def delete(self, key: bytes) -> Request[bool]:
         """True for DELETED, False for NOT_FOUND."""
         self.check_key(key)
         client = self._client
-        return Request("delete", (lambda: client.delete(key, noreply=False),), _first)
+        return Request("delete", (lambda: client.delete(key, noreply=False),), None)
 
     def delete_many(self, keys: Sequence[bytes]) -> list[Request[None]]:
         """Pipelined batches of ``delete``s (DELETED and NOT_FOUND both done)."""
@@ -352,7 +350,7 @@ class McCore:
         step = self.pipeline_max_commands
         batches = [list(keys[start:start + step]) for start in range(0, len(keys), step)]
         return [Request("delete", (functools.partial(delete_many, batch, noreply=False),),
-                        _nothing, replies=len(batch))
+                        _nothing, len(batch))
                 for batch in batches]
 
     # -- framing: capture and replay -------------------------------------------
@@ -385,9 +383,11 @@ class McCore:
         if len(calls) == 1:
             buffer.exchange = exchange
             try:
-                return request.finish([calls[0]()])
+                result = calls[0]()
             finally:
                 buffer.exchange = None
+            finish = request.finish
+            return result if finish is None else finish([result])
         reply = exchange(self.capture(request))
         # Storage replies are one line each, so the reply splits by lines.
         lines = reply.split(b"\r\n")
@@ -401,6 +401,7 @@ class McCore:
                 results.append(call())
             finally:
                 buffer.exchange = None
+        assert request.finish is not None
         return request.finish(results)
 
     # -- attempts ----------------------------------------------------------------

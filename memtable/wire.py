@@ -49,7 +49,6 @@ from memtable import clock
 from memtable.endpoint import Endpoint
 from memtable.limits import MEMCACHE_DEADLINE_SLACK_SECONDS, RECV_CHUNK_BYTES
 from memtable.mcproto import Attempts, Item, LookupTimeout, McCore, Request, log
-from memtable.mcproto import chunks as _chunks  # noqa: F401  (tests split keys with it)
 
 T = TypeVar("T")
 
@@ -146,12 +145,18 @@ def idle_connection_usable(sock: socket.socket, poller: select.poll, name: str,
         early = sock.recv(RECV_CHUNK_BYTES, socket.MSG_DONTWAIT | socket.MSG_PEEK)
     except OSError:
         early = b""
+    log_idle_drop(name, endpoint, early)
+    return False
+
+
+def log_idle_drop(name: str, endpoint: Endpoint, early: bytes) -> None:
+    """Say why an idle connection is dropped: what the server sent on it
+    (a warning: no memcached does that), or that it closed it."""
     if early:
         log.warning("database %s: unexpected data from %s on an idle connection: %r "
                     "-- connection dropped", name, endpoint, early[:40])
     else:
         log.debug("database %s: %s closed the idle connection", name, endpoint)
-    return False
 
 
 class _Connection:
@@ -388,9 +393,8 @@ class MemcacheWire:
             except BaseException:
                 self._drop()  # state unknown (KeyboardInterrupt): start afresh
                 raise
-            finally:
-                conn.meanwhile = None
-                conn.attempts = None
+            # (A connection that failed is dropped; on success, meanwhile has
+            # run and the next attempt sets both again.)
             attempts.succeeded()
             return result
         raise attempts.give_up()

@@ -103,11 +103,17 @@ def opener(runner: str) -> Callable[..., Table]:
     return open_
 
 
+def use_runner(runner: str, monkeypatch: pytest.MonkeyPatch,
+               module: ModuleType | None = None) -> None:
+    """memtable.cli's open_table (and ``module``'s) give ``runner``'s tables."""
+    if module is not None:
+        monkeypatch.setattr(module, "open_table", opener(runner))
+    monkeypatch.setattr(memtable.cli, "open_table", opener(runner))
+
+
 @pytest.fixture(params=["blocking", "async"])
 def memcache_runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Which runner the test's memcache tables have (see the module docstring)."""
     runner: str = request.param
-    module: ModuleType = request.module
-    monkeypatch.setattr(module, "open_table", opener(runner), raising=False)
-    monkeypatch.setattr(memtable.cli, "open_table", opener(runner))
+    use_runner(runner, monkeypatch, request.module)
     return runner

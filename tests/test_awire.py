@@ -6,9 +6,11 @@ tests/test_wire.py and tests/test_memcache_trouble.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,39 @@ def test_host_lookup_that_never_answers_is_bounded_and_leaves_the_loop_free(
     assert "held down" in lines[3], done.stdout
     assert "no answer within 1 s" in lines[4], done.stdout
     assert lines[5] == "lookup threads: 1", done.stdout
+
+
+@pytest.mark.parametrize("late", [b"late junk\r\n", b""])
+def test_what_the_loop_sees_on_an_idle_connection_drops_it_without_an_attempt(
+        late: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """The event loop runs between two operations and reads what the server
+    sends (or its hang-up) on the idle connection: the next operation opens
+    a new connection at once, without costing an attempt or a pause."""
+    def script(conn: Any, index: int) -> None:
+        hostile.read_command(conn)
+        conn.sendall(b"END\r\n" if index == 0 else b"VALUE k 0 1\r\nx\r\nEND\r\n")
+        if index == 0:
+            time.sleep(0.05)  # the client has the reply first
+            if not late:
+                return  # hang up
+            conn.sendall(late)
+        hostile.wait_client_gone(conn)
+
+    async def main() -> tuple[object, object]:
+        wire = make(hostile_spec, max_try=1)
+        try:
+            first = await wire.get(b"k")
+            await asyncio.sleep(0.2)  # the loop reads the junk or the EOF
+            with caplog.at_level(logging.DEBUG, logger="memtable.wire"):
+                return first, await wire.get(b"k")
+        finally:
+            await wire.close()
+
+    with hostile.HostileServer(script) as server:
+        hostile_spec = server.spec
+        assert asyncio.run(main()) == (None, (0, b"x"))
+    assert server.connections == 2
+    if late:
+        assert "unexpected data" in caplog.text and "late junk" in caplog.text
+    else:
+        assert "closed the idle connection" in caplog.text

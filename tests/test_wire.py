@@ -19,7 +19,8 @@ from memtable import clock
 from memtable.endpoint import parse_endpoint
 from memtable.errors import ProtocolError, ServerUnavailableError
 from memtable.limits import MEMCACHE_GET_LINE_MAX_BYTES, MEMCACHE_PIPELINE_MAX_COMMANDS
-from memtable.wire import MemcacheWire, _chunks
+from memtable.mcproto import chunks
+from memtable.wire import MemcacheWire
 from tests import hostile
 from tests.conftest import Memcached, free_port, start_memcached
 
@@ -126,11 +127,11 @@ def test_get_many_returns_hits_only(memcached: Memcached,
 def test_get_many_splits_long_key_lists(memcached: Memcached,
                                         make_wire: Callable[..., MemcacheWire]) -> None:
     keys = [b"key-%03d-" % i + b"x" * 40 for i in range(200)]
-    chunks = _chunks(keys)
-    assert len(chunks) > 1
+    split = chunks(keys)
+    assert len(split) > 1
     assert all(len(b"get " + b" ".join(c) + b"\r\n") <= MEMCACHE_GET_LINE_MAX_BYTES
-               for c in chunks)
-    assert [k for c in chunks for k in c] == keys
+               for c in split)
+    assert [k for c in split for k in c] == keys
     wire = make_wire(memcached.spec)
     wire.set_many([(k, k[::-1], 3, 0) for k in keys[::2]])
     assert wire.get_many(keys) == {k: (3, k[::-1]) for k in keys[::2]}
