@@ -7,11 +7,16 @@ import asyncio
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from memtable.amemcache_table import AsyncMemcacheTable
+from memtable.backends.lmdb_table import LmdbTable
 from memtable.committer import ThreadedTable
+from memtable.errors import MemtableError
+from memtable.memcache_table import MemcacheTable
 from memtable.registry import as_async, open_table
+from memtable.table import Item
 from tests.conftest import Memcached, start_memcached
 
 
@@ -89,3 +94,38 @@ def test_the_commit_runs_while_memcached_answers(tmp_path: Path) -> None:
     finally:
         server.proc.send_signal(signal.SIGCONT)
         server.stop()
+
+
+class _CountingLmdb(LmdbTable):
+    """A real lmdb backup that counts its transactions."""
+
+    commits = 0
+
+    def update_many(self, items: Sequence[Item]) -> list[MemtableError | None]:
+        self.commits += 1
+        return super().update_many(items)
+
+
+def test_requests_at_once_share_the_backup_commit(tmp_path: Path, memcached: Memcached) -> None:
+    """Each update_many asks for its commit before its first await, so the
+    updates of concurrent requests reach the backup's thread together and
+    share one synced transaction (group commit)."""
+    cf = tmp_path / "t.cf"
+    cf.write_text(f"memcache = {memcached.spec}\nbackup = lmdb:{tmp_path / 'b'}\n")
+    blocking = open_table(f"memcache:{cf}", read_write=True)
+    assert isinstance(blocking, MemcacheTable)
+    backup = _CountingLmdb(str(tmp_path / "b"), read_write=True, fold=True)
+    table = AsyncMemcacheTable(blocking.config, read_write=True, fold=True,
+                               pipeline=blocking.pipeline, backup=ThreadedTable(backup))
+    blocking.close()
+
+    async def main() -> list[list[MemtableError | None]]:
+        done = await asyncio.gather(*(table.update_many([(f"k{i}", f"v{i}", None)])
+                                      for i in range(50)))
+        assert await table.lookup_many(["k0", "k49"]) == {"k0": "v0", "k49": "v49"}
+        await table.close()
+        return done
+
+    assert asyncio.run(main()) == [[None]] * 50
+    assert backup.commits <= 2  # the first may be taken up alone
+    assert memcached.meta("k49") is not None
