@@ -442,6 +442,7 @@ class MemcacheRules:
         if self.stale:
             yield from self.repair()
         backup: list[Item] = [(items[i][0], items[i][1], None) for i in to_backup]
+        # (the backup keeps no ttl: Postfix's tables have none)
         set_error: TemporaryError | None = None
         committed: list[MemtableError | None] | Exception = []
         try:
@@ -469,9 +470,11 @@ class MemcacheRules:
                     results[i] = set_error
             else:
                 self.wire.answered_by_backup(len(set_at))
-        else:
+        elif self.stale:
             for i in set_at:
                 self.stale.pop(mc_keys[i], None)
+        if not backup:
+            return results
         if isinstance(committed, MemtableError):
             for i in to_backup:
                 results[i] = committed
@@ -480,11 +483,10 @@ class MemcacheRules:
         else:
             for i, error in zip(to_backup, committed, strict=True):
                 results[i] = error
-        if backup:
-            in_memcache = set(set_at) if set_error is None else set()
-            for i in to_backup:
-                if results[i] is None and i not in in_memcache:
-                    self.mark_stale(mc_keys[i], items[i][0], items[i][2])
+        in_memcache = set(set_at) if set_error is None else set()
+        for i in to_backup:
+            if results[i] is None and i not in in_memcache:
+                self.mark_stale(mc_keys[i], items[i][0], items[i][2])
         return results
 
     def delete(self, key: str) -> Plan[bool]:

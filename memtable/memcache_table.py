@@ -113,8 +113,6 @@ class MemcacheTable(Table):
                 hit = wire.get(effect.keys[0])
                 return {} if hit is None else {effect.keys[0]: hit}
             return wire.get_many(effect.keys)
-        if isinstance(effect, SetAndCommit):
-            return self._set_and_commit(effect)
         if isinstance(effect, McSet):
             if len(effect.items) == 1:
                 key, data, flags, exptime = effect.items[0]
@@ -122,6 +120,8 @@ class MemcacheTable(Table):
             else:
                 wire.set_many(effect.items)
             return None
+        if isinstance(effect, SetAndCommit):
+            return self._set_and_commit(effect)
         backup = self.backup
         if isinstance(effect, BackupLookup):
             assert backup is not None
