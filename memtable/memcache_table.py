@@ -106,7 +106,7 @@ class MemcacheTable(Table):
     def _perform(self, effect: Effect) -> Any:
         """Do one effect of a plan: memcached through the wire, the backup
         through its Table.  One key or item takes the wire's single
-        command (as fast as pymemcache's own)."""
+        command (get, set), not the pipelined one."""
         wire = self.wire
         if isinstance(effect, McGet):
             if len(effect.keys) == 1:
