@@ -7,6 +7,7 @@ time.monotonic) and never sleep for real.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 
@@ -24,3 +25,9 @@ def sleep(seconds: float) -> None:
     """Blocking pause between memcache retries."""
     if seconds > 0:
         time.sleep(seconds)
+
+
+async def async_sleep(seconds: float) -> None:
+    """The event loop's pause between memcache retries (memtable.awire)."""
+    if seconds > 0:
+        await asyncio.sleep(seconds)

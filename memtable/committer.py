@@ -32,7 +32,7 @@ from memtable.table import AsyncTable, Item, Table
 
 log = logging.getLogger("memtable")
 
-_LOOKUP, _UPDATE, _CLOSE = 0, 1, 2
+_LOOKUP, _UPDATE, _DELETE, _CLOSE = 0, 1, 2, 3
 
 
 class _Job:
@@ -109,8 +109,18 @@ class ThreadedTable(AsyncTable):
         return found
 
     async def update_many(self, items: Sequence[Item]) -> list[MemtableError | None]:
-        errors: list[MemtableError | None] = await self._ask(_UPDATE, list(items))
+        errors: list[MemtableError | None] = await self.start_update_many(items)
         return errors
+
+    def start_update_many(self, items: Sequence[Item]) -> asyncio.Future[Any]:
+        """update_many, asked now: the commit starts while the caller does
+        something else (a memcached round trip), then awaits the future."""
+        return self._ask(_UPDATE, list(items))
+
+    async def delete(self, key: str) -> bool:
+        """Table.delete on the thread (one transaction of its own)."""
+        found: bool = await self._ask(_DELETE, key)
+        return found
 
     async def close(self, wait: float = limits.COMMIT_CLOSE_WAIT_SECONDS) -> None:
         """Finish the jobs asked for, close the table, end the thread; a
@@ -144,7 +154,7 @@ class ThreadedTable(AsyncTable):
                 # A group: adjacent jobs of one kind, up to max_group items.
                 kind = jobs[start].kind
                 end, items = start + 1, _size(jobs[start])
-                while (end < len(jobs) and jobs[end].kind == kind != _CLOSE
+                while (end < len(jobs) and jobs[end].kind == kind not in (_CLOSE, _DELETE)
                        and items + _size(jobs[end]) <= self.max_group):
                     items += _size(jobs[end])
                     end += 1
@@ -169,6 +179,8 @@ class ThreadedTable(AsyncTable):
                 for job in group:
                     job.result = errors[at:at + len(job.payload)]
                     at += len(job.payload)
+            elif kind == _DELETE:
+                group[0].result = self.table.delete(group[0].payload)
             else:
                 self.table.close()
         except (MemtableError, OSError) as exc:
@@ -191,7 +203,7 @@ class ThreadedTable(AsyncTable):
 
 
 def _size(job: _Job) -> int:
-    return len(job.payload) if job.payload is not None else 1
+    return len(job.payload) if job.kind in (_LOOKUP, _UPDATE) else 1
 
 
 def _as_backup_error(spec: str, exc: BaseException) -> MemtableError:

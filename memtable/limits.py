@@ -64,7 +64,8 @@ MAX_TABLE_NESTING = 4
 DOMAIN_LIST_MAX_FILE_DEPTH = 8
 DOMAIN_LIST_MAX_TOTAL_BYTES = 64 * 1024 * 1024
 
-# memcache wire (memtable.wire).
+# memcache wire (memtable.mcproto, the core; memtable.wire and memtable.awire,
+# its drivers).
 # Longest `get k1 k2 ...` line get_many sends; longer key lists become
 # several commands (memcached accepts long multigets, proxies may not).
 MEMCACHE_GET_LINE_MAX_BYTES = 2048

@@ -14,7 +14,7 @@ import os
 from memtable.config import MemcacheConfig
 from memtable.errors import AccessError, ConfigError, UnsupportedTableError
 from memtable.limits import MAX_TABLE_NESTING
-from memtable.table import EmptyTable, Table
+from memtable.table import AsyncTable, EmptyTable, Table
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -80,3 +80,26 @@ def _open_memcache(path: str, *, read_write: bool, fold: bool, depth: int,
             raise type(exc)(f"backup = {config.backup}: {exc}", path) from None
     return MemcacheTable(config, read_write=read_write, fold=fold,
                          pipeline=pipeline, backup=backup)
+
+
+def as_async(table: Table) -> AsyncTable:
+    """``table``, opened (and verified) by open_table, for an event loop.
+
+    A memcache table becomes an AsyncMemcacheTable with the same
+    configuration, key pipeline and backup (the backup on a ThreadedTable
+    of its own) and a new AsyncMemcacheWire: memcached is spoken to on the
+    loop.  Any other table runs on a ThreadedTable.  The blocking table
+    must not be used afterwards (its backup and domain list are the async
+    table's now); close the async one.
+    """
+    from memtable.amemcache_table import AsyncMemcacheTable
+    from memtable.committer import ThreadedTable
+    from memtable.memcache_table import MemcacheTable
+
+    if isinstance(table, MemcacheTable):
+        table.wire.close()  # never used again: the new table has its own
+        return AsyncMemcacheTable(
+            table.config, read_write=table.read_write, fold=table.fold,
+            pipeline=table.pipeline,
+            backup=ThreadedTable(table.backup) if table.backup is not None else None)
+    return ThreadedTable(table)

@@ -1,9 +1,10 @@
 """Strict validation of memcached's text-protocol replies, bytes in, no I/O.
 
 pymemcache frames the replies; a ReplyGuard sees every chunk first (the
-guarded socket in memtable.wire feeds it from recv()) and raises
-ProtocolError as soon as the reply breaks the protocol or one of Postfix's
-limits, so pymemcache never buffers an oversized line or value:
+memcache core, memtable.mcproto, feeds it each chunk a driver receives)
+and raises ProtocolError as soon as the reply breaks the protocol or one
+of Postfix's limits, so no oversized line or value is ever buffered, and
+pymemcache parses only a reply the guard found complete:
 
 - a reply line longer than line_size_limit, caught while the line is still
   arriving (memory stays bounded by the limit, not by the server);
@@ -21,7 +22,7 @@ come from a peer that is not memcached, and is a protocol error.
 
 ``ERROR``, ``CLIENT_ERROR ...`` and ``SERVER_ERROR ...`` are accepted as
 complete replies (to any command): pymemcache turns them into exceptions and
-memtable.wire counts the attempt as failed, as Postfix does.
+the core counts the attempt as failed, as Postfix does.
 """
 
 from __future__ import annotations

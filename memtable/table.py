@@ -152,6 +152,10 @@ class AsyncTable(abc.ABC):
         """Table.update_many, awaited: done when every item is stored
         (written to memcached and committed to the backup, synced)."""
 
+    async def delete(self, key: str) -> bool:
+        """Table.delete, awaited."""
+        raise AccessError(f"{self.spec}: table does not support delete")
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Finish what was asked, release files and connections."""

@@ -1,134 +1,232 @@
-"""The memcache connection of a memcache: table, strict and bounded.
+"""The memcache connection of a memcache: table, blocking driver.
 
-pymemcache frames the text protocol; MemcacheWire drives it with what
-Postfix's dict_memcache adds (read from dict_memcache.c / auto_clnt.c):
+MemcacheWire does the I/O of one memcached connection; every rule lives in
+the core, memtable.mcproto (framing by pymemcache, the ReplyGuard, Postfix's
+max_try/retry_pause, the hold-down, the refusals, the outage log, the key
+checks).  memtable.awire is the same on asyncio.  What the drivers share
+lives here: the bounded host lookup (HostLookup) and the idle-connection
+check.
 
-- up to max_try attempts per command, retry_pause seconds apart, with the
-  connection dropped and reopened after any failure;
-- no further attempt once connecting fails (refused, no such socket, ...):
-  Postfix's auto_clnt_access() returns no stream and the loop stops;
-- a ``set`` counts only when the server says STORED;
-- line_size_limit / data_size_limit on every reply (memtable.replyparse).
-
-pymemcache reads through a guarded socket whose recv() feeds every chunk to
-a ReplyGuard before pymemcache sees it, and which holds each attempt
-(connect + command + reply) to one deadline of ``timeout`` seconds, so a
-server dripping a byte at a time cannot stretch it.  pymemcache's noreply
-mode is never used.
-
-Differences from Postfix, all stricter: trailing bytes after a reply, a bare
-LF line end or a VALUE for a key not asked for are protocol errors (Postfix
-would keep the value); ``timeout = 0`` (no limit to Postfix) is bounded by
+Postfix's dict_memcache, as the core applies it: up to max_try attempts per
+command, retry_pause seconds apart, with the connection dropped and reopened
+after any failure; no further attempt once connecting fails; a ``set``
+counts only when the server says STORED; line_size_limit / data_size_limit
+on every reply.  Each attempt (connect + command + reply) has one deadline
+of ``timeout`` seconds, so a server dripping a byte at a time cannot stretch
+it.  Differences from Postfix, all stricter: trailing bytes after a reply, a
+bare LF line end or a VALUE for a key not asked for are protocol errors;
+``timeout = 0`` (no limit to Postfix) is bounded by
 limits.MEMCACHE_UNLIMITED_TIMEOUT_SECONDS.  Like Postfix's event loop
-(auto_clnt_event), an idle connection that the server closed or wrote to
-is dropped before reuse, without costing an attempt.  A server that timed
-out on every attempt, or whose host name could not be looked up, is "held
-down": calls fail at once for limits.MEMCACHE_DOWN_HOLD_SECONDS, so a hung
-(not dead) memcached costs one timeout per hold period rather than one per
-call; callers with a backup answer from it meanwhile.
+(auto_clnt_event), an idle connection that the server closed or wrote to is
+dropped before reuse, without costing an attempt.  A server that timed out
+on every attempt, or whose host name could not be looked up, is "held
+down": calls fail at once for limits.MEMCACHE_DOWN_HOLD_SECONDS.  With a
+``fallback`` (the table's backup), a write that memcached refuses is not
+retried.
 
 The host name is looked up at every new connection in a worker thread
-(_HostLookup), within the attempt's deadline: getaddrinfo() cannot be
+(HostLookup), within the attempt's deadline: getaddrinfo() cannot be
 interrupted, and a DNS server that never answers would hold it for as long
 as resolv.conf allows (30 s and more).  Any failure of the lookup is an
 unavailable server, never another exception.
-
-With a ``fallback`` (the table's backup), a write that memcached refuses
-(``SERVER_ERROR out of memory ...``, NOT_STORED) is not retried: a full
-memcached would otherwise cost every write ``retry_pause``, and the backup
-has the value.  Without one, Postfix's retries apply.
-
-Failures are logged once per trouble, not per command (memtable.outage);
-the attempts themselves are logged at debug level.
-
-Keys must already be valid memcache keys (1..250 bytes, no white space or
-control characters: the table's key checks come first); anything else is a
-ValueError, a caller bug, raised before any I/O.
 
 A MemcacheWire is NOT thread-safe: use one per thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
-import logging
-import re
 import select
 import socket
 import struct
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Final, TypeVar
-
-from pymemcache.client.base import Client
-from pymemcache.exceptions import (
-    MemcacheClientError,
-    MemcacheError,
-    MemcacheServerError,
-    MemcacheUnexpectedCloseError,
-    MemcacheUnknownCommandError,
-)
+from typing import Any, TypeVar
 
 from memtable import clock
 from memtable.endpoint import Endpoint
-from memtable.errors import ProtocolError, ServerUnavailableError
-from memtable.limits import (
-    MEMCACHE_DEADLINE_SLACK_SECONDS,
-    MEMCACHE_DOWN_HOLD_SECONDS,
-    MEMCACHE_GET_LINE_MAX_BYTES,
-    MEMCACHE_PIPELINE_MAX_COMMANDS,
-    MEMCACHE_UNLIMITED_TIMEOUT_SECONDS,
-    MEMCACHED_MAX_KEY_BYTES,
-    MEMCACHED_RELATIVE_TTL_MAX,
-    RECV_CHUNK_BYTES,
-)
-from memtable.outage import OutageLog
-from memtable.replyparse import Kind, ReplyGuard
-
-log = logging.getLogger("memtable.wire")
+from memtable.limits import MEMCACHE_DEADLINE_SLACK_SECONDS, RECV_CHUNK_BYTES
+from memtable.mcproto import Attempts, Item, LookupTimeout, McCore, Request, log
 
 T = TypeVar("T")
 
-# memcached splits commands on white space and ends them at LF.
-_BAD_KEY_BYTE: Final = re.compile(rb"[\x00-\x20\x7f]")
-_FLAGS_MAX: Final = 2**32 - 1
-# An absolute expiration time (over 30 days is a UNIX time) long past:
-# an item stored with it is expired at once (delete_unchanged).
-_EXPIRED: Final = MEMCACHED_RELATIVE_TTL_MAX + 1
+Addresses = list[tuple[Any, ...]]
 
 
-class _AttemptFailed(Exception):
-    """A reply that is valid but not success (NOT_STORED, SERVER_ERROR ...)."""
+class HostLookup:
+    """The addresses of one host:port, looked up in a worker thread.
 
-    def __init__(self, reason: str, protocol: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.protocol = protocol
+    future() hands out the lookup in flight (or starts one): the blocking
+    driver waits for it with a timeout, the asyncio driver awaits it under
+    asyncio.timeout.  A lookup that outlives its caller's wait stays in
+    flight and the next caller waits for that same lookup, so at most one
+    thread per connection target is ever stuck in the resolver.  An IP
+    address needs no resolver and is converted in the caller's thread.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout  # for messages: the deadlines are the caller's
+        try:
+            ipaddress.ip_address(host)
+            self.numeric = True
+        except ValueError:
+            self.numeric = False
+        self._pending: concurrent.futures.Future[Addresses] | None = None
+
+    def future(self) -> concurrent.futures.Future[Addresses]:
+        """The lookup's answer to come: getaddrinfo()'s list, or
+        socket.gaierror for any failure of the lookup."""
+        if self.numeric:
+            done: concurrent.futures.Future[Addresses] = concurrent.futures.Future()
+            try:
+                done.set_result(socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC,
+                                                   socket.SOCK_STREAM, 0,
+                                                   socket.AI_NUMERICHOST))
+            except socket.gaierror as exc:
+                done.set_exception(exc)
+            return done
+        lookup = self._pending
+        if lookup is None:
+            lookup = self._pending = concurrent.futures.Future()
+            # Running: a waiter that gives up cannot cancel it.
+            lookup.set_running_or_notify_cancel()
+            threading.Thread(target=self._run, args=(lookup,), daemon=True,
+                             name=f"memtable lookup {self.host}").start()
+        return lookup
+
+    def answered(self, lookup: concurrent.futures.Future[Addresses]) -> Addresses:
+        """The answer of a finished lookup (taken: the next is a new one)."""
+        if self._pending is lookup:
+            self._pending = None
+        return lookup.result()
+
+    def too_slow(self) -> LookupTimeout:
+        return LookupTimeout(f"host lookup of {self.host}: no answer within "
+                             f"{self.timeout:g} s")
+
+    def addresses(self, deadline: float) -> Addresses:
+        """The blocking wait: LookupTimeout when no answer came by the deadline."""
+        lookup = self.future()
+        try:
+            lookup.result(max(deadline - clock.monotonic(), 0.0))
+        except concurrent.futures.TimeoutError:
+            raise self.too_slow() from None
+        except socket.gaierror:
+            pass  # raised by answered()
+        return self.answered(lookup)
+
+    def _run(self, lookup: concurrent.futures.Future[Addresses]) -> None:
+        try:
+            lookup.set_result(socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC,
+                                                 socket.SOCK_STREAM))
+        except socket.gaierror as exc:
+            lookup.set_exception(exc)
+        except Exception as exc:  # UnicodeError ...: still "no address"
+            lookup.set_exception(socket.gaierror(socket.EAI_FAIL,
+                                                 f"{type(exc).__name__}: {exc}"))
 
 
-class _ValueSerde:
-    """Values stay bytes; a hit is (flags, value) so callers see the flags."""
-
-    @staticmethod
-    def serialize(key: bytes, value: bytes) -> tuple[bytes, int]:
-        return value, 0
-
-    @staticmethod
-    def deserialize(key: bytes, value: bytes, flags: int) -> tuple[int, bytes]:
-        return flags, value
+def host_lookup(endpoint: Endpoint, timeout: float) -> HostLookup | None:
+    return (HostLookup(endpoint.host, endpoint.port, timeout)
+            if endpoint.kind == "inet" else None)
 
 
-class _Client(Client):  # type: ignore[misc]  # pymemcache has no type hints
-    """pymemcache's Client with our socket and the caller's exact keys."""
+def idle_connection_usable(sock: socket.socket, poller: select.poll, name: str,
+                           endpoint: Endpoint) -> bool:
+    """False (and logged) when the server closed or wrote to the idle
+    connection: it is dropped before reuse, without costing an attempt."""
+    if not poller.poll(0):
+        return True
+    try:
+        early = sock.recv(RECV_CHUNK_BYTES, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+    except OSError:
+        early = b""
+    log_idle_drop(name, endpoint, early)
+    return False
 
-    def check_key(self, key: Any, key_prefix: bytes) -> Any:
-        # Keys were checked by MemcacheWire._check_key (and the table before).
-        return key
 
-    def _connect(self) -> None:
-        # MemcacheWire installs the socket before every command.
-        raise ConnectionError("memtable.wire: no connection installed")
+def log_idle_drop(name: str, endpoint: Endpoint, early: bytes) -> None:
+    """Say why an idle connection is dropped: what the server sent on it
+    (a warning: no memcached does that), or that it closed it."""
+    if early:
+        log.warning("database %s: unexpected data from %s on an idle connection: %r "
+                    "-- connection dropped", name, endpoint, early[:40])
+    else:
+        log.debug("database %s: %s closed the idle connection", name, endpoint)
+
+
+class _Connection:
+    """A blocking socket held to each attempt's deadline, and work to do
+    while the first reply is on its way (``meanwhile``)."""
+
+    __slots__ = ("armed", "attempts", "deadline", "meanwhile", "poller", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.meanwhile: Callable[[], None] | None = None
+        self.attempts: Attempts | None = None  # the attempt using the connection
+        self.deadline = 0.0
+        self.armed = -1.0  # the kernel timeout the socket has now (-1: none)
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN)
+        # Blocking mode, bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO, see
+        # _arm): a Python socket timeout adds a poll() before every send and
+        # recv, each system call letting another thread take the GIL.
+        sock.settimeout(None)
+
+    def _arm(self) -> None:
+        """Give the next blocking call the time left before the deadline.
+
+        setsockopt() is a system call; skip it while the socket's timeout is
+        within MEMCACHE_DEADLINE_SLACK_SECONDS of the time left (the usual
+        case: a reply read right after its command was sent).
+        """
+        left = self.deadline - clock.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        if abs(self.armed - left) > MEMCACHE_DEADLINE_SLACK_SECONDS:
+            # A zero timeval means "no timeout": at least 1 ms.
+            seconds = max(left, 0.001)
+            whole = int(seconds)
+            value = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+            self.armed = left
+
+    def exchange(self, data: bytes) -> bytes:
+        """Send a command; read until the core says its reply is complete."""
+        attempts = self.attempts
+        assert attempts is not None
+        self._arm()
+        sock = self.sock
+        try:
+            sock.sendall(data)
+        except BlockingIOError:  # SO_SNDTIMEO expired
+            raise TimeoutError("timed out") from None
+        work = self.meanwhile
+        if work is not None:
+            # The command is sent: do the caller's work while the server
+            # answers; the time it takes is not the server's, so the
+            # attempt's deadline moves by as much.
+            self.meanwhile = None
+            started = clock.monotonic()
+            try:
+                work()
+            finally:
+                self.deadline += clock.monotonic() - started
+        receive = attempts.receive
+        while True:
+            self._arm()
+            try:
+                data = sock.recv(RECV_CHUNK_BYTES)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                raise TimeoutError("timed out") from None
+            if receive(data):
+                return attempts.reply()
 
 
 class _Once:
@@ -145,153 +243,13 @@ class _Once:
             work()
 
 
-class _LookupTimeout(TimeoutError):
-    """The resolver did not answer within the attempt's deadline."""
-
-
-class _Lookup:
-    """One getaddrinfo() call running in a worker thread."""
-
-    __slots__ = ("done", "error", "result")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.result: list[Any] = []
-        self.error: Exception | None = None
-
-
-class _HostLookup:
-    """The addresses of one host:port, looked up within a deadline.
-
-    The lookup runs in a daemon thread and the caller waits for it until
-    its deadline; a lookup that outlives the wait stays in flight, and the
-    next call waits for that same lookup instead of starting another, so at
-    most one thread per connection target is ever stuck in the resolver.
-    An IP address needs no resolver and is converted in the caller's thread.
-    """
-
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.host = host
-        self.port = port
-        self.timeout = timeout  # for messages: the deadlines are the caller's
-        try:
-            ipaddress.ip_address(host)
-            self.numeric = True
-        except ValueError:
-            self.numeric = False
-        self._pending: _Lookup | None = None
-
-    def addresses(self, deadline: float) -> list[Any]:
-        """getaddrinfo()'s answer; _LookupTimeout when it did not come by
-        the deadline, socket.gaierror for any failure of the lookup."""
-        if self.numeric:
-            return socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC,
-                                      socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
-        lookup = self._pending
-        if lookup is None:
-            lookup = self._pending = _Lookup()
-            threading.Thread(target=self._run, args=(lookup,), daemon=True,
-                             name=f"memtable lookup {self.host}").start()
-        if not lookup.done.wait(max(deadline - clock.monotonic(), 0.0)):
-            raise _LookupTimeout(f"host lookup of {self.host}: no answer within "
-                                 f"{self.timeout:g} s")
-        self._pending = None
-        if lookup.error is not None:
-            raise lookup.error
-        return lookup.result
-
-    def _run(self, lookup: _Lookup) -> None:
-        try:
-            lookup.result = socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC,
-                                               socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            lookup.error = exc
-        except Exception as exc:  # UnicodeError ...: still "no address"
-            lookup.error = socket.gaierror(socket.EAI_FAIL, f"{type(exc).__name__}: {exc}")
-        finally:
-            lookup.done.set()
-
-
-class _GuardedSocket:
-    """The socket pymemcache talks through: guard + per-attempt deadline,
-    and work to do while the first reply is on its way (``meanwhile``)."""
-
-    __slots__ = ("armed", "deadline", "guard", "meanwhile", "poller", "sock")
-
-    def __init__(self, sock: socket.socket, guard: ReplyGuard) -> None:
-        self.sock = sock
-        self.guard = guard
-        self.meanwhile: _Once | None = None
-        self.deadline = 0.0
-        self.armed = -1.0  # the kernel timeout the socket has now (-1: none)
-        self.poller = select.poll()
-        self.poller.register(sock.fileno(), select.POLLIN)
-        # Blocking mode, bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO, see
-        # _arm): a Python socket timeout adds a poll() before every send and
-        # recv, and each system call lets another thread take the GIL
-        # (policyd's store worker then waits for the event loop).
-        sock.settimeout(None)
-
-    def _arm(self) -> None:
-        """Give the next blocking call the time left before the deadline.
-
-        setsockopt() is a system call; skip it while the socket's timeout is
-        within MEMCACHE_DEADLINE_SLACK_SECONDS of the time left (the usual case: a
-        reply read right after its command was sent).
-        """
-        left = self.deadline - clock.monotonic()
-        if left <= 0:
-            raise TimeoutError("timed out")
-        if abs(self.armed - left) > MEMCACHE_DEADLINE_SLACK_SECONDS:
-            # A zero timeval means "no timeout": at least 1 ms.
-            seconds = max(left, 0.001)
-            whole = int(seconds)
-            value = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-            self.armed = left
-
-    def sendall(self, data: bytes) -> None:
-        self._arm()
-        try:
-            self.sock.sendall(data)
-        except BlockingIOError:  # SO_SNDTIMEO expired
-            raise TimeoutError("timed out") from None
-
-    def recv(self, size: int) -> bytes:
-        if self.meanwhile is not None:
-            # The command is sent: do the caller's work while the server
-            # answers; the time it takes is not the server's, so the
-            # attempt's deadline moves by as much.
-            work, self.meanwhile = self.meanwhile, None
-            started = clock.monotonic()
-            try:
-                work()
-            finally:
-                self.deadline += clock.monotonic() - started
-        self._arm()
-        try:
-            data = self.sock.recv(RECV_CHUNK_BYTES)
-        except BlockingIOError:  # SO_RCVTIMEO expired
-            raise TimeoutError("timed out") from None
-        if data:
-            self.guard.feed(data)  # before pymemcache buffers anything
-        return data
-
-    def idle_readable(self) -> bool:
-        """True when the server closed or wrote to the idle connection."""
-        return bool(self.poller.poll(0))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 class MemcacheWire:
     """One persistent connection to one memcached, with Postfix's retries.
 
     Every method raises ServerUnavailableError (connect, timeout, EOF, I/O,
     server-side failure) or ProtocolError (the last attempt's reply broke
-    the protocol or a limit) when all attempts fail.  Not thread-safe.
+    the protocol or a limit) when all attempts fail, and ValueError for
+    invalid keys, flags or exptimes before any I/O.  Not thread-safe.
 
     ``fallback`` names what answers when memcached cannot (a table's
     backup): the log lines say so, and writes memcached refuses are not
@@ -301,56 +259,33 @@ class MemcacheWire:
     def __init__(self, endpoint: Endpoint, *, timeout: float, max_try: int,
                  retry_pause: float, line_size_limit: int, data_size_limit: int,
                  name: str = "", fallback: str = "") -> None:
-        if max_try < 1:
-            raise ValueError(f"max_try must be at least 1, not {max_try}")
-        if retry_pause < 0 or timeout < 0:
-            raise ValueError("timeout and retry_pause must not be negative")
+        self.core = McCore(endpoint, timeout=timeout, max_try=max_try,
+                           retry_pause=retry_pause, line_size_limit=line_size_limit,
+                           data_size_limit=data_size_limit, name=name, fallback=fallback)
         self.endpoint = endpoint
-        self.name = name or str(endpoint)
-        self.timeout = float(timeout) if timeout > 0 else MEMCACHE_UNLIMITED_TIMEOUT_SECONDS
-        self.max_try = max_try
-        self.retry_pause = float(retry_pause)
-        self.line_size_limit = line_size_limit
-        self.data_size_limit = data_size_limit
-        self._guard = ReplyGuard(line_size_limit, data_size_limit)
-        server: Any = (endpoint.path if endpoint.kind == "unix"
-                       else (endpoint.host, endpoint.port))
-        self._client = _Client(server, serde=_ValueSerde(), default_noreply=False)
-        self._conn: _GuardedSocket | None = None
-        self._lookup = (_HostLookup(endpoint.host, endpoint.port, self.timeout)
-                        if endpoint.kind == "inet" else None)
-        self._down_until = 0.0  # monotonic time until which the server is held down
-        self._down_reason = ""
+        self.name = self.core.name
+        self.timeout = self.core.timeout
         self.fallback = fallback
-        subject = f"{endpoint} ({self.name})"
-        self._outage = OutageLog(
-            subject, trouble="unavailable", recovered="available again",
-            fallback=f"answering from the backup {fallback}" if fallback else "")
-        self._refusal = OutageLog(
-            subject, trouble="refusing writes", recovered="taking writes again",
-            fallback=f"writing to the backup {fallback} only" if fallback else "")
+        self._conn: _Connection | None = None
+        self._lookup = host_lookup(endpoint, self.core.timeout)
 
     @property
     def writable(self) -> bool:
         """False while memcached is unavailable or refusing writes (from a
         failure until a command, or a write, succeeds): no moment to
         rewrite what went to the backup only."""
-        return not (self._outage.active or self._refusal.active)
+        return self.core.writable
 
     def answered_by_backup(self, count: int = 1) -> None:
         """Count operations the backup answered because a command failed
         (reported when the trouble ends)."""
-        trouble = self._refusal if self._refusal.active else self._outage
-        trouble.answered_by_backup(count)
+        self.core.answered_by_backup(count)
 
     # -- public API --------------------------------------------------------
 
     def get(self, key: bytes) -> tuple[int, bytes] | None:
         """(flags, value) for key, or None when memcached has no such item."""
-        self._check_key(key)
-        hit: tuple[int, bytes] | None = self._run(
-            "get", lambda: self._client.get(key), keys=(key,))
-        return hit
+        return self._run(self.core.get(key))
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, tuple[int, bytes]]:
         """The hits among keys, as {key: (flags, value)}.
@@ -359,31 +294,17 @@ class MemcacheWire:
         such command has its own attempts, and any that fails for good
         raises (no partial result).
         """
-        unique = list(dict.fromkeys(keys))
-        for key in unique:
-            self._check_key(key)
         hits: dict[bytes, tuple[int, bytes]] = {}
-        for chunk in _chunks(unique):
-
-            def attempt(chunk: list[bytes] = chunk) -> dict[bytes, tuple[int, bytes]]:
-                got: dict[bytes, tuple[int, bytes]] = self._client.get_many(chunk)
-                return got
-
-            hits.update(self._run("get", attempt, keys=frozenset(chunk)))
+        for request in self.core.get_many(keys):
+            got: dict[bytes, tuple[int, bytes]] = self._run(request)
+            hits.update(got)
         return hits
 
     def set(self, key: bytes, value: bytes, *, flags: int, exptime: int) -> None:
         """Store key = value; only a STORED reply counts as success."""
-        self._check_key(key)
-        self._check_item(value, flags, exptime)
+        self._run(self.core.set(key, value, flags, exptime))
 
-        def attempt() -> None:
-            if self._client.set(key, value, exptime, noreply=False, flags=flags) is not True:
-                raise _AttemptFailed("update failed: NOT_STORED", protocol=False)
-
-        self._run("storage", attempt)
-
-    def set_many(self, items: Sequence[tuple[bytes, bytes, int, int]], *,
+    def set_many(self, items: Sequence[Item], *,
                  meanwhile: Callable[[], None] | None = None) -> None:
         """Store (key, value, flags, exptime) items, pipelined: all ``set``s
         in one write, then all replies, each of which must be STORED.
@@ -398,35 +319,11 @@ class MemcacheWire:
         raises.  Its time does not count against ``timeout``.  It must not
         raise (an exception it raises propagates as a bug).
         """
-        commands = []
-        for key, value, flags, exptime in items:
-            self._check_key(key)
-            self._check_item(value, flags, exptime)
-            commands.append(b"set %b %d %d %d\r\n%b\r\n"
-                            % (key, flags, exptime, len(value), value))
+        requests = self.core.set_many(items)
         once = _Once(meanwhile) if meanwhile is not None else None
         try:
-            for start in range(0, len(commands), MEMCACHE_PIPELINE_MAX_COMMANDS):
-                batch = commands[start:start + MEMCACHE_PIPELINE_MAX_COMMANDS]
-
-                def attempt(batch: list[bytes] = batch) -> None:
-                    conn = self._conn
-                    if conn is not None and once is not None:
-                        conn.meanwhile = once  # a no-op once it has run
-                    try:
-                        # pymemcache's own set_many takes one flags/expire for
-                        # all items; _misc_cmd sends prepared commands and
-                        # reads one reply line per command.
-                        lines: list[bytes] = self._client._misc_cmd(batch, b"set", False)
-                    finally:
-                        if conn is not None:
-                            conn.meanwhile = None
-                    for line in lines:
-                        if line != b"STORED":
-                            raise _AttemptFailed(f"update failed: {line[:100]!r}",
-                                                 protocol=False)
-
-                self._run("storage", attempt, replies=len(batch))
+            for request in requests:
+                self._run(request, once)
         finally:
             if once is not None:
                 once()
@@ -434,17 +331,7 @@ class MemcacheWire:
     def gets(self, key: bytes) -> tuple[int, bytes, int] | None:
         """(flags, value, cas unique) for key, or None when memcached has no
         such item; the cas unique changes whenever the item is written."""
-        self._check_key(key)
-
-        def attempt() -> tuple[int, bytes, int] | None:
-            hit, cas = self._client.gets(key)
-            if hit is None:
-                return None
-            flags, value = hit
-            return flags, value, int(cas)
-
-        found: tuple[int, bytes, int] | None = self._run("gets", attempt, keys=(key,))
-        return found
+        return self._run(self.core.gets(key))
 
     def delete_unchanged(self, key: bytes, cas: int) -> bool | None:
         """Remove key only if it is unchanged since the ``gets`` that gave
@@ -453,42 +340,23 @@ class MemcacheWire:
         delete; a ``cas`` that stores an empty value with an expiration
         time in the past is one: memcached drops an expired item at its next
         access, and proxies (twemproxy) pass ``cas`` on."""
-        self._check_key(key)
-
-        def attempt() -> bool | None:
-            done: bool | None = self._client.cas(key, b"", cas, expire=_EXPIRED, noreply=False,
-                                                 flags=0)
-            return done
-
-        result: bool | None = self._run("cas", attempt)
-        return result
+        return self._run(self.core.delete_unchanged(key, cas))
 
     def delete(self, key: bytes) -> bool:
         """Remove key: True when memcached said DELETED, False for NOT_FOUND."""
-        self._check_key(key)
-        deleted: bool = self._run("delete", lambda: self._client.delete(key, noreply=False))
-        return deleted
+        return self._run(self.core.delete(key))
 
     def delete_many(self, keys: Sequence[bytes]) -> None:
         """Remove keys, pipelined as set_many (DELETED and NOT_FOUND both
         count as done); a failed batch is sent again whole."""
-        for key in keys:
-            self._check_key(key)
-        commands = [b"delete %b\r\n" % key for key in keys]
-        for start in range(0, len(commands), MEMCACHE_PIPELINE_MAX_COMMANDS):
-            batch = commands[start:start + MEMCACHE_PIPELINE_MAX_COMMANDS]
-
-            def attempt(batch: list[bytes] = batch) -> None:
-                self._client._misc_cmd(batch, b"delete", False)
-
-            self._run("delete", attempt, replies=len(batch))
+        for request in self.core.delete_many(keys):
+            self._run(request)
 
     def close(self) -> None:
         """Drop the connection (the next command opens a new one), and log
         the troubles not reported yet (a flapping server's)."""
         self._drop()
-        self._outage.close()
-        self._refusal.close()
+        self.core.close()
 
     def __enter__(self) -> MemcacheWire:
         return self
@@ -497,141 +365,48 @@ class MemcacheWire:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    # -- checks --------------------------------------------------------------
-
-    @staticmethod
-    def _check_key(key: bytes) -> None:
-        if (not key or len(key) > MEMCACHED_MAX_KEY_BYTES
-                or _BAD_KEY_BYTE.search(key) is not None):
-            raise ValueError(f"not a valid memcache key: {key[:60]!r}")
-
-    def _check_item(self, value: bytes, flags: int, exptime: int) -> None:
-        if len(value) > self.data_size_limit:
-            # Never store what our own get would refuse to read back.
-            raise ValueError(f"value of {len(value)} bytes over "
-                             f"data_size_limit={self.data_size_limit}")
-        if not 0 <= flags <= _FLAGS_MAX:
-            raise ValueError(f"flags {flags} out of range 0..{_FLAGS_MAX}")
-        if not 0 <= exptime <= _FLAGS_MAX:
-            raise ValueError(f"exptime {exptime} out of range 0..{_FLAGS_MAX}")
-
     # -- attempts ------------------------------------------------------------
 
-    def _run(self, kind: Kind, op: Callable[[], T], *, replies: int = 1,
-             keys: Collection[bytes] | None = None) -> T:
-        if self._down_until:
-            left = self._down_until - clock.monotonic()
-            if left > 0:
-                message = (f"held down for {left:.1f} s more after: {self._down_reason}")
-                self._outage.failed(message)
-                raise ServerUnavailableError(
-                    f"memcache server {self.endpoint} ({self.name}): {message}")
-        reason = "no attempt made"
-        protocol = False
-        hold = False      # hold the server down: timeout, failed host lookup
-        refused = False   # memcached answered a write with a failure
-        attempts = 0
-        for count in range(self.max_try):
-            if count > 0:
-                clock.sleep(self.retry_pause)
-            attempts += 1
-            deadline = clock.monotonic() + self.timeout
+    def _run(self, request: Request[T], meanwhile: _Once | None = None) -> T:
+        core = self.core
+        attempts = core.attempts(request)
+        while (pause := attempts.next_attempt()) is not None:
+            if pause:
+                clock.sleep(pause)
+            deadline = clock.monotonic() + core.timeout
             try:
                 conn = self._connection(deadline)
             except OSError as exc:
-                # Postfix: no stream from auto_clnt_access() ends the loop.
-                reason, protocol = f"connect: {_oserror(exc)}", False
-                hold = isinstance(exc, TimeoutError | socket.gaierror)
-                log.debug("connect to %s: %s", self.endpoint, _oserror(exc))
+                attempts.connect_failed(exc)
                 break
+            attempts.connected()
             conn.deadline = deadline
-            conn.guard.start(kind, replies=replies, keys=keys)
-            refused = hold = False
+            conn.meanwhile = meanwhile  # a no-op once it has run
+            conn.attempts = attempts
             try:
-                result = op()
-                if conn.guard.done:
-                    self._outage.succeeded()
-                    if kind == "storage":
-                        self._refusal.succeeded()
-                    return result
-                reason, protocol = "reply not read to its end", True
-            except ProtocolError as exc:
-                reason, protocol = str(exc), True
-            except _AttemptFailed as exc:
-                reason, protocol = exc.reason, exc.protocol
-                refused = kind == "storage" and not exc.protocol
-            except MemcacheUnexpectedCloseError:
-                reason, protocol = "connection closed by server", False
-            except TimeoutError:
-                reason, protocol = f"timeout after {self.timeout:g} s", False
-                hold = True
-            except MemcacheServerError as exc:
-                reason, protocol = f"SERVER_ERROR {_text(exc)}", False
-                refused = kind == "storage"
-            except MemcacheUnknownCommandError:
-                reason, protocol = f"server replied ERROR to {kind}", True
-            except MemcacheClientError as exc:
-                reason, protocol = f"CLIENT_ERROR {_text(exc)}", True
-            except MemcacheError as exc:
-                reason, protocol = f"unexpected reply: {_text(exc)}", True
-            except OSError as exc:
-                reason, protocol = f"I/O error: {_oserror(exc)}", False
+                result = core.perform(request, conn.exchange)
+            except Exception as exc:
+                self._drop()
+                if not attempts.failed(exc):
+                    raise
+                continue
             except BaseException:
-                self._drop()  # state unknown (KeyboardInterrupt, bug): start afresh
+                self._drop()  # state unknown (KeyboardInterrupt): start afresh
                 raise
-            self._drop()
-            if count > 0:
-                # Postfix logs the retries' failures; memtable at debug level:
-                # the trouble itself is logged once (memtable.outage).
-                log.debug("database %s: %s (server %s, attempt %d of %d)",
-                          self.name, reason, self.endpoint, count + 1, self.max_try)
-            if refused and self.fallback:
-                # A full memcached refuses the retry too; the backup has the
-                # value (Postfix retries, paying retry_pause every time).
-                break
-        tried = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
-        if hold:
-            # A server that accepts connections but does not answer (or a
-            # resolver that does not) would cost every caller max_try x
-            # timeout; fail fast for a while instead (Postfix has no such
-            # hold-down).
-            self._down_until = clock.monotonic() + MEMCACHE_DOWN_HOLD_SECONDS
-            self._down_reason = f"{reason} ({tried})"
-            self._outage.failed(f"{reason} ({tried}); held down for "
-                                f"{MEMCACHE_DOWN_HOLD_SECONDS:g} s")
-        else:
-            self._down_until = 0.0
-            if refused:
-                self._outage.succeeded()  # it answered
-                self._refusal.failed(f"{reason} ({tried})")
-            else:
-                self._outage.failed(f"{reason} ({tried})")
-        what = ProtocolError if protocol else ServerUnavailableError
-        raise what(f"memcache server {self.endpoint} ({self.name}): {reason} ({tried})")
+            # (A connection that failed is dropped; on success, meanwhile has
+            # run and the next attempt sets both again.)
+            attempts.succeeded()
+            return result
+        raise attempts.give_up()
 
-    def _connection(self, deadline: float) -> _GuardedSocket:
+    def _connection(self, deadline: float) -> _Connection:
         conn = self._conn
         if conn is not None:
-            if not conn.idle_readable():
+            if idle_connection_usable(conn.sock, conn.poller, self.name, self.endpoint):
                 return conn
-            self._drop_idle(conn)
-        sock = self._connect(deadline)
-        conn = _GuardedSocket(sock, self._guard)
-        self._conn = conn
-        self._client.sock = conn
+            self._drop()
+        conn = self._conn = _Connection(self._connect(deadline))
         return conn
-
-    def _drop_idle(self, conn: _GuardedSocket) -> None:
-        try:
-            early = conn.sock.recv(RECV_CHUNK_BYTES, socket.MSG_DONTWAIT | socket.MSG_PEEK)
-        except OSError:
-            early = b""
-        if early:
-            log.warning("database %s: unexpected data from %s on an idle connection: %r "
-                        "-- connection dropped", self.name, self.endpoint, early[:40])
-        else:
-            log.debug("database %s: %s closed the idle connection", self.name, self.endpoint)
-        self._drop()
 
     def _connect(self, deadline: float) -> socket.socket:
         ep = self.endpoint
@@ -667,39 +442,5 @@ class MemcacheWire:
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        self._client.sock = None
         if conn is not None:
-            conn.close()
-
-
-def _chunks(keys: list[bytes]) -> list[list[bytes]]:
-    """Split keys so that each ``get k1 k2 ...\\r\\n`` stays under the bound."""
-    chunks: list[list[bytes]] = []
-    current: list[bytes] = []
-    size = 5  # "get" + CRLF
-    for key in keys:
-        if current and size + 1 + len(key) > MEMCACHE_GET_LINE_MAX_BYTES:
-            chunks.append(current)
-            current, size = [], 5
-        current.append(key)
-        size += 1 + len(key)
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-def _oserror(exc: OSError) -> str:
-    if isinstance(exc, _LookupTimeout):
-        return str(exc)
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return f"host lookup failed: {exc.strerror or exc}"
-    return exc.strerror or str(exc) or type(exc).__name__
-
-
-def _text(exc: Exception) -> str:
-    arg = exc.args[0] if exc.args else ""
-    if isinstance(arg, bytes):
-        return arg.decode("ascii", "backslashreplace")[:100]
-    return str(arg)[:100]
+            conn.sock.close()

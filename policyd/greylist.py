@@ -72,6 +72,7 @@ from typing import TypeVar
 
 from memtable import clock
 from memtable.errors import ConfigError, OpenError
+from memtable.registry import as_async
 from memtable.table import Table
 from policyd import limits, spf
 from policyd.api import Decision, PolicyFailure
@@ -86,7 +87,7 @@ from policyd.reputation import (
     parse_record,
     postscreen_proves_return,
 )
-from policyd.store import Store, StoreError, asynchronous, open_checked
+from policyd.store import Store, StoreError, open_checked
 from policyd.triplet import (
     IPAddress,
     KeyMaker,
@@ -517,7 +518,7 @@ def build_policy(config: PolicydConfig,
     names = ("triplets", "clients", "postscreen")
     # A store per table: each has its own memcached connection and backup
     # thread, so their batches run at the same time.
-    stores = [Store(asynchronous(table), name=name, metrics=metrics)
+    stores = [Store(as_async(table), name=name, metrics=metrics)
               for name, table in zip(names, tables, strict=False)]
     postscreen = stores[2] if len(stores) > 2 else None
     resolver = None

@@ -685,12 +685,7 @@ class _Writer(Generic[R]):
             self.shadow.update((key, value) for key, value, _ in items)
             return
         try:
-            update_many = getattr(self.table, "update_many", None)
-            if update_many is None:
-                for item in items:
-                    self.table.update(*item)
-                return
-            for error in update_many(items):
+            for error in self.table.update_many(items):
                 if error is not None:
                     raise error
         except (MemtableError, OSError) as exc:
@@ -728,11 +723,7 @@ class _Writer(Generic[R]):
             if not missing:
                 break
             try:
-                lookup_many = getattr(table, "lookup_many", None)
-                if lookup_many is not None:
-                    found.update(lookup_many(missing))
-                else:
-                    found.update((key, table.lookup(key)) for key in missing)
+                found.update(table.lookup_many(missing))
             except (MemtableError, OSError) as exc:
                 if n + 1 < len(tables):
                     continue  # memcached down: the backup answers, as in lookup()

@@ -1,8 +1,8 @@
 """policyd's stores: get and put for the event loop, over one AsyncTable.
 
-A Store wraps one memtable AsyncTable (``asynchronous(table)`` below makes
-it from a Table) and gives the greylisting policy two operations, get() and
-put(), each returning at once a future to await.  Nothing here blocks the
+A Store wraps one memtable AsyncTable (``memtable.registry.as_async``
+makes it from a Table) and gives the greylisting policy two operations,
+get() and put(), each returning at once a future to await.  Nothing here blocks the
 event loop or owns a thread; policyd.greylist gives each of its tables
 (triplets, clients, postscreen's cache) its own Store, so their round trips
 and backup commits overlap.
@@ -47,7 +47,6 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 from memtable import clock
-from memtable.committer import ThreadedTable
 from memtable.errors import CorruptError, MemtableError
 from memtable.table import AsyncTable, Item, Table
 from policyd import limits
@@ -62,12 +61,6 @@ class StoreError(PolicydError):
     """A store could not answer now (memcached down, timeout, backup failure,
     too many operations waiting, closed store); nothing is known about the
     key."""
-
-
-def asynchronous(table: Table) -> AsyncTable:
-    """The AsyncTable policyd's Store runs ``table`` through."""
-    # memtable.registry.as_async (memcached spoken to on the loop) replaces this.
-    return ThreadedTable(table)
 
 
 class _Put:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -187,5 +188,15 @@ def memcached_unix(tmp_path: Path) -> Iterator[Memcached]:
 
 # Fixtures defined beside their helpers, made available to every test file.
 from tests.dnslab import nsd_factory  # noqa: E402, F401
+from tests.memcache_runners import memcache_runner  # noqa: E402, F401
 from tests.policyd_proc import policyd_factory  # noqa: E402, F401
 from tests.postfixlab import postfix_instance, postmap_config  # noqa: E402, F401
+
+
+@pytest.fixture(params=["blocking", "asyncio"])
+def wire_driver(request: pytest.FixtureRequest) -> Any:
+    """The class of memcache wire to build: MemcacheWire, or the asyncio
+    driver behind a blocking face (tests/wire_drivers.py)."""
+    from tests.wire_drivers import DRIVERS
+
+    return DRIVERS[request.param]

@@ -9,11 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from memtable.registry import as_async
 from memtable.table import Table
 from policyd.config import PolicydConfig
 from policyd.dns import Resolver
 from policyd.greylist import GreylistPolicy
-from policyd.store import Store, asynchronous
+from policyd.store import Store
 from policyd.whitelist import Whitelists
 from tests.dict_table import DictTable
 
@@ -34,8 +35,8 @@ def make_policy(cfg: PolicydConfig, *, postscreen: Table | None = None,
     inside a running event loop's thread, closed with aclose()."""
     ttable = triplets or DictTable("dict:triplets")
     ctable = clients or DictTable("dict:clients")
-    policy = GreylistPolicy(cfg, Store(asynchronous(ttable)), Store(asynchronous(ctable)),
-                            Store(asynchronous(postscreen)) if postscreen is not None else None,
+    policy = GreylistPolicy(cfg, Store(as_async(ttable)), Store(as_async(ctable)),
+                            Store(as_async(postscreen)) if postscreen is not None else None,
                             whitelist or Whitelists(), resolver)
     return policy, ttable, ctable
 

@@ -441,3 +441,17 @@ def test_stop_kills_a_server_that_ignores_sigterm(tmp_path: Path) -> None:
     for proc in procs:
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_lmdb_commit_bench_prints_both_modes_per_group_size(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.lmdb_commit", "--dir", str(tmp_path),
+         "--seconds", "0.05", "--rounds", "1"],
+        cwd=root, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "synced" in lines[0] and "MDB_NOMETASYNC" in lines[0]
+    assert [line.split("|")[0].strip() for line in lines[1:]] == ["1", "10", "100"]
+    assert all(line.count("commits/s") == 2 for line in lines[1:])
+    assert list(tmp_path.iterdir()) == []  # its files are removed

@@ -114,3 +114,39 @@ def test_a_full_queue_is_refused_at_once() -> None:
         await threaded.close()
 
     asyncio.run(main())
+
+
+def test_deletes_keep_their_place_among_updates(tmp_path: Path) -> None:
+    """A delete runs on the thread in its own transaction, between the
+    updates asked before and after it."""
+    table = _CountingLmdb(str(tmp_path / "t"), read_write=True, fold=False)
+    threaded = ThreadedTable(table)
+
+    async def main() -> tuple[list[object], dict[str, str | None]]:
+        done = await asyncio.gather(
+            threaded.update_many([("k", "1", None)]), threaded.delete("k"),
+            threaded.delete("k"), threaded.update_many([("j", "2", None)]))
+        found = await threaded.lookup_many(["k", "j"])
+        await threaded.close()
+        return list(done), found
+
+    done, found = asyncio.run(main())
+    assert done == [[None], True, False, [None]]
+    assert found == {"k": None, "j": "2"}
+
+
+def test_start_update_many_commits_while_the_caller_goes_on(tmp_path: Path) -> None:
+    """The commit starts when asked, before the caller awaits it."""
+    table = _HeldTable()
+    threaded = ThreadedTable(table)
+
+    async def main() -> None:
+        commit = threaded.start_update_many([("k", "v", None)])
+        while threaded.waiting:  # the thread took the job up without an await on it
+            await asyncio.sleep(0.001)
+        assert not commit.done()
+        table.release.set()
+        assert await commit == [None]
+        await threaded.close()
+
+    asyncio.run(main())

@@ -1,4 +1,5 @@
-"""Differential tests: memtable against Postfix's own ``postmap``.
+"""Differential tests: memtable against Postfix's own ``postmap`` (memtable on
+both memcache drivers, blocking and asyncio).
 
 For each case both tools run against the same memcached state: flush, seed,
 rebuild the lmdb: backup, run ``postmap -c PRIVATE ...`` and snapshot the raw
@@ -47,10 +48,13 @@ from pathlib import Path
 
 import pytest
 
+import memtable.memcache_table
 from memtable import cli as memtable_cli
 from tests.conftest import Memcached
+from tests.memcache_runners import use_runner
 from tests.postfixcf import postfix_config_dir, write_aged
 from tests.postfixlab import HAVE_POSTMAP, run_postmap
+from tests.wire_drivers import DRIVERS
 
 pytestmark = [
     pytest.mark.postfix,
@@ -218,8 +222,16 @@ def run_memtable(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture
-def lab(tmp_path: Path, memcached: Memcached) -> Lab:
+@pytest.fixture(params=["blocking", "asyncio-wire", "async-table"])
+def lab(request: pytest.FixtureRequest, tmp_path: Path, memcached: Memcached,
+        monkeypatch: pytest.MonkeyPatch) -> Lab:
+    """Every comparison with memtable's table on each way it can run: the
+    blocking table with either memcache driver (tests/wire_drivers.py), and
+    AsyncMemcacheTable (tests/memcache_runners.py)."""
+    if request.param == "asyncio-wire":
+        monkeypatch.setattr(memtable.memcache_table, "MemcacheWire", DRIVERS["asyncio"])
+    elif request.param == "async-table":
+        use_runner("async", monkeypatch)
     return Lab(tmp_path, memcached)
 
 

@@ -153,6 +153,24 @@ def test_file_written_by_memtable_is_read_by_postmap(postmap_config: Path,
         assert pm_seq(postmap_config, db) == list(table.sequence())
 
 
+def test_commits_do_not_sync_the_meta_page_and_postmap_reads_them(
+        postmap_config: Path, tmp_path: Path) -> None:
+    """The choice of docs/design.md ("The write-ahead guarantee"): commits
+    sync their data pages, not the meta page (MDB_NOMETASYNC), and the file
+    is Postfix's as before; metasync=True syncs each commit whole."""
+    db, whole = tmp_path / "db", tmp_path / "whole"
+    with opened(db) as table:
+        assert table._shared is not None
+        assert table._shared.env.flags()["metasync"] is False
+        table.update_many([("k1", "v1", None), ("k2", "v2", None)])
+    with LmdbTable(str(whole), read_write=True, fold=True, metasync=True) as synced:
+        assert isinstance(synced, LmdbTable) and synced._shared is not None
+        assert synced._shared.env.flags()["metasync"] is True
+        synced.update("k1", "v1")
+    assert pm_seq(postmap_config, db) == [("k1", "v1"), ("k2", "v2")]
+    assert pm_seq(postmap_config, whole) == [("k1", "v1")]
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 @pytest.mark.parametrize("dump_mode", [0o644, 0o640, 0o600, None],
                          ids=["dump0644", "dump0640", "dump0600", "pipe"])

@@ -1,4 +1,5 @@
-"""dict_memcache semantics against a real memcached and a real lmdb backup."""
+"""dict_memcache semantics against a real memcached and a real lmdb backup,
+on both runners of the rules (tests.memcache_runners)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from memtable import (
     ValueTooLongError,
     open_table,
 )
-from memtable.memcache_table import MemcacheTable
+from memtable.table import Table
 from tests.conftest import Memcached, free_port
+from tests.memcache_runners import MemcacheTables
+
+pytestmark = pytest.mark.usefixtures("memcache_runner")
 
 
 def make_cf(tmp_path: Path, memcache: str, *lines: str, name: str = "t.cf") -> str:
@@ -181,16 +185,16 @@ def test_lookup_many_matches_lookup(tmp_path: Path, memcached: Memcached) -> Non
     with open_table(backup, read_write=True) as lmdb:
         lmdb.update("b@example.com", "backup only")
     with open_table(spec, read_write=True) as table:
-        assert isinstance(table, MemcacheTable)
+        assert isinstance(table, MemcacheTables)
         table.update("a@example.com", "both")
         keys = ["a@example.com", "b@example.com", "c@example.com", "x@other.example", ""]
         assert table.lookup_many(keys) == {k: table.lookup(k) for k in keys}
         assert table.lookup_many(keys)["b@example.com"] == "backup only"
 
 
-def _batch_table(tmp_path: Path, memcache: str, *lines: str) -> MemcacheTable:
+def _batch_table(tmp_path: Path, memcache: str, *lines: str) -> Table:
     table = open_table(make_cf(tmp_path, memcache, *lines), read_write=True)
-    assert isinstance(table, MemcacheTable)
+    assert isinstance(table, MemcacheTables)
     return table
 
 
@@ -237,7 +241,7 @@ def test_update_many_without_backup(tmp_path: Path, memcached: Memcached) -> Non
         assert isinstance(results[2], ValueTooLongError)
         assert table.lookup_many(["k1", "k2", "k3"]) == {"k1": "v1", "k2": None, "k3": "v3"}
     with open_table(make_cf(tmp_path, memcached.spec), read_write=False) as ro:
-        assert isinstance(ro, MemcacheTable)
+        assert isinstance(ro, MemcacheTables)
         with pytest.raises(AccessError):
             ro.update_many([("k", "v", None)])
 

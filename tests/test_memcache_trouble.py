@@ -1,6 +1,8 @@
 """A memcache table with a backup while its real memcached misbehaves:
 hung (SIGSTOP), dead, or full (``-M``).  What is answered, what memcached
-holds afterwards, and what is logged."""
+holds afterwards, and what is logged: on both memcache drivers (the
+table's wire is the blocking MemcacheWire or the asyncio one,
+tests/wire_drivers.py)."""
 
 from __future__ import annotations
 
@@ -15,16 +17,23 @@ from pathlib import Path
 
 import pytest
 
-import memtable.memcache_table
+import memtable.memcache_rules
 from memtable import clock, open_table
 from memtable.limits import (
     MEMCACHE_DOWN_HOLD_SECONDS,
     MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS,
     MEMCACHE_TROUBLE_LOG_STARTS_PER_INTERVAL,
 )
-from memtable.memcache_table import MemcacheTable
 from memtable.outage import OutageLog
+from memtable.table import Table
 from tests.conftest import Memcached, start_memcached
+from tests.memcache_runners import MemcacheTables
+
+
+@pytest.fixture(autouse=True)
+def driver(wire_driver: Callable[..., object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables built here talk to memcached through the driver under test."""
+    monkeypatch.setattr(memtable.memcache_table, "MemcacheWire", wire_driver)
 
 
 @pytest.fixture
@@ -61,12 +70,12 @@ def server(tmp_path: Path) -> Iterator[Memcached]:
     mc.stop()
 
 
-def table_with_backup(tmp_path: Path, memcache: str, *lines: str) -> MemcacheTable:
+def table_with_backup(tmp_path: Path, memcache: str, *lines: str) -> Table:
     cf = tmp_path / "t.cf"
     cf.write_text("\n".join([f"memcache = {memcache}", f"backup = lmdb:{tmp_path / 'bk'}",
                              "timeout = 1", "max_try = 2", *lines]) + "\n")
     table = open_table(f"memcache:{cf}", read_write=True)
-    assert isinstance(table, MemcacheTable)
+    assert isinstance(table, MemcacheTables)
     return table
 
 
@@ -78,6 +87,7 @@ def value(server: Memcached, key: str) -> object:
 # -- a write memcached missed is never read back stale (issue 15, item 2) -------
 
 
+@pytest.mark.usefixtures("memcache_runner")
 def test_writes_during_a_hang_are_not_read_back_stale_and_are_repaired(
         tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None]) -> None:
     """memcached hangs: the first command times out and holds it down, the
@@ -114,12 +124,13 @@ def test_writes_during_a_hang_are_not_read_back_stale_and_are_repaired(
             assert ttl - 10 <= int(str(meta["ttl"])) <= ttl
 
 
+@pytest.mark.usefixtures("memcache_runner")
 def test_stale_keys_over_the_bound_are_forgotten_with_a_warning(
         tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Over MEMCACHE_STALE_KEYS_MAX the oldest stale keys are forgotten,
     with a warning: those (and only those) memcached may serve stale."""
-    monkeypatch.setattr(memtable.memcache_table, "MEMCACHE_STALE_KEYS_MAX", 2)
+    monkeypatch.setattr(memtable.memcache_rules, "MEMCACHE_STALE_KEYS_MAX", 2)
     table = table_with_backup(tmp_path, server.spec)
     with table:
         for key in ("a", "b", "c"):
@@ -136,6 +147,7 @@ def test_stale_keys_over_the_bound_are_forgotten_with_a_warning(
         assert table.lookup_many(["a", "b", "c"]) == {"a": "old", "b": "new", "c": "new"}
 
 
+@pytest.mark.usefixtures("memcache_runner")
 def test_keys_still_stale_at_close_are_named(tmp_path: Path, server: Memcached,
                                              caplog: pytest.LogCaptureFixture) -> None:
     table = table_with_backup(tmp_path, server.spec)
@@ -269,7 +281,12 @@ def test_a_full_memcached_that_refuses_writes_costs_no_retry_pause(
             else:
                 pytest.fail("memcached -M -m 2 never filled up")
         pauses: list[float] = []
+
+        async def async_pause(seconds: float) -> None:
+            pauses.append(seconds)
+
         monkeypatch.setattr(clock, "sleep", pauses.append)
+        monkeypatch.setattr(clock, "async_sleep", async_pause)
         table = table_with_backup(tmp_path, full.spec, "retry_pause = 1")
         with table, caplog.at_level(logging.WARNING, logger="memtable"):
             for batch in range(5):

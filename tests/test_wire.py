@@ -1,5 +1,7 @@
-"""MemcacheWire against real memcached servers, and against a hostile fake
-(tests/hostile.py) for what real ones never send."""
+"""The memcache wire against real memcached servers, and against a hostile
+fake (tests/hostile.py) for what real ones never send: every test that
+takes ``make_wire`` runs on both drivers, MemcacheWire and
+AsyncMemcacheWire (tests/wire_drivers.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from memtable import clock
 from memtable.endpoint import parse_endpoint
 from memtable.errors import ProtocolError, ServerUnavailableError
 from memtable.limits import MEMCACHE_GET_LINE_MAX_BYTES, MEMCACHE_PIPELINE_MAX_COMMANDS
-from memtable.wire import MemcacheWire, _chunks
+from memtable.mcproto import chunks
+from memtable.wire import MemcacheWire
 from tests import hostile
 from tests.conftest import Memcached, free_port, start_memcached
 
@@ -26,14 +29,18 @@ PAUSE = 0.5  # recorded, never slept: clock.sleep is replaced in every test
 
 @pytest.fixture(autouse=True)
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Every retry pause MemcacheWire asks for (nothing really sleeps)."""
+    """Every retry pause a wire asks for (nothing really sleeps)."""
     recorded: list[float] = []
+
+    async def async_sleep(seconds: float) -> None:
+        recorded.append(seconds)
+
     monkeypatch.setattr(clock, "sleep", recorded.append)
+    monkeypatch.setattr(clock, "async_sleep", async_sleep)
     return recorded
 
 
-@pytest.fixture
-def make_wire() -> Iterator[Callable[..., MemcacheWire]]:
+def _wire_factory(driver: Callable[..., Any]) -> Iterator[Callable[..., MemcacheWire]]:
     made: list[MemcacheWire] = []
 
     def make(spec: str, **overrides: Any) -> MemcacheWire:
@@ -41,13 +48,26 @@ def make_wire() -> Iterator[Callable[..., MemcacheWire]]:
             "timeout": 2.0, "max_try": 2, "retry_pause": PAUSE,
             "line_size_limit": 1024, "data_size_limit": 10240, "name": "test.cf"}
         settings.update(overrides)
-        wire = MemcacheWire(parse_endpoint(spec), **settings)
+        wire: MemcacheWire = driver(parse_endpoint(spec), **settings)
         made.append(wire)
         return wire
 
     yield make
     for wire in made:
         wire.close()
+
+
+@pytest.fixture
+def make_wire(wire_driver: Callable[..., Any]) -> Iterator[Callable[..., MemcacheWire]]:
+    """Builds wires of the driver under test (both, by turns)."""
+    yield from _wire_factory(wire_driver)
+
+
+@pytest.fixture
+def make_blocking_wire() -> Iterator[Callable[..., MemcacheWire]]:
+    """Builds MemcacheWires: for set_many's ``meanwhile``, the blocking
+    driver's own."""
+    yield from _wire_factory(MemcacheWire)
 
 
 # -- real memcached --------------------------------------------------------------
@@ -107,11 +127,11 @@ def test_get_many_returns_hits_only(memcached: Memcached,
 def test_get_many_splits_long_key_lists(memcached: Memcached,
                                         make_wire: Callable[..., MemcacheWire]) -> None:
     keys = [b"key-%03d-" % i + b"x" * 40 for i in range(200)]
-    chunks = _chunks(keys)
-    assert len(chunks) > 1
+    split = chunks(keys)
+    assert len(split) > 1
     assert all(len(b"get " + b" ".join(c) + b"\r\n") <= MEMCACHE_GET_LINE_MAX_BYTES
-               for c in chunks)
-    assert [k for c in chunks for k in c] == keys
+               for c in split)
+    assert [k for c in split for k in c] == keys
     wire = make_wire(memcached.spec)
     wire.set_many([(k, k[::-1], 3, 0) for k in keys[::2]])
     assert wire.get_many(keys) == {k: (3, k[::-1]) for k in keys[::2]}
@@ -210,19 +230,19 @@ def test_stopped_server_is_unavailable_after_one_attempt(
     assert sleeps == []
 
 
-@pytest.mark.parametrize("spec", [
-    "inet:127.0.0.1:{port}",
-    "unix:{tmp}/no-such.sock",
+@pytest.mark.parametrize(("spec", "why"), [
+    ("inet:127.0.0.1:{port}", "Connection refused"),
+    ("unix:{tmp}/no-such.sock", "No such file or directory"),
 ])
 def test_refused_connection_is_not_retried(
-        spec: str, tmp_path: Path, make_wire: Callable[..., MemcacheWire],
+        spec: str, why: str, tmp_path: Path, make_wire: Callable[..., MemcacheWire],
         sleeps: list[float], caplog: pytest.LogCaptureFixture) -> None:
     spec = spec.format(port=free_port(), tmp=tmp_path)
     wire = make_wire(spec, max_try=3)
     with caplog.at_level(logging.WARNING, logger="memtable.wire"):
         for call in (lambda: wire.get(b"k"), lambda: wire.delete(b"k"),
                      lambda: wire.set(b"k", b"v", flags=0, exptime=0)):
-            with pytest.raises(ServerUnavailableError, match="connect") as info:
+            with pytest.raises(ServerUnavailableError, match=f"connect: {why}") as info:
                 call()
             assert spec in str(info.value)
     assert sleeps == []
@@ -281,18 +301,19 @@ def test_flags_and_exptime_ranges(flags: int, exptime: int,
         wire.set(b"k", b"v", flags=flags, exptime=exptime)
 
 
-def test_constructor_checks() -> None:
+def test_constructor_checks(wire_driver: Callable[..., Any]) -> None:
     ep = parse_endpoint("inet:127.0.0.1:1")
     with pytest.raises(ValueError):
-        MemcacheWire(ep, timeout=1, max_try=0, retry_pause=1, line_size_limit=1,
-                     data_size_limit=1)
+        wire_driver(ep, timeout=1, max_try=0, retry_pause=1, line_size_limit=1,
+                    data_size_limit=1)
     with pytest.raises(ValueError):
-        MemcacheWire(ep, timeout=-1, max_try=1, retry_pause=1, line_size_limit=1,
-                     data_size_limit=1)
+        wire_driver(ep, timeout=-1, max_try=1, retry_pause=1, line_size_limit=1,
+                    data_size_limit=1)
     # timeout = 0 means "no limit" to Postfix: still bounded here.
-    wire = MemcacheWire(ep, timeout=0, max_try=1, retry_pause=1, line_size_limit=1,
-                        data_size_limit=1)
+    wire = wire_driver(ep, timeout=0, max_try=1, retry_pause=1, line_size_limit=1,
+                       data_size_limit=1)
     assert 0 < wire.timeout < float("inf")
+    wire.close()
 
 
 # -- hostile servers -----------------------------------------------------------------
@@ -527,11 +548,9 @@ def test_a_server_that_timed_out_is_held_down(make_wire: Callable[..., MemcacheW
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """After a timeout on every attempt, calls fail at once (no connection,
     no wait) until the hold-down ends; then the server is tried again."""
-    import memtable.wire
-
-    monkeypatch.setattr(memtable.wire, "MEMCACHE_DOWN_HOLD_SECONDS", 0.3)
     with hostile.HostileServer(hostile.stall()) as server:
         wire = hostile_wire(make_wire, server, timeout=TIMEOUT)
+        wire.core.down_hold_seconds = 0.3
         with pytest.raises(ServerUnavailableError, match="timeout"):
             wire.get(b"k")
         assert server.connections == MAX_TRY
@@ -551,7 +570,7 @@ def test_a_server_that_timed_out_is_held_down(make_wire: Callable[..., MemcacheW
 
 
 def test_set_many_meanwhile_runs_after_the_write_and_before_the_reply(
-        make_wire: Callable[..., MemcacheWire]) -> None:
+        make_blocking_wire: Callable[..., MemcacheWire]) -> None:
     items = [(b"k%d" % i, b"v", 0, 0) for i in range(3)]
     size = sum(len(b"set %s 0 0 1\r\nv\r\n" % k) for k, _, _, _ in items)
     ran = threading.Event()
@@ -571,7 +590,7 @@ def test_set_many_meanwhile_runs_after_the_write_and_before_the_reply(
 
     calls: list[int] = []
     with hostile.HostileServer(script) as server:
-        wire = hostile_wire(make_wire, server)
+        wire = hostile_wire(make_blocking_wire, server)
         wire.set_many(items, meanwhile=lambda: (calls.append(1), ran.set()))
         wire.close()
     assert seen_before_reply == [True]
@@ -579,15 +598,15 @@ def test_set_many_meanwhile_runs_after_the_write_and_before_the_reply(
 
 
 def test_set_many_meanwhile_time_does_not_count_against_the_timeout(
-        memcached: Memcached, make_wire: Callable[..., MemcacheWire]) -> None:
-    wire = make_wire(memcached.spec, timeout=0.1, max_try=1)
+        memcached: Memcached, make_blocking_wire: Callable[..., MemcacheWire]) -> None:
+    wire = make_blocking_wire(memcached.spec, timeout=0.1, max_try=1)
     wire.set_many([(b"slow", b"work", 0, 0)], meanwhile=lambda: time.sleep(0.3))
     assert wire.get(b"slow") == (0, b"work")
 
 
 def test_set_many_meanwhile_runs_once_when_nothing_could_be_sent(
-        make_wire: Callable[..., MemcacheWire]) -> None:
-    wire = make_wire(f"inet:127.0.0.1:{free_port()}")  # nobody listens
+        make_blocking_wire: Callable[..., MemcacheWire]) -> None:
+    wire = make_blocking_wire(f"inet:127.0.0.1:{free_port()}")  # nobody listens
     calls: list[int] = []
     with pytest.raises(ServerUnavailableError):
         wire.set_many([(b"k", b"v", 0, 0)], meanwhile=lambda: calls.append(1))
@@ -595,7 +614,7 @@ def test_set_many_meanwhile_runs_once_when_nothing_could_be_sent(
 
 
 def test_set_many_meanwhile_runs_once_across_attempts(
-        make_wire: Callable[..., MemcacheWire], sleeps: list[float]) -> None:
+        make_blocking_wire: Callable[..., MemcacheWire], sleeps: list[float]) -> None:
     def script(conn: Any, index: int) -> None:
         hostile.read_command(conn)
         if index == 0:
@@ -605,7 +624,7 @@ def test_set_many_meanwhile_runs_once_across_attempts(
 
     calls: list[int] = []
     with hostile.HostileServer(script) as server:
-        wire = hostile_wire(make_wire, server)
+        wire = hostile_wire(make_blocking_wire, server)
         wire.set_many([(b"k", b"v", 0, 0)], meanwhile=lambda: calls.append(1))
         wire.close()
     assert server.connections == 2
@@ -613,15 +632,15 @@ def test_set_many_meanwhile_runs_once_across_attempts(
 
 
 def test_any_failure_to_look_the_host_up_is_unavailable(
-        make_wire: Callable[..., MemcacheWire]) -> None:
+        wire_driver: Callable[..., Any]) -> None:
     """A name Python cannot even encode (an empty label: UnicodeError, not
     OSError) is an unavailable server, so a backup answers; configuration
     files never get this far (memtable.endpoint refuses such names)."""
     from memtable.endpoint import Endpoint
 
-    wire = MemcacheWire(Endpoint("inet", host="mc..example.com", port=11211), timeout=2,
-                        max_try=2, retry_pause=PAUSE, line_size_limit=1024,
-                        data_size_limit=10240, name="test.cf")
+    wire = wire_driver(Endpoint("inet", host="mc..example.com", port=11211), timeout=2,
+                       max_try=2, retry_pause=PAUSE, line_size_limit=1024,
+                       data_size_limit=10240, name="test.cf")
     with pytest.raises(ServerUnavailableError, match="host lookup failed: UnicodeError"):
         wire.get(b"k")
     with pytest.raises(ServerUnavailableError, match="held down"):

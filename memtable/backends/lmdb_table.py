@@ -23,6 +23,8 @@ dict_lmdb/slmdb and ``postmap lmdb:`` read and write:
 - delete_if() reads a key's value and deletes it only when the caller's
   predicate accepts it, in ONE write transaction under ONE exclusive lock:
   no other process can write between the check and the delete.
+- Commits sync the data pages, not the meta page (MDB_NOMETASYNC, see
+  LmdbTable): a power loss may undo the last commit, nothing else.
 - MDB_MAP_FULL: the map size doubles and the transaction is retried;
   MDB_MAP_RESIZED (another process grew the file): the new size is adopted
   and the operation retried (slmdb's recovery).
@@ -146,13 +148,27 @@ class LmdbTable(Table):
 
     ``lock_wait``: how long an operation waits for Postfix's fcntl lock (and
     for another thread's operation) before it fails; ``chunk_items`` and
-    ``chunk_bytes``: how much sequence() reads under one lock."""
+    ``chunk_bytes``: how much sequence() reads under one lock.
+
+    ``metasync`` false (the default) opens the file with MDB_NOMETASYNC:
+    a commit syncs its data pages, and its meta page (the pointer to the
+    new tree) is written but synced only by the next commit's sync.  The
+    file stays consistent; a crash of the process loses nothing (the page
+    cache has every commit); a power loss may undo the last commit.  The
+    write-ahead guarantee this gives, and the measurement behind the
+    choice, are in docs/design.md ("The write-ahead guarantee";
+    bench/lmdb_commit.py).  ``metasync=True`` syncs each commit whole, as
+    Postfix's dict_lmdb does.  It is a property of the environment: the
+    first table of a file opened in a process decides for all.  The file's
+    format does not depend on it."""
 
     def __init__(self, path: str, *, read_write: bool, fold: bool,
+                 metasync: bool = False,
                  lock_wait: float = limits.LMDB_LOCK_WAIT_SECONDS,
                  chunk_items: int = limits.LMDB_SEQUENCE_CHUNK_ITEMS,
                  chunk_bytes: int = limits.LMDB_SEQUENCE_CHUNK_BYTES) -> None:
         self.spec = f"lmdb:{path}"
+        self.metasync = metasync
         self.lock_wait = lock_wait
         self.chunk_items = chunk_items
         self.chunk_bytes = chunk_bytes
@@ -283,7 +299,7 @@ class LmdbTable(Table):
         try:
             return lmdb.open(self.db_path, map_size=map_size, subdir=False,
                              readonly=not writable, lock=False, max_dbs=0,
-                             mode=0o644, create=writable)
+                             mode=0o644, create=writable, metasync=self.metasync)
         except lmdb.Error as exc:
             # py-lmdb's text starts with the path, which the message has already.
             text = str(exc).removeprefix(f"{self.db_path}: ")

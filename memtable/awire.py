@@ -1,0 +1,321 @@
+"""The memcache connection of a memcache: table, asyncio driver.
+
+AsyncMemcacheWire is MemcacheWire (memtable.wire) on an event loop, with no
+thread between the loop and memcached: the same constructor, the same
+operations as coroutines, the same rules, because both drive the same core
+(memtable.mcproto) and only the I/O differs:
+
+- the command is framed first (the core's capture) and written to the
+  connection's transport; its protocol (_Stream) hands every chunk received
+  to the core until the core says the reply is complete; pymemcache then
+  parses it (replay).  A transport keeps the socket registered with the
+  loop's selector: no epoll_ctl() per command, as loop.sock_recv() would
+  make;
+- each attempt (connect + command + reply) is held to one deadline of
+  ``timeout`` seconds with asyncio.timeout_at();
+- the host name is looked up by memtable.wire.HostLookup (at most one
+  thread stuck in getaddrinfo() per target), awaited under the same
+  deadline;
+- retry_pause is awaited through the clock seam (clock.async_sleep).
+
+One connection per wire; operations of concurrent tasks take turns on it
+(an asyncio.Lock).  An operation cancelled by its caller (a timeout around
+it) drops the connection, whose state is then unknown: the next operation
+opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import socket
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from memtable import clock
+from memtable.endpoint import Endpoint
+from memtable.limits import RECV_CHUNK_BYTES
+from memtable.mcproto import Attempts, Item, McCore, Request
+from memtable.wire import host_lookup, idle_connection_usable, log_idle_drop
+
+T = TypeVar("T")
+
+
+class AsyncMemcacheWire:
+    """One persistent connection to one memcached, with Postfix's retries,
+    for one event loop.
+
+    Every operation raises ServerUnavailableError or ProtocolError when all
+    attempts fail, and ValueError for invalid keys, flags or exptimes
+    before any I/O, exactly as MemcacheWire's do.
+    """
+
+    def __init__(self, endpoint: Endpoint, *, timeout: float, max_try: int,
+                 retry_pause: float, line_size_limit: int, data_size_limit: int,
+                 name: str = "", fallback: str = "") -> None:
+        self.core = McCore(endpoint, timeout=timeout, max_try=max_try,
+                           retry_pause=retry_pause, line_size_limit=line_size_limit,
+                           data_size_limit=data_size_limit, name=name, fallback=fallback)
+        self.endpoint = endpoint
+        self.name = self.core.name
+        self.timeout = self.core.timeout
+        self.fallback = fallback
+        self._stream: _Stream | None = None
+        self._lookup = host_lookup(endpoint, self.core.timeout)
+        self._lock = asyncio.Lock()
+
+    @property
+    def writable(self) -> bool:
+        """False while memcached is unavailable or refusing writes."""
+        return self.core.writable
+
+    def answered_by_backup(self, count: int = 1) -> None:
+        """Count operations the backup answered because a command failed."""
+        self.core.answered_by_backup(count)
+
+    # -- operations (as MemcacheWire's) ------------------------------------------
+
+    async def get(self, key: bytes) -> tuple[int, bytes] | None:
+        """(flags, value) for key, or None when memcached has no such item."""
+        return await self._run(self.core.get(key))
+
+    async def get_many(self, keys: Sequence[bytes]) -> dict[bytes, tuple[int, bytes]]:
+        """The hits among keys, as {key: (flags, value)} (no partial result)."""
+        hits: dict[bytes, tuple[int, bytes]] = {}
+        for request in self.core.get_many(keys):
+            got: dict[bytes, tuple[int, bytes]] = await self._run(request)
+            hits.update(got)
+        return hits
+
+    async def set(self, key: bytes, value: bytes, *, flags: int, exptime: int) -> None:
+        """Store key = value; only a STORED reply counts as success."""
+        await self._run(self.core.set(key, value, flags, exptime))
+
+    async def set_many(self, items: Sequence[Item]) -> None:
+        """Store (key, value, flags, exptime) items, pipelined as
+        MemcacheWire.set_many does (no ``meanwhile``: the caller's own work
+        runs in another task meanwhile)."""
+        for request in self.core.set_many(items):
+            await self._run(request)
+
+    async def gets(self, key: bytes) -> tuple[int, bytes, int] | None:
+        """(flags, value, cas unique) for key, or None."""
+        return await self._run(self.core.gets(key))
+
+    async def delete_unchanged(self, key: bytes, cas: int) -> bool | None:
+        """Remove key only if unchanged since the ``gets`` that gave ``cas``
+        (MemcacheWire.delete_unchanged)."""
+        return await self._run(self.core.delete_unchanged(key, cas))
+
+    async def delete(self, key: bytes) -> bool:
+        """Remove key: True when memcached said DELETED, False for NOT_FOUND."""
+        return await self._run(self.core.delete(key))
+
+    async def delete_many(self, keys: Sequence[bytes]) -> None:
+        """Remove keys, pipelined (DELETED and NOT_FOUND both done)."""
+        for request in self.core.delete_many(keys):
+            await self._run(request)
+
+    async def close(self) -> None:
+        """Drop the connection (after the operation in progress, if any),
+        and log the troubles not reported yet."""
+        async with self._lock:
+            self._drop()
+            self.core.close()
+
+    # -- attempts ------------------------------------------------------------
+
+    async def _run(self, request: Request[T]) -> T:
+        async with self._lock:
+            core = self.core
+            attempts = core.attempts(request)
+            data = core.capture(request)
+            loop = asyncio.get_running_loop()
+            while (pause := attempts.next_attempt()) is not None:
+                if pause:
+                    await clock.async_sleep(pause)
+                deadline = loop.time() + core.timeout
+                try:
+                    stream = await self._connection(loop, deadline)
+                except OSError as exc:
+                    attempts.connect_failed(exc)
+                    break
+                attempts.connected()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await stream.exchange(loop, data, attempts)
+                    result = core.replay(request, attempts.reply())
+                except Exception as exc:
+                    self._drop()
+                    if not attempts.failed(exc):
+                        raise
+                    continue
+                except BaseException:
+                    self._drop()  # cancelled mid-exchange: the state is unknown
+                    raise
+                attempts.succeeded()
+                return result
+            raise attempts.give_up()
+
+    async def _connection(self, loop: asyncio.AbstractEventLoop,
+                          deadline: float) -> _Stream:
+        stream = self._stream
+        if stream is not None:
+            # The server closed or wrote to the idle connection: dropped
+            # before reuse, without costing an attempt (as MemcacheWire),
+            # whether the loop has seen it yet or not.
+            if stream.lost:
+                log_idle_drop(self.name, self.endpoint, stream.idle_data)
+            elif idle_connection_usable(stream.sock, stream.poller, self.name,
+                                        self.endpoint):
+                return stream
+            self._drop()
+        sock = await self._connect(loop, deadline)
+        try:
+            if self.endpoint.kind == "unix":
+                _, stream = await loop.create_unix_connection(lambda: _Stream(sock), sock=sock)
+            else:
+                _, stream = await loop.create_connection(lambda: _Stream(sock), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._stream = stream
+        return stream
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop,
+                       deadline: float) -> socket.socket:
+        ep = self.endpoint
+        if ep.kind == "unix":
+            return await _open(loop, socket.AF_UNIX, socket.SOCK_STREAM, 0, ep.path, deadline)
+        lookup = self._lookup
+        assert lookup is not None
+        pending = lookup.future()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.wrap_future(pending)
+        except TimeoutError:
+            raise lookup.too_slow() from None
+        except socket.gaierror:
+            pass  # raised by answered()
+        last: OSError = OSError(f"no address for {ep.host}")
+        for family, type_, proto, _, addr in lookup.answered(pending):
+            if loop.time() >= deadline:
+                raise TimeoutError("connect timed out")
+            try:
+                sock = await _open(loop, family, type_, proto, addr, deadline)
+            except OSError as exc:
+                last = exc
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        raise last
+
+    def _drop(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+
+class _Stream(asyncio.BufferedProtocol):
+    """One connection's protocol: every chunk received goes to the attempt
+    in progress (the core's Attempts) until the reply is complete.
+
+    The transport reads into a buffer of RECV_CHUNK_BYTES (a plain
+    Protocol's transport reads 256 KiB at a time): the guard refuses an
+    oversized value from its header before more than that is read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock  # the transport's: for the idle check
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN)
+        self._buffer = bytearray(RECV_CHUNK_BYTES)
+        self.transport: asyncio.Transport | None = None
+        self.attempts: Attempts | None = None
+        self.waiter: asyncio.Future[None] | None = None  # set when the reply is complete
+        self.lost = False      # closed, by either side: never used again
+        self.idle_data = b""   # what the server sent while no command was in progress
+
+    async def exchange(self, loop: asyncio.AbstractEventLoop, data: bytes,
+                       attempts: Attempts) -> None:
+        """Send a command and wait until the core has its whole reply."""
+        transport = self.transport
+        assert transport is not None and self.waiter is None
+        waiter = self.waiter = loop.create_future()
+        self.attempts = attempts
+        try:
+            transport.write(data)
+            await waiter
+        finally:
+            self.waiter = self.attempts = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        with memoryview(self._buffer) as view:
+            data = bytes(view[:nbytes])
+        waiter, attempts = self.waiter, self.attempts
+        if waiter is None or attempts is None or waiter.done():
+            # No memcached speaks unasked: drop the connection (logged at
+            # its next use, as MemcacheWire does).
+            if not self.idle_data:
+                self.idle_data = data[:40]
+            self.close()
+            return
+        try:
+            if attempts.receive(data):
+                waiter.set_result(None)
+        except Exception as exc:  # ProtocolError: the guard found a violation
+            waiter.set_exception(exc)
+
+    def eof_received(self) -> bool:
+        self._ended(None)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._ended(exc)
+
+    def _ended(self, exc: Exception | None) -> None:
+        self.lost = True
+        waiter, attempts = self.waiter, self.attempts
+        if waiter is None or attempts is None or waiter.done():
+            return
+        if exc is not None:
+            waiter.set_exception(exc)
+            return
+        try:
+            attempts.receive(b"")  # the core says what an early end is
+        except Exception as ended:
+            waiter.set_exception(ended)
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def _open(loop: asyncio.AbstractEventLoop, family: int, type_: int, proto: int,
+                address: tuple[Any, ...] | str, deadline: float) -> socket.socket:
+    """A non-blocking socket connected to address by the deadline."""
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setblocking(False)
+        async with asyncio.timeout_at(deadline):
+            await loop.sock_connect(sock, address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno and not isinstance(exc, TimeoutError):
+            # asyncio says "Connect call failed (address)"; the messages
+            # say what the blocking connect says ("Connection refused").
+            raise OSError(exc.errno, os.strerror(exc.errno)) from None
+        raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
