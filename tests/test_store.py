@@ -1,6 +1,6 @@
 """policyd.store: get/put over one AsyncTable, batched, in order, write-ahead,
 bounded, failures per caller.  Real lmdb tables run through
-policyd.store.asynchronous (a ThreadedTable), gated to let work pile up;
+memtable.registry.as_async (a ThreadedTable), gated to let work pile up;
 DictTable (a fake of our own Table interface) where a table must fail."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pytest
 
 from memtable.backends import LmdbTable
 from memtable.errors import BackupError, MemtableError, ServerUnavailableError
-from memtable.registry import open_table
+from memtable.registry import as_async, open_table
 from memtable.table import Item
 from policyd.metrics import NullMetrics
-from policyd.store import Store, StoreError, asynchronous
+from policyd.store import Store, StoreError
 from tests.conftest import Memcached, free_port, start_memcached
 from tests.dict_table import DictTable
 from tests.greylist_helpers import run, write
@@ -86,7 +86,7 @@ def test_roundtrip_with_real_memcached(tmp_path: Path, memcached: Memcached) -> 
                f"backup = lmdb:{tmp_path / 'backup'}\n")
 
     async def main() -> None:
-        store = Store(asynchronous(open_table(f"memcache:{cf}", read_write=True)))
+        store = Store(as_async(open_table(f"memcache:{cf}", read_write=True)))
         assert await store.get("192.0.2.0/a@x/b@y") is None
         await store.put("192.0.2.0/a@x/b@y", "1,2,0", 600)
         assert await store.get("192.0.2.0/a@x/b@y") == "1,2,0"
@@ -108,7 +108,7 @@ def test_unreachable_memcached_is_a_store_error(tmp_path: Path) -> None:
                "timeout = 1\nmax_try = 1\n")
 
     async def main() -> None:
-        store = Store(asynchronous(open_table(f"memcache:{cf}", read_write=True)))
+        store = Store(as_async(open_table(f"memcache:{cf}", read_write=True)))
         with pytest.raises(StoreError, match="memcache"):
             await store.get("key")
         with pytest.raises(StoreError):
@@ -123,7 +123,7 @@ def test_operations_asked_during_a_batch_go_out_as_one_lookup_and_one_update(
     table.update("d", "4")
 
     async def main() -> None:
-        store = Store(asynchronous(table))
+        store = Store(as_async(table))
         table.gate.clear()
         first = store.put("a", "1", 60)
         await table.in_update()
@@ -149,7 +149,7 @@ def test_a_get_sees_every_put_of_its_key_asked_before_it(tmp_path: Path) -> None
     table = GatedLmdb(tmp_path / "t")
 
     async def main() -> list[str | None]:
-        store = Store(asynchronous(table))
+        store = Store(as_async(table))
         table.gate.clear()
         first = store.put("k", "1", 60)
         await table.in_update()
@@ -183,7 +183,7 @@ def test_a_put_completes_only_after_its_update_returned(tmp_path: Path) -> None:
         seen.append((list(table.committed), stored(tmp_path / "t", "k")))
 
     async def main() -> None:
-        store = Store(asynchronous(table))
+        store = Store(as_async(table))
         table.gate.clear()
         put = store.put("k", "v", 60)
         reader = store.get("k")
@@ -206,7 +206,7 @@ def test_what_waits_is_bounded(tmp_path: Path) -> None:
     table = GatedLmdb(tmp_path / "t")
 
     async def main() -> None:
-        store = Store(asynchronous(table), max_pending=3)
+        store = Store(as_async(table), max_pending=3)
         table.gate.clear()
         first = store.put("x", "1", 60)
         await table.in_update()
@@ -232,7 +232,7 @@ def test_table_failures_reach_each_caller_as_its_own_store_error(tmp_path: Path)
     metrics = RecordingMetrics()
 
     async def main() -> None:
-        store = Store(asynchronous(table), name="triplets", metrics=metrics)
+        store = Store(as_async(table), name="triplets", metrics=metrics)
         futures = [store.put("good", "v", 60), store.put("bad\0key", "v", 60),
                    store.get("bad\0key")]
         good, bad, reader = await asyncio.gather(*futures, return_exceptions=True)
@@ -256,7 +256,7 @@ def test_table_failures_reach_each_caller_as_its_own_store_error(tmp_path: Path)
     metrics = RecordingMetrics()
 
     async def down() -> None:
-        store = Store(asynchronous(Down("dict:down")), name="clients", metrics=metrics)
+        store = Store(as_async(Down("dict:down")), name="clients", metrics=metrics)
         results = await asyncio.gather(store.put("a", "1", 1), store.put("b", "2", 1),
                                        store.get("c"), store.get("d"),
                                        return_exceptions=True)
@@ -278,7 +278,7 @@ def test_a_bug_in_a_table_is_raised_as_it_is_and_the_store_goes_on() -> None:
             super().update(key, value, ttl)
 
     async def main() -> None:
-        store = Store(asynchronous(Buggy()))
+        store = Store(as_async(Buggy()))
         with pytest.raises(ZeroDivisionError):
             await store.put("bug", "v", 1)
         await store.put("k", "v", 1)
@@ -292,7 +292,7 @@ def test_a_caller_giving_up_keeps_its_put_and_drops_its_lookup(tmp_path: Path) -
     table = GatedLmdb(tmp_path / "t")
 
     async def main() -> None:
-        store = Store(asynchronous(table))
+        store = Store(as_async(table))
         table.gate.clear()
         blocker = store.put("z", "0", 60)
         await table.in_update()
@@ -314,7 +314,7 @@ def test_each_store_runs_its_batches_on_its_own(tmp_path: Path) -> None:
     held, free = GatedLmdb(tmp_path / "held"), GatedLmdb(tmp_path / "free")
 
     async def main() -> None:
-        stores = [Store(asynchronous(held)), Store(asynchronous(free))]
+        stores = [Store(as_async(held)), Store(as_async(free))]
         held.gate.clear()
         waiting = stores[0].put("a", "1", 60)
         await held.in_update()
@@ -332,7 +332,7 @@ def test_close_finishes_what_was_asked_then_closes_the_table(tmp_path: Path) -> 
     table = GatedLmdb(tmp_path / "t")
 
     async def main() -> None:
-        store = Store(asynchronous(table))
+        store = Store(as_async(table))
         table.gate.clear()
         first = store.put("a", "1", 60)
         await table.in_update()
@@ -365,7 +365,7 @@ def test_close_abandons_a_table_stuck_on_a_hung_memcached(
         server.pause()
 
         async def main() -> None:
-            store = Store(asynchronous(table), close_wait=0.2)
+            store = Store(as_async(table), close_wait=0.2)
             pending = store.get("key")  # waits for memcached
             with caplog.at_level(logging.WARNING):
                 await store.close()
