@@ -144,8 +144,8 @@ class AsyncMemcacheWire:
                 attempts.connected()
                 try:
                     async with asyncio.timeout_at(deadline):
-                        await stream.exchange(loop, data, attempts)
-                    result = core.replay(request, attempts.reply())
+                        reply = await stream.exchange(loop, data, attempts)
+                    result = core.replay(request, reply)
                 except Exception as exc:
                     self._drop()
                     if not attempts.failed(exc):
@@ -232,20 +232,20 @@ class _Stream(asyncio.BufferedProtocol):
         self._buffer = bytearray(RECV_CHUNK_BYTES)
         self.transport: asyncio.Transport | None = None
         self.attempts: Attempts | None = None
-        self.waiter: asyncio.Future[None] | None = None  # set when the reply is complete
+        self.waiter: asyncio.Future[bytes] | None = None  # the whole reply, when complete
         self.lost = False      # closed, by either side: never used again
         self.idle_data = b""   # what the server sent while no command was in progress
 
     async def exchange(self, loop: asyncio.AbstractEventLoop, data: bytes,
-                       attempts: Attempts) -> None:
-        """Send a command and wait until the core has its whole reply."""
+                       attempts: Attempts) -> bytes:
+        """Send a command; its whole reply, once the core has checked it."""
         transport = self.transport
         assert transport is not None and self.waiter is None
-        waiter = self.waiter = loop.create_future()
-        self.attempts = attempts
+        waiter: asyncio.Future[bytes] = loop.create_future()
+        self.waiter, self.attempts = waiter, attempts
         try:
             transport.write(data)
-            await waiter
+            return await waiter
         finally:
             self.waiter = self.attempts = None
 
@@ -268,8 +268,9 @@ class _Stream(asyncio.BufferedProtocol):
             self.close()
             return
         try:
-            if attempts.receive(data):
-                waiter.set_result(None)
+            reply = attempts.receive(data)
+            if reply is not None:
+                waiter.set_result(reply)
         except Exception as exc:  # ProtocolError: the guard found a violation
             waiter.set_exception(exc)
 

@@ -433,8 +433,8 @@ class Attempts:
     The driver calls next_attempt() (the pause to sleep before the attempt,
     or None: no more attempts, call give_up()), then connected() or
     connect_failed(), then receive() with every chunk read until it returns
-    True, then succeeded() with the result; any exception on the way goes
-    to failed() (the connection is dropped by the driver).
+    the whole reply, which McCore parses, then succeeded(); any exception
+    on the way goes to failed() (the connection is dropped by the driver).
     """
 
     __slots__ = ("_chunks", "core", "count", "hold", "protocol", "reason", "refused",
@@ -476,22 +476,21 @@ class Attempts:
         self.refused = self.hold = False
         self.state = EXCHANGING
 
-    def receive(self, data: bytes) -> bool:
-        """Check the next chunk read (b"": the server closed); True once
-        the reply is complete."""
+    def receive(self, data: bytes) -> bytes | None:
+        """Check the next chunk read (b"": the server closed); the whole
+        reply, checked, once it is complete (None until then)."""
         if not data:
             raise AttemptFailed("connection closed by server", protocol=False)
         guard = self.core.guard
         guard.feed(data)
-        self._chunks.append(data)
-        return guard.done
-
-    def reply(self) -> bytes:
-        """The whole reply received (complete and checked)."""
-        if not self.core.guard.done:
-            raise ProtocolError("reply not read to its end")
         chunks = self._chunks
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not guard.done:
+            chunks.append(data)
+            return None
+        if not chunks:
+            return data  # the usual case: the whole reply in one read
+        chunks.append(data)
+        return b"".join(chunks)
 
     def succeeded(self) -> None:
         core = self.core

@@ -225,8 +225,9 @@ class _Connection:
                 data = sock.recv(RECV_CHUNK_BYTES)
             except BlockingIOError:  # SO_RCVTIMEO expired
                 raise TimeoutError("timed out") from None
-            if receive(data):
-                return attempts.reply()
+            reply = receive(data)
+            if reply is not None:
+                return reply
 
 
 class _Once:
