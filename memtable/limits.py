@@ -14,6 +14,11 @@ MEMCACHED_MAX_KEY_BYTES = 250
 # memcached reads an expiration above 30 days as an absolute UNIX time.
 MEMCACHED_RELATIVE_TTL_MAX = 30 * 24 * 3600  # 2592000 s
 
+# An item's flags and an expiration time are 32-bit unsigned numbers in the
+# text protocol; a cas unique is a 64-bit one.
+MEMCACHED_FLAGS_MAX = 2**32 - 1
+MEMCACHED_CAS_MAX = 2**64 - 1
+
 # Postfix stores int parameters in a C int.
 CF_INT_MAX = 2**31 - 1
 # A number in configuration with more significant digits than this is out

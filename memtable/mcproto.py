@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import socket
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Final, Generic, TypeVar
@@ -44,12 +43,14 @@ from pymemcache.exceptions import (
 from memtable import clock
 from memtable.endpoint import Endpoint
 from memtable.errors import ProtocolError, ServerUnavailableError
+from memtable.keys import key_problem
 from memtable.limits import (
     MEMCACHE_DOWN_HOLD_SECONDS,
     MEMCACHE_GET_LINE_MAX_BYTES,
     MEMCACHE_PIPELINE_MAX_COMMANDS,
     MEMCACHE_UNLIMITED_TIMEOUT_SECONDS,
-    MEMCACHED_MAX_KEY_BYTES,
+    MEMCACHED_CAS_MAX,
+    MEMCACHED_FLAGS_MAX,
     MEMCACHED_RELATIVE_TTL_MAX,
 )
 from memtable.outage import OutageLog
@@ -60,10 +61,6 @@ log = logging.getLogger("memtable.wire")
 
 T = TypeVar("T")
 
-# memcached splits commands on white space and ends them at LF.
-_BAD_KEY_BYTE: Final = re.compile(rb"[\x00-\x20\x7f]")
-_FLAGS_MAX: Final = 2**32 - 1
-_CAS_MAX: Final = 2**64 - 1  # a cas unique is a 64-bit unsigned number
 # An absolute expiration time (over 30 days is a UNIX time) long past:
 # an item stored with it is expired at once (delete_unchanged).
 _EXPIRED: Final = MEMCACHED_RELATIVE_TTL_MAX + 1
@@ -249,8 +246,7 @@ class McCore:
 
     @staticmethod
     def check_key(key: bytes) -> None:
-        if (not key or len(key) > MEMCACHED_MAX_KEY_BYTES
-                or _BAD_KEY_BYTE.search(key) is not None):
+        if key_problem(key) is not None:  # the table's own key rule, checked first
             raise ValueError(f"not a valid memcache key: {key[:60]!r}")
 
     def check_item(self, value: bytes, flags: int, exptime: int) -> None:
@@ -258,10 +254,10 @@ class McCore:
             # Never store what our own get would refuse to read back.
             raise ValueError(f"value of {len(value)} bytes over "
                              f"data_size_limit={self.data_size_limit}")
-        if not 0 <= flags <= _FLAGS_MAX:
-            raise ValueError(f"flags {flags} out of range 0..{_FLAGS_MAX}")
-        if not 0 <= exptime <= _FLAGS_MAX:
-            raise ValueError(f"exptime {exptime} out of range 0..{_FLAGS_MAX}")
+        if not 0 <= flags <= MEMCACHED_FLAGS_MAX:
+            raise ValueError(f"flags {flags} out of range 0..{MEMCACHED_FLAGS_MAX}")
+        if not 0 <= exptime <= MEMCACHED_FLAGS_MAX:
+            raise ValueError(f"exptime {exptime} out of range 0..{MEMCACHED_FLAGS_MAX}")
 
     # -- requests (checked: ValueError before any I/O) -------------------------
 
@@ -330,8 +326,8 @@ class McCore:
         """A ``cas`` of an empty value with an expiration time in the past:
         True when removed, False when written meanwhile, None when gone."""
         self.check_key(key)
-        if not 0 <= cas <= _CAS_MAX:
-            raise ValueError(f"cas unique {cas} out of range 0..{_CAS_MAX}")
+        if not 0 <= cas <= MEMCACHED_CAS_MAX:
+            raise ValueError(f"cas unique {cas} out of range 0..{MEMCACHED_CAS_MAX}")
         client = self._client
         return Request("cas", (lambda: client.cas(key, b"", cas, expire=_EXPIRED,
                                                   noreply=False, flags=0),), None)

@@ -31,11 +31,11 @@ from collections.abc import Collection
 from typing import Final, Literal, NoReturn
 
 from memtable.errors import ProtocolError
+from memtable.limits import MEMCACHED_CAS_MAX, MEMCACHED_FLAGS_MAX
 
 Kind = Literal["get", "gets", "storage", "delete", "cas"]
 
 _CRLF: Final = b"\r\n"
-_FLAGS_MAX: Final = 2**32 - 1
 
 # Command kinds, as small ints for cheap comparisons on the fast path.
 _GET: Final = 0
@@ -46,8 +46,6 @@ _CAS: Final = 4  # STORED, EXISTS (changed since gets) or NOT_FOUND
 _KINDS: Final = {"get": _GET, "storage": _STORAGE, "delete": _DELETE, "gets": _GETS,
                  "cas": _CAS}
 _NAMES: Final = ("get", "storage", "delete", "gets", "cas")
-# A cas unique is a 64-bit unsigned number.
-_CAS_MAX: Final = 2**64 - 1
 
 # Parser states.
 _DONE: Final = 0  # no reply expected: any byte is trailing data
@@ -212,14 +210,14 @@ class ReplyGuard:
             self._fail(f"malformed VALUE line: {_show(line)}")
         if self._kind == _GETS:
             cas = parts.pop()
-            if not (cas.isdigit() and len(cas) <= 20 and int(cas) <= _CAS_MAX):
+            if not (cas.isdigit() and len(cas) <= 20 and int(cas) <= MEMCACHED_CAS_MAX):
                 self._fail(f"bad cas unique in VALUE line: {_show(line)}")
         _, key, flags, size = parts
         keys = self._keys
         if keys is not None and key not in keys:
             self._fail(f"VALUE for a key that was not asked for: {_show(line)}")
         if not (flags.isdigit() and (len(flags) < 10
-                                     or (len(flags) == 10 and int(flags) <= _FLAGS_MAX))):
+                                     or (len(flags) == 10 and int(flags) <= MEMCACHED_FLAGS_MAX))):
             self._fail(f"bad flags in VALUE line: {_show(line)}")
         if not size.isdigit():
             self._fail(f"bad length in VALUE line: {_show(line)}")
