@@ -174,8 +174,8 @@ class AsyncMemcacheTable(AsyncTable):
     async def delete(self, key: str) -> bool:
         return await self._run(self.rules.delete(key))
 
-    async def delete_cached_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
-        return await self._run(self.rules.delete_cached_if(key, doomed))
+    async def delete_cached_if(self, key: str, deletable: Callable[[str], bool]) -> Outcome:
+        return await self._run(self.rules.delete_cached_if(key, deletable))
 
     async def close(self) -> None:
         """A last try to rewrite the stale keys, then close memcached's

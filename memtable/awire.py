@@ -94,7 +94,7 @@ class AsyncMemcacheWire:
 
     async def set_many(self, items: Sequence[Item]) -> None:
         """Store (key, value, flags, exptime) items, pipelined as
-        MemcacheWire.set_many does (no ``meanwhile``: the caller's own work
+        MemcacheWire.set_many does (no ``while_waiting``: the caller's own work
         runs in another task meanwhile)."""
         for request in self.core.set_many(items):
             await self._run(request)

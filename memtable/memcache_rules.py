@@ -514,9 +514,9 @@ class MemcacheRules:
             return found
         return deleted
 
-    def delete_cached_if(self, key: str, doomed: Callable[[str], bool]) -> Plan[Outcome]:
+    def delete_cached_if(self, key: str, deletable: Callable[[str], bool]) -> Plan[Outcome]:
         """Remove key from memcached only (never the backup) while its value
-        is one ``doomed(value)`` accepts: ``gets`` the value and its cas
+        is one ``deletable(value)`` accepts: ``gets`` the value and its cas
         unique, then a cas-guarded delete, so a value written meanwhile, by
         this host or another, stays.  TemporaryError when memcached cannot
         answer."""
@@ -527,7 +527,7 @@ class MemcacheRules:
         hit: tuple[int, bytes, int] | None = yield McGets(mc_key)
         if hit is None:
             return Outcome.ABSENT
-        if not doomed(hit[1].decode(ENCODING, ERRORS)):
+        if not deletable(hit[1].decode(ENCODING, ERRORS)):
             return Outcome.KEPT
         done: bool | None = yield McDeleteUnchanged(mc_key, hit[2])
         if done is None:

@@ -147,7 +147,7 @@ class MemcacheTable(Table):
 
     def _set_and_commit(self, effect: SetAndCommit) -> Committed:
         """The backup's commit runs while memcached answers the sets
-        (MemcacheWire.set_many's ``meanwhile``); one item: one after the
+        (MemcacheWire.set_many's ``while_waiting``); one item: one after the
         other, as Postfix does."""
         assert self.backup is not None
         backup = self.backup
@@ -167,7 +167,7 @@ class MemcacheTable(Table):
                 key, data, flags, exptime = items[0]
                 self.wire.set(key, data, flags=flags, exptime=exptime)
             else:
-                self.wire.set_many(items, meanwhile=commit)
+                self.wire.set_many(items, while_waiting=commit)
         except TemporaryError as exc:
             set_error = exc
         if not committed:
@@ -201,12 +201,12 @@ class MemcacheTable(Table):
     def delete(self, key: str) -> bool:
         return self._run(self.rules.delete(key))
 
-    def delete_cached_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
+    def delete_cached_if(self, key: str, deletable: Callable[[str], bool]) -> Outcome:
         """Remove key from memcached only (never the backup) while its value
-        is one ``doomed(value)`` accepts (cas-guarded: a value written
+        is one ``deletable(value)`` accepts (cas-guarded: a value written
         meanwhile, by this host or another, stays).  TemporaryError when
         memcached cannot answer."""
-        return self._run(self.rules.delete_cached_if(key, doomed))
+        return self._run(self.rules.delete_cached_if(key, deletable))
 
     def sequence(self) -> Iterator[tuple[str, str]]:
         if self.backup is None:

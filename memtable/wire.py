@@ -161,13 +161,13 @@ def log_idle_drop(name: str, endpoint: Endpoint, early: bytes) -> None:
 
 class _Connection:
     """A blocking socket held to each attempt's deadline, and work to do
-    while the first reply is on its way (``meanwhile``)."""
+    while the first reply is on its way (``while_waiting``)."""
 
-    __slots__ = ("armed", "attempts", "deadline", "meanwhile", "poller", "sock")
+    __slots__ = ("armed", "attempts", "deadline", "poller", "sock", "while_waiting")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.meanwhile: Callable[[], None] | None = None
+        self.while_waiting: Callable[[], None] | None = None
         self.attempts: Attempts | None = None  # the attempt using the connection
         self.deadline = 0.0
         self.armed = -1.0  # the kernel timeout the socket has now (-1: none)
@@ -207,12 +207,12 @@ class _Connection:
             sock.sendall(data)
         except BlockingIOError:  # SO_SNDTIMEO expired
             raise TimeoutError("timed out") from None
-        work = self.meanwhile
+        work = self.while_waiting
         if work is not None:
             # The command is sent: do the caller's work while the server
             # answers; the time it takes is not the server's, so the
             # attempt's deadline moves by as much.
-            self.meanwhile = None
+            self.while_waiting = None
             started = clock.monotonic()
             try:
                 work()
@@ -230,7 +230,7 @@ class _Connection:
                 return reply
 
 
-class _Once:
+class _AtMostOnce:
     """Work that runs at most once, at the first call."""
 
     __slots__ = ("work",)
@@ -306,14 +306,14 @@ class MemcacheWire:
         self._run(self.core.set(key, value, flags, exptime))
 
     def set_many(self, items: Sequence[Item], *,
-                 meanwhile: Callable[[], None] | None = None) -> None:
+                 while_waiting: Callable[[], None] | None = None) -> None:
         """Store (key, value, flags, exptime) items, pipelined: all ``set``s
         in one write, then all replies, each of which must be STORED.
 
         Batches of MEMCACHE_PIPELINE_MAX_COMMANDS; a failed batch is retried
         whole (a set is idempotent).
 
-        ``meanwhile``, when given, runs exactly once: after the first
+        ``while_waiting``, when given, runs exactly once: after the first
         batch's commands are written and before its replies are awaited, so
         the caller's own I/O (a backup's synced commit) overlaps the round
         trip; when no command could be written, before set_many returns or
@@ -321,7 +321,7 @@ class MemcacheWire:
         raise (an exception it raises propagates as a bug).
         """
         requests = self.core.set_many(items)
-        once = _Once(meanwhile) if meanwhile is not None else None
+        once = _AtMostOnce(while_waiting) if while_waiting is not None else None
         try:
             for request in requests:
                 self._run(request, once)
@@ -368,7 +368,7 @@ class MemcacheWire:
 
     # -- attempts ------------------------------------------------------------
 
-    def _run(self, request: Request[T], meanwhile: _Once | None = None) -> T:
+    def _run(self, request: Request[T], while_waiting: _AtMostOnce | None = None) -> T:
         core = self.core
         attempts = core.attempts(request)
         while (pause := attempts.next_attempt()) is not None:
@@ -382,7 +382,7 @@ class MemcacheWire:
                 break
             attempts.connected()
             conn.deadline = deadline
-            conn.meanwhile = meanwhile  # a no-op once it has run
+            conn.while_waiting = while_waiting  # a no-op once it has run
             conn.attempts = attempts
             try:
                 result = core.perform(request, conn.exchange)
@@ -394,7 +394,7 @@ class MemcacheWire:
             except BaseException:
                 self._drop()  # state unknown (KeyboardInterrupt): start afresh
                 raise
-            # (A connection that failed is dropped; on success, meanwhile has
+            # (A connection that failed is dropped; on success, while_waiting has
             # run and the next attempt sets both again.)
             attempts.succeeded()
             return result

@@ -38,8 +38,8 @@ from policyd.storewalk import (
     CLIENTS,
     TRIPLETS,
     Entry,
-    Stores,
     WalkError,
+    WalkTables,
     client_expired,
     triplet_expired,
 )
@@ -83,7 +83,7 @@ def deletion_reason(entry: Entry, now: int, config: PolicydConfig) -> str | None
     return "malformed"
 
 
-def cleanup(stores: Stores, config: PolicydConfig, now: int, *, dry_run: bool = False,
+def cleanup(stores: WalkTables, config: PolicydConfig, now: int, *, dry_run: bool = False,
             max_entries: int = limits.CLEANUP_MAX_ENTRIES,
             batch_keys: int = limits.CLEANUP_BATCH_KEYS) -> dict[str, Counts]:
     """Delete (unless dry_run) what is expired at ``now``; counts by table.
@@ -98,7 +98,7 @@ def cleanup(stores: Stores, config: PolicydConfig, now: int, *, dry_run: bool = 
     return counts
 
 
-def _walk(stores: Stores, config: PolicydConfig, now: int, counts: dict[str, Counts], *,
+def _walk(stores: WalkTables, config: PolicydConfig, now: int, counts: dict[str, Counts], *,
           dry_run: bool, max_entries: int, batch_keys: int) -> None:
     shared = len(stores.kinds()) == 1
     for kind in stores.kinds():
@@ -129,11 +129,11 @@ def _walk(stores: Stores, config: PolicydConfig, now: int, counts: dict[str, Cou
                 counts[name].capped = True
 
 
-def delete_batch(stores: Stores, config: PolicydConfig, now: int, batch: list[Entry],
+def delete_batch(stores: WalkTables, config: PolicydConfig, now: int, batch: list[Entry],
                  counts: dict[str, Counts]) -> None:
     """Delete the entries of ``batch`` that are still to be deleted (the
     same value, or a new value that is expired or malformed too), each
-    checked and deleted in one step (Stores.delete_if), so that a record
+    checked and deleted in one step (WalkTables.delete_if), so that a record
     policyd rewrites meanwhile is never deleted."""
     for entry in batch:
         count = counts[entry.kind]
@@ -189,7 +189,7 @@ def render(config: PolicydConfig, counts: dict[str, Counts], *, dry_run: bool,
 def command(config: PolicydConfig, args: argparse.Namespace) -> int:
     now = int(clock.now())
     try:
-        with Stores.open(config, read_write=not args.dry_run) as stores:
+        with WalkTables.open(config, read_write=not args.dry_run) as stores:
             shared = stores.shared
             try:
                 counts = cleanup(stores, config, now, dry_run=args.dry_run)

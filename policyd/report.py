@@ -38,9 +38,9 @@ from policyd.storewalk import (
     CLIENTS,
     TRIPLETS,
     Entry,
-    Stores,
     WalkError,
     WalkStats,
+    WalkTables,
     client_expired,
     triplet_expired,
 )
@@ -453,7 +453,7 @@ def collect(config: PolicydConfig, *, now: int | None = None, top: int = DEFAULT
     a store cannot be opened or walked."""
     when = int(clock.now()) if now is None else now
     analyser = Analyser(config, when, top)
-    with Stores.open(config, read_write=False) as stores:
+    with WalkTables.open(config, read_write=False) as stores:
         for kind in stores.kinds():
             for entry in stores.walk(kind, max_entries):
                 analyser.add(entry)

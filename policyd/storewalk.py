@@ -98,7 +98,7 @@ def _identity(table: Table) -> tuple[str, str]:
 
 
 @dataclass
-class Stores:
+class WalkTables:
     """The triplet and client tables of a configuration, opened for walking."""
 
     config: PolicydConfig
@@ -107,7 +107,7 @@ class Stores:
     stats: dict[str, WalkStats] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, config: PolicydConfig, *, read_write: bool) -> Stores:
+    def open(cls, config: PolicydConfig, *, read_write: bool) -> WalkTables:
         """Open both tables (read-write for cleanup).  WalkError when one
         cannot be opened or walked; nothing is read yet.  Read-only (report,
         cleanup --dry-run), an lmdb file policyd creates at start and has
@@ -211,7 +211,7 @@ class Stores:
         if self.clients is not self.triplets:
             self.clients.close()
 
-    def __enter__(self) -> Stores:
+    def __enter__(self) -> WalkTables:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -67,8 +67,8 @@ class AsyncAdapter(Table):
         found: bool = self.run(self.inner.delete(key))
         return found
 
-    def delete_cached_if(self, key: str, doomed: Callable[[str], bool]) -> Outcome:
-        outcome: Outcome = self.run(self.inner.delete_cached_if(key, doomed))
+    def delete_cached_if(self, key: str, deletable: Callable[[str], bool]) -> Outcome:
+        outcome: Outcome = self.run(self.inner.delete_cached_if(key, deletable))
         return outcome
 
     def sequence(self) -> Iterator[tuple[str, str]]:

@@ -23,7 +23,7 @@ from policyd.cleanup import CleanupError, Counts, cleanup, delete_batch, render
 from policyd.cli import main
 from policyd.config import PolicydConfig
 from policyd.greylist import TripletRecord
-from policyd.storewalk import TRIPLETS, Entry, Stores
+from policyd.storewalk import TRIPLETS, Entry, WalkTables
 from tests.conftest import Memcached
 from tests.greylist_helpers import DictTable
 from tests.report_data import (
@@ -129,7 +129,7 @@ def test_walk_and_deletes_interleave_across_chunks(tmp_path: Path) -> None:
     config = PolicydConfig.from_file(cf)
     tables = [LmdbTable(spec.removeprefix("lmdb:"), read_write=True, fold=True, chunk_items=7)
               for spec in (tspec, cspec)]
-    with Stores(config, *tables) as stores:
+    with WalkTables(config, *tables) as stores:
         counts = cleanup(stores, config, NOW, batch_keys=5)
     assert (counts["triplets"].examined, counts["triplets"].deleted) == (124, 19)
     assert (counts["clients"].examined, counts["clients"].deleted) == (9, 2)
@@ -139,7 +139,7 @@ def test_walk_and_deletes_interleave_across_chunks(tmp_path: Path) -> None:
 def test_a_record_rewritten_meanwhile_is_kept(tmp_path: Path) -> None:
     cf, tspec, _ = lmdb_setup(tmp_path)
     config = PolicydConfig.from_file(cf)
-    with Stores.open(config, read_write=True) as stores:
+    with WalkTables.open(config, read_write=True) as stores:
         walked = {e.key: e for e in stores.walk(TRIPLETS, 1000)}
         retried, stale, gone = (triplet_key(0, "gone"), triplet_key(1, "gone"),
                                 triplet_key(2, "gone"))
@@ -222,7 +222,7 @@ def test_a_rewrite_racing_the_delete_is_kept(tmp_path: Path, memcached: Memcache
         return real_parse(kind, k, value, by_shape=by_shape)
 
     monkeypatch.setattr(storewalk, "parse_entry", parse)
-    with Stores.open(config, read_write=True) as stores:
+    with WalkTables.open(config, read_write=True) as stores:
         counts = cleanup(stores, config, NOW)
     assert len(started) == 1
     out, _ = started[0].communicate(timeout=30)
@@ -261,7 +261,7 @@ def test_a_value_another_host_writes_between_gets_and_delete_stays_in_memcached(
     # Whichever read cleanup uses (get, or gets for a cas).
     monkeypatch.setattr(MemcacheWire, "get", after_read(MemcacheWire.get))
     monkeypatch.setattr(MemcacheWire, "gets", after_read(MemcacheWire.gets))
-    with Stores.open(config, read_write=True) as stores:
+    with WalkTables.open(config, read_write=True) as stores:
         cleanup(stores, config, NOW)
     assert written == [fresh]
     stored = memcached.meta(f"t:{key}")
@@ -372,7 +372,7 @@ def test_a_failing_store_stops_with_the_counts_so_far(tmp_path: Path) -> None:
     for key, value in clients().items():
         client_table.update(key, value)
     config = PolicydConfig.from_file(policyd_cf(tmp_path, tspec, "dict:clients"))
-    stores = Stores(config, open_table(tspec, read_write=True), client_table)
+    stores = WalkTables(config, open_table(tspec, read_write=True), client_table)
     with stores, pytest.raises(CleanupError, match="disk trouble") as caught:
         cleanup(stores, config, NOW)
     # the triplets were cleaned before the client table failed
@@ -395,7 +395,7 @@ def test_a_table_not_reached_is_not_reported(tmp_path: Path) -> None:
     cspec = f"lmdb:{tmp_path}/clients"
     fill(cspec, clients())
     config = PolicydConfig.from_file(policyd_cf(tmp_path, "dict:triplets", cspec))
-    stores = Stores(config, triplet_table, open_table(cspec, read_write=True))
+    stores = WalkTables(config, triplet_table, open_table(cspec, read_write=True))
     with stores, pytest.raises(CleanupError, match="MDB_CORRUPTED") as caught:
         cleanup(stores, config, NOW)
     assert set(caught.value.counts) == {"triplets"}

@@ -385,8 +385,8 @@ def test_a_slash_in_an_address_does_not_share_a_triplet(
     assert (first.reason, passed.reason, other_first.reason) == ("new", "passed", "new")
     assert other_first.action.startswith("DEFER_IF_PERMIT")
     from policyd.cleanup import cleanup
-    from policyd.storewalk import Stores
-    with Stores.open(cfg, read_write=True) as stores:
+    from policyd.storewalk import WalkTables
+    with WalkTables.open(cfg, read_write=True) as stores:
         records = sorted((e.triplet.passed, e.key) for e in stores.walk("triplets", 10)
                          if e.triplet is not None)
         assert [passed for passed, _ in records] == [False, True]

@@ -65,7 +65,7 @@ def make_wire(wire_driver: Callable[..., Any]) -> Iterator[Callable[..., Memcach
 
 @pytest.fixture
 def make_blocking_wire() -> Iterator[Callable[..., MemcacheWire]]:
-    """Builds MemcacheWires: for set_many's ``meanwhile``, the blocking
+    """Builds MemcacheWires: for set_many's ``while_waiting``, the blocking
     driver's own."""
     yield from _wire_factory(MemcacheWire)
 
@@ -591,7 +591,7 @@ def test_set_many_meanwhile_runs_after_the_write_and_before_the_reply(
     calls: list[int] = []
     with hostile.HostileServer(script) as server:
         wire = hostile_wire(make_blocking_wire, server)
-        wire.set_many(items, meanwhile=lambda: (calls.append(1), ran.set()))
+        wire.set_many(items, while_waiting=lambda: (calls.append(1), ran.set()))
         wire.close()
     assert seen_before_reply == [True]
     assert calls == [1]
@@ -600,7 +600,7 @@ def test_set_many_meanwhile_runs_after_the_write_and_before_the_reply(
 def test_set_many_meanwhile_time_does_not_count_against_the_timeout(
         memcached: Memcached, make_blocking_wire: Callable[..., MemcacheWire]) -> None:
     wire = make_blocking_wire(memcached.spec, timeout=0.1, max_try=1)
-    wire.set_many([(b"slow", b"work", 0, 0)], meanwhile=lambda: time.sleep(0.3))
+    wire.set_many([(b"slow", b"work", 0, 0)], while_waiting=lambda: time.sleep(0.3))
     assert wire.get(b"slow") == (0, b"work")
 
 
@@ -609,7 +609,7 @@ def test_set_many_meanwhile_runs_once_when_nothing_could_be_sent(
     wire = make_blocking_wire(f"inet:127.0.0.1:{free_port()}")  # nobody listens
     calls: list[int] = []
     with pytest.raises(ServerUnavailableError):
-        wire.set_many([(b"k", b"v", 0, 0)], meanwhile=lambda: calls.append(1))
+        wire.set_many([(b"k", b"v", 0, 0)], while_waiting=lambda: calls.append(1))
     assert calls == [1]
 
 
@@ -625,7 +625,7 @@ def test_set_many_meanwhile_runs_once_across_attempts(
     calls: list[int] = []
     with hostile.HostileServer(script) as server:
         wire = hostile_wire(make_blocking_wire, server)
-        wire.set_many([(b"k", b"v", 0, 0)], meanwhile=lambda: calls.append(1))
+        wire.set_many([(b"k", b"v", 0, 0)], while_waiting=lambda: calls.append(1))
         wire.close()
     assert server.connections == 2
     assert calls == [1]

@@ -51,14 +51,14 @@ class AsyncOnLoop:
         self._do(self.wire.set(key, value, flags=flags, exptime=exptime))
 
     def set_many(self, items: Sequence[Item], *,
-                 meanwhile: Callable[[], None] | None = None) -> None:
-        # The asyncio driver has no ``meanwhile`` (its callers overlap work
+                 while_waiting: Callable[[], None] | None = None) -> None:
+        # The asyncio driver has no ``while_waiting`` (its callers overlap work
         # with tasks); a memcache table handing one in gets it run after.
         try:
             self._do(self.wire.set_many(items))
         finally:
-            if meanwhile is not None:
-                meanwhile()
+            if while_waiting is not None:
+                while_waiting()
 
     def gets(self, key: bytes) -> tuple[int, bytes, int] | None:
         return self._do(self.wire.gets(key))

@@ -75,15 +75,15 @@ class _Shared:
         self.refs = 1
         # Descriptors of this file waiting to be closed: closing any of them
         # drops this process's fcntl locks, so only under the mutex.
-        self.orphans: list[int] = []
+        self.fds_to_close: list[int] = []
         # Set once LMDB reported the file damaged: no transaction is started
         # on it again (a write could trip an LMDB assertion, which aborts).
         self.corrupt: str | None = None
 
-    def close_orphans(self) -> None:
+    def close_waiting_fds(self) -> None:
         """Close waiting descriptors; the caller holds the mutex."""
-        while self.orphans:
-            os.close(self.orphans.pop())
+        while self.fds_to_close:
+            os.close(self.fds_to_close.pop())
 
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class LmdbTable(Table):
             try:
                 self._acquire_mutex(shared, deadline)
             except BackupError:
-                shared.orphans.append(fd)  # another thread may hold a lock
+                shared.fds_to_close.append(fd)  # another thread may hold a lock
                 raise
             try:
                 # Closing a descriptor drops this process's fcntl locks on
@@ -328,7 +328,7 @@ class LmdbTable(Table):
                 return
             try:
                 shared.env.close()
-                shared.close_orphans()
+                shared.close_waiting_fds()
                 os.close(shared.fd)
             finally:
                 shared.mutex.release()
@@ -344,7 +344,7 @@ class LmdbTable(Table):
                               f"more than {self.lock_wait:g} s")
         # Nothing to recover if closing fails: the descriptor is gone either way.
         with suppress(OSError):
-            shared.close_orphans()
+            shared.close_waiting_fds()
 
     def _lock_fd(self, fd: int, exclusive: bool, deadline: float) -> None:
         # Postfix waits forever (F_SETLKW); memtable polls with F_SETLK, at
