@@ -187,8 +187,10 @@ class MemcacheRules:
     """One memcache: table's rules and its memory of stale keys."""
 
     def __init__(self, config: MemcacheConfig, *, read_write: bool, fold: bool,
-                 pipeline: KeyPipeline, has_backup: bool, wire: WireState) -> None:
+                 pipeline: KeyPipeline, has_backup: bool, wire: WireState,
+                 stale_keys_max: int = MEMCACHE_STALE_KEYS_MAX) -> None:
         self.spec = f"memcache:{config.path}"
+        self.stale_keys_max = stale_keys_max
         self.config = config
         self.read_write = read_write
         self.fold = fold
@@ -254,7 +256,7 @@ class MemcacheRules:
     def _remember(self, mc_key: bytes, entry: tuple[str, float]) -> None:
         self.stale.pop(mc_key, None)  # re-inserted last: the oldest go first
         self.stale[mc_key] = entry
-        if len(self.stale) > MEMCACHE_STALE_KEYS_MAX:
+        if len(self.stale) > self.stale_keys_max:
             del self.stale[next(iter(self.stale))]
             self._forgotten += 1
             now = clock.monotonic()
@@ -262,7 +264,7 @@ class MemcacheRules:
                 log.warning("%s: more than %d keys changed in the backup only: %d of the "
                             "oldest forgotten; memcached may serve their older values until "
                             "they expire or are written again", self.spec,
-                            MEMCACHE_STALE_KEYS_MAX, self._forgotten)
+                            self.stale_keys_max, self._forgotten)
                 self._forgotten_logged = now
                 self._forgotten = 0
 

@@ -27,7 +27,7 @@ from memtable.limits import (
 from memtable.outage import OutageLog
 from memtable.table import Table
 from tests.conftest import Memcached, start_memcached
-from tests.memcache_runners import MemcacheTables
+from tests.memcache_runners import AsyncAdapter, MemcacheTables
 
 
 @pytest.fixture(autouse=True)
@@ -127,11 +127,12 @@ def test_writes_during_a_hang_are_not_read_back_stale_and_are_repaired(
 @pytest.mark.usefixtures("memcache_runner")
 def test_stale_keys_over_the_bound_are_forgotten_with_a_warning(
         tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None],
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """Over MEMCACHE_STALE_KEYS_MAX the oldest stale keys are forgotten,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Over the bound (MemcacheRules.stale_keys_max) the oldest stale keys are forgotten,
     with a warning: those (and only those) memcached may serve stale."""
-    monkeypatch.setattr(memtable.memcache_rules, "MEMCACHE_STALE_KEYS_MAX", 2)
     table = table_with_backup(tmp_path, server.spec)
+    rules = table.inner.rules if isinstance(table, AsyncAdapter) else table.rules
+    rules.stale_keys_max = 2
     with table:
         for key in ("a", "b", "c"):
             table.update(key, "old")
