@@ -12,7 +12,8 @@ operations as coroutines, the same rules, because both drive the same core
   loop's selector: no epoll_ctl() per command, as loop.sock_recv() would
   make;
 - each attempt (connect + command + reply) is held to one deadline of
-  ``timeout`` seconds with asyncio.timeout_at();
+  ``timeout`` seconds: asyncio.timeout_at() around the connect, a timer on
+  the reply's future for the command;
 - the host name is looked up by memtable.wire.HostLookup (at most one
   thread stuck in getaddrinfo() per target), awaited under the same
   deadline;
@@ -143,8 +144,7 @@ class AsyncMemcacheWire:
                     break
                 attempts.connected()
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        reply = await stream.exchange(loop, data, attempts)
+                    reply = await stream.exchange(loop, data, attempts, deadline)
                     result = core.replay(request, reply)
                 except Exception as exc:
                     self._drop()
@@ -237,16 +237,21 @@ class _Stream(asyncio.BufferedProtocol):
         self.idle_data = b""   # what the server sent while no command was in progress
 
     async def exchange(self, loop: asyncio.AbstractEventLoop, data: bytes,
-                       attempts: Attempts) -> bytes:
-        """Send a command; its whole reply, once the core has checked it."""
+                       attempts: Attempts, deadline: float) -> bytes:
+        """Send a command; its whole reply, once the core has checked it;
+        TimeoutError at ``deadline`` (loop time).  One timer on the waiter:
+        asyncio.timeout_at() would add a context manager, the task's
+        cancellation and its undoing to every command."""
         transport = self.transport
         assert transport is not None and self.waiter is None
         waiter: asyncio.Future[bytes] = loop.create_future()
+        timer = loop.call_at(deadline, _time_out, waiter)
         self.waiter, self.attempts = waiter, attempts
         try:
             transport.write(data)
             return await waiter
         finally:
+            timer.cancel()
             self.waiter = self.attempts = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -299,6 +304,11 @@ class _Stream(asyncio.BufferedProtocol):
         self.lost = True
         if self.transport is not None:
             self.transport.close()
+
+
+def _time_out(waiter: asyncio.Future[bytes]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 async def _open(loop: asyncio.AbstractEventLoop, family: int, type_: int, proto: int,

@@ -69,6 +69,13 @@ class Table(abc.ABC):
         that is not one key's raises, as lookup() does."""
         return {key: self.lookup(key) for key in dict.fromkeys(keys)}
 
+    def lookup_many_now(self, keys: Sequence[str]) -> dict[str, str | None] | None:
+        """lookup_many() if it can answer without waiting for anybody (a
+        lock held by another thread or process), else None.  An event loop
+        calls it before handing the lookup to a thread (ThreadedTable).
+        Types whose lookups may block have no such answer."""
+        return None
+
     def update_many(self, items: Sequence[Item]) -> list[MemtableError | None]:
         """update() of each (key, value, ttl) item, in order: one entry per
         item, None when stored, else the MemtableError update() raised for

@@ -14,6 +14,7 @@ from memtable.committer import ThreadedTable
 from memtable.errors import BackupError
 from memtable.table import Item
 from tests.dict_table import DictTable
+from tests.test_lmdb_interop import lock_held
 
 
 class _CountingLmdb(LmdbTable):
@@ -150,3 +151,61 @@ def test_start_update_many_commits_while_the_caller_goes_on(tmp_path: Path) -> N
         await threaded.close()
 
     asyncio.run(main())
+
+
+def _commit_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("commit ")]
+
+
+def test_a_lookup_with_the_file_free_is_answered_on_the_loop(tmp_path: Path) -> None:
+    table = LmdbTable(str(tmp_path / "t"), read_write=True, fold=False)
+    table.update("k", "v")
+    threaded = ThreadedTable(table)
+
+    async def main() -> dict[str, str | None]:
+        found = await threaded.lookup_many(["k", "absent"])
+        assert not _commit_threads()  # no thread was woken for it
+        await threaded.close()
+        return found
+
+    assert asyncio.run(main()) == {"k": "v", "absent": None}
+
+
+def test_a_lookup_goes_to_the_thread_while_another_process_holds_the_file(
+        tmp_path: Path) -> None:
+    """Postfix's exclusive lock held by another process: the lookup does not
+    wait on the loop; the thread waits for the lock and answers."""
+    db = tmp_path / "t"
+    table = LmdbTable(str(db), read_write=True, fold=False)
+    table.update("k", "v")
+    threaded = ThreadedTable(table)
+
+    async def main() -> dict[str, str | None]:
+        with lock_held(Path(str(db) + ".lmdb"), "fcntl-ex"):
+            lookup = asyncio.ensure_future(threaded.lookup_many(["k"]))
+            await asyncio.sleep(0)  # the lookup found the file held and asked the thread
+            assert _commit_threads() and not lookup.done()
+        found = await lookup
+        await threaded.close()
+        return found
+
+    assert asyncio.run(main()) == {"k": "v"}
+
+
+def test_a_lookup_asked_after_an_update_sees_it(tmp_path: Path) -> None:
+    """While an update asked before it is unfinished, a lookup is not read
+    on the loop (it would miss the update) but queued behind it."""
+    table = LmdbTable(str(tmp_path / "t"), read_write=True, fold=False)
+    table.update("k", "old")
+    threaded = ThreadedTable(table)
+
+    async def main() -> list[dict[str, str | None]]:
+        seen = []
+        for i in range(20):
+            update = threaded.start_update_many([("k", f"new{i}", None)])
+            seen.append(await threaded.lookup_many(["k"]))
+            assert await update == [None]
+        await threaded.close()
+        return seen
+
+    assert asyncio.run(main()) == [{"k": f"new{i}"} for i in range(20)]

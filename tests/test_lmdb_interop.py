@@ -494,6 +494,31 @@ def test_lock_style_is_fcntl_like_postfix(postmap_config: Path, tmp_path: Path) 
     assert [k for k, _ in pm_seq(postmap_config, db)] == ["k", "k2", "k3"]
 
 
+def test_a_read_that_never_waits_is_refused_while_the_file_is_held(
+        postmap_config: Path, tmp_path: Path) -> None:
+    """lookup_many_now (an event loop's read) answers when the file is free
+    or only shared-locked, and says None at once, holding nothing, while
+    another process holds Postfix's exclusive lock or another thread of
+    this process is inside an operation."""
+    db = tmp_path / "db"
+    db_file = Path(str(db) + ".lmdb")
+    pm_create(postmap_config, db, "k v\n")
+    with opened(db) as table:
+        assert table.lookup_many_now(["k", "absent"]) == {"k": "v", "absent": None}
+        with lock_held(db_file, "fcntl-sh"):
+            assert table.lookup_many_now(["k"]) == {"k": "v"}
+        with lock_held(db_file, "fcntl-ex"):
+            assert table.lookup_many_now(["k"]) is None
+        shared = table._shared
+        assert shared is not None
+        with shared.mutex:  # as a commit on the backup's thread holds it
+            assert table.lookup_many_now(["k"]) is None
+        table.update("k", "w")  # nothing was left locked
+        assert table.lookup_many_now(["k"]) == {"k": "w"}
+    with pytest.raises(BackupError, match="closed"):
+        table.lookup_many_now(["k"])
+
+
 def test_postmap_bulk_create_holds_the_lock(postmap_config: Path, tmp_path: Path) -> None:
     """``postmap lmdb:FILE`` keeps a shared fcntl lock until it commits: our
     writes wait (and give up after the bound), reads go on, and once

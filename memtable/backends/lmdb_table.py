@@ -351,25 +351,28 @@ class LmdbTable(Table):
         # first often (another process's commit takes about a millisecond),
         # then every LMDB_LOCK_POLL_SECONDS.  The sum of the pauses bounds
         # the wait even when the clock is frozen in tests.
-        kind = "exclusive" if exclusive else "shared"
-        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
         wait = self.lock_wait
         pause, paused = min(limits.LMDB_LOCK_FIRST_POLL_SECONDS, limits.LMDB_LOCK_POLL_SECONDS), 0.0
-        while True:
-            try:
-                fcntl.lockf(fd, op)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise BackupError(f"{self.spec}: {kind} lock on {self.db_path}: "
-                                      f"{exc.strerror}") from None
+        while not self._try_lock_fd(fd, exclusive):
             if paused >= wait or clock.monotonic() >= deadline:
-                break
+                kind = "exclusive" if exclusive else "shared"
+                raise BackupError(f"{self.spec}: no {kind} lock on {self.db_path} within "
+                                  f"{wait:g} s (another process holds it)")
             clock.sleep(pause)
             paused += pause
             pause = min(pause * 2, limits.LMDB_LOCK_POLL_SECONDS)
-        raise BackupError(f"{self.spec}: no {kind} lock on {self.db_path} within {wait:g} s "
-                          "(another process holds it)")
+
+    def _try_lock_fd(self, fd: int, exclusive: bool) -> bool:
+        """Take the fcntl lock if no other process holds a conflicting one."""
+        try:
+            fcntl.lockf(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            kind = "exclusive" if exclusive else "shared"
+            raise BackupError(f"{self.spec}: {kind} lock on {self.db_path}: "
+                              f"{exc.strerror}") from None
+        return True
 
     def _unlock_fd(self, fd: int) -> None:
         try:
@@ -386,6 +389,29 @@ class LmdbTable(Table):
         self._acquire_mutex(shared, deadline)
         try:
             self._lock_fd(shared.fd, exclusive, deadline)
+            try:
+                yield shared
+            finally:
+                self._unlock_fd(shared.fd)
+        finally:
+            shared.mutex.release()
+
+    @contextmanager
+    def _locked_now(self, exclusive: bool) -> Iterator[_Shared | None]:
+        """_locked() without waiting: None at once (nothing held) when
+        another thread of this process or another process holds the file."""
+        shared = self._shared
+        if shared is None:
+            raise BackupError(f"{self.spec}: table is closed")
+        if not shared.mutex.acquire(blocking=False):
+            yield None
+            return
+        try:
+            with suppress(OSError):
+                shared.close_orphans()
+            if not self._try_lock_fd(shared.fd, exclusive):
+                yield None
+                return
             try:
                 yield shared
             finally:
@@ -531,6 +557,18 @@ class LmdbTable(Table):
     def lookup_many(self, keys: Sequence[str]) -> dict[str, str | None]:
         """lookup() for each key, in ONE read transaction under ONE shared
         lock: {key: value or None}."""
+        found = self._lookup_many(keys, wait=True)
+        assert found is not None  # waiting, it answers or raises
+        return found
+
+    def lookup_many_now(self, keys: Sequence[str]) -> dict[str, str | None] | None:
+        """lookup_many(), or None at once when another thread of this
+        process (a commit) or another process (an exclusive lock) holds
+        the file: a read that never waits, for an event loop."""
+        return self._lookup_many(keys, wait=False)
+
+    def _lookup_many(self, keys: Sequence[str], *,
+                     wait: bool) -> dict[str, str | None] | None:
         names = {key: self._name(key) for key in keys}
         if self._shared is None:
             raise BackupError(f"{self.spec}: table is closed")
@@ -556,7 +594,10 @@ class LmdbTable(Table):
                         found[name] = bytes(value)
             return found
 
-        with self._locked(exclusive=False) as shared:
+        with (self._locked(exclusive=False) if wait
+              else self._locked_now(exclusive=False)) as shared:
+            if shared is None:
+                return None
             found = self._in_transaction(shared, False, "read", get_all)
         results: dict[str, str | None] = {}
         for key, name in names.items():
