@@ -408,7 +408,7 @@ class LmdbTable(Table):
             return
         try:
             with suppress(OSError):
-                shared.close_orphans()
+                shared.close_waiting_fds()
             if not self._try_lock_fd(shared.fd, exclusive):
                 yield None
                 return
