@@ -32,18 +32,18 @@ import os
 import select
 import socket
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from memtable import clock
 from memtable.endpoint import Endpoint
 from memtable.limits import RECV_CHUNK_BYTES
-from memtable.mcproto import Attempts, Item, McCore, Request
-from memtable.wire import host_lookup, idle_connection_usable, log_idle_drop
+from memtable.mcproto import Attempts, Item, Request
+from memtable.wire import DriverBase, WireSettings, idle_connection_usable, log_idle_drop
 
 T = TypeVar("T")
 
 
-class AsyncMemcacheWire:
+class AsyncMemcacheWire(DriverBase):
     """One persistent connection to one memcached, with Postfix's retries,
     for one event loop.
 
@@ -52,28 +52,10 @@ class AsyncMemcacheWire:
     before any I/O, exactly as MemcacheWire's do.
     """
 
-    def __init__(self, endpoint: Endpoint, *, timeout: float, max_try: int,
-                 retry_pause: float, line_size_limit: int, data_size_limit: int,
-                 name: str = "", fallback: str = "") -> None:
-        self.core = McCore(endpoint, timeout=timeout, max_try=max_try,
-                           retry_pause=retry_pause, line_size_limit=line_size_limit,
-                           data_size_limit=data_size_limit, name=name, fallback=fallback)
-        self.endpoint = endpoint
-        self.name = self.core.name
-        self.timeout = self.core.timeout
-        self.fallback = fallback
+    def __init__(self, endpoint: Endpoint, **settings: Unpack[WireSettings]) -> None:
+        super().__init__(endpoint, **settings)
         self._stream: _Stream | None = None
-        self._lookup = host_lookup(endpoint, self.core.timeout)
         self._lock = asyncio.Lock()
-
-    @property
-    def writable(self) -> bool:
-        """False while memcached is unavailable or refusing writes."""
-        return self.core.writable
-
-    def answered_by_backup(self, count: int = 1) -> None:
-        """Count operations the backup answered because a command failed."""
-        self.core.answered_by_backup(count)
 
     # -- operations (as MemcacheWire's) ------------------------------------------
 

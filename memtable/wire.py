@@ -43,7 +43,7 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Required, TypedDict, TypeVar, Unpack
 
 from memtable import clock
 from memtable.endpoint import Endpoint
@@ -244,18 +244,23 @@ class _AtMostOnce:
             work()
 
 
-class MemcacheWire:
-    """One persistent connection to one memcached, with Postfix's retries.
+class WireSettings(TypedDict, total=False):
+    """A wire's settings beside its endpoint (DriverBase's keywords)."""
 
-    Every method raises ServerUnavailableError (connect, timeout, EOF, I/O,
-    server-side failure) or ProtocolError (the last attempt's reply broke
-    the protocol or a limit) when all attempts fail, and ValueError for
-    invalid keys, flags or exptimes before any I/O.  Not thread-safe.
+    timeout: Required[float]
+    max_try: Required[int]
+    retry_pause: Required[float]
+    line_size_limit: Required[int]
+    data_size_limit: Required[int]
+    name: str
+    fallback: str
 
-    ``fallback`` names what answers when memcached cannot (a table's
-    backup): the log lines say so, and writes memcached refuses are not
-    retried.
-    """
+
+class DriverBase:
+    """What both drivers of the memcache core keep beside their connection:
+    the core (rules, attempts, trouble log) and the bounded host lookup.
+    MemcacheWire (blocking, below) and memtable.awire.AsyncMemcacheWire
+    (asyncio) add only the I/O."""
 
     def __init__(self, endpoint: Endpoint, *, timeout: float, max_try: int,
                  retry_pause: float, line_size_limit: int, data_size_limit: int,
@@ -267,7 +272,6 @@ class MemcacheWire:
         self.name = self.core.name
         self.timeout = self.core.timeout
         self.fallback = fallback
-        self._conn: _Connection | None = None
         self._lookup = host_lookup(endpoint, self.core.timeout)
 
     @property
@@ -281,6 +285,24 @@ class MemcacheWire:
         """Count operations the backup answered because a command failed
         (reported when the trouble ends)."""
         self.core.answered_by_backup(count)
+
+
+class MemcacheWire(DriverBase):
+    """One persistent connection to one memcached, with Postfix's retries.
+
+    Every method raises ServerUnavailableError (connect, timeout, EOF, I/O,
+    server-side failure) or ProtocolError (the last attempt's reply broke
+    the protocol or a limit) when all attempts fail, and ValueError for
+    invalid keys, flags or exptimes before any I/O.  Not thread-safe.
+
+    ``fallback`` names what answers when memcached cannot (a table's
+    backup): the log lines say so, and writes memcached refuses are not
+    retried.
+    """
+
+    def __init__(self, endpoint: Endpoint, **settings: Unpack[WireSettings]) -> None:
+        super().__init__(endpoint, **settings)
+        self._conn: _Connection | None = None
 
     # -- public API --------------------------------------------------------
 
