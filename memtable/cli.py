@@ -18,9 +18,10 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, NoReturn
 
+from memtable import registry
 from memtable.errors import (
     AccessError,
     ConfigError,
@@ -35,7 +36,6 @@ from memtable.errors import (
 )
 from memtable.limits import CF_MAX_LOGICAL_LINE_BYTES, CLI_MAX_INPUT_LINE_BYTES
 from memtable.logline import CommandFormatter
-from memtable.registry import open_table
 from memtable.syntax import parse_key_value, readllines
 from memtable.table import Table
 from memtable.version import version
@@ -142,15 +142,17 @@ def _emit(out: IO[str], key: str, value: str, as_json: bool) -> None:
 class _Tables:
     """Opens tables lazily, as postmap does, and closes them at the end."""
 
-    def __init__(self, specs: list[str], read_write: bool, fold: bool):
+    def __init__(self, specs: list[str], read_write: bool, fold: bool,
+                 open_table: Callable[..., Table]):
         self.specs = specs
+        self.open_table = open_table
         self.read_write = read_write
         self.fold = fold
         self.opened: dict[str, Table] = {}
 
     def get(self, spec: str) -> Table:
         if spec not in self.opened:
-            table = open_table(spec, read_write=self.read_write, fold=self.fold)
+            table = self.open_table(spec, read_write=self.read_write, fold=self.fold)
             self.opened[spec] = table
             if self.read_write:
                 # LMDB may abort the process on its first write to a damaged
@@ -174,12 +176,13 @@ def _query(tables: _Tables, key: str) -> str | None:
     return None
 
 
-def _run_command(args: argparse.Namespace, out: IO[str], inp: IO[str]) -> int:
+def _run_command(args: argparse.Namespace, out: IO[str], inp: IO[str],
+                 open_table: Callable[..., Table]) -> int:
     """Do what the command line asks (query, delete, sequence, update from
     input, ttl): the exit status.  Errors raise (see main)."""
     fold = not args.no_fold
     if args.query is not None:
-        tables = _Tables(args.tables, read_write=False, fold=fold)
+        tables = _Tables(args.tables, read_write=False, fold=fold, open_table=open_table)
         try:
             if args.query == "-":
                 found = False
@@ -198,7 +201,7 @@ def _run_command(args: argparse.Namespace, out: IO[str], inp: IO[str]) -> int:
         finally:
             tables.close()
     if args.delete is not None:
-        tables = _Tables(args.tables, read_write=True, fold=fold)
+        tables = _Tables(args.tables, read_write=True, fold=fold, open_table=open_table)
         try:
             keys = _read_lines(inp) if args.delete == "-" else iter([args.delete])
             found = False
@@ -223,7 +226,7 @@ def _run_command(args: argparse.Namespace, out: IO[str], inp: IO[str]) -> int:
             table.close()
         return EX_OK
     with _permissions_of(inp):
-        return _insert(args, inp, fold)
+        return _insert(args, inp, fold, open_table)
 
 
 @contextlib.contextmanager
@@ -249,8 +252,9 @@ def _permissions_of(inp: IO[str]) -> Iterator[None]:
         os.umask(previous)
 
 
-def _insert(args: argparse.Namespace, inp: IO[str], fold: bool) -> int:
-    tables = _Tables(args.tables, read_write=True, fold=fold)
+def _insert(args: argparse.Namespace, inp: IO[str], fold: bool,
+            open_table: Callable[..., Table]) -> int:
+    tables = _Tables(args.tables, read_write=True, fold=fold, open_table=open_table)
     status = EX_OK
     try:
         for spec in args.tables:
@@ -278,7 +282,10 @@ def _insert(args: argparse.Namespace, inp: IO[str], fold: bool) -> int:
 
 
 def main(argv: list[str] | None = None, out: IO[str] | None = None,
-         inp: IO[str] | None = None) -> int:
+         inp: IO[str] | None = None,
+         open_table: Callable[..., Table] = registry.open_table) -> int:
+    """The command; ``open_table`` opens every table it names (tests run
+    it on each way memtable can run a memcache table)."""
     out = out or sys.stdout
     inp = inp or sys.stdin
     argv = sys.argv[1:] if argv is None else argv
@@ -290,7 +297,7 @@ def main(argv: list[str] | None = None, out: IO[str] | None = None,
     try:
         args = _parser().parse_args(argv)
         _setup_logging(args.v)
-        status = _run_command(args, out, inp)
+        status = _run_command(args, out, inp, open_table)
         out.flush()
         return status
     except _Fatal as exc:

@@ -84,16 +84,14 @@ class MemcacheTable(Table):
     """One ``memcache:/path/file.cf`` table, blocking."""
 
     def __init__(self, config: MemcacheConfig, *, read_write: bool, fold: bool,
-                 pipeline: KeyPipeline, backup: Table | None,
-                 wire: MemcacheWire | None = None) -> None:
+                 pipeline: KeyPipeline, backup: Table | None, wire: MemcacheWire) -> None:
         self.spec = f"memcache:{config.path}"
         self.config = config
         self.read_write = read_write
         self.fold = fold
         self.pipeline = pipeline
         self.backup = backup
-        self.wire = wire or new_wire(config, backup.spec if backup is not None else None,
-                                     MemcacheWire)
+        self.wire = wire  # registry.open_table builds it (new_wire)
         self.rules = MemcacheRules(config, read_write=read_write, fold=fold,
                                    pipeline=pipeline, has_backup=backup is not None,
                                    wire=self.wire)

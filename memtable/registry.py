@@ -10,11 +10,13 @@ write it).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from memtable.config import MemcacheConfig
 from memtable.errors import AccessError, ConfigError, UnsupportedTableError
 from memtable.limits import MAX_TABLE_NESTING
 from memtable.table import AsyncTable, EmptyTable, Table
+from memtable.wire import MemcacheWire
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -28,7 +30,7 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 def open_table(spec: str, *, read_write: bool = False, fold: bool = True,
                security_sensitive: bool = False, missing_empty: bool = False,
-               _depth: int = 0) -> Table:
+               wire: Callable[..., MemcacheWire] = MemcacheWire, _depth: int = 0) -> Table:
     """Open ``spec`` (``memcache:/path.cf``, ``lmdb:/path``, ...).
 
     ``read_write`` is Postfix's O_RDWR (needed for update and delete);
@@ -38,6 +40,8 @@ def open_table(spec: str, *, read_write: bool = False, fold: bool = True,
     a read-only open of an lmdb file that does not exist yet (a read-write
     open creates it), here or as a memcache table's backup, gives an empty
     table instead of Postfix's "open database ...: No such file or directory".
+    ``wire``: what a memcache table's connection is built with (tests run
+    the same tables on the asyncio driver this way).
     """
     if _depth > MAX_TABLE_NESTING:
         raise ConfigError(f'"{spec}": tables nested more than {MAX_TABLE_NESTING} deep')
@@ -46,7 +50,7 @@ def open_table(spec: str, *, read_write: bool = False, fold: bool = True,
         if security_sensitive:
             raise AccessError(f"memcache:{name} map is not allowed for security-sensitive data")
         return _open_memcache(name, read_write=read_write, fold=fold, depth=_depth,
-                              missing_empty=missing_empty)
+                              missing_empty=missing_empty, wire=wire)
     from memtable.backends import open_backend
     from memtable.backends.lmdb_table import not_created
 
@@ -58,15 +62,15 @@ def open_table(spec: str, *, read_write: bool = False, fold: bool = True,
 
 
 def _open_memcache(path: str, *, read_write: bool, fold: bool, depth: int,
-                   missing_empty: bool) -> Table:
+                   missing_empty: bool, wire: Callable[..., MemcacheWire]) -> Table:
     from memtable.domainlist import DomainFilter
     from memtable.keys import KeyFormat, KeyPipeline
-    from memtable.memcache_table import MemcacheTable
+    from memtable.memcache_table import MemcacheTable, new_wire
 
     config = MemcacheConfig.from_file(path)
 
     def open_lookup(inner: str) -> Table:
-        return open_table(inner, read_write=False, fold=True, _depth=depth + 1)
+        return open_table(inner, read_write=False, fold=True, wire=wire, _depth=depth + 1)
 
     domain = DomainFilter.build(config.domain, open_lookup)
     pipeline = KeyPipeline(KeyFormat.compile(config.key_format), config.key_digest, domain)
@@ -74,12 +78,14 @@ def _open_memcache(path: str, *, read_write: bool, fold: bool, depth: int,
     if config.backup:
         try:
             backup = open_table(config.backup, read_write=read_write, fold=fold,
-                                missing_empty=missing_empty, _depth=depth + 1)
+                                missing_empty=missing_empty, wire=wire, _depth=depth + 1)
         except ConfigError as exc:
             # Keep the class (UnsupportedTableError stays one) and name this file.
             raise type(exc)(f"backup = {config.backup}: {exc}", path) from None
-    return MemcacheTable(config, read_write=read_write, fold=fold,
-                         pipeline=pipeline, backup=backup)
+    return MemcacheTable(config, read_write=read_write, fold=fold, pipeline=pipeline,
+                         backup=backup,
+                         wire=new_wire(config, backup.spec if backup is not None else None,
+                                       wire))
 
 
 def as_async(table: Table) -> AsyncTable:

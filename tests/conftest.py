@@ -188,7 +188,7 @@ def memcached_unix(tmp_path: Path) -> Iterator[Memcached]:
 
 # Fixtures defined beside their helpers, made available to every test file.
 from tests.dnslab import nsd_factory  # noqa: E402, F401
-from tests.memcache_runners import memcache_runner  # noqa: E402, F401
+from tests.memcache_runners import open_table_fixture  # noqa: E402, F401
 from tests.policyd_proc import policyd_factory  # noqa: E402, F401
 from tests.postfixlab import postfix_instance, postmap_config  # noqa: E402, F401
 

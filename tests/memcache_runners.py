@@ -1,28 +1,30 @@
-"""The memcache table tests on both runners of the rules.
+"""The memcache table tests on every way memtable runs a memcache table.
 
-``memcache_runner`` is "blocking" (MemcacheTable, as open_table gives it) or
-"async" (AsyncMemcacheTable, from registry.as_async, its coroutines run on
-a private event loop by AsyncAdapter, a blocking Table over it).  A test
-module opts in with ``runner_opens(module)``: its own ``open_table`` (and
-memtable.cli's, so that the memtable command of the differential tests runs
-the chosen runner too) then gives the chosen kind of memcache table.
+A test takes the ``open_table`` fixture instead of importing
+memtable.open_table: it opens tables the same way, and its memcache tables
+are MemcacheTables ("blocking", as memtable.open_table gives them) or
+AsyncMemcacheTables ("async", from registry.as_async, their coroutines run
+on a private event loop by AsyncAdapter, a blocking Table over them).
+OPENERS adds the blocking table on the asyncio driver ("asyncio-wire",
+tests/wire_drivers.py); memtable.cli.main takes any of them as its
+``open_table`` (the differential tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-import memtable.cli
 from memtable.amemcache_table import AsyncMemcacheTable
 from memtable.errors import MemtableError
 from memtable.memcache_table import MemcacheTable
 from memtable.registry import as_async, open_table
 from memtable.table import Item, Outcome, Table
+from memtable.wire import MemcacheWire
+from tests.wire_drivers import AsyncOnLoop
 
 
 class AsyncAdapter(Table):
@@ -91,11 +93,16 @@ class AsyncAdapter(Table):
 MemcacheTables = (MemcacheTable, AsyncAdapter)
 
 
-def opener(runner: str) -> Callable[..., Table]:
-    """open_table, giving memcache tables of the ``runner`` kind."""
+Opener = Callable[..., Table]
+"""memtable.open_table's signature (spec, read_write=..., fold=..., ...)."""
+
+
+def opener(runner: str = "blocking", wire: Callable[..., Any] = MemcacheWire) -> Opener:
+    """open_table, giving memcache tables of the ``runner`` kind, whose
+    connection (blocking runner) is built with ``wire``."""
 
     def open_(spec: str, **kwargs: Any) -> Table:
-        table = open_table(spec, **kwargs)
+        table = open_table(spec, wire=wire, **kwargs)
         if runner == "async" and isinstance(table, MemcacheTable):
             return AsyncAdapter(table)
         return table
@@ -103,17 +110,16 @@ def opener(runner: str) -> Callable[..., Table]:
     return open_
 
 
-def use_runner(runner: str, monkeypatch: pytest.MonkeyPatch,
-               module: ModuleType | None = None) -> None:
-    """memtable.cli's open_table (and ``module``'s) give ``runner``'s tables."""
-    if module is not None:
-        monkeypatch.setattr(module, "open_table", opener(runner))
-    monkeypatch.setattr(memtable.cli, "open_table", opener(runner))
+OPENERS: dict[str, Opener] = {
+    "blocking": opener(),
+    "asyncio-wire": opener(wire=AsyncOnLoop),
+    "async-table": opener("async"),
+}
 
 
-@pytest.fixture(params=["blocking", "async"])
-def memcache_runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Which runner the test's memcache tables have (see the module docstring)."""
-    runner: str = request.param
-    use_runner(runner, monkeypatch, request.module)
-    return runner
+@pytest.fixture(name="open_table", params=["blocking", "async-table"])
+def open_table_fixture(request: pytest.FixtureRequest) -> Opener:
+    """open_table on each runner of the memcache rules (module docstring);
+    a test module may override it, or a test parametrize it indirectly
+    with names of OPENERS."""
+    return OPENERS[request.param]

@@ -18,7 +18,6 @@ from memtable.errors import BackupError
 from memtable.registry import open_table
 from memtable.table import Outcome
 from memtable.wire import MemcacheWire
-from policyd import storewalk
 from policyd.cleanup import CleanupError, Counts, cleanup, delete_batch, render
 from policyd.cli import main
 from policyd.config import PolicydConfig
@@ -181,7 +180,6 @@ print("done", flush=True)
 
 @pytest.mark.parametrize("kind", ["lmdb", "memcache"])
 def test_a_rewrite_racing_the_delete_is_kept(tmp_path: Path, memcached: Memcached,
-                                             monkeypatch: pytest.MonkeyPatch,
                                              kind: str) -> None:
     """Issue 15: cleanup read an expired record, policyd rewrote it (a retry
     answered DEFER, the record fresh again), then cleanup deleted it.  Here
@@ -202,27 +200,28 @@ def test_a_rewrite_racing_the_delete_is_kept(tmp_path: Path, memcached: Memcache
     script.write_text(REWRITER)
     started: list[subprocess.Popen[str]] = []
     said: list[str] = []  # the writer's lines
-    seen = 0
-    real_parse = storewalk.parse_entry
 
-    def parse(kind: str, k: str, value: str, *, by_shape: bool = False) -> Entry:
-        nonlocal seen
-        if k == key:
-            seen += 1
-            if seen == 2:  # the first is the walk, the second cleanup's final check
-                proc = subprocess.Popen(
-                    [sys.executable, str(script), tspec, f"{tmp_path}/tb.lmdb", key, fresh],
-                    stdout=subprocess.PIPE, text=True)
-                started.append(proc)
-                assert proc.stdout is not None
-                said.append(proc.stdout.readline())
-                if said == ["free\n"]:
-                    # Nothing holds the record: the rewrite lands right now.
+    class RacedTables(WalkTables):
+        """The stores, with the writer started inside the final check."""
+
+        def delete_if(self, entry: Entry, deletable: Callable[[Entry], bool]
+                      ) -> tuple[Outcome, Outcome | None]:
+            def check(stored: Entry) -> bool:
+                if stored.key == key and not started:  # the walked store's check
+                    proc = subprocess.Popen(
+                        [sys.executable, str(script), tspec, f"{tmp_path}/tb.lmdb", key, fresh],
+                        stdout=subprocess.PIPE, text=True)
+                    started.append(proc)
+                    assert proc.stdout is not None
                     said.append(proc.stdout.readline())
-        return real_parse(kind, k, value, by_shape=by_shape)
+                    if said == ["free\n"]:
+                        # Nothing holds the record: the rewrite lands right now.
+                        said.append(proc.stdout.readline())
+                return deletable(stored)
 
-    monkeypatch.setattr(storewalk, "parse_entry", parse)
-    with WalkTables.open(config, read_write=True) as stores:
+            return super().delete_if(entry, check)
+
+    with RacedTables.open(config, read_write=True) as stores:
         counts = cleanup(stores, config, NOW)
     assert len(started) == 1
     out, _ = started[0].communicate(timeout=30)
@@ -236,11 +235,11 @@ def test_a_rewrite_racing_the_delete_is_kept(tmp_path: Path, memcached: Memcache
 
 
 def test_a_value_another_host_writes_between_gets_and_delete_stays_in_memcached(
-        tmp_path: Path, memcached: Memcached, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, memcached: Memcached) -> None:
     """memcached is never told to delete a value it did not show: another
     host writes the key right after cleanup has read memcached's (expired)
     copy; the delete is refused (cas), the new value stays."""
-    cf, _, _ = memcache_setup(tmp_path, memcached)
+    cf, tspec, cspec = memcache_setup(tmp_path, memcached)
     config = PolicydConfig.from_file(cf)
     key = triplet_key(5, "gone")
     fresh = TripletRecord(NOW - HOUR, NOW - HOUR).serialise()
@@ -248,20 +247,28 @@ def test_a_value_another_host_writes_between_gets_and_delete_stays_in_memcached(
     other_host = memcache_cf(tmp_path / "other", "t", memcached.spec, None)
     written: list[str] = []
 
-    def after_read(read: Callable[..., object]) -> Callable[..., object]:
-        def wrapper(self: MemcacheWire, mc_key: bytes) -> object:
-            hit = read(self, mc_key)
+    class OtherHostWritesAfterRead(MemcacheWire):
+        """The triplet table's connection: the other host writes the key
+        right after this one has read it (get, or gets for a cas)."""
+
+        def _after_read(self, mc_key: bytes) -> None:
             if mc_key == f"t:{key}".encode() and not written:
                 with open_table(other_host, read_write=True) as table:
                     table.update(key, fresh)
                 written.append(fresh)
-            return hit
-        return wrapper
 
-    # Whichever read cleanup uses (get, or gets for a cas).
-    monkeypatch.setattr(MemcacheWire, "get", after_read(MemcacheWire.get))
-    monkeypatch.setattr(MemcacheWire, "gets", after_read(MemcacheWire.gets))
-    with WalkTables.open(config, read_write=True) as stores:
+        def get(self, mc_key: bytes) -> tuple[int, bytes] | None:
+            hit = super().get(mc_key)
+            self._after_read(mc_key)
+            return hit
+
+        def gets(self, mc_key: bytes) -> tuple[int, bytes, int] | None:
+            hit = super().gets(mc_key)
+            self._after_read(mc_key)
+            return hit
+
+    with WalkTables(config, open_table(tspec, read_write=True, wire=OtherHostWritesAfterRead),
+                    open_table(cspec, read_write=True)) as stores:
         cleanup(stores, config, NOW)
     assert written == [fresh]
     stored = memcached.meta(f"t:{key}")

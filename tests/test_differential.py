@@ -48,13 +48,11 @@ from pathlib import Path
 
 import pytest
 
-import memtable.memcache_table
 from memtable import cli as memtable_cli
 from tests.conftest import Memcached
-from tests.memcache_runners import use_runner
+from tests.memcache_runners import OPENERS, Opener
 from tests.postfixcf import postfix_config_dir, write_aged
 from tests.postfixlab import HAVE_POSTMAP, run_postmap
-from tests.wire_drivers import DRIVERS
 
 pytestmark = [
     pytest.mark.postfix,
@@ -144,11 +142,13 @@ class Outcome:
 
 
 class Lab:
-    """Runs a Case with either tool against one memcached."""
+    """Runs a Case with either tool against one memcached; memtable's
+    tables are opened by ``open_table`` (tests.memcache_runners.OPENERS)."""
 
-    def __init__(self, tmp: Path, mc: Memcached) -> None:
+    def __init__(self, tmp: Path, mc: Memcached, open_table: Opener) -> None:
         self.tmp = tmp
         self.mc = mc
+        self.open_table = open_table
         self.pm_cf = postfix_config_dir(tmp)
 
     def prepare(self, case: Case) -> str:
@@ -185,8 +185,23 @@ class Lab:
 
     def memtable(self, case: Case) -> Outcome:
         table = self.prepare(case)
-        status, out, err = run_memtable([*case.args, table], case.stdin)
+        status, out, err = self.run_memtable([*case.args, table], case.stdin)
         return Outcome(out, status, raw_state(self.mc), self.backup_dump(case), err)
+
+    def run_memtable(self, argv: list[str], stdin: str = "") -> tuple[int, str, str]:
+        """memtable.cli.main in this process (fast), opening tables with
+        ``open_table``; root logging restored after."""
+        out, err = io.StringIO(), io.StringIO()
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        try:
+            with contextlib.redirect_stderr(err):
+                status = memtable_cli.main(argv, out=out, inp=io.StringIO(stdin),
+                                           open_table=self.open_table)
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        return status, out.getvalue(), err.getvalue()
 
     def compare(self, case: Case) -> tuple[Outcome, Outcome]:
         expected = self.postmap(case)
@@ -208,31 +223,12 @@ def _short(text: str, limit: int = 600) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def run_memtable(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
-    """memtable.cli.main in this process (fast); root logging restored after."""
-    out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        with contextlib.redirect_stderr(err):
-            status = memtable_cli.main(argv, out=out, inp=io.StringIO(stdin))
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return status, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(params=["blocking", "asyncio-wire", "async-table"])
-def lab(request: pytest.FixtureRequest, tmp_path: Path, memcached: Memcached,
-        monkeypatch: pytest.MonkeyPatch) -> Lab:
+@pytest.fixture(params=list(OPENERS))
+def lab(request: pytest.FixtureRequest, tmp_path: Path, memcached: Memcached) -> Lab:
     """Every comparison with memtable's table on each way it can run: the
     blocking table with either memcache driver (tests/wire_drivers.py), and
     AsyncMemcacheTable (tests/memcache_runners.py)."""
-    if request.param == "asyncio-wire":
-        monkeypatch.setattr(memtable.memcache_table, "MemcacheWire", DRIVERS["asyncio"])
-    elif request.param == "async-table":
-        use_runner("async", monkeypatch)
-    return Lab(tmp_path, memcached)
+    return Lab(tmp_path, memcached, OPENERS[request.param])
 
 
 
@@ -461,7 +457,7 @@ def test_ttl_over_30_days_is_sent_as_absolute_time(lab: Lab) -> None:
 def test_keys_with_space_or_control_chars_are_skipped(lab: Lab, key: str) -> None:
     case = Case("ws", ("-q", key), seed={"k": "v"})
     table = lab.prepare(case)
-    status, out, _ = run_memtable(["-q", key, table])
+    status, out, _ = lab.run_memtable(["-q", key, table])
     assert (status, out) == (1, "")
     assert raw_state(lab.mc).keys() == {"k"}  # nothing sent, nothing stored
 
@@ -470,7 +466,7 @@ def test_key_over_250_bytes_is_skipped(lab: Lab) -> None:
     key = "x" * 251
     case = Case("long", ("-q", key), backup={key: "v", "y" * 250: "w"})
     table = lab.prepare(case)
-    status, out, _ = run_memtable(["-q", "-", table], f"{key}\n{'y' * 250}\n")
+    status, out, _ = lab.run_memtable(["-q", "-", table], f"{key}\n{'y' * 250}\n")
     assert status == 0
     # The 250-byte key is looked up and cached; the 251-byte one never
     # reaches memcached (a lookup that would only fail there).
@@ -486,7 +482,7 @@ def test_key_digest_is_applied(lab: Lab) -> None:
     case = Case("digest", ("-q", "User@Example.com"),
                 cf={"key_format": "kd:%s", "key_digest": "sha256"}, seed={raw: "found"})
     table = lab.prepare(case)
-    status, out, _ = run_memtable(["-q", "User@Example.com", table])
+    status, out, _ = lab.run_memtable(["-q", "User@Example.com", table])
     assert (status, out) == (0, "found\n")
 
 
@@ -495,7 +491,7 @@ def test_temporary_failure_exits_75(lab: Lab, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cf = write_aged(tmp_path / "down.cf", f"memcache = inet:127.0.0.1:{port}\n")
-    status, out, err = run_memtable(["-q", "k", f"memcache:{cf}"])
+    status, out, err = lab.run_memtable(["-q", "k", f"memcache:{cf}"])
     assert (status, out) == (75, "")
     assert err
     r = run_postmap(lab.pm_cf, "-q", "k", f"memcache:{cf}")

@@ -1,5 +1,6 @@
 """dict_memcache semantics against a real memcached and a real lmdb backup,
-on both runners of the rules (tests.memcache_runners)."""
+on both runners of the rules: ``open_table`` is the fixture of
+tests.memcache_runners."""
 
 from __future__ import annotations
 
@@ -16,13 +17,10 @@ from memtable import (
     TemporaryError,
     UnsupportedTableError,
     ValueTooLongError,
-    open_table,
 )
 from memtable.table import Table
 from tests.conftest import Memcached, free_port
-from tests.memcache_runners import MemcacheTables
-
-pytestmark = pytest.mark.usefixtures("memcache_runner")
+from tests.memcache_runners import MemcacheTables, Opener
 
 
 def make_cf(tmp_path: Path, memcache: str, *lines: str, name: str = "t.cf") -> str:
@@ -35,7 +33,8 @@ def dead_server() -> str:
     return f"inet:127.0.0.1:{free_port()}"  # nothing listens: connection refused
 
 
-def test_update_lookup_delete_round_trip(tmp_path: Path, memcached: Memcached) -> None:
+def test_update_lookup_delete_round_trip(
+        open_table: Opener, tmp_path: Path, memcached: Memcached) -> None:
     spec = make_cf(tmp_path, memcached.spec, "key_format = pfx:%s", "flags = 7", "ttl = 600")
     with open_table(spec, read_write=True) as table:
         assert table.lookup("User@Example.com") is None
@@ -51,7 +50,7 @@ def test_update_lookup_delete_round_trip(tmp_path: Path, memcached: Memcached) -
         assert memcached.meta("pfx:user@example.com") is None
 
 
-def test_fold_off_keeps_case(tmp_path: Path, memcached: Memcached) -> None:
+def test_fold_off_keeps_case(open_table: Opener, tmp_path: Path, memcached: Memcached) -> None:
     spec = make_cf(tmp_path, memcached.spec)
     with open_table(spec, read_write=True, fold=False) as table:
         table.update("MixedCase", "v")
@@ -59,13 +58,13 @@ def test_fold_off_keeps_case(tmp_path: Path, memcached: Memcached) -> None:
     assert memcached.meta("mixedcase") is None
 
 
-def test_unix_socket_server(tmp_path: Path, memcached_unix: Memcached) -> None:
+def test_unix_socket_server(open_table: Opener, tmp_path: Path, memcached_unix: Memcached) -> None:
     with open_table(make_cf(tmp_path, memcached_unix.spec), read_write=True) as table:
         table.update("k", "v")
         assert table.lookup("k") == "v"
 
 
-def test_lookup_falls_back_to_backup_and_writes_back(tmp_path: Path,
+def test_lookup_falls_back_to_backup_and_writes_back(open_table: Opener, tmp_path: Path,
                                                      memcached: Memcached) -> None:
     backup = f"lmdb:{tmp_path / 'backup'}"
     with open_table(backup, read_write=True) as lmdb:
@@ -80,7 +79,8 @@ def test_lookup_falls_back_to_backup_and_writes_back(tmp_path: Path,
     assert 1190 <= int(str(meta["ttl"])) <= 1200
 
 
-def test_update_goes_to_memcache_then_backup(tmp_path: Path, memcached: Memcached) -> None:
+def test_update_goes_to_memcache_then_backup(
+        open_table: Opener, tmp_path: Path, memcached: Memcached) -> None:
     backup = f"lmdb:{tmp_path / 'backup'}"
     spec = make_cf(tmp_path, memcached.spec, f"backup = {backup}")
     with open_table(spec, read_write=True) as table:
@@ -91,7 +91,7 @@ def test_update_goes_to_memcache_then_backup(tmp_path: Path, memcached: Memcache
         assert lmdb.lookup("k@example.com") == "v"
 
 
-def test_memcache_down_with_backup_answers_from_backup(tmp_path: Path) -> None:
+def test_memcache_down_with_backup_answers_from_backup(open_table: Opener, tmp_path: Path) -> None:
     backup = f"lmdb:{tmp_path / 'backup'}"
     spec = make_cf(tmp_path, dead_server(), f"backup = {backup}")
     with open_table(spec, read_write=True) as table:
@@ -101,7 +101,7 @@ def test_memcache_down_with_backup_answers_from_backup(tmp_path: Path) -> None:
         assert table.lookup("k@example.com") is None
 
 
-def test_memcache_down_without_backup_is_temporary(tmp_path: Path) -> None:
+def test_memcache_down_without_backup_is_temporary(open_table: Opener, tmp_path: Path) -> None:
     spec = make_cf(tmp_path, dead_server())
     with open_table(spec, read_write=True) as table:
         with pytest.raises(TemporaryError):
@@ -113,7 +113,8 @@ def test_memcache_down_without_backup_is_temporary(tmp_path: Path) -> None:
 
 
 def test_too_long_value_not_stored_in_memcache_but_in_backup(
-        tmp_path: Path, memcached: Memcached, caplog: pytest.LogCaptureFixture) -> None:
+        open_table: Opener, tmp_path: Path, memcached: Memcached,
+        caplog: pytest.LogCaptureFixture) -> None:
     backup = f"lmdb:{tmp_path / 'backup'}"
     spec = make_cf(tmp_path, memcached.spec, "data_size_limit = 10", f"backup = {backup}")
     with caplog.at_level(logging.WARNING), open_table(spec, read_write=True) as table:
@@ -127,7 +128,7 @@ def test_too_long_value_not_stored_in_memcache_but_in_backup(
         table.update("k", "x" * 11)
 
 
-def test_skipped_keys(tmp_path: Path, memcached: Memcached) -> None:
+def test_skipped_keys(open_table: Opener, tmp_path: Path, memcached: Memcached) -> None:
     spec = make_cf(tmp_path, memcached.spec, "domain = example.com", "key_format = %d/%u")
     with open_table(spec, read_write=True) as table:
         assert table.lookup("user@other.example") is None
@@ -139,7 +140,7 @@ def test_skipped_keys(tmp_path: Path, memcached: Memcached) -> None:
     assert memcached.meta("example.com/user") is not None
 
 
-def test_keys_with_spaces_and_long_keys_are_skipped(tmp_path: Path,
+def test_keys_with_spaces_and_long_keys_are_skipped(open_table: Opener, tmp_path: Path,
                                                     memcached: Memcached) -> None:
     spec = make_cf(tmp_path, memcached.spec)
     with open_table(spec, read_write=True) as table:
@@ -155,13 +156,14 @@ def test_keys_with_spaces_and_long_keys_are_skipped(tmp_path: Path,
         assert table.lookup("x" * 1000) == "long key, digested"
 
 
-def test_sequence_needs_backup(tmp_path: Path, memcached: Memcached) -> None:
+def test_sequence_needs_backup(open_table: Opener, tmp_path: Path, memcached: Memcached) -> None:
     with open_table(make_cf(tmp_path, memcached.spec)) as table, \
             pytest.raises(SequenceUnsupportedError):
         list(table.sequence())
 
 
-def test_read_only_and_security_sensitive(tmp_path: Path, memcached: Memcached) -> None:
+def test_read_only_and_security_sensitive(
+        open_table: Opener, tmp_path: Path, memcached: Memcached) -> None:
     spec = make_cf(tmp_path, memcached.spec)
     with open_table(spec) as table:
         with pytest.raises(AccessError, match="read-only"):
@@ -172,14 +174,15 @@ def test_read_only_and_security_sensitive(tmp_path: Path, memcached: Memcached) 
         open_table(spec, security_sensitive=True)
 
 
-def test_bad_backup_types(tmp_path: Path, memcached: Memcached) -> None:
+def test_bad_backup_types(open_table: Opener, tmp_path: Path, memcached: Memcached) -> None:
     with pytest.raises(UnsupportedTableError, match="postmap"):
         open_table(make_cf(tmp_path, memcached.spec, "backup = btree:/var/lib/x"))
     with pytest.raises(ConfigError):
         open_table(make_cf(tmp_path, memcached.spec, "backup = nonsense"))
 
 
-def test_lookup_many_matches_lookup(tmp_path: Path, memcached: Memcached) -> None:
+def test_lookup_many_matches_lookup(
+        open_table: Opener, tmp_path: Path, memcached: Memcached) -> None:
     backup = f"lmdb:{tmp_path / 'backup'}"
     spec = make_cf(tmp_path, memcached.spec, f"backup = {backup}", "domain = example.com")
     with open_table(backup, read_write=True) as lmdb:
@@ -192,20 +195,20 @@ def test_lookup_many_matches_lookup(tmp_path: Path, memcached: Memcached) -> Non
         assert table.lookup_many(keys)["b@example.com"] == "backup only"
 
 
-def _batch_table(tmp_path: Path, memcache: str, *lines: str) -> Table:
+def _batch_table(open_table: Opener, tmp_path: Path, memcache: str, *lines: str) -> Table:
     table = open_table(make_cf(tmp_path, memcache, *lines), read_write=True)
     assert isinstance(table, MemcacheTables)
     return table
 
 
-def test_update_many_matches_update(tmp_path: Path, memcached: Memcached,
+def test_update_many_matches_update(open_table: Opener, tmp_path: Path, memcached: Memcached,
                                     caplog: pytest.LogCaptureFixture) -> None:
     """Per item, update_many() has update()'s outcome: stored (memcache with
     its ttl and flags, then the backup), skipped key, too long a value."""
     backup = f"lmdb:{tmp_path / 'backup'}"
-    table = _batch_table(tmp_path, memcached.spec, f"backup = {backup}", "domain = example.com",
-                      "key_format = b:%s", "flags = 7", "ttl = 1200",
-                      "data_size_limit = 20")
+    table = _batch_table(open_table, tmp_path, memcached.spec, f"backup = {backup}",
+                         "domain = example.com", "key_format = b:%s", "flags = 7",
+                         "ttl = 1200", "data_size_limit = 20")
     with table:
         with caplog.at_level(logging.WARNING):
             results = table.update_many([
@@ -231,8 +234,9 @@ def test_update_many_matches_update(tmp_path: Path, memcached: Memcached,
     assert memcached.meta("b:x@other.example") is None
 
 
-def test_update_many_without_backup(tmp_path: Path, memcached: Memcached) -> None:
-    table = _batch_table(tmp_path, memcached.spec, "data_size_limit = 5")
+def test_update_many_without_backup(
+        open_table: Opener, tmp_path: Path, memcached: Memcached) -> None:
+    table = _batch_table(open_table, tmp_path, memcached.spec, "data_size_limit = 5")
     with table:
         results = table.update_many([("k1", "v1", 60), ("", "empty key", 60),
                                      ("k2", "toolong", 60), ("k3", "v3", 60)])
@@ -246,28 +250,28 @@ def test_update_many_without_backup(tmp_path: Path, memcached: Memcached) -> Non
             ro.update_many([("k", "v", None)])
 
 
-def test_update_many_with_memcache_down(tmp_path: Path) -> None:
+def test_update_many_with_memcache_down(open_table: Opener, tmp_path: Path) -> None:
     """Without a backup every item of the failed round trip gets the error;
     with one, the error is only logged and the backup batch decides."""
-    table = _batch_table(tmp_path, dead_server())
+    table = _batch_table(open_table, tmp_path, dead_server())
     with table:
         results = table.update_many([("k1", "v", None), ("k2", "v", None)])
         assert all(isinstance(r, TemporaryError) for r in results)
     backup = f"lmdb:{tmp_path / 'backup'}"
-    table = _batch_table(tmp_path, dead_server(), f"backup = {backup}")
+    table = _batch_table(open_table, tmp_path, dead_server(), f"backup = {backup}")
     with table:
         assert table.update_many([("k1", "v1", None), ("k2", "v2", None)]) == [None, None]
         assert table.lookup_many(["k1", "k2", "k3"]) == {"k1": "v1", "k2": "v2", "k3": None}
 
 
 def test_lookup_many_reads_misses_from_the_backup_in_one_batch(
-        tmp_path: Path, memcached: Memcached) -> None:
+        open_table: Opener, tmp_path: Path, memcached: Memcached) -> None:
     backup = f"lmdb:{tmp_path / 'backup'}"
     with open_table(backup, read_write=True) as lmdb:
         for i in range(5):
             lmdb.update(f"k{i}", f"from backup {i}")
-    table = _batch_table(tmp_path, memcached.spec, f"backup = {backup}", "key_format = b:%s",
-                      "flags = 3", "ttl = 1200")
+    table = _batch_table(open_table, tmp_path, memcached.spec, f"backup = {backup}",
+                         "key_format = b:%s", "flags = 3", "ttl = 1200")
     with table:
         table.update("k0", "in memcache")
         keys = [f"k{i}" for i in range(6)]
@@ -282,7 +286,7 @@ def test_lookup_many_reads_misses_from_the_backup_in_one_batch(
     assert memcached.meta("b:k5") is None
 
 
-def test_skip_logging(tmp_path: Path, memcached: Memcached,
+def test_skip_logging(open_table: Opener, tmp_path: Path, memcached: Memcached,
                       caplog: pytest.LogCaptureFixture) -> None:
     """Skipped updates warn once; lookups Postfix skips silently stay
     quiet; a key over memcached's limit (no Postfix reason) warns."""

@@ -1,8 +1,9 @@
 """A memcache table with a backup while its real memcached misbehaves:
 hung (SIGSTOP), dead, or full (``-M``).  What is answered, what memcached
 holds afterwards, and what is logged: on both memcache drivers (the
-table's wire is the blocking MemcacheWire or the asyncio one,
-tests/wire_drivers.py)."""
+``open_table`` fixture builds the table's wire as the blocking MemcacheWire
+or the asyncio one, tests/wire_drivers.py); the stale-key tests also on
+AsyncMemcacheTable."""
 
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import memtable.memcache_rules
-from memtable import clock, open_table
+from memtable import clock
 from memtable.limits import (
     MEMCACHE_DOWN_HOLD_SECONDS,
     MEMCACHE_TROUBLE_LOG_INTERVAL_SECONDS,
@@ -27,13 +27,18 @@ from memtable.limits import (
 from memtable.outage import OutageLog
 from memtable.table import Table
 from tests.conftest import Memcached, start_memcached
-from tests.memcache_runners import AsyncAdapter, MemcacheTables
+from tests.memcache_runners import OPENERS, AsyncAdapter, MemcacheTables, Opener
 
 
-@pytest.fixture(autouse=True)
-def driver(wire_driver: Callable[..., object], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tables built here talk to memcached through the driver under test."""
-    monkeypatch.setattr(memtable.memcache_table, "MemcacheWire", wire_driver)
+@pytest.fixture(name="open_table", params=["blocking", "asyncio-wire"])
+def open_table_fixture(request: pytest.FixtureRequest) -> Opener:
+    """open_table whose memcache tables talk to memcached through the
+    driver under test (tests.memcache_runners.OPENERS)."""
+    return OPENERS[request.param]
+
+
+# The stale-key tests run on AsyncMemcacheTable too.
+EVERY_RUNNER = pytest.mark.parametrize("open_table", list(OPENERS), indirect=True)
 
 
 @pytest.fixture
@@ -70,7 +75,7 @@ def server(tmp_path: Path) -> Iterator[Memcached]:
     mc.stop()
 
 
-def table_with_backup(tmp_path: Path, memcache: str, *lines: str) -> Table:
+def table_with_backup(open_table: Opener, tmp_path: Path, memcache: str, *lines: str) -> Table:
     cf = tmp_path / "t.cf"
     cf.write_text("\n".join([f"memcache = {memcache}", f"backup = lmdb:{tmp_path / 'bk'}",
                              "timeout = 1", "max_try = 2", *lines]) + "\n")
@@ -87,15 +92,16 @@ def value(server: Memcached, key: str) -> object:
 # -- a write memcached missed is never read back stale (issue 15, item 2) -------
 
 
-@pytest.mark.usefixtures("memcache_runner")
+@EVERY_RUNNER
 def test_writes_during_a_hang_are_not_read_back_stale_and_are_repaired(
-        tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None]) -> None:
+        open_table: Opener, tmp_path: Path, server: Memcached,
+        shift_clock: Callable[[float], None]) -> None:
     """memcached hangs: the first command times out and holds it down, the
     writes after it go to the backup only, and memcached keeps its older
     copies.  Once it answers again those copies are never served: the
     backup's values are, and memcached is rewritten from the backup (with
     the ttls the writes asked for; deleted keys deleted)."""
-    table = table_with_backup(tmp_path, server.spec)
+    table = table_with_backup(open_table, tmp_path, server.spec)
     with table:
         table.update("k", "old", ttl=600)
         table.update("m", "old m")
@@ -124,13 +130,13 @@ def test_writes_during_a_hang_are_not_read_back_stale_and_are_repaired(
             assert ttl - 10 <= int(str(meta["ttl"])) <= ttl
 
 
-@pytest.mark.usefixtures("memcache_runner")
+@EVERY_RUNNER
 def test_stale_keys_over_the_bound_are_forgotten_with_a_warning(
-        tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None],
+        open_table: Opener, tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None],
         caplog: pytest.LogCaptureFixture) -> None:
     """Over the bound (MemcacheRules.stale_keys_max) the oldest stale keys are forgotten,
     with a warning: those (and only those) memcached may serve stale."""
-    table = table_with_backup(tmp_path, server.spec)
+    table = table_with_backup(open_table, tmp_path, server.spec)
     rules = table.inner.rules if isinstance(table, AsyncAdapter) else table.rules
     rules.stale_keys_max = 2
     with table:
@@ -148,10 +154,11 @@ def test_stale_keys_over_the_bound_are_forgotten_with_a_warning(
         assert table.lookup_many(["a", "b", "c"]) == {"a": "old", "b": "new", "c": "new"}
 
 
-@pytest.mark.usefixtures("memcache_runner")
-def test_keys_still_stale_at_close_are_named(tmp_path: Path, server: Memcached,
+@EVERY_RUNNER
+def test_keys_still_stale_at_close_are_named(open_table: Opener, tmp_path: Path,
+                                             server: Memcached,
                                              caplog: pytest.LogCaptureFixture) -> None:
-    table = table_with_backup(tmp_path, server.spec)
+    table = table_with_backup(open_table, tmp_path, server.spec)
     table.update("k", "old")
     server.stop()
     table.update("k", "new")
@@ -165,11 +172,11 @@ def test_keys_still_stale_at_close_are_named(tmp_path: Path, server: Memcached,
 
 
 def test_an_outage_is_logged_when_it_starts_now_and_then_and_when_it_ends(
-        tmp_path: Path, server: Memcached, frozen_clock: Callable[[float], None],
-        caplog: pytest.LogCaptureFixture) -> None:
+        open_table: Opener, tmp_path: Path, server: Memcached,
+        frozen_clock: Callable[[float], None], caplog: pytest.LogCaptureFixture) -> None:
     shift_clock = frozen_clock
     port = server.port
-    table = table_with_backup(tmp_path, server.spec)
+    table = table_with_backup(open_table, tmp_path, server.spec)
     with table, caplog.at_level(logging.DEBUG, logger="memtable"):
         table.update("k", "v")
         server.stop()
@@ -203,7 +210,7 @@ def test_an_outage_is_logged_when_it_starts_now_and_then_and_when_it_ends(
 
 
 def test_each_hang_soon_after_an_outage_is_logged_when_it_starts_and_ends(
-        tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None],
+        open_table: Opener, tmp_path: Path, server: Memcached, shift_clock: Callable[[float], None],
         caplog: pytest.LogCaptureFixture) -> None:
     """The operator's trial: memcached killed and restarted (both logged),
     then hung (SIGSTOP) twice within the next minute.  Each hang stalls a
@@ -262,7 +269,7 @@ def test_each_hang_soon_after_an_outage_is_logged_when_it_starts_and_ends(
 
 
 def test_a_full_memcached_that_refuses_writes_costs_no_retry_pause(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        open_table: Opener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """memcached -M with its memory full answers every write `SERVER_ERROR
     out of memory`.  With a backup to answer, such a write is not retried
@@ -288,7 +295,7 @@ def test_a_full_memcached_that_refuses_writes_costs_no_retry_pause(
 
         monkeypatch.setattr(clock, "sleep", pauses.append)
         monkeypatch.setattr(clock, "async_sleep", async_pause)
-        table = table_with_backup(tmp_path, full.spec, "retry_pause = 1")
+        table = table_with_backup(open_table, tmp_path, full.spec, "retry_pause = 1")
         with table, caplog.at_level(logging.WARNING, logger="memtable"):
             for batch in range(5):
                 items = [(f"b{batch}k{i}", value, None) for i in range(10)]
@@ -310,10 +317,10 @@ def test_a_full_memcached_that_refuses_writes_costs_no_retry_pause(
 
 
 def test_a_value_too_long_for_memcached_does_not_leave_the_older_one_there(
-        tmp_path: Path, memcached: Memcached) -> None:
+        open_table: Opener, tmp_path: Path, memcached: Memcached) -> None:
     """Postfix stores a value over data_size_limit in the backup only and
     leaves memcached's older value to be served; memtable deletes it."""
-    table = table_with_backup(tmp_path, memcached.spec, "data_size_limit = 10")
+    table = table_with_backup(open_table, tmp_path, memcached.spec, "data_size_limit = 10")
     with table:
         table.update("k", "short")
         table.update("k", "x" * 11)  # the backup only, with a warning

@@ -154,7 +154,9 @@ def nsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nsd]:
 
 def use_for_pyspf(server: Nsd, monkeypatch: pytest.MonkeyPatch) -> None:
     """dnspython's default resolver (pyspf's) asks ``server``, without
-    search domains (a relative name would be retried with the host's)."""
+    search domains (a relative name would be retried with the host's).
+    A patched module global because pyspf 2.0 has no resolver argument: it
+    calls dns.resolver.query, which reads this one."""
     resolver = dns.resolver.Resolver(configure=False)
     resolver.nameservers = [dns.nameserver.Do53Nameserver(server.host, server.port)]
     resolver.domain = dns.name.root
