@@ -45,7 +45,7 @@ from memtable.memcache_rules import (
     McGet,
     McGets,
     McSet,
-    MemcacheRules,
+    MemcacheParts,
     Plan,
     SetAndCommit,
 )
@@ -55,23 +55,17 @@ from memtable.table import AsyncTable, Item, Outcome
 T = TypeVar("T")
 
 
-class AsyncMemcacheTable(AsyncTable):
-    """One ``memcache:/path/file.cf`` table on an event loop."""
+class AsyncMemcacheTable(MemcacheParts[ThreadedTable, AsyncMemcacheWire], AsyncTable):
+    """One ``memcache:/path/file.cf`` table on an event loop
+    (registry.as_async builds it)."""
 
     def __init__(self, config: MemcacheConfig, *, read_write: bool, fold: bool,
                  pipeline: KeyPipeline, backup: ThreadedTable | None,
                  wire: AsyncMemcacheWire | None = None) -> None:
-        self.spec = f"memcache:{config.path}"
-        self.config = config
-        self.read_write = read_write
-        self.fold = fold
-        self.pipeline = pipeline
-        self.backup = backup
-        self.wire = wire or new_wire(config, backup.spec if backup is not None else None,
-                                     AsyncMemcacheWire)
-        self.rules = MemcacheRules(config, read_write=read_write, fold=fold,
-                                   pipeline=pipeline, has_backup=backup is not None,
-                                   wire=self.wire)
+        super().__init__(config, read_write=read_write, fold=fold, pipeline=pipeline,
+                         backup=backup, wire=wire or new_wire(
+                             config, backup.spec if backup is not None else None,
+                             AsyncMemcacheWire))
 
     # -- the runner ------------------------------------------------------
 

@@ -26,7 +26,7 @@ import logging
 import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from memtable import clock
 from memtable.config import MemcacheConfig
@@ -181,6 +181,27 @@ class WireState(Protocol):
     def writable(self) -> bool: ...
 
     def answered_by_backup(self, count: int = 1) -> None: ...
+
+
+B = TypeVar("B")  # the backup: a Table, or a ThreadedTable on an event loop
+W = TypeVar("W", bound="WireState")  # the connection: either driver
+
+
+class MemcacheParts(Generic[B, W]):
+    """What a memcache table holds, blocking (MemcacheTable) or on an event
+    loop (AsyncMemcacheTable): its settings, backup, connection and rules."""
+
+    def __init__(self, config: MemcacheConfig, *, read_write: bool, fold: bool,
+                 pipeline: KeyPipeline, backup: B | None, wire: W) -> None:
+        self.spec = f"memcache:{config.path}"
+        self.config = config
+        self.read_write = read_write
+        self.fold = fold
+        self.pipeline = pipeline
+        self.backup = backup
+        self.wire = wire
+        self.rules = MemcacheRules(config, read_write=read_write, fold=fold,
+                                   pipeline=pipeline, has_backup=backup is not None, wire=wire)
 
 
 class MemcacheRules:

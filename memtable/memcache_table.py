@@ -38,7 +38,6 @@ from typing import Any, TypeVar
 
 from memtable.config import MemcacheConfig
 from memtable.errors import MemtableError, SequenceUnsupportedError, TemporaryError
-from memtable.keys import KeyPipeline
 from memtable.memcache_rules import (
     BackupDelete,
     BackupLookup,
@@ -51,7 +50,7 @@ from memtable.memcache_rules import (
     McGet,
     McGets,
     McSet,
-    MemcacheRules,
+    MemcacheParts,
     Plan,
     SetAndCommit,
     drive,
@@ -80,21 +79,9 @@ def new_wire(config: MemcacheConfig, backup_spec: str | None,
     )
 
 
-class MemcacheTable(Table):
-    """One ``memcache:/path/file.cf`` table, blocking."""
-
-    def __init__(self, config: MemcacheConfig, *, read_write: bool, fold: bool,
-                 pipeline: KeyPipeline, backup: Table | None, wire: MemcacheWire) -> None:
-        self.spec = f"memcache:{config.path}"
-        self.config = config
-        self.read_write = read_write
-        self.fold = fold
-        self.pipeline = pipeline
-        self.backup = backup
-        self.wire = wire  # registry.open_table builds it (new_wire)
-        self.rules = MemcacheRules(config, read_write=read_write, fold=fold,
-                                   pipeline=pipeline, has_backup=backup is not None,
-                                   wire=self.wire)
+class MemcacheTable(MemcacheParts[Table, MemcacheWire], Table):
+    """One ``memcache:/path/file.cf`` table, blocking; registry.open_table
+    builds its wire (new_wire)."""
 
     # -- the runner ------------------------------------------------------
 
