@@ -36,6 +36,12 @@ GOAL_DNS_COST = 0.10
 GOAL_DNS_CONNECTIONS = (20, 100)
 # policyd's own CPU per request is reported (no target) at these points.
 CPU_CONNECTIONS = (1, 20, 100)
+# Where policyd's time goes: policyd beside its variants without backups
+# and with stores that cost nothing (bench.nostore), in this mix.
+WHERE_TIME_GOES_MIX = "mixed"
+VARIANTS = (("policyd-nostore", "stores that cost nothing"),
+            ("policyd-nobackup", "memcached, no backups"),
+            ("policyd", "memcached and backups"))
 
 
 @dataclass(frozen=True)
@@ -224,8 +230,8 @@ def _peer_goals(report: Report) -> list[Goal]:
             q = ratio(report, m, c)
             if q is None or ours is None or theirs is None:
                 continue
-            rps.append((f"{m} {q[0]:.2f}x ({ours.rps:,.0f} vs {theirs.rps:,.0f}/s)",
-                        q[0] >= least))
+            rps.append((f"{m} {q[0]:.2f}x ({ours.rps:,.0f} vs {theirs.rps:,.0f}/s"
+                        + _ceiling(report, m, c) + ")", q[0] >= least))
             p99.append((f"{m} {q[1]:.2f}x ({ours.p99_ms:.2f} vs {theirs.p99_ms:.2f} ms)",
                         q[1] <= most))
         worse = " (no worse)" if most == 1 else ""
@@ -235,6 +241,40 @@ def _peer_goals(report: Report) -> list[Goal]:
                             all(ok for _, ok in got) if got else None,
                             ", ".join(_figure(f, ok) for f, ok in got) or "not measured"))
     return out
+
+
+def _ceiling(report: Report, mix: str, connections: int) -> str:
+    """What policyd's variants reached at the point, against postgrey."""
+    found = [(label, q[0]) for server, label in VARIANTS[:-1]
+             if (q := _ratio(report, mix, connections, server, "postgrey"))]
+    return "".join(f"; {label}: {x:.2f}x" for label, x in found)
+
+
+def where_time_goes(report: Report) -> list[str]:
+    """policyd beside its variants, per connection count: req/s against
+    postgrey's and CPU per request (empty when no variant was measured)."""
+    mix = WHERE_TIME_GOES_MIX
+    measured = [(server, label) for server, label in VARIANTS
+                if any(report.point(server, mix, c) for c in report.connections())]
+    if len(measured) < 2:
+        return []
+    rows = ["| connections | postgrey | " + " | ".join(
+                f"policyd, {label}" for _, label in measured) + " |",
+            "|---:|---:|" + "---:|" * len(measured)]
+    for c in report.connections():
+        pg = report.point("postgrey", mix, c)
+        cells = [f"{pg.rps:,.0f}/s" if pg else ""]
+        for server, _ in measured:
+            r = report.point(server, mix, c)
+            if r is None:
+                cells.append("")
+                continue
+            vs = f" ({r.rps / pg.rps:.2f}x)" if pg and pg.rps > 0 else ""
+            cpu = r.cpu_us_per_request
+            us = f", {cpu:,.0f} us/req" if cpu is not None else ""
+            cells.append(f"{r.rps:,.0f}/s{vs}{us}")
+        rows.append(f"| {c} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def _many_connections_goal(report: Report) -> Goal:
@@ -329,7 +369,8 @@ def goals(report: Report) -> list[Goal]:
 # --- plot -------------------------------------------------------------------------
 
 _COLOURS = {"policyd": "tab:blue", "postgrey": "tab:red", "null": "tab:gray",
-            "policyd-dns": "tab:purple"}
+            "policyd-dns": "tab:purple", "policyd-nobackup": "tab:cyan",
+            "policyd-nostore": "tab:olive"}
 _STYLES = {"mixed": "-", "new": "--", "hot": ":", "pool": "-."}
 # Line styles alone are hard to tell apart at this size: a marker per mix too.
 _MARKERS = {"mixed": "o", "new": "s", "hot": "^"}
@@ -402,6 +443,15 @@ def generated_section(report: Report, png_name: str | None) -> str:
                 cells.append(f"{r.rps:,.0f}/s (p99 {r.p99_ms:.2f} ms)" if r else "")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
+    where = where_time_goes(report)
+    if where:
+        lines += ["### Where policyd's time goes", "",
+                  f"The {WHERE_TIME_GOES_MIX} mix, policyd beside two variants of itself "
+                  "(as many processes): its memcache tables without their lmdb backups, and "
+                  "its stores answered from dicts in the process (bench/nostore.py: the "
+                  "server and the greylisting policy alone, the most any store design could "
+                  "reach).  req/s (against postgrey's) and policyd's CPU per request.", "",
+                  *where, ""]
     if report.mixes():
         lines += ["The servers one after the other at each point.  CPU per request: the "
                   "server's user + system time over the point (/proc/PID/stat of its "

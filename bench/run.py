@@ -1,7 +1,8 @@
 """``python -m bench.run`` (``./dev bench``): every benchmark, one command.
 
 Starts a private memcached and the servers (the do-nothing server,
-postgrey, policyd), then drives every mix at every connection count with
+postgrey, policyd, policyd with DNS, and in the mixed mix two variants
+that show where policyd's time goes), then drives every mix at every connection count with
 the load generator, the servers one after the other at each point, and
 prints one line per server and point; then the memtable benchmark
 and policyd's memory; then the policyd/postgrey ratios and the goals.
@@ -30,7 +31,10 @@ from bench.memory import idle_connections, request_growth
 from bench.memtable_bench import run_memtable_bench
 from bench.requests import MIXES, POOL_CLIENTS
 
-SERVERS = ("null", "postgrey", "policyd", "policyd-dns")
+SERVERS = ("null", "postgrey", "policyd", "policyd-dns", "policyd-nobackup", "policyd-nostore")
+# Where policyd's time goes: the variants without backups and without
+# stores are measured in this mix only (report.WHERE_TIME_GOES_MIX).
+VARIANTS = ("policyd-nobackup", "policyd-nostore")
 # Requests that warm policyd-dns's DNS caches before the first point: each
 # process sees nearly every pool client (random picks: about e**-4 missed).
 WARM_REQUESTS_PER_PROCESS = 4 * POOL_CLIENTS
@@ -70,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mixes", type=_choices(MIXES), default=list(MIXES),
                    help="comma-separated request mixes (default new,hot,mixed,pool)")
     p.add_argument("--servers", type=_choices(SERVERS), default=list(SERVERS),
-                   help="comma-separated servers (default null,postgrey,policyd,policyd-dns)")
+                   help="comma-separated servers (default: all, " + ",".join(SERVERS)
+                   + "; the last two in the mixed mix only)")
     p.add_argument("--memory-requests", type=int,
                    help="requests for policyd's memory run (default 1,000,000; quick 50,000)")
     p.add_argument("--idle-connections", type=int, default=1000,
@@ -125,6 +130,10 @@ def _start(name: str, workdir: Path, memcached: servers.Server,
         return servers.start_postgrey(workdir)
     if name == "policyd-dns":
         return servers.start_policyd_dns(workdir, instances)
+    if name == "policyd-nobackup":
+        return servers.start_policyd_nobackup(workdir, instances)
+    if name == "policyd-nostore":
+        return servers.start_policyd_nostore(workdir, instances)
     return servers.start_policyd(workdir, memcached, instances)
 
 
@@ -145,7 +154,7 @@ def run(args: argparse.Namespace) -> rep.Report:
     report = rep.Report(command="python -m bench.run " + shlex.join(sys.argv[1:]),
                         quick=args.quick, duration=args.duration, machine=rep.machine_info(),
                         started=time.strftime("%Y-%m-%d %H:%M %Z"))
-    if not args.skip_load and {"policyd", "policyd-dns"} & set(args.servers):
+    if not args.skip_load and {"policyd", "policyd-dns", *VARIANTS} & set(args.servers):
         report.machine["policyd processes (load points)"] = str(args.policyd_instances)
     print("machine: " + "; ".join(f"{k} {v}" for k, v in report.machine.items()), flush=True)
     _raise_fd_limit(4 * max([*args.connections, args.idle_connections]) + 1000)
@@ -193,6 +202,8 @@ def _load_points(report: rep.Report, args: argparse.Namespace, workdir: Path,
             print(f"\nmix {mix}", flush=True)
             for c in args.connections:
                 for name, server in list(running.items()):
+                    if name in VARIANTS and mix != rep.WHERE_TIME_GOES_MIX:
+                        continue
                     if not _load_point(report, args, name, server, mix, c):
                         server.stop()  # the rest of a multi-process server too
                         del running[name]

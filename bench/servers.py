@@ -4,7 +4,9 @@ memcached (own port, own memory), postgrey (the Debian package's
 /usr/sbin/postgrey, run in the foreground with its own database directory,
 never the system instance or its files), policyd (the example config from
 deploy/policyd/ with ports and paths moved into the run's directory) and
-the do-nothing server.  Each is started, waited for until it answers a
+the do-nothing server; and two policyd variants that show where policyd's
+time goes: without the backups, and with stores that cost nothing
+(bench.nostore).  Each is started, waited for until it answers a
 real request, and stopped by its own process id.
 """
 
@@ -288,9 +290,11 @@ def start_postgrey(workdir: Path, extra: tuple[str, ...] = ()) -> Server:
     return _spawn("postgrey", argv, workdir / "postgrey.log", "127.0.0.1", port)
 
 
-def write_policyd_config(workdir: Path, memcached: Server, port: int) -> Path:
+def write_policyd_config(workdir: Path, memcached: Server, port: int, *,
+                         backups: bool = True) -> Path:
     """deploy/policyd/*.cf, with /etc/policyd and /var/lib/policyd moved to
-    workdir, memcached's port and policyd's listen port replaced."""
+    workdir, memcached's port and policyd's listen port replaced; without
+    ``backups``, the memcache tables lose their ``backup`` lines."""
     conf = workdir / "policyd"
     conf.mkdir(parents=True, exist_ok=True)
     for name in ("policyd.cf", "triplets.cf", "clients.cf"):
@@ -298,6 +302,9 @@ def write_policyd_config(workdir: Path, memcached: Server, port: int) -> Path:
         text = text.replace("/etc/policyd", str(conf)).replace("/var/lib/policyd", str(conf))
         text = text.replace("inet:127.0.0.1:11211", f"inet:127.0.0.1:{memcached.port}")
         text = text.replace("inet:127.0.0.1:10023", f"inet:127.0.0.1:{port}")
+        if not backups:
+            text = "".join(line for line in text.splitlines(keepends=True)
+                           if not line.startswith("backup"))
         (conf / name).write_text(text)
     return conf / "policyd.cf"
 
@@ -325,19 +332,50 @@ def start_policyd(workdir: Path, memcached: Server, instances: int = 1) -> Serve
     return _start_policyd("policyd", workdir, memcached, instances)
 
 
+def start_policyd_nobackup(workdir: Path, instances: int = 1) -> Server:
+    """policyd as start_policyd starts it, its memcache tables without
+    backups, on a memcached of its own (its triplets are new to it too)."""
+    return _start_beside("policyd-nobackup", workdir, instances, backups=False)
+
+
+def start_policyd_nostore(workdir: Path, instances: int = 1) -> Server:
+    """policyd as start_policyd starts it, its stores answered from dicts in
+    the process (bench.nostore): the server and the policy alone."""
+    return _start_beside("policyd-nostore", workdir, instances, backups=False,
+                         command=[sys.executable, "-m", "bench.nostore"])
+
+
+def _start_beside(name: str, workdir: Path, instances: int, *, backups: bool = True,
+                  command: list[str] | None = None) -> Server:
+    """A policyd variant in workdir/name, with a memcached of its own."""
+    home = workdir / name
+    home.mkdir(parents=True, exist_ok=True)
+    memcached = start_memcached(home)
+    try:
+        server = _start_policyd(name, home, memcached, instances, backups=backups,
+                                command=command)
+    except BaseException:
+        memcached.stop()
+        raise
+    server.cleanup.append(memcached.stop)
+    return server
+
+
 def _start_policyd(name: str, home: Path, memcached: Server, instances: int,
-                   extra: str = "") -> Server:
+                   extra: str = "", *, backups: bool = True,
+                   command: list[str] | None = None) -> Server:
     """policyd named ``name`` with the example configuration written in
-    ``home``, plus ``extra`` settings, checked before it starts."""
+    ``home``, plus ``extra`` settings, checked before it starts; run as
+    ``command`` (default: the policyd command)."""
     port = free_port()
-    cf = write_policyd_config(home, memcached, port)
+    cf = write_policyd_config(home, memcached, port, backups=backups)
     if extra:
         with open(cf, "a") as f:
             f.write(extra)
     ok, text = policyd_config_ok(cf)
     if not ok:
         raise ServerError(f"policyd --check-config failed:\n{text[-2000:]}")
-    argv = [*policyd_command(), "-c", str(cf)]
+    argv = [*(command or policyd_command()), "-c", str(cf)]
     if instances > 1:
         argv += ["-o", "listen_reuse_port=yes"]
     return _spawn(name, argv, home / "policyd.log", "127.0.0.1", port, copies=instances)

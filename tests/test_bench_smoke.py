@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -239,6 +240,23 @@ def test_goals_table_reports_each_goal_of_the_issue_met_or_not() -> None:
     assert "| 1 | postgrey | 2,000 | 5.00 | 10.00 | 20.0 | 0 | 400 us |  |  |" in text
 
 
+def test_a_goal_missed_says_what_the_variants_reached() -> None:
+    # The variants beside policyd (mixed mix): the goal line says how far
+    # the server and the policy alone got, and without backups.
+    report = rep.Report(command="test", quick=False, duration=10.0, machine={}, started="now")
+    mix = rep.WHERE_TIME_GOES_MIX
+    for server, rps in (("postgrey", 2000), ("policyd", 900), ("policyd-nobackup", 1800),
+                        ("policyd-nostore", 5000)):
+        report.points.append(_point(server, mix, 1, rps, 1.0, cpu_us=100))
+    goal = rep.goals(report)[0]
+    assert (goal.mark, goal.figures) == (
+        "**no**", "**mixed 0.45x (900 vs 2,000/s; stores that cost nothing: 2.50x; "
+                  "memcached, no backups: 0.90x)**")
+    text = rep.generated_section(report, None)
+    assert ("| 1 | 2,000/s | 5,000/s (2.50x), 100 us/req | 1,800/s (0.90x), 100 us/req | "
+            "900/s (0.45x), 100 us/req |") in text
+
+
 def test_goals_not_measured_say_so() -> None:
     report = rep.Report(command="test", quick=True, duration=1.0, machine={}, started="now")
     report.points.append(_point("policyd", "new", 1, 1000, 1.0))  # no postgrey, no CPU
@@ -411,6 +429,40 @@ def test_bench_measures_dns_on_beside_dns_off(tmp_path: Path) -> None:
     assert "policyd-dns/policyd pool       2 conn: req/s x" in proc.stdout
     assert "policyd-dns/policyd pool       3 conn: req/s x" in proc.stdout
     assert "DNS on (warm cache) costs <= 10% of policyd's req/s" in proc.stdout
+
+
+def test_bench_shows_where_policyds_time_goes(tmp_path: Path) -> None:
+    # policyd beside itself without backups and with stores that cost
+    # nothing, in the mixed mix only; the report's table and goal lines
+    # carry their ratios to postgrey.
+    out = tmp_path / "benchmarks.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--servers",
+         "postgrey,policyd,policyd-nobackup,policyd-nostore", "--mixes", "new,mixed",
+         "--connections", "2", "--duration", "0.3", "--policyd-instances", "1",
+         "--skip-memtable", "--skip-memory", "--output", str(out), "--keep"],
+        cwd=servers.ROOT, capture_output=True, text=True, timeout=BENCH_COMMAND_SECONDS)
+    assert proc.returncode == 0, proc.stderr
+    steps = [line.split()[:3] for line in proc.stdout.splitlines()
+             if line.startswith("  ") and " req/s " in line]
+    assert steps == [["postgrey", "new", "2"], ["policyd", "new", "2"],
+                     ["postgrey", "mixed", "2"], ["policyd", "mixed", "2"],
+                     ["policyd-nobackup", "mixed", "2"], ["policyd-nostore", "mixed", "2"]]
+    assert all(" errors 0 " in line for line in proc.stdout.splitlines()
+               if line.startswith("  ") and " req/s " in line)
+    kept = Path(proc.stdout.rsplit("work directory kept: ", 1)[1].split()[0])
+    try:
+        # Only policyd itself wrote backups; the variants answered all the same.
+        assert list((kept / "policyd").glob("*.lmdb"))
+        assert not list((kept / "policyd-nobackup").rglob("*.lmdb"))
+        assert not list((kept / "policyd-nostore").rglob("*.lmdb"))
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+    text = out.read_text()
+    table = text.split("### Where policyd's time goes", 1)[1].split("###", 1)[0]
+    row = next(line for line in table.splitlines() if line.startswith("| 2 |"))
+    assert row.count("x), ") == 3 and row.count(" us/req") == 3
+    assert "### Mix: new" in text and "### Mix: mixed" in text
 
 
 def test_a_server_that_died_between_points_is_reported_not_retried(tmp_path: Path) -> None:
