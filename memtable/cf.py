@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from memtable.errors import ConfigError
@@ -102,11 +102,15 @@ def warn_unknown(entries: dict[str, CfEntry], known: set[str] | frozenset[str]) 
                                           entry.path, entry.line))
 
 
-def reject_unknown(entries: dict[str, CfEntry], known: set[str] | frozenset[str]) -> None:
-    """Raise ConfigError for the first unknown parameter name."""
+def reject_unknown(entries: dict[str, CfEntry], known: set[str] | frozenset[str],
+                   renamed: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError for the first unknown parameter name; one that
+    ``renamed`` maps to its new name says so."""
     for entry in entries.values():
         if entry.name not in known:
-            raise ConfigError(f"unknown parameter {entry.name}", entry.path, entry.line)
+            new = (renamed or {}).get(entry.name)
+            hint = f" (it is now called {new})" if new else ""
+            raise ConfigError(f"unknown parameter {entry.name}{hint}", entry.path, entry.line)
 
 
 _DECIMAL_RE = re.compile(r"([+-]?)0*([0-9]+)")

@@ -30,6 +30,8 @@ CLIENT_KEYS = ("subnet", "host", "smart", "spf")
 # What client_key = spf falls back to when SPF does not pass.
 SPF_FALLBACK_CLIENT_KEYS = ("subnet", "host", "smart")
 FAILURE_ACTIONS = ("DUNNO", "disconnect")
+# Parameters that were renamed: the error for the old name gives the new one.
+RENAMED = {"store_failure_action": "failure_action"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -139,7 +141,7 @@ class PolicydConfig:
 
     @classmethod
     def from_entries(cls, path: str, entries: dict[str, cf.CfEntry]) -> PolicydConfig:
-        cf.reject_unknown(entries, frozenset(_PARSERS))
+        cf.reject_unknown(entries, frozenset(_PARSERS), RENAMED)
         values: dict[str, Any] = {"path": path, "sources": dict(entries)}
         for name, entry in entries.items():
             values[name] = _PARSERS[name](entry)

@@ -104,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         # is passed on.  Either way we wait for policyd, then stop memcached.
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        return policyd.wait()
+        status = policyd.wait()
+        if status < 0 and -status not in (signal.SIGTERM, signal.SIGINT):
+            # Killed (kill -9, the OOM killer): it could say nothing itself.
+            print(f"policyd: fatal: killed by {signal.Signals(-status).name}; "
+                  "stopping the private memcached", file=sys.stderr, flush=True)
+            return 128 - status
+        return status
     finally:
         memcached.terminate()
         memcached.wait()

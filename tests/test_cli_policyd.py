@@ -110,6 +110,9 @@ def test_check_config_refuses_an_impossible_memcache_host(
 
 @pytest.mark.parametrize(("text", "message"), [
     ("listen = inet:127.0.0.1:10025\nbogus = 1\n", "line 2: unknown parameter bogus"),
+    # A renamed parameter: the error names the new one.
+    ("\nstore_failure_action = DUNNO\n",
+     "line 2: unknown parameter store_failure_action (it is now called failure_action)"),
     ("max_connections = 0\n", "line 1: max_connections = 0"),
     ("listen = ftp:x\n", "line 1: listen"),
     ("listen = inet:127.0.0.1:10025, unix:rel.sock\n",

@@ -3,6 +3,7 @@ a production install on the same machine."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -62,3 +63,36 @@ def test_dev_run_uses_its_own_memcached_and_says_so(tmp_path: Path) -> None:
         proc.communicate(timeout=WAIT)
     assert proc.returncode == 0
     assert not memcached_answers("127.0.0.1", mc_port)  # stopped with the dev instance
+
+
+def test_dev_run_says_so_when_policyd_is_killed(tmp_path: Path) -> None:
+    """kill -9 of its policyd: one line saying so, exit 128 + 9, and its
+    memcached stopped (a policyd killed this way cannot log anything)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "policyd.devrun", "--state",
+                             str(tmp_path / "run"), "-o", f"listen=inet:127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        mc_port = int(re.findall(r"127\.0\.0\.1:(\d+) \(pid", proc.stdout.readline())[0])
+
+        def policyd_pid() -> int | None:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            for pid in children:
+                if b"policyd" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[2]:
+                    return int(pid)
+            return None
+
+        assert wait_until(lambda: policyd_pid() is not None, WAIT)
+        pid = policyd_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 137
+    assert err.endswith("policyd: fatal: killed by SIGKILL; stopping the private memcached\n")
+    assert not memcached_answers("127.0.0.1", mc_port)
