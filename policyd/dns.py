@@ -106,12 +106,13 @@ class Resolver:
     resolv.conf.  ``timeout`` bounds each query as a whole (all servers and
     retries).  ``cache_entries`` bounds the cache (least recently used out).
 
-    In front of dnspython's cache, answers are also kept as policyd's Answer
-    under their text name, until dnspython's own expiration for them (the
-    DNS TTL; for "no such name" and "no data" the SOA's negative TTL): a
-    cached answer then costs a dict lookup (``cached``), not dnspython's
-    name parsing and resolution steps, which cost more than a whole
-    greylisting decision.  A FAILURE is kept too, for
+    Answers are kept as policyd's Answer under their text name, until
+    dnspython's own expiration for them (the DNS TTL; for "no such name"
+    and "no data" the SOA's negative TTL): a cached answer then costs a
+    dict lookup (``cached``), not dnspython's name parsing and resolution
+    steps, which cost more than a whole greylisting decision, and a few
+    hundred bytes, not the whole response dnspython's cache keeps (that
+    one stays small: DNS_LIBRARY_CACHE_ENTRIES).  A FAILURE is kept too, for
     DNS_FAILURE_CACHE_SECONDS (RFC 2308 section 7): during an outage each
     name costs one ``timeout`` per interval, not one per request.
     """
@@ -125,7 +126,7 @@ class Resolver:
                                     for host, port in servers]
         resolver.lifetime = timeout
         resolver.timeout = timeout
-        resolver.cache = dns.resolver.LRUCache(cache_entries)
+        resolver.cache = dns.resolver.LRUCache(limits.DNS_LIBRARY_CACHE_ENTRIES)
         self._resolver = resolver
         self.timeout = timeout
         self._answers: OrderedDict[tuple[str, str], tuple[float, Answer]] = OrderedDict()

@@ -97,6 +97,10 @@ DNS_TIMEOUT_DEFAULT_SECONDS = 2.0
 DNS_TIMEOUT_SLACK_SECONDS = 0.5
 # Answers kept in the cache (each for its DNS TTL; least recently used out).
 DNS_CACHE_MAX_ENTRIES = 50_000
+# dnspython's own cache, beside policyd's: it keeps each whole response
+# (~4 KiB; 50,000 of them were ~200 MiB per process) and policyd reads it
+# only right after a query (a "no such name"'s negative TTL).
+DNS_LIBRARY_CACHE_ENTRIES = 256
 # dns_timeout's upper bound, and how many dns_servers may be named.
 DNS_TIMEOUT_MAX_SECONDS = 60
 DNS_MAX_SERVERS = 8

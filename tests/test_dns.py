@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -58,6 +59,39 @@ def test_answers_are_cached(nsd_factory: Callable[[Mapping[str, str]], Nsd]) -> 
         return first.status, (await r.query("mail.example.org", "A")).status
 
     assert asyncio.run(ask()) == (Status.OK, Status.OK)
+
+
+# What one cached answer may cost in memory: policyd's cache holds
+# DNS_CACHE_MAX_ENTRIES of them per process.
+CACHED_ANSWER_MAX_BYTES = 1500
+
+
+def test_a_cached_answer_costs_hundreds_of_bytes_not_the_response(
+        nsd_factory: Callable[[Mapping[str, str]], Nsd]) -> None:
+    # A DNS list query per new client (the typical load): every answer
+    # stays cached for its TTL, so its size times DNS_CACHE_MAX_ENTRIES is
+    # what the cache may hold.  dnspython's own cache keeps whole responses
+    # (~4 KiB each): it must not grow with them.
+    listed = "".join(f"{i}.0.2.1 3600 IN A 127.0.0.2\n" for i in range(0, 250, 10))
+    nsd = nsd_factory({"bl.example.org": listed})
+    names = [f"{i % 250}.{i // 250}.2.1.bl.example.org" for i in range(2000)]
+
+    async def ask() -> tuple[int, list[Status]]:
+        r = Resolver([nsd.server], timeout=2.0)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            statuses = [(await r.query(name, "A")).status for name in names]
+            used = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert all(r.cached(name, "A") is not None for name in names)  # all kept
+        return used, statuses
+
+    used, statuses = asyncio.run(ask())
+    assert statuses.count(Status.OK) == 25  # x.0.2.1 listed for x = 0, 10, ...
+    assert statuses.count(Status.NXDOMAIN) == len(names) - 25
+    assert used / len(names) < CACHED_ANSWER_MAX_BYTES
 
 
 def test_a_server_that_never_answers_costs_the_timeout_and_is_a_failure() -> None:
