@@ -28,14 +28,11 @@ here, documented:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import methodcaller
 
 from policyd import limits
 from policyd.errors import PolicyProtocolError
 
 REQUEST_TYPE = "smtpd_access_policy"
-
-_split_attr = methodcaller("split", "=", 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,11 +177,14 @@ def _parse_request(buf: bytes | bytearray, start: int, end: int) -> Request:
     lines = text.split("\n")
     if len(lines) > limits.MAX_ATTRIBUTES:
         raise PolicyProtocolError(f"more than {limits.MAX_ATTRIBUTES} attributes")
-    try:
-        attrs: dict[str, str] = dict(map(_split_attr, lines))
-    except ValueError:
-        bad = next(line for line in lines if "=" not in line)
-        raise PolicyProtocolError(f'line without "=": {_show(bad)}') from None
+    # A plain loop: faster than dict(map(...)) of the lines' splits
+    # (docs/design.md, "The server and the policy").
+    attrs: dict[str, str] = {}
+    for line in lines:
+        name, equals, value = line.partition("=")
+        if not equals:
+            raise PolicyProtocolError(f'line without "=": {_show(line)}')
+        attrs[name] = value
     if "" in attrs:
         raise PolicyProtocolError(f'empty attribute name: {_show("=" + attrs[""])}')
     request = attrs.get("request")
