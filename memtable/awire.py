@@ -65,8 +65,11 @@ class AsyncMemcacheWire(DriverBase):
 
     async def get_many(self, keys: Sequence[bytes]) -> dict[bytes, tuple[int, bytes]]:
         """The hits among keys, as {key: (flags, value)} (no partial result)."""
+        requests = self.core.get_many(keys)
+        if len(requests) == 1:
+            return await self._run(requests[0])
         hits: dict[bytes, tuple[int, bytes]] = {}
-        for request in self.core.get_many(keys):
+        for request in requests:
             got: dict[bytes, tuple[int, bytes]] = await self._run(request)
             hits.update(got)
         return hits
