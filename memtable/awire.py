@@ -164,7 +164,9 @@ class AsyncMemcacheWire(DriverBase):
         stream = self._stream
         if stream is None:
             return None
-        if stream.lost:
+        if stream.loop.is_closed():
+            pass  # opened on an event loop that has ended (asyncio.run() again)
+        elif stream.lost:
             log_idle_drop(self.name, self.endpoint, stream.idle_data)
         elif idle_connection_usable(stream.sock, stream.poller, self.name, self.endpoint):
             return stream
@@ -340,7 +342,9 @@ class _Stream(asyncio.BufferedProtocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.transport is not None:
+        if self.loop.is_closed():
+            self.sock.close()  # its transport can no longer schedule its own close
+        elif self.transport is not None:
             self.transport.close()
 
 

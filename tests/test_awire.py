@@ -61,6 +61,18 @@ def test_concurrent_tasks_take_turns_on_one_connection(memcached: Memcached) -> 
     assert connections_made(memcached) - before == 2
 
 
+def test_a_wire_outlives_its_event_loop(memcached: Memcached) -> None:
+    """A wire used again under a new event loop (asyncio.run() twice):
+    the connection of the ended loop is closed and a new one opened at
+    once, without an error or a timeout."""
+    wire = make(memcached.spec, max_try=1)
+    before = connections_made(memcached)
+    asyncio.run(wire.set(b"k", b"v", flags=1, exptime=0))
+    assert asyncio.run(wire.get(b"k")) == (1, b"v")
+    asyncio.run(wire.close())
+    assert connections_made(memcached) - before == 3  # two for the wire, one for stats
+
+
 def test_a_cancelled_operation_drops_the_connection() -> None:
     """A caller's timeout cancels the operation mid-reply: the connection,
     in an unknown state, is dropped and the next operation opens another
