@@ -93,18 +93,11 @@ class AsyncMemcacheTable(MemcacheParts[ThreadedTable, AsyncMemcacheWire], AsyncT
     async def _perform(self, effect: Effect) -> Any:
         wire = self.wire
         if isinstance(effect, McGet):
-            if len(effect.keys) == 1:
-                hit = await wire.get(effect.keys[0])
-                return {} if hit is None else {effect.keys[0]: hit}
             return await wire.get_many(effect.keys)
         if isinstance(effect, SetAndCommit):
             return await self._set_and_commit(effect)
         if isinstance(effect, McSet):
-            if len(effect.items) == 1:
-                key, data, flags, exptime = effect.items[0]
-                await wire.set(key, data, flags=flags, exptime=exptime)
-            else:
-                await wire.set_many(effect.items)
+            await wire.set_many(effect.items)
             return None
         backup = self.backup
         if isinstance(effect, BackupLookup):

@@ -12,8 +12,8 @@ operations as coroutines, the same rules, because both drive the same core
   loop's selector: no epoll_ctl() per command, as loop.sock_recv() would
   make;
 - each attempt (connect + command + reply) is held to one deadline of
-  ``timeout`` seconds: asyncio.timeout_at() around the connect, a timer on
-  the reply's future for the command;
+  ``timeout`` seconds: asyncio.timeout_at() around the connect, the
+  connection's one deadline timer (_Stream) for the command and its reply;
 - the host name is looked up by memtable.wire.HostLookup (at most one
   thread stuck in getaddrinfo() per target), awaited under the same
   deadline;
@@ -65,8 +65,11 @@ class AsyncMemcacheWire(DriverBase):
 
     async def get_many(self, keys: Sequence[bytes]) -> dict[bytes, tuple[int, bytes]]:
         """The hits among keys, as {key: (flags, value)} (no partial result)."""
+        requests = self.core.get_many(keys)
+        if len(requests) == 1:
+            return await self._run(requests[0])
         hits: dict[bytes, tuple[int, bytes]] = {}
-        for request in self.core.get_many(keys):
+        for request in requests:
             got: dict[bytes, tuple[int, bytes]] = await self._run(request)
             hits.update(got)
         return hits
@@ -110,23 +113,34 @@ class AsyncMemcacheWire(DriverBase):
     # -- attempts ------------------------------------------------------------
 
     async def _run(self, request: Request[T]) -> T:
-        async with self._lock:
+        # acquire()/release() rather than ``async with``: two coroutines
+        # fewer per command (docs/design.md, "The memcache core and its
+        # two drivers").
+        lock = self._lock
+        await lock.acquire()
+        try:
             core = self.core
             attempts = core.attempts(request)
             data = core.capture(request)
-            loop = asyncio.get_running_loop()
             while (pause := attempts.next_attempt()) is not None:
                 if pause:
                     await clock.async_sleep(pause)
-                deadline = loop.time() + core.timeout
                 try:
-                    stream = await self._connection(loop, deadline)
+                    stream = self._idle_stream()
+                    if stream is None:
+                        loop = asyncio.get_running_loop()
+                        deadline = loop.time() + core.timeout
+                        stream = await self._connection(loop, deadline)
+                    else:
+                        # The connection's loop is the running one: no
+                        # get_running_loop(), a getpid() on Python 3.11.
+                        deadline = stream.loop.time() + core.timeout
                 except OSError as exc:
                     attempts.connect_failed(exc)
                     break
                 attempts.connected()
                 try:
-                    reply = await stream.exchange(loop, data, attempts, deadline)
+                    reply = await stream.exchange(data, attempts, deadline)
                     result = core.replay(request, reply)
                 except Exception as exc:
                     self._drop()
@@ -139,26 +153,36 @@ class AsyncMemcacheWire(DriverBase):
                 attempts.succeeded()
                 return result
             raise attempts.give_up()
+        finally:
+            lock.release()
+
+    def _idle_stream(self) -> _Stream | None:
+        """The open connection, if it can take a command: one that the
+        server closed or wrote to while idle is dropped before reuse,
+        without costing an attempt (as MemcacheWire), whether the loop has
+        seen it yet or not."""
+        stream = self._stream
+        if stream is None:
+            return None
+        if stream.loop.is_closed():
+            pass  # opened on an event loop that has ended (asyncio.run() again)
+        elif stream.lost:
+            log_idle_drop(self.name, self.endpoint, stream.idle_data)
+        elif idle_connection_usable(stream.sock, stream.poller, self.name, self.endpoint):
+            return stream
+        self._drop()
+        return None
 
     async def _connection(self, loop: asyncio.AbstractEventLoop,
                           deadline: float) -> _Stream:
-        stream = self._stream
-        if stream is not None:
-            # The server closed or wrote to the idle connection: dropped
-            # before reuse, without costing an attempt (as MemcacheWire),
-            # whether the loop has seen it yet or not.
-            if stream.lost:
-                log_idle_drop(self.name, self.endpoint, stream.idle_data)
-            elif idle_connection_usable(stream.sock, stream.poller, self.name,
-                                        self.endpoint):
-                return stream
-            self._drop()
+        """A new connection, open by the deadline."""
         sock = await self._connect(loop, deadline)
         try:
             if self.endpoint.kind == "unix":
-                _, stream = await loop.create_unix_connection(lambda: _Stream(sock), sock=sock)
+                _, stream = await loop.create_unix_connection(
+                    lambda: _Stream(sock, loop), sock=sock)
             else:
-                _, stream = await loop.create_connection(lambda: _Stream(sock), sock=sock)
+                _, stream = await loop.create_connection(lambda: _Stream(sock, loop), sock=sock)
         except BaseException:
             sock.close()
             raise
@@ -205,36 +229,64 @@ class _Stream(asyncio.BufferedProtocol):
 
     The transport reads into a buffer of RECV_CHUNK_BYTES (a plain
     Protocol's transport reads 256 KiB at a time): the guard refuses an
-    oversized value from its header before more than that is read."""
+    oversized value from its header before more than that is read.
 
-    def __init__(self, sock: socket.socket) -> None:
+    Each exchange is held to its deadline by one timer per connection, not
+    one per command: a timer armed for an earlier command's deadline that
+    fires while a later command is in progress is armed again for that
+    command's deadline (deadlines only move later; one that moved earlier
+    is armed at once).  So a command costs no timer of its own, and a reply
+    still times out at its deadline (docs/design.md, "The memcache core
+    and its two drivers")."""
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         self.sock = sock  # the transport's: for the idle check
+        self.loop = loop
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN)
         self._buffer = bytearray(RECV_CHUNK_BYTES)
         self.transport: asyncio.Transport | None = None
         self.attempts: Attempts | None = None
         self.waiter: asyncio.Future[bytes] | None = None  # the whole reply, when complete
+        self.deadline = 0.0    # the exchange in progress's (loop time)
+        self.timer: asyncio.TimerHandle | None = None
+        self.armed = 0.0       # the deadline the timer was armed for
         self.lost = False      # closed, by either side: never used again
         self.idle_data = b""   # what the server sent while no command was in progress
 
-    async def exchange(self, loop: asyncio.AbstractEventLoop, data: bytes,
-                       attempts: Attempts, deadline: float) -> bytes:
+    async def exchange(self, data: bytes, attempts: Attempts, deadline: float) -> bytes:
         """Send a command; its whole reply, once the core has checked it;
-        TimeoutError at ``deadline`` (loop time).  One timer on the waiter:
-        asyncio.timeout_at() would add a context manager, the task's
-        cancellation and its undoing to every command."""
+        TimeoutError at ``deadline`` (loop time).  A timer on the waiter
+        rather than asyncio.timeout_at(), which would add a context
+        manager, the task's cancellation and its undoing to every command."""
         transport = self.transport
         assert transport is not None and self.waiter is None
-        waiter: asyncio.Future[bytes] = loop.create_future()
-        timer = loop.call_at(deadline, _time_out, waiter)
+        waiter: asyncio.Future[bytes] = self.loop.create_future()
+        self.deadline = deadline
+        if self.timer is None or self.armed > deadline:
+            self._arm(deadline)
         self.waiter, self.attempts = waiter, attempts
         try:
             transport.write(data)
             return await waiter
         finally:
-            timer.cancel()
             self.waiter = self.attempts = None
+
+    def _arm(self, deadline: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(deadline, self._timer_fired)
+        self.armed = deadline
+
+    def _timer_fired(self) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # idle: the next exchange arms it again
+        if self.deadline > self.armed:
+            self._arm(self.deadline)  # armed for an earlier command
+        else:
+            waiter.set_exception(TimeoutError())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -268,6 +320,9 @@ class _Stream(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._ended(exc)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def _ended(self, exc: Exception | None) -> None:
         self.lost = True
@@ -284,13 +339,13 @@ class _Stream(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         self.lost = True
-        if self.transport is not None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.loop.is_closed():
+            self.sock.close()  # its transport can no longer schedule its own close
+        elif self.transport is not None:
             self.transport.close()
-
-
-def _time_out(waiter: asyncio.Future[bytes]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 async def _open(loop: asyncio.AbstractEventLoop, family: int, type_: int, proto: int,

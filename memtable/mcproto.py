@@ -269,11 +269,17 @@ class McCore:
 
     def get_many(self, keys: Sequence[bytes]) -> list[Request[dict[bytes, tuple[int, bytes]]]]:
         """One ``get k1 k2 ...`` per get_line_max_bytes of keys (each is a
-        request of its own, with its own attempts)."""
+        request of its own, with its own attempts).  One key (the usual
+        lookup) is the one request ``get k``, built without the
+        deduplication and the line splitting."""
+        get_many = self._client.get_many
+        if len(keys) == 1:
+            key = keys[0]
+            self.check_key(key)
+            return [Request("get", (functools.partial(get_many, [key]),), None, 1, (key,))]
         unique = list(dict.fromkeys(keys))
         for key in unique:
             self.check_key(key)
-        get_many = self._client.get_many
         return [Request("get", (functools.partial(get_many, chunk),), None, 1,
                         frozenset(chunk))
                 for chunk in chunks(unique, self.get_line_max_bytes)]
@@ -291,7 +297,11 @@ class McCore:
         """Pipelined batches of pipeline_max_commands ``set``s, each reply
         STORED.  pymemcache's set_many takes one flags and exptime for all
         its items: a batch is one set_many per (flags, exptime), all framed
-        before the batch is sent in one write."""
+        before the batch is sent in one write.  One item (the usual
+        update) is a plain ``set`` request (McCore.set)."""
+        if len(items) == 1:
+            key, value, flags, exptime = items[0]
+            return [self.set(key, value, flags, exptime)]
         latest: dict[bytes, Item] = {}
         for item in items:
             key, value, flags, exptime = item
@@ -572,7 +582,7 @@ def _stored(results: list[Any]) -> None:
 
 def _all_stored(results: list[Any]) -> None:
     if any(results):  # pymemcache's set_many: the keys not stored
-        raise AttemptFailed(f"update failed: {b'NOT_STORED'!r}", protocol=False)
+        raise AttemptFailed("update failed: NOT_STORED", protocol=False)
 
 
 def _with_cas(results: list[Any]) -> tuple[int, bytes, int] | None:

@@ -90,20 +90,13 @@ class MemcacheTable(MemcacheParts[Table, MemcacheWire], Table):
 
     def _perform(self, effect: Effect) -> Any:
         """Do one effect of a plan: memcached through the wire, the backup
-        through its Table.  One key or item takes the wire's single
-        command (get, set), not the pipelined one."""
+        through its Table.  (One key or item is the single command ``get
+        k`` or ``set k``: McCore.get_many, McCore.set_many.)"""
         wire = self.wire
         if isinstance(effect, McGet):
-            if len(effect.keys) == 1:
-                hit = wire.get(effect.keys[0])
-                return {} if hit is None else {effect.keys[0]: hit}
             return wire.get_many(effect.keys)
         if isinstance(effect, McSet):
-            if len(effect.items) == 1:
-                key, data, flags, exptime = effect.items[0]
-                wire.set(key, data, flags=flags, exptime=exptime)
-            else:
-                wire.set_many(effect.items)
+            wire.set_many(effect.items)
             return None
         if isinstance(effect, SetAndCommit):
             return self._set_and_commit(effect)
@@ -148,11 +141,7 @@ class MemcacheTable(MemcacheParts[Table, MemcacheWire], Table):
         set_error: TemporaryError | None = None
         items = effect.sets.items
         try:
-            if len(items) == 1:
-                key, data, flags, exptime = items[0]
-                self.wire.set(key, data, flags=flags, exptime=exptime)
-            else:
-                self.wire.set_many(items, while_waiting=commit)
+            self.wire.set_many(items, while_waiting=commit if len(items) > 1 else None)
         except TemporaryError as exc:
             set_error = exc
         if not committed:

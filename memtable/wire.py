@@ -317,8 +317,11 @@ class MemcacheWire(DriverBase):
         such command has its own attempts, and any that fails for good
         raises (no partial result).
         """
+        requests = self.core.get_many(keys)
+        if len(requests) == 1:
+            return self._run(requests[0])
         hits: dict[bytes, tuple[int, bytes]] = {}
-        for request in self.core.get_many(keys):
+        for request in requests:
             got: dict[bytes, tuple[int, bytes]] = self._run(request)
             hits.update(got)
         return hits

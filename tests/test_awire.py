@@ -18,6 +18,7 @@ import pytest
 
 from memtable.awire import AsyncMemcacheWire
 from memtable.endpoint import parse_endpoint
+from memtable.errors import ServerUnavailableError
 from tests import hostile
 from tests.conftest import Memcached
 
@@ -58,6 +59,18 @@ def test_concurrent_tasks_take_turns_on_one_connection(memcached: Memcached) -> 
     assert results == [(n, b"value %d" % n) for n in range(50)]
     # One connection for the wire (and one for each stats command).
     assert connections_made(memcached) - before == 2
+
+
+def test_a_wire_outlives_its_event_loop(memcached: Memcached) -> None:
+    """A wire used again under a new event loop (asyncio.run() twice):
+    the connection of the ended loop is closed and a new one opened at
+    once, without an error or a timeout."""
+    wire = make(memcached.spec, max_try=1)
+    before = connections_made(memcached)
+    asyncio.run(wire.set(b"k", b"v", flags=1, exptime=0))
+    assert asyncio.run(wire.get(b"k")) == (1, b"v")
+    asyncio.run(wire.close())
+    assert connections_made(memcached) - before == 3  # two for the wire, one for stats
 
 
 def test_a_cancelled_operation_drops_the_connection() -> None:
@@ -184,3 +197,35 @@ def test_what_the_loop_sees_on_an_idle_connection_drops_it_without_an_attempt(
         assert "unexpected data" in caplog.text and "late junk" in caplog.text
     else:
         assert "closed the idle connection" in caplog.text
+
+
+def test_each_command_is_held_to_its_own_deadline_by_the_connections_one_timer() -> None:
+    """The connection's one deadline timer, armed by an earlier command,
+    fires while a later command waits for its reply: the later command
+    is not cut short (its own deadline is later), and still times out at
+    its own deadline, as the only attempt."""
+    def script(conn: Any, index: int) -> None:
+        hostile.read_command(conn)
+        conn.sendall(b"END\r\n")  # the first command's reply
+        hostile.read_command(conn)  # the second: never answered
+        hostile.wait_client_gone(conn)
+
+    async def main() -> tuple[object, float, float]:
+        loop = asyncio.get_running_loop()
+        wire = make(hostile_spec, timeout=0.6, max_try=1)
+        try:
+            first = await wire.get(b"k")
+            await asyncio.sleep(0.3)  # the timer's deadline now falls in the next command
+            started = loop.time()
+            with pytest.raises(ServerUnavailableError, match=r"timeout after 0\.6 s"):
+                await wire.get(b"k")
+            return first, started, loop.time()
+        finally:
+            await wire.close()
+
+    with hostile.HostileServer(script) as server:
+        hostile_spec = server.spec
+        first, started, ended = asyncio.run(main())
+    assert first is None
+    assert ended - started >= 0.6  # not at the first command's deadline
+    assert server.connections == 1

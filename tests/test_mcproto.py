@@ -78,8 +78,28 @@ def test_a_batch_of_sets_with_their_own_flags_is_one_write() -> None:
     attempts.connected()
     reply = attempts.receive(b"STORED\r\nSTORED\r\nNOT_STORED\r\n")
     assert reply is not None
-    with pytest.raises(AttemptFailed, match="update failed: b'NOT_STORED'"):
+    with pytest.raises(AttemptFailed, match="update failed: NOT_STORED"):
         mc.replay(batch, reply)
+
+
+def test_one_key_or_item_is_the_single_command() -> None:
+    """The tables' usual lookup and update (one key, one item) go through
+    get_many and set_many: each is one plain command, parsed as the
+    batch's (a dict of the hits; STORED or AttemptFailed)."""
+    mc = core()
+    [one] = mc.get_many([b"k"])
+    assert mc.capture(one) == b"get k\r\n"
+    assert exchange(mc, one, [b"VALUE k 3 1\r\nv\r\nEND\r\n"]) == {b"k": (3, b"v")}
+    assert exchange(mc, one, [b"END\r\n"]) == {}
+    [item] = mc.set_many([(b"k", b"v", 3, 60)])
+    assert mc.capture(item) == b"set k 3 60 1\r\nv\r\n"
+    assert exchange(mc, item, [b"STORED\r\n"]) is None
+    with pytest.raises(AttemptFailed, match="update failed: NOT_STORED"):
+        exchange(mc, item, [b"NOT_STORED\r\n"])
+    with pytest.raises(ValueError):
+        mc.get_many([b"a b"])
+    with pytest.raises(ValueError):
+        mc.set_many([(b"k", b"v", -1, 0)])
 
 
 def test_batches_are_bounded() -> None:
