@@ -40,8 +40,7 @@ CPU_CONNECTIONS = (1, 20, 100)
 # and with stores that cost nothing (bench.nostore), in this mix.
 WHERE_TIME_GOES_MIX = "mixed"
 VARIANTS = (("policyd-nostore", "stores that cost nothing"),
-            ("policyd-nobackup", "memcached, no backups"),
-            ("policyd", "memcached and backups"))
+            ("policyd-nobackup", "memcached, no backups"))
 
 
 @dataclass(frozen=True)
@@ -245,7 +244,7 @@ def _peer_goals(report: Report) -> list[Goal]:
 
 def _ceiling(report: Report, mix: str, connections: int) -> str:
     """What policyd's variants reached at the point, against postgrey."""
-    found = [(label, q[0]) for server, label in VARIANTS[:-1]
+    found = [(label, q[0]) for server, label in VARIANTS
              if (q := _ratio(report, mix, connections, server, "postgrey"))]
     return "".join(f"; {label}: {x:.2f}x" for label, x in found)
 
@@ -254,7 +253,8 @@ def where_time_goes(report: Report) -> list[str]:
     """policyd beside its variants, per connection count: req/s against
     postgrey's and CPU per request (empty when no variant was measured)."""
     mix = WHERE_TIME_GOES_MIX
-    measured = [(server, label) for server, label in VARIANTS
+    columns = (*VARIANTS, ("policyd", "memcached and backups"))
+    measured = [(server, label) for server, label in columns
                 if any(report.point(server, mix, c) for c in report.connections())]
     if len(measured) < 2:
         return []

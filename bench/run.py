@@ -2,10 +2,10 @@
 
 Starts a private memcached and the servers (the do-nothing server,
 postgrey, policyd, policyd with DNS, and in the mixed mix two variants
-that show where policyd's time goes), then drives every mix at every connection count with
-the load generator, the servers one after the other at each point, and
-prints one line per server and point; then the memtable benchmark
-and policyd's memory; then the policyd/postgrey ratios and the goals.
+that show where policyd's time goes), then drives every mix at every
+connection count with the load generator, the servers one after the
+other at each point, and prints one line per server and point; then the
+memtable benchmark and policyd's memory; then the policyd/postgrey ratios and the goals.
 Writes docs/benchmarks.md (generated section only) and its PNG plot.
 A server that cannot start is reported as not measured; the rest runs.
 """
@@ -32,9 +32,9 @@ from bench.memtable_bench import run_memtable_bench
 from bench.requests import MIXES, POOL_CLIENTS
 
 SERVERS = ("null", "postgrey", "policyd", "policyd-dns", "policyd-nobackup", "policyd-nostore")
-# Where policyd's time goes: the variants without backups and without
-# stores are measured in this mix only (report.WHERE_TIME_GOES_MIX).
-VARIANTS = ("policyd-nobackup", "policyd-nostore")
+# Where policyd's time goes: its variants are measured in one mix only
+# (report.WHERE_TIME_GOES_MIX).
+VARIANTS = tuple(name for name, _ in rep.VARIANTS)
 # Requests that warm policyd-dns's DNS caches before the first point: each
 # process sees nearly every pool client (random picks: about e**-4 missed).
 WARM_REQUESTS_PER_PROCESS = 4 * POOL_CLIENTS
