@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         status = policyd.wait()
         if status < 0 and -status not in (signal.SIGTERM, signal.SIGINT):
             # Killed (kill -9, the OOM killer): it could say nothing itself.
-            print(f"policyd: fatal: killed by {signal.Signals(-status).name}; "
-                  "stopping the private memcached", file=sys.stderr, flush=True)
+            print(f"dev run: policyd (pid {policyd.pid}) was killed by "
+                  f"{signal.Signals(-status).name}; stopping its private memcached "
+                  f"(pid {memcached.pid})", file=sys.stderr, flush=True)
             return 128 - status
         return status
     finally:

@@ -75,7 +75,8 @@ def test_dev_run_says_so_when_policyd_is_killed(tmp_path: Path) -> None:
                             cwd=REPO)
     try:
         assert proc.stdout is not None
-        mc_port = int(re.findall(r"127\.0\.0\.1:(\d+) \(pid", proc.stdout.readline())[0])
+        started = re.findall(r"127\.0\.0\.1:(\d+) \(pid (\d+)\)", proc.stdout.readline())
+        mc_port, mc_pid = int(started[0][0]), int(started[0][1])
 
         def policyd_pid() -> int | None:
             children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -94,5 +95,6 @@ def test_dev_run_says_so_when_policyd_is_killed(tmp_path: Path) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 137
-    assert err.endswith("policyd: fatal: killed by SIGKILL; stopping the private memcached\n")
+    assert err.endswith(f"dev run: policyd (pid {pid}) was killed by SIGKILL; stopping its "
+                        f"private memcached (pid {mc_pid})\n")
     assert not memcached_answers("127.0.0.1", mc_port)
